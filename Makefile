@@ -1,0 +1,27 @@
+# mailbus: `make run` starts the embedded stack and a worker; `make test` runs every check.
+PY := .venv/bin/python
+
+.PHONY: deps run test lint typecheck unit schema clean
+
+deps:
+	@bash deploy/devstack/bootstrap.sh
+
+run: deps
+	$(PY) -m deploy.devstack
+
+lint: deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: deps
+	$(PY) -m mypy
+
+test: lint typecheck
+	$(PY) -m pytest
+
+schema: deps
+	$(PY) -c 'import json; from consumer.message import job_json_schema; \
+	print(json.dumps(job_json_schema(), indent=2, ensure_ascii=False))' > consumer/schemas/job-v1.json
+
+clean:
+	rm -rf .venv .devstack .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,7 @@
+"""``python -m consumer`` runs the ``mailbus`` command line."""
+
+import sys
+
+from consumer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""Events on the ``mailbus.events`` exchange and RPC replies, derived from outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumer.pipeline import Crashed, Dead, Later, Outcome, Sent, Skip
+
+# Dead-letter reasons that mean the SMTP side gave up (``mail.failed``); every other
+# reason is a job mailbus refused itself (``mail.dead``).
+FAILED_REASONS = frozenset({"permanent", "attempts_exhausted"})
+
+
+def event_for(outcome: Outcome, first_sight: bool) -> tuple[str, dict[str, Any]] | None:
+    """The routing key and JSON body of the event an outcome publishes, if any.
+
+    ``first_sight`` is false when a held job comes round again, so that a scheduled mail
+    announces ``mail.scheduled`` once. Bodies never carry secrets or message content.
+    """
+    ctx = outcome.ctx
+    body: dict[str, Any] = {"id": ctx.job_id, "attempts": ctx.attempts}
+    if ctx.job is not None:
+        body.update(domain=ctx.job.domain, tags=ctx.job.tags, metadata=ctx.job.metadata)
+    match outcome:
+        case Sent(result=result):
+            key = "mail.sent"
+            body["smtp"] = {"code": result.code, "message": result.message}
+            body["refused"] = {r: {"code": c, "message": m} for r, (c, m) in result.refused.items()}
+        case Dead(reason=reason, error=error, code=code):
+            key = "mail.failed" if reason in FAILED_REASONS else "mail.dead"
+            body.update(reason=reason, error=error, smtp={"code": code} if code else None)
+        case Later(why="scheduled", due_at=due_at) if first_sight:
+            key = "mail.scheduled"
+            body["due_at"] = due_at.isoformat()
+        case Later(why="retry", due_at=due_at, failure=failure):
+            key = "mail.deferred"
+            body.update(
+                due_at=due_at.isoformat(),
+                reason="retry",
+                error=failure.describe() if failure else None,
+                smtp={"code": failure.code} if failure and failure.code else None,
+            )
+        case Later() | Skip() | Crashed():
+            return None
+    body["event"] = key
+    return key, body
+
+
+def reply_for(outcome: Outcome) -> dict[str, Any] | None:
+    """The answer to a ``reply_to`` caller ("send now and tell me"), for final outcomes."""
+    ctx = outcome.ctx
+    match outcome:
+        case Sent(result=result):
+            return {
+                "id": ctx.job_id,
+                "status": "sent",
+                "smtp": {"code": result.code, "message": result.message},
+                "refused": sorted(result.refused),
+            }
+        case Dead(reason=reason, error=error, code=code):
+            return {
+                "id": ctx.job_id,
+                "status": "dead",
+                "reason": reason,
+                "error": error,
+                "smtp": {"code": code} if code else None,
+            }
+        case Later(why="retry", due_at=due_at, failure=failure):
+            return {
+                "id": ctx.job_id,
+                "status": "deferred",
+                "due_at": due_at.isoformat(),
+                "error": failure.describe() if failure else None,
+            }
+        case Skip(why=why):
+            return {"id": ctx.job_id, "status": "skipped", "reason": why}
+        case _:
+            return None

@@ -1,0 +1,220 @@
+"""The v1 job contract: the JSON body producers publish, validated strictly.
+
+Unknown fields are an error, every value that ends up in a header refuses CR/LF,
+and addresses are checked with ``email-validator``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from email.headerregistry import Address as HeaderAddress
+from email.utils import getaddresses
+from typing import Annotated, Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from consumer.errors import InvalidJobError
+
+SCHEMA_VERSION = 1
+_FORBIDDEN_HEADER_CHARS = ("\r", "\n", "\0")
+# Header names the service writes itself; a job may not set them through ``headers``.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "sender",
+        "return-path",
+        "received",
+    }
+)
+
+
+def _no_crlf(value: str) -> str:
+    if any(c in value for c in _FORBIDDEN_HEADER_CHARS):
+        raise ValueError("line breaks and NUL are not allowed in header values")
+    return value
+
+
+HeaderText = Annotated[str, AfterValidator(_no_crlf)]
+
+
+def _check_email(value: str) -> str:
+    _no_crlf(value)
+    try:
+        checked = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid email address {value!r}: {exc}") from None
+    return checked.normalized
+
+
+EmailText = Annotated[str, Field(max_length=320), AfterValidator(_check_email)]
+
+
+def _split_name_addr(value: Any) -> Any:
+    """Accept ``"Name <a@b>"`` and bare ``"a@b"`` strings as well as ``{email, name}``."""
+    if isinstance(value, str):
+        _no_crlf(value)
+        found = getaddresses([value])
+        if len(found) != 1 or not found[0][1]:
+            raise ValueError(f"not exactly one address: {value!r}")
+        name, email = found[0]
+        return {"email": email, "name": name or None}
+    return value
+
+
+class Address(BaseModel):
+    """One mailbox: an address and an optional display name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: EmailText
+    name: HeaderText | None = Field(None, max_length=256)
+
+    def header(self) -> HeaderAddress:
+        """The address as an ``email`` header value (encodes non-ASCII names)."""
+        return HeaderAddress(display_name=self.name or "", addr_spec=self.email)
+
+
+Mailbox = Annotated[Address, BeforeValidator(_split_name_addr)]
+
+
+class TemplateRef(BaseModel):
+    """A stored template and the data to render it with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    data: dict[str, Any] = {}
+
+
+class Attachment(BaseModel):
+    """One attachment: inline data (``content_b64``), a ``url`` or a local ``path``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: HeaderText | None = Field(None, max_length=255)
+    content_type: HeaderText | None = Field(None, pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content_b64: str | None = None
+    url: HeaderText | None = None
+    path: HeaderText | None = None
+    inline: bool = False
+    cid: HeaderText | None = Field(None, pattern=r"^[A-Za-z0-9._@-]{1,200}$")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Attachment:
+        sources = [s for s in (self.content_b64, self.url, self.path) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("an attachment needs exactly one of content_b64, url, path")
+        if self.content_b64 is not None and not self.filename and not self.inline:
+            raise ValueError("an attachment given as content_b64 needs a filename")
+        if self.inline and not self.cid:
+            raise ValueError("an inline attachment needs a cid")
+        return self
+
+
+HeaderName = Annotated[str, Field(pattern=r"^[!-9;-~]{1,76}$")]
+
+
+class Job(BaseModel):
+    """A mail job, version 1 of the AMQP contract (DESIGN.md §3)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, title="mailbus job v1")
+
+    id: Annotated[str, Field(pattern=r"^[!-~]{1,200}$")] | None = None
+    domain: Annotated[str, Field(max_length=253, pattern=r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")]
+    domain_key: SecretStr | None = None
+    from_: Annotated[Mailbox, Field(alias="from")]
+    reply_to: Mailbox | None = None
+    to: Annotated[list[Mailbox], Field(min_length=1, max_length=1000)]
+    cc: Annotated[list[Mailbox], Field(max_length=1000)] = []
+    bcc: Annotated[list[Mailbox], Field(max_length=1000)] = []
+    subject: HeaderText = Field("", max_length=998)
+    text: str | None = None
+    html: str | None = None
+    template: TemplateRef | None = None
+    attachments: list[Attachment] = []
+    headers: dict[HeaderName, HeaderText] = {}
+    send_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    tags: list[Annotated[str, Field(max_length=100)]] = []
+    metadata: dict[str, Any] = {}
+    version: Literal[1] = 1
+
+    @model_validator(mode="after")
+    def _check_content(self) -> Job:
+        if self.text is None and self.html is None and self.template is None:
+            raise ValueError("a job needs text, html or a template")
+        reserved = sorted(
+            h
+            for h in self.headers
+            if h.lower() in RESERVED_HEADERS or h.lower().startswith("content-")
+        )
+        if reserved:
+            raise ValueError(f"headers owned by mailbus cannot be set: {', '.join(reserved)}")
+        return self
+
+    def recipients(self) -> list[str]:
+        """Envelope recipients: To, Cc and Bcc, each address once, in order."""
+        return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
+
+
+def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
+    """Validate a message body and return the job with its id.
+
+    The id is the AMQP ``message_id``, else the body's ``id``, else a hash of the
+    body: publishing the same bytes twice without an id is still one job.
+    Raises :class:`InvalidJobError` with a readable reason.
+    """
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJobError(f"body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidJobError("body must be a JSON object")
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidJobError(_describe(exc)) from None
+    if message_id is not None and job.id is not None and message_id != job.id:
+        raise InvalidJobError(f"message_id {message_id!r} differs from body id {job.id!r}")
+    job_id = message_id or job.id or "sha256:" + hashlib.sha256(body).hexdigest()
+    if not 0 < len(job_id) <= 200:
+        raise InvalidJobError("message_id must be 1 to 200 characters")
+    return job, job_id
+
+
+def _describe(exc: ValidationError) -> str:
+    """A compact one-line rendering of pydantic errors (never echoes input values)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def job_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the v1 body, as shipped in ``consumer/schemas/job-v1.json``."""
+    schema = Job.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://mailbus.invalid/schemas/job-v1.json"
+    return schema

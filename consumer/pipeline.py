@@ -1,0 +1,201 @@
+"""What happens to one job, from the bytes of a delivery to an :data:`Outcome`.
+
+Every durable MongoDB write a job causes happens here, before the outcome is returned;
+the worker then carries the outcome out on the broker and acknowledges the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from consumer import transport
+from consumer.errors import DeadLetterError, InvalidJobError, StoreUnavailableError
+from consumer.logging import get_logger
+from consumer.message import Job, parse_job
+from consumer.mime import build_message
+from consumer.outboxes import Outbox
+from consumer.retry import Failure, classify, decide
+from consumer.schedule import due_time
+from consumer.settings import Settings
+from consumer.store import ClaimState, JobStore, utcnow
+from consumer.transport import SendResult
+
+log = get_logger(__name__)
+# A job due this close to now is sent at once rather than held.
+DUE_TOLERANCE = timedelta(milliseconds=5)
+STORE_RETRY = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What is known of the job an outcome belongs to."""
+
+    job_id: str | None
+    job: Job | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Sent:
+    """The SMTP server accepted the mail; its record says ``sent``."""
+
+    ctx: Context
+    result: SendResult
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Nothing to do: the job was already sent, failed or cancelled."""
+
+    ctx: Context
+    why: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    """The job can never be sent: it goes to the dead-letter queue with ``reason``."""
+
+    ctx: Context
+    reason: str
+    error: str
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class Later:
+    """Not now: send the job again at ``due_at``. ``why`` is scheduled, retry, leased or store."""
+
+    ctx: Context
+    due_at: datetime
+    why: str
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """Processing raised unexpectedly; the broker redelivers it (bounded by its delivery limit)."""
+
+    ctx: Context
+    error: str
+
+
+Outcome = Sent | Skip | Dead | Later | Crashed
+
+
+class Pipeline:
+    """Turns one delivery into an outcome: parse, schedule, claim, build, send, record."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        outbox: Outbox | None,
+        worker_id: str,
+        clock: Callable[[], datetime] = utcnow,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.outbox = outbox
+        self.worker_id = worker_id
+        self.clock = clock
+        self.jitter = jitter
+
+    async def process(
+        self, body: bytes, message_id: str | None, headers: Mapping[str, Any]
+    ) -> Outcome:
+        """Run the job in ``body`` as far as it can go now."""
+        now = self.clock()
+        try:
+            job, job_id = parse_job(body, message_id)
+            due = due_time(job, headers, now)
+        except InvalidJobError as exc:
+            return Dead(Context(message_id), exc.reason, str(exc))
+        structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
+        ctx = Context(job_id, job)
+        if due is not None and due > now + DUE_TOLERANCE:
+            return Later(ctx, due, "scheduled")
+        try:
+            return await self._claim_and_send(ctx, job_id, job, now)
+        except StoreUnavailableError as exc:
+            log.warning("job.store_unavailable", error=str(exc))
+            return Later(ctx, self.clock() + STORE_RETRY, "store")
+
+    async def _claim_and_send(self, ctx: Context, job_id: str, job: Job, now: datetime) -> Outcome:
+        if job.expires_at is not None and job.expires_at <= now:
+            error = f"expired at {job.expires_at.isoformat()}"
+            await self.store.record_dead(job_id, "expired", error)
+            return Dead(ctx, "expired", error)
+        claim = await self.store.claim(job_id, job, self.worker_id)
+        if claim.state is ClaimState.DONE:
+            return Skip(ctx, f"already {claim.status}")
+        if claim.state is ClaimState.LEASED:
+            assert claim.lease_until is not None  # a sending job always has a lease
+            return Later(ctx, claim.lease_until, "leased")
+        ctx = Context(job_id, job, claim.attempts)
+        structlog.contextvars.bind_contextvars(attempt=claim.attempts)
+        if self.outbox is None:
+            error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
+            await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
+            return Dead(ctx, "no_outbox", error)
+        structlog.contextvars.bind_contextvars(outbox=self.outbox.name)
+        try:
+            message = build_message(job, job_id, now)
+        except DeadLetterError as exc:
+            await self.store.mark_failed(job_id, self.worker_id, "dead", exc.reason, str(exc))
+            return Dead(ctx, exc.reason, str(exc))
+        started = time.perf_counter()
+        try:
+            result = await transport.send(self.outbox, message, job.from_.email, job.recipients())
+        except Exception as exc:  # every send failure is classified by retry.classify
+            return await self._failed(ctx, job_id, job, classify(exc))
+        log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))
+        await self._record_sent(job_id, result)
+        return Sent(ctx, result)
+
+    async def _failed(self, ctx: Context, job_id: str, job: Job, failure: Failure) -> Outcome:
+        settings = self.settings
+        decision = decide(
+            failure,
+            ctx.attempts,
+            job.max_attempts or settings.max_attempts,
+            settings.retry_base_delay,
+            settings.retry_max_delay,
+            self.jitter(),
+        )
+        if decision.retry_in is None:
+            reason = decision.reason or "permanent"
+            await self.store.mark_failed(
+                job_id, self.worker_id, "failed", reason, failure.describe()
+            )
+            return Dead(ctx, reason, failure.describe(), failure.code)
+        due = self.clock() + timedelta(seconds=decision.retry_in)
+        await self.store.mark_retry(job_id, self.worker_id, failure.describe(), due)
+        return Later(ctx, due, "retry", failure)
+
+    async def _record_sent(self, job_id: str, result: SendResult) -> None:
+        """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
+        reply = {"code": result.code, "message": result.message}
+        refused = {
+            rcpt: {"code": code, "message": text} for rcpt, (code, text) in result.refused.items()
+        }
+        pause = 0.5
+        while True:
+            try:
+                recorded = await self.store.mark_sent(job_id, self.worker_id, reply, refused)
+            except StoreUnavailableError as exc:
+                log.warning("job.sent_record_retrying", error=str(exc), pause=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+                continue
+            if not recorded:
+                log.warning("job.lease_lost_before_sent_record")
+            return

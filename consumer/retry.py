@@ -1,0 +1,80 @@
+"""Retry policy: classify a send failure by exception type and SMTP code, and pick the backoff.
+
+This module is the one place that decides "try again later" versus "never".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosmtplib
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed send attempt as the retry policy sees it."""
+
+    transient: bool
+    code: int | None
+    message: str
+
+    def describe(self) -> str:
+        """One line for records and dead letters: ``451 try later`` or the error text."""
+        return f"{self.code} {self.message}" if self.code is not None else self.message
+
+
+def classify(exc: BaseException) -> Failure:
+    """Decide whether ``exc``, raised while sending, is worth another attempt.
+
+    4xx replies, timeouts and connection errors are transient; 5xx replies are permanent.
+    Authentication failures are the outbox's fault, not the mail's: transient.
+    """
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        refusals = exc.recipients
+        temporary = [r for r in refusals if 400 <= r.code < 500]
+        first = (temporary or refusals)[0] if refusals else None
+        if first is None:
+            return Failure(True, None, "all recipients refused")
+        return Failure(bool(temporary), first.code, f"<{first.recipient}> {first.message}")
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return Failure(True, exc.code, f"authentication failed: {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return Failure(not 500 <= exc.code < 600, exc.code, exc.message)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return Failure(False, None, f"not supported by the server: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
+        return Failure(True, None, f"{type(exc).__name__}: {exc}")
+    return Failure(False, None, f"{type(exc).__name__}: {exc}")
+
+
+def compute_backoff(attempt: int, base: float, maximum: float, jitter: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+    Doubles from ``base`` up to ``maximum``; ``jitter`` in [0, 1) spreads the wait over
+    its upper half so that retries of many jobs do not arrive together.
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    if not 0 <= jitter < 1:
+        raise ValueError("jitter is in [0, 1)")
+    delay = min(maximum, base * 2.0 ** min(attempt - 1, 64))
+    return delay / 2 + jitter * delay / 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a failed attempt: retry after ``retry_in`` seconds, or dead-letter."""
+
+    retry_in: float | None
+    reason: str | None = None
+
+
+def decide(
+    failure: Failure, attempt: int, max_attempts: int, base: float, maximum: float, jitter: float
+) -> Decision:
+    """Retry a transient failure while attempts remain; otherwise name the dead-letter reason."""
+    if not failure.transient:
+        return Decision(None, "permanent")
+    if attempt >= max_attempts:
+        return Decision(None, "attempts_exhausted")
+    return Decision(compute_backoff(attempt, base, maximum, jitter))

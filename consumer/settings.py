@@ -1,0 +1,51 @@
+"""The one settings object: every knob is a ``MAILBUS_*`` environment variable or ``.env`` line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Runtime configuration, read from the environment (prefix ``MAILBUS_``) and ``.env``."""
+
+    model_config = SettingsConfigDict(env_prefix="MAILBUS_", env_file=".env", extra="ignore")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    mongo_url: SecretStr = SecretStr("mongodb://127.0.0.1:27017/")
+    mongo_db: str = "mailbus"
+    prefix: str = Field("mailbus", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    default_smtp_url: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    attachment_dirs: list[Path] = []
+    admin_email: str | None = None
+    http_port: int | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    prefetch: int = Field(32, ge=1, le=10_000)
+    max_attempts: int = Field(8, ge=1, le=100)
+    retry_base_delay: float = Field(30.0, gt=0)
+    retry_max_delay: float = Field(3600.0, gt=0)
+    smtp_timeout: float = Field(30.0, gt=0)
+    drain_timeout: float = Field(30.0, ge=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    max_hold_seconds: float = Field(60.0, gt=0)
+    delivery_limit: int = Field(5, ge=1)
+    retention_days: float = Field(30.0, gt=0)
+    store_timeout: float = Field(10.0, gt=0)
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

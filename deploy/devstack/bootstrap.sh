@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server
+# and a virtualenv (.venv) with mailbus and its dev extras (aiosmtpd, SecantusDB, ...).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "bootstrap: need root (or sudo) to run: $*" >&2; exit 1
+  fi
+}
+
+need_apt=()
+ls /usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server >/dev/null 2>&1 \
+  || need_apt+=(rabbitmq-server)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${need_apt[*]} from Debian"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # The private test broker is started by the harness; keep the packaged service off.
+  as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
+    --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: creating .venv with mailbus and its dev dependencies"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -e '.[dev]' >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"
+  touch "$stamp"
+fi

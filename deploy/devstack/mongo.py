@@ -1,0 +1,74 @@
+"""A private MongoDB wire-protocol server: SecantusDB, started as a separate process.
+
+SecantusDB is a development and test dependency only; mailbus itself speaks plain
+MongoDB through PyMongo and never imports it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.devstack.ports import free_port, wait_for_port
+
+
+class PrivateMongo:
+    """One SecantusDB server on a free loopback port; in memory unless given a directory."""
+
+    def __init__(self, base: Path, storage: Path | None = None) -> None:
+        self.base = base
+        self.storage = storage
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        base.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        """The ``mongodb://`` URL of the server."""
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        """Start the server and wait until it listens."""
+        exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or shutil.which(
+            "secantusd-py"
+        )
+        if exe is None:
+            raise FileNotFoundError("secantusd-py not found: pip install secantusdb")
+        storage = str(self.storage) if self.storage is not None else ":memory:"
+        with (self.base / "secantusd.out").open("ab") as out:
+            self._process = subprocess.Popen(
+                [
+                    exe,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--storage-path",
+                    storage,
+                    "--log-level",
+                    "WARNING",
+                    "--enable-test-commands",
+                ],
+                stdout=out,
+                stderr=out,
+                cwd=self.base,
+            )
+        try:
+            wait_for_port(self.port, 60)
+        except TimeoutError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the server."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,152 @@
+"""An SMTP server that keeps what it receives (aiosmtpd), with fault injection.
+
+Faults are scripted per recipient (RCPT replies) and per message (DATA replies, slow
+replies, dropped connections), so tests can make a server that is unhappy on cue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from deploy.devstack.ports import free_port
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One accepted message, as the server saw it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    received_at: float
+
+    def message(self) -> EmailMessage:
+        """The message parsed with the standard library (policy ``default``)."""
+        return BytesParser(policy=policy.default).parsebytes(self.data)
+
+
+@dataclass
+class Faults:
+    """Scripted misbehaviour; each queued reply is used once, in order."""
+
+    rcpt: dict[str, deque[str]] = field(default_factory=dict)
+    data: deque[str] = field(default_factory=deque)
+    drop_on_data: int = 0
+    data_delay: float = 0.0
+
+    def refuse_rcpt(self, address: str, *replies: str) -> None:
+        """Answer RCPT TO for ``address`` with these replies, one per attempt."""
+        self.rcpt.setdefault(address.lower(), deque()).extend(replies)
+
+    def refuse_data(self, *replies: str) -> None:
+        """Answer the next DATA commands with these replies, one per message."""
+        self.data.extend(replies)
+
+
+class _Handler:
+    def __init__(self, server: CaptureServer) -> None:
+        self.server = server
+
+    async def handle_RCPT(
+        self,
+        smtp: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        with self.server.lock:
+            queued = self.server.faults.rcpt.get(address.lower())
+            reply = queued.popleft() if queued else None
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        faults = self.server.faults
+        if faults.data_delay:
+            await asyncio.sleep(faults.data_delay)
+        with self.server.lock:
+            drop = faults.drop_on_data > 0
+            if drop:
+                faults.drop_on_data -= 1
+            reply = faults.data.popleft() if faults.data else None
+        if drop:
+            assert smtp.transport is not None
+            smtp.transport.close()
+            return "421 closing"
+        if reply is not None:
+            return reply
+        content = envelope.original_content or b""
+        item = Captured(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=content,
+            received_at=time.time(),
+        )
+        with self.server.lock:
+            self.server.messages.append(item)
+        if self.server.on_message is not None:
+            self.server.on_message(item)
+        return "250 2.0.0 Ok: queued"
+
+
+class CaptureServer:
+    """An in-process SMTP server on a free loopback port, running in its own thread."""
+
+    def __init__(self, on_message: Callable[[Captured], None] | None = None) -> None:
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.messages: list[Captured] = []
+        self.faults = Faults()
+        self.on_message = on_message
+        self._controller = Controller(
+            _Handler(self),
+            hostname="127.0.0.1",
+            port=self.port,
+            enable_SMTPUTF8=True,
+            data_size_limit=64 * 1024 * 1024,
+        )
+
+    @property
+    def url(self) -> str:
+        """An ``MAILBUS_DEFAULT_SMTP_URL`` pointing at this server (no TLS)."""
+        return f"smtp://127.0.0.1:{self.port}?security=none"
+
+    def start(self) -> None:
+        """Start listening."""
+        self._controller.start()
+
+    def stop(self) -> None:
+        """Stop listening."""
+        self._controller.stop()
+
+    def reset(self) -> None:
+        """Forget captured messages and scripted faults."""
+        with self.lock:
+            self.messages.clear()
+            self.faults = Faults()
+
+    def received(self) -> list[Captured]:
+        """A snapshot of the captured messages."""
+        with self.lock:
+            return list(self.messages)
+
+    async def wait_for(self, count: int) -> list[Captured]:
+        """Wait until at least ``count`` messages arrived (bound it with ``asyncio.timeout``)."""
+        # Messages arrive on the server thread, so poll rather than await an Event.
+        while len(got := self.received()) < count:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        return got
