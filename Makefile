@@ -1,5 +1,6 @@
 # mailbus: `make run` starts the embedded stack and a worker; `make test` runs every check.
 PY := .venv/bin/python
+STATE ?= .devstack
 
 .PHONY: deps run test lint typecheck unit schema clean
 
@@ -7,7 +8,7 @@ deps:
 	@bash deploy/devstack/bootstrap.sh
 
 run: deps
-	$(PY) -m deploy.devstack
+	$(PY) -m deploy.devstack --state $(STATE)
 
 lint: deps
 	$(PY) -m ruff check .

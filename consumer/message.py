@@ -181,8 +181,9 @@ class Job(BaseModel):
 def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
     """Validate a message body and return the job with its id.
 
-    The id is the AMQP ``message_id``, else the body's ``id``, else a hash of the
-    body: publishing the same bytes twice without an id is still one job.
+    The id is the body's ``id``, else the AMQP ``message_id``, else a hash of the body:
+    publishing the same bytes twice without an id is still one job. The body wins because
+    some clients fill ``message_id`` with a random value of their own.
     Raises :class:`InvalidJobError` with a readable reason.
     """
     try:
@@ -195,16 +196,14 @@ def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
         job = Job.model_validate(raw)
     except ValidationError as exc:
         raise InvalidJobError(_describe(exc)) from None
-    if message_id is not None and job.id is not None and message_id != job.id:
-        raise InvalidJobError(f"message_id {message_id!r} differs from body id {job.id!r}")
-    job_id = message_id or job.id or "sha256:" + hashlib.sha256(body).hexdigest()
+    job_id = job.id or message_id or "sha256:" + hashlib.sha256(body).hexdigest()
     if not 0 < len(job_id) <= 200:
         raise InvalidJobError("message_id must be 1 to 200 characters")
     return job, job_id
 
 
 def _describe(exc: ValidationError) -> str:
-    """A compact one-line rendering of pydantic errors (never echoes input values)."""
+    """A compact one-line rendering of pydantic errors: field path and message."""
     parts = []
     for err in exc.errors(include_input=False, include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "body"

@@ -237,20 +237,6 @@ class JobStore:
                     upsert=True,
                 )
 
-    async def release(self, job_id: str, worker_id: str) -> None:
-        """Hand a claimed job back unsent (shutdown): the attempt is not counted."""
-        now = utcnow()
-        async with _answering():
-            await self.jobs.update_one(
-                {"_id": job_id, "worker": worker_id, "status": "sending"},
-                {
-                    "$set": {"status": "queued", "updated_at": now},
-                    "$inc": {"attempts": -1},
-                    "$unset": {"lease_until": ""},
-                    "$push": {"history": _history("released", now)},
-                },
-            )
-
     async def get(self, job_id: str) -> Document | None:
         """The job's record, or None."""
         async with _answering():

@@ -32,8 +32,11 @@ class Captured:
     received_at: float
 
     def message(self) -> EmailMessage:
-        """The message parsed with the standard library (policy ``default``)."""
-        return BytesParser(policy=policy.default).parsebytes(self.data)
+        """The message parsed with the standard library (policy ``default``).
+
+        Wire CRLF line ends become ``\n`` first, as the ``email`` parser expects.
+        """
+        return BytesParser(policy=policy.default).parsebytes(self.data.replace(b"\r\n", b"\n"))
 
 
 @dataclass

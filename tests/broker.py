@@ -1,0 +1,72 @@
+"""Test helpers that talk to the real broker: raw publishing and reading queues."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from consumer.topology import Names
+
+
+async def publish_raw(
+    channel: AbstractChannel,
+    names: Names,
+    body: bytes,
+    *,
+    message_id: str | None = None,
+    routing_key: str = "send",
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """Publish bytes as any AMQP client would, without mailbus's helper."""
+    exchange = await channel.get_exchange(names.exchange)
+    message = aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        headers=headers or {},
+    )
+    await exchange.publish(message, routing_key=routing_key)
+
+
+def job(**fields: Any) -> dict[str, Any]:
+    """A valid v1 job body, with ``fields`` overriding the defaults."""
+    body: dict[str, Any] = {
+        "domain": "example.com",
+        "from": {"email": "sender@example.com", "name": "Sender"},
+        "to": ["rcpt@example.org"],
+        "subject": "Hello",
+        "text": "Hello there",
+    }
+    body.update(fields)
+    return body
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """A job body as UTF-8 JSON."""
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+async def take(
+    channel: AbstractChannel, queue_name: str, count: int
+) -> list[AbstractIncomingMessage]:
+    """Wait until ``count`` messages can be taken from ``queue_name`` (bound with a timeout)."""
+    queue = await channel.get_queue(queue_name, ensure=False)
+    got: list[AbstractIncomingMessage] = []
+    while len(got) < count:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+            continue
+        got.append(message)
+    return got
+
+
+async def depth(channel: AbstractChannel, queue_name: str) -> int:
+    """The number of ready messages in ``queue_name``."""
+    queue = await channel.declare_queue(queue_name, passive=True)
+    return queue.declaration_result.message_count or 0

@@ -1,0 +1,120 @@
+"""Session-wide real parts: a private RabbitMQ, a SecantusDB server, an SMTP capture server.
+
+Each test gets its own AMQP prefix and MongoDB database, so tests share the servers but
+not their state. A part that cannot start fails the session; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from consumer import topology
+from consumer.settings import Settings
+from consumer.worker import Worker
+from deploy.devstack.mongo import PrivateMongo
+from deploy.devstack.rabbitmq import PrivateRabbit
+from deploy.devstack.smtp_capture import CaptureServer
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
+    """The session's RabbitMQ node (management plugin on)."""
+    node = PrivateRabbit(tmp_path_factory.mktemp("rabbitmq"))
+    node.start()
+    yield node
+    node.close()
+
+
+@pytest.fixture(scope="session")
+def mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMongo]:
+    """The session's MongoDB-compatible server."""
+    server = PrivateMongo(tmp_path_factory.mktemp("mongo"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[CaptureServer]:
+    """The session's SMTP capture server."""
+    server = CaptureServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def smtp(smtp_server: CaptureServer) -> CaptureServer:
+    """The capture server, emptied and without faults."""
+    smtp_server.reset()
+    return smtp_server
+
+
+@pytest.fixture
+def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) -> Settings:
+    """Settings for one test: its own prefix and database, short retry delays."""
+    tag = "t" + uuid.uuid4().hex[:10]
+    return Settings(
+        amqp_url=rabbit.amqp_url,
+        mongo_url=mongo.url,
+        mongo_db=tag,
+        prefix=tag,
+        default_smtp_url=smtp.url,
+        retry_base_delay=0.2,
+        retry_max_delay=1.0,
+        smtp_timeout=5.0,
+        drain_timeout=10.0,
+        store_timeout=5.0,
+        log_format="json",
+        _env_file=None,
+    )
+
+
+@pytest.fixture
+async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
+    """A confirming channel on which the test's topology is declared."""
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    chan = await connection.channel(publisher_confirms=True)
+    await topology.declare(chan, topology.Names(settings.prefix), settings.delivery_limit)
+    yield chan
+    await connection.close()
+
+
+class RunningWorker:
+    """A worker running in the test's event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.worker = Worker(settings)
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.worker.run(self.stop))
+
+    async def shutdown(self) -> None:
+        """Drain and stop; re-raises anything the worker died of."""
+        self.stop.set()
+        async with asyncio.timeout(30):
+            await self.task
+
+
+@pytest.fixture
+async def worker(settings: Settings, channel: AbstractChannel) -> AsyncIterator[RunningWorker]:
+    """One in-process worker for the test's settings."""
+    running = RunningWorker(settings)
+    yield running
+    if not running.task.done():
+        await running.shutdown()
+    with contextlib.suppress(asyncio.CancelledError):
+        running.task.result()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    """The repository checkout."""
+    return Path(__file__).resolve().parent.parent

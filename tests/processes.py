@@ -1,0 +1,37 @@
+"""Running ``mailbus`` as a real process, configured only through its environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from consumer.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``MAILBUS_*`` environment equivalent to ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBUS_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value) if value else "[]"
+        env[f"MAILBUS_{name.upper()}"] = str(value)
+    return env
+
+
+def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``mailbus worker`` with ``settings``; its output goes to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "consumer", "--env-file", os.devnull, "worker"],
+            env=settings_env(settings),
+            stdout=out,
+            stderr=out,
+        )

@@ -1,0 +1,183 @@
+"""The ``mailbus`` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from consumer.settings import Settings
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.conftest import RunningWorker
+from tests.processes import settings_env
+
+
+async def mailbus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``mailbus ARGS`` with ``settings`` in its environment."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "consumer", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_send_publishes_and_prints_the_job_id(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    result = await mailbus(
+        settings,
+        "send",
+        "--domain",
+        "example.com",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--subject",
+        "Hi",
+        "--text",
+        "Hello",
+        "--header",
+        "X-Source: cli",
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip()
+    async with asyncio.timeout(20):
+        [mail] = await smtp.wait_for(1)
+    msg = mail.message()
+    assert (msg["Subject"], msg["X-Source"], msg.get_content()) == ("Hi", "cli", "Hello\n")
+    assert mail.rcpt_tos == ("b@example.org",)
+    assert len(job_id) == 36
+
+
+async def test_send_wait_reports_the_smtp_outcome(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    ok = await mailbus(
+        settings,
+        "send",
+        "--domain",
+        "example.com",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--text",
+        "now",
+        "--wait",
+        "20",
+    )
+    assert ok.returncode == 0, ok.stderr
+    answer = json.loads(ok.stdout)
+    assert answer["status"] == "sent"
+    assert answer["smtp"]["code"] == 250
+
+    smtp.faults.refuse_rcpt("gone@example.org", "550 5.1.1 user unknown")
+    refused = await mailbus(
+        settings,
+        "send",
+        "--domain",
+        "example.com",
+        "--from",
+        "a@example.com",
+        "--to",
+        "gone@example.org",
+        "--text",
+        "x",
+        "--wait",
+        "20",
+    )
+    assert refused.returncode == 1
+    answer = json.loads(refused.stdout)
+    assert (answer["status"], answer["reason"], answer["smtp"]["code"]) == (
+        "dead",
+        "permanent",
+        550,
+    )
+
+
+async def test_send_json_file(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "job.json"
+    path.write_text(
+        json.dumps(
+            {
+                "id": "from-file",
+                "domain": "example.com",
+                "from": "a@example.com",
+                "to": ["b@example.org"],
+                "subject": "file",
+                "text": "from a file",
+            }
+        )
+    )
+    result = await mailbus(settings, "send", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "from-file"
+    async with asyncio.timeout(20):
+        [mail] = await smtp.wait_for(1)
+    assert mail.message()["Subject"] == "file"
+
+
+async def test_send_refuses_an_invalid_job_before_publishing(settings: Settings) -> None:
+    result = await mailbus(
+        settings,
+        "send",
+        "--domain",
+        "example.com",
+        "--from",
+        "a@example.com",
+        "--to",
+        "b@example.org",
+        "--subject",
+        "a\nb",
+        "--text",
+        "x",
+    )
+    assert result.returncode == 2
+    assert "line breaks" in result.stderr
+
+
+async def test_topology_declare_is_idempotent(settings: Settings) -> None:
+    for _ in range(2):
+        result = await mailbus(settings, "topology", "declare")
+        assert result.returncode == 0, result.stderr
+    assert f"{settings.prefix}.send" in result.stdout
+
+
+async def test_unreachable_broker_is_a_clear_error_without_the_password(
+    settings: Settings,
+) -> None:
+    bad = settings.model_copy(update={"amqp_url": "amqp://u:hunter2@127.0.0.1:1/"})
+    result = await mailbus(bad, "topology", "declare")
+    assert result.returncode == 1
+    assert "cannot reach RabbitMQ at amqp://u:***@127.0.0.1:1/" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("verb", [[], ["worker"], ["send"], ["topology"], ["topology", "declare"]])
+def test_every_command_has_help(verb: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *verb, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "usage: mailbus" in result.stdout
+    assert len(result.stdout.splitlines()) > 3

@@ -1,0 +1,127 @@
+"""Pure policy functions: failure classification, backoff, due times, outbox URLs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import aiosmtplib
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.errors import ConfigurationError, InvalidJobError
+from consumer.message import Job
+from consumer.outboxes import outbox_from_url
+from consumer.retry import classify, compute_backoff, decide
+from consumer.schedule import DUE_HEADER, due_time, to_epoch_ms
+from consumer.settings import redact_url
+from tests.broker import job
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient", "code"),
+    [
+        (aiosmtplib.SMTPResponseException(451, "later"), True, 451),
+        (aiosmtplib.SMTPResponseException(421, "closing"), True, 421),
+        (aiosmtplib.SMTPDataError(554, "rejected"), False, 554),
+        (aiosmtplib.SMTPSenderRefused(553, "bad sender", "a@b.c"), False, 553),
+        (aiosmtplib.SMTPAuthenticationError(535, "bad credentials"), True, 535),
+        (aiosmtplib.SMTPServerDisconnected("gone"), True, None),
+        (aiosmtplib.SMTPConnectError("refused"), True, None),
+        (aiosmtplib.SMTPReadTimeoutError("slow"), True, None),
+        (ConnectionRefusedError(), True, None),
+        (TimeoutError(), True, None),
+        (aiosmtplib.SMTPNotSupported("no SMTPUTF8"), False, None),
+        (
+            aiosmtplib.SMTPRecipientsRefused(
+                [
+                    aiosmtplib.SMTPRecipientRefused(550, "unknown", "a@b.c"),
+                    aiosmtplib.SMTPRecipientRefused(452, "full", "d@b.c"),
+                ]
+            ),
+            True,
+            452,
+        ),
+        (
+            aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(550, "unknown", "a@b.c")]
+            ),
+            False,
+            550,
+        ),
+    ],
+)
+def test_classify(exc: BaseException, transient: bool, code: int | None) -> None:
+    failure = classify(exc)
+    assert (failure.transient, failure.code) == (transient, code)
+
+
+def test_classify_ignores_reply_text() -> None:
+    # A 5xx that *says* "try again" is still permanent: the code decides, not the text.
+    assert not classify(aiosmtplib.SMTPDataError(550, "temporary, try again later")).transient
+
+
+@given(st.integers(1, 200), st.floats(0.01, 100), st.floats(0, 0.999))
+def test_backoff_is_bounded_and_at_least_half(attempt: int, base: float, jitter: float) -> None:
+    maximum = 3600.0
+    delay = compute_backoff(attempt, base, maximum, jitter)
+    full = min(maximum, base * 2 ** (attempt - 1))
+    assert full / 2 - 1e-9 <= delay <= full + 1e-9
+
+
+def test_backoff_doubles() -> None:
+    assert [compute_backoff(n, 30, 3600, 0.999999) for n in (1, 2, 3)] == pytest.approx(
+        [30, 60, 120], rel=1e-5
+    )
+    assert compute_backoff(20, 30, 3600, 0) == 1800
+
+
+def test_decide() -> None:
+    transient = classify(aiosmtplib.SMTPResponseException(451, "x"))
+    permanent = classify(aiosmtplib.SMTPResponseException(550, "x"))
+    assert decide(permanent, 1, 8, 30, 3600, 0).reason == "permanent"
+    assert decide(transient, 8, 8, 30, 3600, 0).reason == "attempts_exhausted"
+    assert decide(transient, 2, 8, 30, 3600, 0).retry_in == 30
+
+
+def test_due_time_sources() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    plain = Job.model_validate(job())
+    at = Job.model_validate(job(send_at="2030-01-01T01:00:00+01:00"))
+    assert due_time(plain, {}, now) is None
+    assert due_time(plain, {"x-delay": 90000}, now) == now + timedelta(seconds=90)
+    assert due_time(plain, {"x-delay": b"1500"}, now) == now + timedelta(milliseconds=1500)
+    assert due_time(plain, {"x-delay": 0}, now) is None
+    assert due_time(at, {}, now) == now
+    absolute = now + timedelta(hours=5)
+    # The worker's absolute due header wins over the relative x-delay it replaced.
+    assert due_time(at, {DUE_HEADER: to_epoch_ms(absolute), "x-delay": 1}, now) == absolute
+    for bad in ("soon", -1, 2**28 * 1000):
+        with pytest.raises(InvalidJobError):
+            due_time(plain, {"x-delay": bad}, now)
+
+
+def test_outbox_urls() -> None:
+    box = outbox_from_url("smtp://us%40er:p%3Ass@mail.example.com:2525?security=none")
+    assert (box.host, box.port, box.security, box.username) == (
+        "mail.example.com",
+        2525,
+        "none",
+        "us@er",
+    )
+    assert box.password is not None
+    assert box.password.get_secret_value() == "p:ss"
+    assert "p:ss" not in repr(box)
+    assert outbox_from_url("smtp://mail.example.com").security == "starttls"
+    assert outbox_from_url("smtp://mail.example.com").port == 587
+    assert outbox_from_url("smtps://mail.example.com").security == "tls"
+    assert outbox_from_url("smtp://h:465").security == "tls"
+    assert outbox_from_url("smtp://h?verify=false").verify_tls is False
+    for bad in ("http://h", "smtp://", "smtp://h?security=ssl", "smtp://h?verify=maybe"):
+        with pytest.raises(ConfigurationError):
+            outbox_from_url(bad)
+
+
+def test_redact_url() -> None:
+    assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
+    assert redact_url("mongodb://h:27017/") == "mongodb://h:27017/"
