@@ -16,6 +16,8 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
 from tests.processes import settings_env
 
+SEND = ("send", "--domain", "example.com", "--from", "a@example.com")
+
 
 async def mailbus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``mailbus ARGS`` with ``settings`` in its environment."""
@@ -35,11 +37,7 @@ async def test_send_publishes_and_prints_the_job_id(
 ) -> None:
     result = await mailbus(
         settings,
-        "send",
-        "--domain",
-        "example.com",
-        "--from",
-        "a@example.com",
+        *SEND,
         "--to",
         "b@example.org",
         "--subject",
@@ -64,11 +62,7 @@ async def test_send_wait_reports_the_smtp_outcome(
 ) -> None:
     ok = await mailbus(
         settings,
-        "send",
-        "--domain",
-        "example.com",
-        "--from",
-        "a@example.com",
+        *SEND,
         "--to",
         "b@example.org",
         "--text",
@@ -84,11 +78,7 @@ async def test_send_wait_reports_the_smtp_outcome(
     smtp.faults.refuse_rcpt("gone@example.org", "550 5.1.1 user unknown")
     refused = await mailbus(
         settings,
-        "send",
-        "--domain",
-        "example.com",
-        "--from",
-        "a@example.com",
+        *SEND,
         "--to",
         "gone@example.org",
         "--text",
@@ -136,11 +126,7 @@ async def test_send_json_file(
 async def test_send_refuses_an_invalid_job_before_publishing(settings: Settings) -> None:
     result = await mailbus(
         settings,
-        "send",
-        "--domain",
-        "example.com",
-        "--from",
-        "a@example.com",
+        *SEND,
         "--to",
         "b@example.org",
         "--subject",

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.publish import job_message
 from consumer.settings import Settings
 from consumer.topology import Names
+from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job
@@ -77,4 +78,29 @@ async def test_worker_reconnects_after_broker_restart(
     async with asyncio.timeout(60):
         await smtp.wait_for(2)
     assert [m.message()["Subject"] for m in smtp.received()] == ["before", "after"]
+    assert not worker.task.done()
+
+
+async def test_no_send_without_mongodb_and_recovery_after_it_returns(
+    settings: Settings,
+    channel: AbstractChannel,
+    mongo: PrivateMongo,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+) -> None:
+    names = Names(settings.prefix)
+    exchange = await channel.get_exchange(names.exchange)
+    await exchange.publish(job_message(job(subject="before")), routing_key="send")
+    async with asyncio.timeout(20):
+        await smtp.wait_for(1)
+
+    await asyncio.to_thread(mongo.stop)
+    await exchange.publish(job_message(job(subject="during")), routing_key="send")
+    await asyncio.sleep(settings.store_timeout + 1)
+    assert len(smtp.received()) == 1, "a mail went out without its claim in MongoDB"
+
+    await asyncio.to_thread(mongo.start)
+    async with asyncio.timeout(60):
+        await smtp.wait_for(2)
+    assert [m.message()["Subject"] for m in smtp.received()] == ["before", "during"]
     assert not worker.task.done()
