@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
 from consumer import __version__, topology
@@ -230,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return asyncio.run(handler(args, settings))
+    except ChannelNotFoundEntity:
+        print(
+            f"mailbus: exchange {settings.prefix!r} does not exist on the broker: run "
+            "`mailbus topology declare` (or start a worker) first",
+            file=sys.stderr,
+        )
+        return 1
     except ConnectionError as exc:
         url = redact_url(settings.amqp_url.get_secret_value())
         print(f"mailbus: cannot reach RabbitMQ at {url}: {type(exc).__name__}", file=sys.stderr)

@@ -14,6 +14,11 @@ from consumer.schedule import DELAY_HEADER
 from consumer.topology import SEND_KEY, Names
 
 
+def json_body(value: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, as every mailbus message body is encoded."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
 def job_message(
     job: Mapping[str, Any],
     *,
@@ -28,7 +33,7 @@ def job_message(
     if delay_ms is not None:
         headers[DELAY_HEADER] = delay_ms
     return aio_pika.Message(
-        json.dumps(job, ensure_ascii=False, separators=(",", ":")).encode(),
+        json_body(job),
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -40,8 +45,11 @@ def job_message(
 
 
 async def jobs_exchange(channel: AbstractChannel, names: Names) -> AbstractExchange:
-    """The (already declared) topic exchange jobs are published to."""
-    return await channel.get_exchange(names.exchange, ensure=True)
+    """The topic exchange jobs are published to.
+
+    No round trip to the broker: a missing exchange shows when publishing to it fails.
+    """
+    return await channel.get_exchange(names.exchange, ensure=False)
 
 
 async def publish_job(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import socket
 import uuid
@@ -22,6 +21,7 @@ from consumer.events import event_for, reply_for
 from consumer.logging import get_logger
 from consumer.outboxes import outbox_from_url
 from consumer.pipeline import Context, Crashed, Dead, Later, Outcome, Pipeline, Sent, Skip
+from consumer.publish import json_body
 from consumer.schedule import DELAY_HEADER, DUE_HEADER, to_epoch_ms
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
@@ -33,10 +33,6 @@ ATTEMPTS_HEADER = "x-mailbus-attempts"
 CODE_HEADER = "x-mailbus-smtp-code"
 RECONNECT_INTERVAL = 2.0
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
-
-
-def _json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str).encode()
 
 
 class Worker:
@@ -196,7 +192,7 @@ class Worker:
 
     async def _publish_event(self, key: str, body: dict[str, Any]) -> None:
         event = aio_pika.Message(
-            _json_bytes(body),
+            json_body(body),
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(uuid.uuid4()),
@@ -207,7 +203,7 @@ class Worker:
     async def _reply(self, message: AbstractIncomingMessage, body: dict[str, Any]) -> None:
         assert self._channel is not None  # set before consuming
         answer = aio_pika.Message(
-            _json_bytes(body),
+            json_body(body),
             content_type="application/json",
             correlation_id=message.correlation_id,
         )

@@ -38,14 +38,16 @@ async def test_send_publishes_and_prints_the_job_id(
     result = await mailbus(
         settings,
         *SEND,
-        "--to",
-        "b@example.org",
-        "--subject",
-        "Hi",
-        "--text",
-        "Hello",
-        "--header",
-        "X-Source: cli",
+        *[
+            "--to",
+            "b@example.org",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
+            "--header",
+            "X-Source: cli",
+        ],
     )
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
@@ -63,12 +65,7 @@ async def test_send_wait_reports_the_smtp_outcome(
     ok = await mailbus(
         settings,
         *SEND,
-        "--to",
-        "b@example.org",
-        "--text",
-        "now",
-        "--wait",
-        "20",
+        *["--to", "b@example.org", "--text", "now", "--wait", "20"],
     )
     assert ok.returncode == 0, ok.stderr
     answer = json.loads(ok.stdout)
@@ -79,12 +76,7 @@ async def test_send_wait_reports_the_smtp_outcome(
     refused = await mailbus(
         settings,
         *SEND,
-        "--to",
-        "gone@example.org",
-        "--text",
-        "x",
-        "--wait",
-        "20",
+        *["--to", "gone@example.org", "--text", "x", "--wait", "20"],
     )
     assert refused.returncode == 1
     answer = json.loads(refused.stdout)
@@ -127,12 +119,7 @@ async def test_send_refuses_an_invalid_job_before_publishing(settings: Settings)
     result = await mailbus(
         settings,
         *SEND,
-        "--to",
-        "b@example.org",
-        "--subject",
-        "a\nb",
-        "--text",
-        "x",
+        *["--to", "b@example.org", "--subject", "a\nb", "--text", "x"],
     )
     assert result.returncode == 2
     assert "line breaks" in result.stderr
@@ -167,3 +154,11 @@ def test_every_command_has_help(verb: list[str]) -> None:
     assert result.returncode == 0
     assert "usage: mailbus" in result.stdout
     assert len(result.stdout.splitlines()) > 3
+
+
+async def test_send_before_any_topology_is_a_clear_error(settings: Settings) -> None:
+    result = await mailbus(settings, *SEND, *["--to", "b@example.org", "--text", "x"])
+    assert result.returncode == 1
+    assert f"exchange {settings.prefix!r} does not exist" in result.stderr
+    assert "mailbus topology declare" in result.stderr
+    assert "Traceback" not in result.stderr
