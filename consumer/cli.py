@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import sys
-import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from pydantic import ValidationError
 from consumer import __version__, topology
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
-from consumer.publish import job_message, jobs_exchange
+from consumer.publish import job_message, jobs_exchange, publish_and_wait
 from consumer.settings import Settings, redact_url
 from consumer.topology import SEND_KEY, SEND_NOW_KEY
 from consumer.worker import Worker
@@ -102,26 +101,11 @@ async def _send_and_wait(
     args: argparse.Namespace,
     delay_ms: int | None,
 ) -> int:
-    """Publish to ``send.now`` with a direct reply-to queue and print the worker's answer."""
-    replies = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
-    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    correlation_id = str(uuid.uuid4())
-
-    async def on_reply(reply: aio_pika.abc.AbstractIncomingMessage) -> None:
-        if reply.correlation_id == correlation_id and not answer.done():
-            answer.set_result(reply.body)
-
-    await replies.consume(on_reply, no_ack=True)
-    message = job_message(
-        job,
-        job_id=args.id,
-        delay_ms=delay_ms,
-        reply_to="amq.rabbitmq.reply-to",
-        correlation_id=correlation_id,
-    )
-    await exchange.publish(message, routing_key=SEND_NOW_KEY, mandatory=True)
+    """Publish to ``send.now`` with a direct reply-to and print the worker's answer."""
+    message = job_message(job, job_id=args.id, delay_ms=delay_ms)
     try:
-        body = await asyncio.wait_for(answer, args.wait)
+        async with asyncio.timeout(args.wait):
+            body = await publish_and_wait(channel, exchange, message, SEND_NOW_KEY)
     except TimeoutError:
         print(
             f"mailbus send: no answer within {args.wait} s for job {message.message_id}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from consumer.pipeline import Crashed, Dead, Later, Outcome, Sent, Skip
@@ -11,11 +12,14 @@ from consumer.pipeline import Crashed, Dead, Later, Outcome, Sent, Skip
 FAILED_REASONS = frozenset({"permanent", "attempts_exhausted"})
 
 
-def event_for(outcome: Outcome, first_sight: bool) -> tuple[str, dict[str, Any]] | None:
+Event = tuple[str, dict[str, Any]]
+
+
+def event_for(outcome: Outcome) -> Event | None:
     """The routing key and JSON body of the event an outcome publishes, if any.
 
-    ``first_sight`` is false when a held job comes round again, so that a scheduled mail
-    announces ``mail.scheduled`` once. Bodies never carry secrets or message content.
+    A scheduled mail announces ``mail.scheduled`` once, when first seen. Bodies never carry
+    secrets or message content.
     """
     ctx = outcome.ctx
     body: dict[str, Any] = {"id": ctx.job_id, "attempts": ctx.attempts}
@@ -29,7 +33,7 @@ def event_for(outcome: Outcome, first_sight: bool) -> tuple[str, dict[str, Any]]
         case Dead(reason=reason, error=error, code=code):
             key = "mail.failed" if reason in FAILED_REASONS else "mail.dead"
             body.update(reason=reason, error=error, smtp={"code": code} if code else None)
-        case Later(why="scheduled", due_at=due_at) if first_sight:
+        case Later(why="scheduled", due_at=due_at):
             key = "mail.scheduled"
             body["due_at"] = due_at.isoformat()
         case Later(why="retry", due_at=due_at, failure=failure):
@@ -44,6 +48,39 @@ def event_for(outcome: Outcome, first_sight: bool) -> tuple[str, dict[str, Any]]
             return None
     body["event"] = key
     return key, body
+
+
+def cancelled_event(job_id: str, record: dict[str, Any] | None) -> Event:
+    """``mail.cancelled``: the job will never be sent (``record`` is the one before)."""
+    body: dict[str, Any] = {"id": job_id, "event": "mail.cancelled"}
+    if record is not None:
+        body.update(
+            domain=record.get("domain"),
+            tags=record.get("tags", []),
+            metadata=record.get("metadata", {}),
+            previous_status=record.get("status"),
+            due_at=_iso(record.get("due_at")),
+        )
+    return "mail.cancelled", body
+
+
+def rescheduled_event(job_id: str, record: dict[str, Any], due_at: datetime) -> Event:
+    """``mail.scheduled`` again, for a job moved to ``due_at`` (``record`` is the one before)."""
+    return "mail.scheduled", {
+        "id": job_id,
+        "event": "mail.scheduled",
+        "domain": record.get("domain"),
+        "tags": record.get("tags", []),
+        "metadata": record.get("metadata", {}),
+        "attempts": record.get("attempts", 0),
+        "due_at": due_at.isoformat(),
+        "previous_due_at": _iso(record.get("due_at")),
+        "rescheduled": True,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 def reply_for(outcome: Outcome) -> dict[str, Any] | None:

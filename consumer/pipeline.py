@@ -23,14 +23,12 @@ from consumer.message import Job, parse_job
 from consumer.mime import build_message
 from consumer.outboxes import Outbox
 from consumer.retry import Failure, classify, decide
-from consumer.schedule import due_time
+from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
-from consumer.store import ClaimState, JobStore, utcnow
+from consumer.store import DUE_TOLERANCE, Claim, ClaimState, JobStore, utcnow
 from consumer.transport import SendResult
 
 log = get_logger(__name__)
-# A job due this close to now is sent at once rather than held.
-DUE_TOLERANCE = timedelta(milliseconds=5)
 STORE_RETRY = timedelta(seconds=5)
 
 
@@ -71,7 +69,12 @@ class Dead:
 
 @dataclass(frozen=True)
 class Later:
-    """Not now: send the job again at ``due_at``. ``why`` is scheduled, retry, leased or store."""
+    """Not now: the job comes round again at ``due_at``.
+
+    ``why``: ``scheduled`` (first seen before its time), ``waiting`` (seen again early),
+    ``retry`` (a transient failure), ``leased`` (another worker is on it) or ``store``
+    (MongoDB did not answer).
+    """
 
     ctx: Context
     due_at: datetime
@@ -121,25 +124,41 @@ class Pipeline:
             return Dead(Context(message_id), exc.reason, str(exc))
         structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
         ctx = Context(job_id, job)
-        if due is not None and due > now + DUE_TOLERANCE:
-            return Later(ctx, due, "scheduled")
         try:
-            return await self._claim_and_send(ctx, job_id, job, now)
+            if due is not None and due > now + DUE_TOLERANCE:
+                if DUE_HEADER in headers:  # a copy back early: its record was written before
+                    return Later(ctx, due, "waiting")
+                return await self._schedule(ctx, job_id, job, body, due)
+            return await self._claim_and_send(ctx, job_id, job, body, now)
         except StoreUnavailableError as exc:
             log.warning("job.store_unavailable", error=str(exc))
             return Later(ctx, self.clock() + STORE_RETRY, "store")
 
-    async def _claim_and_send(self, ctx: Context, job_id: str, job: Job, now: datetime) -> Outcome:
+    async def _schedule(
+        self, ctx: Context, job_id: str, job: Job, body: bytes, due: datetime
+    ) -> Outcome:
+        try:
+            claim = await self.store.schedule(job_id, job, body, due)
+        except StoreUnavailableError as exc:
+            # The due time travels with the message, so the mail still goes out on time;
+            # only listing it waits for MongoDB (a cancel by id works regardless).
+            log.warning("job.scheduled_without_record", error=str(exc))
+            return Later(ctx, due, "scheduled")
+        if claim.state is ClaimState.SCHEDULED:
+            return Later(ctx, due, "scheduled")
+        return _not_claimed(ctx, claim)
+
+    async def _claim_and_send(
+        self, ctx: Context, job_id: str, job: Job, body: bytes, now: datetime
+    ) -> Outcome:
         if job.expires_at is not None and job.expires_at <= now:
             error = f"expired at {job.expires_at.isoformat()}"
-            await self.store.record_dead(job_id, "expired", error)
+            if not await self.store.record_dead(job_id, "expired", error):
+                return Skip(ctx, "already handled")
             return Dead(ctx, "expired", error)
         claim = await self.store.claim(job_id, job, self.worker_id)
-        if claim.state is ClaimState.DONE:
-            return Skip(ctx, f"already {claim.status}")
-        if claim.state is ClaimState.LEASED:
-            assert claim.lease_until is not None  # a sending job always has a lease
-            return Later(ctx, claim.lease_until, "leased")
+        if claim.state is not ClaimState.CLAIMED:
+            return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
         if self.outbox is None:
@@ -156,12 +175,14 @@ class Pipeline:
         try:
             result = await transport.send(self.outbox, message, job.from_.email, job.recipients())
         except Exception as exc:  # every send failure is classified by retry.classify
-            return await self._failed(ctx, job_id, job, classify(exc))
+            return await self._failed(ctx, job_id, job, body, classify(exc))
         log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))
         await self._record_sent(job_id, result)
         return Sent(ctx, result)
 
-    async def _failed(self, ctx: Context, job_id: str, job: Job, failure: Failure) -> Outcome:
+    async def _failed(
+        self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
+    ) -> Outcome:
         settings = self.settings
         decision = decide(
             failure,
@@ -178,7 +199,7 @@ class Pipeline:
             )
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
-        await self.store.mark_retry(job_id, self.worker_id, failure.describe(), due)
+        await self.store.mark_retry(job_id, self.worker_id, failure.describe(), due, body)
         return Later(ctx, due, "retry", failure)
 
     async def _record_sent(self, job_id: str, result: SendResult) -> None:
@@ -199,3 +220,14 @@ class Pipeline:
             if not recorded:
                 log.warning("job.lease_lost_before_sent_record")
             return
+
+
+def _not_claimed(ctx: Context, claim: Claim) -> Outcome:
+    """What to do with a job whose record says someone else, or some other time."""
+    match claim.state:
+        case ClaimState.LEASED if claim.lease_until is not None:
+            return Later(ctx, claim.lease_until, "leased")
+        case ClaimState.WAITING if claim.due_at is not None:
+            return Later(ctx, claim.due_at, "waiting")
+        case _:
+            return Skip(ctx, f"already {claim.status}")

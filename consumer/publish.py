@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Mapping
@@ -12,6 +13,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from consumer.schedule import DELAY_HEADER
 from consumer.topology import SEND_KEY, Names
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 def json_body(value: Mapping[str, Any]) -> bytes:
@@ -71,3 +74,31 @@ async def publish_job(
     await exchange.publish(message, routing_key=routing_key, mandatory=True)
     assert message.message_id is not None  # job_message always sets it
     return message.message_id
+
+
+async def publish_and_wait(
+    channel: AbstractChannel,
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+) -> bytes:
+    """Publish ``message`` with a direct reply-to and return the body of the answer.
+
+    It waits as long as it takes: bound it with :func:`asyncio.timeout`.
+    """
+    replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    message.reply_to = DIRECT_REPLY_TO
+    message.correlation_id = message.correlation_id or str(uuid.uuid4())
+
+    async def on_reply(reply: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if reply.correlation_id == message.correlation_id and not answer.done():
+            answer.set_result(reply.body)
+
+    # Direct reply-to requires the consumer to exist before the request is published.
+    tag = await replies.consume(on_reply, no_ack=True)
+    try:
+        await exchange.publish(message, routing_key=routing_key, mandatory=True)
+        return await answer
+    finally:
+        await replies.cancel(tag)

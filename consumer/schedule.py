@@ -14,6 +14,20 @@ DELAY_HEADER = "x-delay"
 # so holds, hops and retries never accumulate drift.
 DUE_HEADER = "x-mailbus-due"
 MAX_DELAY_MS = (2**28 - 1) * 1000
+# Headers the broker adds as a message walks the ladder or is redelivered; a copy the worker
+# publishes starts without them so they never pile up across hops and retries.
+BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 
 
 def _milliseconds(headers: Mapping[str, Any], name: str) -> int | None:
@@ -47,3 +61,16 @@ def due_time(job: Job, headers: Mapping[str, Any], received_at: datetime) -> dat
 def to_epoch_ms(when: datetime) -> int:
     """``when`` as integer epoch milliseconds, the form of :data:`DUE_HEADER`."""
     return round(when.timestamp() * 1000)
+
+
+def own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """``headers`` without those the broker added on the way."""
+    return {name: value for name, value in headers.items() if name not in BROKER_HEADERS}
+
+
+def carried_headers(headers: Mapping[str, Any], due: datetime) -> dict[str, Any]:
+    """The headers of a job's next copy: the absolute due time replaces ``x-delay``."""
+    carried = own_headers(headers)
+    carried.pop(DELAY_HEADER, None)
+    carried[DUE_HEADER] = to_epoch_ms(due)
+    return carried

@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(30.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
     lease_seconds: float = Field(300.0, gt=0)
-    max_hold_seconds: float = Field(60.0, gt=0)
     delivery_limit: int = Field(5, ge=1)
     retention_days: float = Field(30.0, gt=0)
     store_timeout: float = Field(10.0, gt=0)

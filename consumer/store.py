@@ -1,13 +1,14 @@
 """Job state in MongoDB: the claim that keeps a job from being sent twice, and its outcome.
 
-A job moves ``queued|scheduled -> sending -> sent|scheduled|failed|dead``. Claiming is one
-conditional upsert on the job id; a claim is a lease, so a job whose worker died is
-claimable again once the lease runs out.
+A job moves ``scheduled -> sending -> sent|scheduled|failed|dead``, or to ``cancelled``
+while it waits. Claiming is one conditional upsert on the job id; a claim is a lease, so
+a job whose worker died is claimable again once the lease runs out. The record, not any
+message in flight, is the truth: a scheduled job is claimable only once its ``due_at``
+has come, so a copy of a cancelled or rescheduled job is dropped or carried on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,26 +25,44 @@ from consumer.message import Job
 from consumer.settings import Settings
 
 HISTORY_LENGTH = 20
-CLAIMABLE = ("queued", "scheduled")
+WAITING = ("queued", "scheduled")
+FINAL = ("sent", "failed", "dead", "cancelled")
+# A scheduled job whose due time is this close is claimable: copies arrive a hair early.
+DUE_TOLERANCE = timedelta(milliseconds=5)
+# Fields never shown in listings: the stored job body and the history.
+_BULKY = {"body": 0, "history": 0}
 Document = dict[str, Any]
 
 
 class ClaimState(enum.Enum):
-    """What :meth:`JobStore.claim` found."""
+    """What :meth:`JobStore.claim` or :meth:`JobStore.schedule` found."""
 
-    CLAIMED = "claimed"
-    DONE = "done"
-    LEASED = "leased"
+    CLAIMED = "claimed"  # this worker holds the lease and may send
+    SCHEDULED = "scheduled"  # first sight of a future job: its record now says so
+    WAITING = "waiting"  # the record says the job is due later (``due_at``)
+    LEASED = "leased"  # another worker is sending it (``lease_until``)
+    DONE = "done"  # sent, failed, dead or cancelled: nothing more to do
 
 
 @dataclass(frozen=True)
 class Claim:
-    """The result of a claim: whether this worker may send, and the job's counters."""
+    """What the job's record allows this worker to do, and its counters."""
 
     state: ClaimState
     status: str
     attempts: int
     lease_until: datetime | None = None
+    due_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """The result of a cancel or reschedule: whether it applied, and the record before it
+    (None when there was no record).
+    """
+
+    applied: bool
+    before: Document | None
 
 
 def utcnow() -> datetime:
@@ -66,6 +85,30 @@ async def _answering() -> AsyncIterator[None]:
 
 def _history(event: str, now: datetime, **fields: Any) -> Document:
     return {"$each": [{"at": now, "event": event, **fields}], "$slice": -HISTORY_LENGTH}
+
+
+def _summary(job: Job, now: datetime) -> Document:
+    """The fields a new record starts with, shown by ``mailbus jobs ls``."""
+    return {
+        "created_at": now,
+        "domain": job.domain,
+        "from": job.from_.email,
+        "subject": job.subject,
+        "recipients": len(job.recipients()),
+        "tags": job.tags,
+        "metadata": job.metadata,
+    }
+
+
+def _found(doc: Document) -> Claim:
+    """Translate an existing record that could not be claimed into a :class:`Claim`."""
+    status = doc["status"]
+    attempts = int(doc.get("attempts", 0))
+    if status == "sending":
+        return Claim(ClaimState.LEASED, status, attempts, lease_until=doc.get("lease_until"))
+    if status in WAITING:
+        return Claim(ClaimState.WAITING, status, attempts, due_at=doc.get("due_at"))
+    return Claim(ClaimState.DONE, status, attempts)
 
 
 class JobStore:
@@ -99,6 +142,8 @@ class JobStore:
         async with _answering():
             await self.jobs.create_index("expire_at", expireAfterSeconds=0)
             await self.jobs.create_index([("status", 1), ("due_at", 1)])
+            await self.jobs.create_index([("status", 1), ("updated_at", -1)])
+            await self.jobs.create_index("updated_at")
 
     async def ping(self) -> None:
         """Round-trip to the server; raises :class:`StoreUnavailableError` if it is down."""
@@ -106,12 +151,13 @@ class JobStore:
             await self.client.admin.command("ping")
 
     async def claim(self, job_id: str, job: Job, worker_id: str) -> Claim:
-        """Take the job for sending, creating its record on first sight."""
+        """Take the job for sending if its record allows it, creating the record on first sight."""
         now = utcnow()
         query = {
             "_id": job_id,
             "$or": [
-                {"status": {"$in": list(CLAIMABLE)}},
+                {"status": "queued"},
+                {"status": "scheduled", "due_at": {"$lte": now + DUE_TOLERANCE}},
                 {"status": "sending", "lease_until": {"$lte": now}},
             ],
         }
@@ -123,14 +169,7 @@ class JobStore:
                 "updated_at": now,
             },
             "$inc": {"attempts": 1},
-            "$setOnInsert": {
-                "created_at": now,
-                "domain": job.domain,
-                "from": job.from_.email,
-                "subject": job.subject,
-                "recipients": len(job.recipients()),
-                "tags": job.tags,
-            },
+            "$setOnInsert": _summary(job, now),
             "$push": {"history": _history("claimed", now, worker=worker_id)},
         }
         async with _answering():
@@ -142,14 +181,45 @@ class JobStore:
                 doc = None
             if doc is not None:
                 return Claim(ClaimState.CLAIMED, "sending", int(doc["attempts"]))
-            found = await self.jobs.find_one(
-                {"_id": job_id}, {"status": 1, "attempts": 1, "lease_until": 1}
-            )
+            found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
             return await self.claim(job_id, job, worker_id)
-        state = ClaimState.LEASED if found["status"] == "sending" else ClaimState.DONE
-        return Claim(
-            state, found["status"], int(found.get("attempts", 0)), found.get("lease_until")
+        return _found(found)
+
+    async def schedule(self, job_id: str, job: Job, body: bytes, due_at: datetime) -> Claim:
+        """Record a job first seen before its due time, keeping its body for a reschedule.
+
+        An existing record wins (a duplicate or redelivered message follows it).
+        """
+        now = utcnow()
+        record = {
+            **_summary(job, now),
+            "status": "scheduled",
+            "due_at": due_at,
+            "attempts": 0,
+            "updated_at": now,
+            "body": body,
+            "history": [{"at": now, "event": "scheduled", "due_at": due_at}],
+        }
+        async with _answering():
+            try:
+                result = await self.jobs.update_one(
+                    {"_id": job_id}, {"$setOnInsert": record}, upsert=True
+                )
+            except DuplicateKeyError:
+                created = False
+            else:
+                created = result.upserted_id is not None
+            if created:
+                return Claim(ClaimState.SCHEDULED, "scheduled", 0, due_at=due_at)
+            found = await self._lookup(job_id)
+        if found is None:
+            return await self.schedule(job_id, job, body, due_at)
+        return _found(found)
+
+    async def _lookup(self, job_id: str) -> Document | None:
+        return await self.jobs.find_one(
+            {"_id": job_id}, {"status": 1, "attempts": 1, "lease_until": 1, "due_at": 1}
         )
 
     async def mark_sent(
@@ -169,14 +239,16 @@ class JobStore:
                         "refused": refused,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": ""},
+                    "$unset": {"lease_until": "", "body": ""},
                     "$push": {"history": _history("sent", now, smtp=reply)},
                 },
             )
         return result.modified_count == 1
 
-    async def mark_retry(self, job_id: str, worker_id: str, error: str, due_at: datetime) -> None:
-        """The attempt failed transiently: the job waits for ``due_at``."""
+    async def mark_retry(
+        self, job_id: str, worker_id: str, error: str, due_at: datetime, body: bytes
+    ) -> None:
+        """The attempt failed transiently: the job waits for ``due_at`` (and can be moved)."""
         now = utcnow()
         async with _answering():
             await self.jobs.update_one(
@@ -187,6 +259,7 @@ class JobStore:
                         "due_at": due_at,
                         "updated_at": now,
                         "last_error": error,
+                        "body": body,
                     },
                     "$unset": {"lease_until": ""},
                     "$push": {"history": _history("deferred", now, error=error, due_at=due_at)},
@@ -209,20 +282,22 @@ class JobStore:
                         "updated_at": now,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": ""},
+                    "$unset": {"lease_until": "", "body": ""},
                     "$push": {"history": _history(status, now, reason=reason, error=error)},
                 },
             )
 
-    async def record_dead(self, job_id: str, reason: str, error: str) -> None:
-        """Record a job that was dead-lettered before any claim (for example, expired)."""
+    async def record_dead(self, job_id: str, reason: str, error: str) -> bool:
+        """Record a job dead-lettered before any claim (for example, expired).
+
+        False when its record already says otherwise (sent, sending, cancelled…): that
+        record stays the truth and the message is only a stale copy.
+        """
         now = utcnow()
         async with _answering():
-            # A duplicate key means the job is already sent, sending or dead: that record
-            # stays the truth.
-            with contextlib.suppress(DuplicateKeyError):
+            try:
                 await self.jobs.update_one(
-                    {"_id": job_id, "status": {"$in": list(CLAIMABLE)}},
+                    {"_id": job_id, "status": {"$in": list(WAITING)}},
                     {
                         "$set": {
                             "status": "dead",
@@ -231,11 +306,86 @@ class JobStore:
                             "updated_at": now,
                             "expire_at": now + self._retention,
                         },
+                        "$unset": {"body": ""},
                         "$setOnInsert": {"created_at": now, "attempts": 0},
                         "$push": {"history": _history("dead", now, reason=reason)},
                     },
                     upsert=True,
                 )
+            except DuplicateKeyError:
+                return False
+        return True
+
+    async def cancel(self, job_id: str) -> Change:
+        """Cancel a waiting job. A job never seen yet gets a ``cancelled`` record, so that
+        it is not sent if it arrives; a job being sent or done is left alone.
+        """
+        now = utcnow()
+        async with _answering():
+            before = await self.jobs.find_one_and_update(
+                {"_id": job_id, "status": {"$in": list(WAITING)}},
+                {
+                    "$set": {
+                        "status": "cancelled",
+                        "updated_at": now,
+                        "expire_at": now + self._retention,
+                    },
+                    "$unset": {"body": ""},
+                    "$push": {"history": _history("cancelled", now)},
+                },
+                projection=_BULKY,
+                return_document=ReturnDocument.BEFORE,
+            )
+            if before is not None:
+                return Change(True, before)
+            tombstone = {
+                "_id": job_id,
+                "status": "cancelled",
+                "created_at": now,
+                "updated_at": now,
+                "attempts": 0,
+                "expire_at": now + self._retention,
+                "history": [{"at": now, "event": "cancelled", "before_seen": True}],
+            }
+            try:
+                await self.jobs.insert_one(tombstone)
+            except DuplicateKeyError:
+                return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+        return Change(True, None)
+
+    async def reschedule(self, job_id: str, due_at: datetime) -> Change:
+        """Move a scheduled job to ``due_at``; ``before`` carries the stored body."""
+        now = utcnow()
+        async with _answering():
+            before = await self.jobs.find_one_and_update(
+                {"_id": job_id, "status": "scheduled"},
+                {
+                    "$set": {"due_at": due_at, "updated_at": now},
+                    "$inc": {"reschedules": 1},
+                    "$push": {"history": _history("rescheduled", now, due_at=due_at)},
+                },
+                projection={"history": 0},
+                return_document=ReturnDocument.BEFORE,
+            )
+            if before is not None:
+                return Change(True, before)
+            return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+
+    async def find(
+        self, status: str | None = None, domain: str | None = None, limit: int = 50
+    ) -> list[Document]:
+        """Records for listings, without bodies or history: scheduled ones soonest first,
+        others most recently changed first.
+        """
+        query: Document = {}
+        if status is not None:
+            query["status"] = status
+        if domain is not None:
+            query["domain"] = domain
+        order = [("due_at", 1)] if status == "scheduled" else [("updated_at", -1)]
+        async with _answering():
+            cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
+            return [doc async for doc in cursor]
 
     async def get(self, job_id: str) -> Document | None:
         """The job's record, or None."""

@@ -8,6 +8,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
+from consumer import ladder
+
 
 @dataclass(frozen=True)
 class Names:
@@ -40,13 +42,40 @@ class Names:
         """Topic exchange of ``mail.*`` events; no queue is bound by default."""
         return f"{self.prefix}.events"
 
+    @property
+    def control_queue(self) -> str:
+        """Queue of control messages (routing key ``control``): cancel, reschedule."""
+        return f"{self.prefix}.control"
+
+    def delay(self, level: int) -> str:
+        """Exchange and quorum queue of delay-ladder level ``level`` (TTL 2^level s)."""
+        return f"{self.prefix}.delay.{level}"
+
+    @property
+    def deliver(self) -> str:
+        """Topic exchange at the foot of the ladder; routes to the send queues."""
+        return f"{self.prefix}.deliver"
+
+    def queues(self) -> tuple[str, ...]:
+        """Every queue the topology declares."""
+        ladder_queues = tuple(self.delay(level) for level in range(ladder.LEVELS))
+        return (self.send_queue, self.send_now_queue, self.control_queue, self.dead, *ladder_queues)
+
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange the topology declares."""
+        ladder_exchanges = tuple(self.delay(level) for level in range(ladder.LEVELS))
+        return (self.exchange, self.dead, self.events, self.deliver, *ladder_exchanges)
+
 
 SEND_KEY = "send"
 SEND_NOW_KEY = "send.now"
+CONTROL_KEY = "control"
 
 
-def send_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:
-    """Arguments of the send queues: quorum, at-least-once dead-lettering, bounded redelivery."""
+def consumed_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:
+    """Arguments of the queues workers consume: quorum, at-least-once dead-lettering,
+    bounded redelivery.
+    """
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": names.dead,
@@ -56,21 +85,36 @@ def send_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:
     }
 
 
+def ladder_queue_arguments(names: Names, level: int) -> dict[str, Any]:
+    """Arguments of ladder level ``level``: its TTL, and where its messages fall when it expires."""
+    below = names.delay(level - 1) if level > 0 else names.deliver
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": ladder.level_ttl_ms(level),
+        "x-dead-letter-exchange": below,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 @dataclass(frozen=True)
 class Topology:
-    """The declared objects a worker publishes to and consumes from."""
+    """The declared objects a worker publishes to and consumes from.
+
+    ``consume`` pairs each send queue with the routing key that feeds it, ``send.now`` first.
+    """
 
     exchange: AbstractExchange
     dead: AbstractExchange
     events: AbstractExchange
+    ladder: AbstractExchange
     consume: tuple[tuple[AbstractQueue, str], ...]
+    control: AbstractQueue
 
 
 async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -> Topology:
-    """Declare every exchange, queue and binding; safe to run again with the same arguments.
-
-    Returns the objects, with each send queue paired with the routing key that feeds it.
-    """
+    """Declare every exchange, queue and binding; safe to run again with the same arguments."""
+    topic = aio_pika.ExchangeType.TOPIC
     dead_exchange = await channel.declare_exchange(
         names.dead, aio_pika.ExchangeType.FANOUT, durable=True
     )
@@ -78,14 +122,25 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -
         names.dead, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dead_queue.bind(dead_exchange, routing_key="")
-    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
-    exchange = await channel.declare_exchange(
-        names.exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    arguments = send_queue_arguments(names, delivery_limit)
+    events = await channel.declare_exchange(names.events, topic, durable=True)
+    exchange = await channel.declare_exchange(names.exchange, topic, durable=True)
+    deliver = await channel.declare_exchange(names.deliver, topic, durable=True)
+    arguments = consumed_queue_arguments(names, delivery_limit)
     consume = []
     for queue_name, key in ((names.send_now_queue, SEND_NOW_KEY), (names.send_queue, SEND_KEY)):
         queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
         await queue.bind(exchange, routing_key=key)
+        await queue.bind(deliver, routing_key=ladder.deliver_pattern(key))
         consume.append((queue, key))
-    return Topology(exchange, dead_exchange, events, tuple(consume))
+    control = await channel.declare_queue(names.control_queue, durable=True, arguments=arguments)
+    await control.bind(exchange, routing_key=CONTROL_KEY)
+    below = deliver
+    for level in range(ladder.LEVELS):
+        level_exchange = await channel.declare_exchange(names.delay(level), topic, durable=True)
+        queue = await channel.declare_queue(
+            names.delay(level), durable=True, arguments=ladder_queue_arguments(names, level)
+        )
+        await queue.bind(level_exchange, routing_key=ladder.parked_pattern(level))
+        await below.bind(level_exchange, routing_key=ladder.passed_pattern(level))
+        below = level_exchange
+    return Topology(exchange, dead_exchange, events, below, tuple(consume), control)

@@ -8,35 +8,46 @@ import functools
 import os
 import socket
 import uuid
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
-from consumer import topology
-from consumer.errors import StoreUnavailableError
-from consumer.events import event_for, reply_for
+from consumer import control, ladder, topology
+from consumer.errors import InvalidJobError, StoreUnavailableError
+from consumer.events import Event, event_for, reply_for
 from consumer.logging import get_logger
 from consumer.outboxes import outbox_from_url
-from consumer.pipeline import Context, Crashed, Dead, Later, Outcome, Pipeline, Sent, Skip
-from consumer.publish import json_body
-from consumer.schedule import DELAY_HEADER, DUE_HEADER, to_epoch_ms
+from consumer.outgoing import Outgoing, copy_of
+from consumer.pipeline import (
+    STORE_RETRY,
+    Context,
+    Crashed,
+    Dead,
+    Later,
+    Outcome,
+    Pipeline,
+    Sent,
+    Skip,
+)
+from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
 
 log = get_logger(__name__)
-REASON_HEADER = "x-mailbus-reason"
-ERROR_HEADER = "x-mailbus-error"
-ATTEMPTS_HEADER = "x-mailbus-attempts"
-CODE_HEADER = "x-mailbus-smtp-code"
 RECONNECT_INTERVAL = 2.0
+# A job held to its due time is processed again in the same task; bounded, in case its
+# record keeps answering "a moment later".
+MAX_HOLDS = 3
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
+Settled = Outcome | control.Result
 
 
 class Worker:
-    """Consumes the send queues and carries each job's outcome out on the broker."""
+    """Consumes the send and control queues and carries each outcome out on the broker."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
         self.settings = settings
@@ -51,8 +62,7 @@ class Worker:
         self.pipeline = Pipeline(settings, self.store, outbox, self.worker_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
-        self._topology: topology.Topology | None = None
-        self._channel: AbstractChannel | None = None
+        self._outgoing: Outgoing | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain and close everything."""
@@ -62,20 +72,20 @@ class Worker:
         try:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.prefetch)
-            self._channel = channel
-            self._topology = await topology.declare(
-                channel, self.names, self.settings.delivery_limit
-            )
+            objects = await topology.declare(channel, self.names, self.settings.delivery_limit)
+            self._outgoing = await Outgoing.open(channel, self.names)
             if not await self._wait_for_store(stop):
                 return
             consumers = []
-            for queue, key in self._topology.consume:
+            for queue, key in objects.consume:
                 tag = await queue.consume(functools.partial(self._on_message, key))
                 consumers.append((queue, tag))
+            tag = await objects.control.consume(self._on_control)
+            consumers.append((objects.control, tag))
             log.info(
                 "worker.consuming",
                 worker=self.worker_id,
-                queues=[q.name for q, _ in self._topology.consume],
+                queues=[q.name for q, _ in consumers],
                 prefetch=self.settings.prefetch,
             )
             await stop.wait()
@@ -118,97 +128,120 @@ class Worker:
                 return True
         return False
 
-    async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(key, message))
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
+        self._spawn(self._handle(key, message))
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        self._spawn(self._handle_control(message))
+
     async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
+        """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
+        headers: Mapping[str, Any] = message.headers or {}
+        events: list[Event] = []
+        outcome = await self._process(message, headers)
+        holds = 0
+        while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
+            holds += 1
+            events.extend(_events_of(outcome))
+            headers = carried_headers(headers, outcome.due_at)
+            outcome = await self._process(message, headers)
+        events.extend(_events_of(outcome))
+        await self._settle(message, outcome, key, headers, events)
+
+    async def _process(
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any]
+    ) -> Outcome:
         try:
-            outcome = await self.pipeline.process(
-                message.body, message.message_id, message.headers or {}
-            )
+            return await self.pipeline.process(message.body, message.message_id, headers)
         except Exception as exc:
             log.exception("job.crashed")
-            outcome = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
-        await self._settle(key, message, outcome)
+            return Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
 
-    async def _settle(self, key: str, message: AbstractIncomingMessage, outcome: Outcome) -> None:
-        """The one place a delivery is acked or nacked: after everything it caused is durable."""
+    async def _hold(self, outcome: Later) -> bool:
+        """Keep a job due within the ladder's resolution until its time, without blocking
+        other deliveries. False when it is not held (a longer wait, or draining).
+        """
+        remaining = (outcome.due_at - utcnow()).total_seconds()
+        if self._draining.is_set() or not ladder.route(remaining).hold:
+            return False
+        await _wait(self._draining, remaining)
+        return not self._draining.is_set()
+
+    async def _handle_control(self, message: AbstractIncomingMessage) -> None:
+        structlog.contextvars.clear_contextvars()
+        result: Settled
+        try:
+            request = control.parse_request(message.body)
+        except InvalidJobError as exc:
+            result = Dead(Context(message.message_id), exc.reason, str(exc))
+        else:
+            result = await self._execute(request, message)
+        await self._settle(message, result, topology.CONTROL_KEY, message.headers or {}, [])
+
+    async def _execute(
+        self, request: control.Request, message: AbstractIncomingMessage
+    ) -> control.Result | Crashed:
+        while True:
+            try:
+                return await control.execute(request, self.store, self._out(), utcnow())
+            except StoreUnavailableError as exc:
+                if self._draining.is_set():
+                    return Crashed(Context(message.message_id), str(exc))
+                log.warning("control.store_unavailable", error=str(exc))
+                await _wait(self._draining, STORE_RETRY.total_seconds())
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        outcome: Settled,
+        key: str,
+        headers: Mapping[str, Any],
+        events: list[Event],
+    ) -> None:
+        """The one place a delivery is acked or nacked: after everything it caused is durable.
+
+        A job that must wait goes back by way of the ladder to the queue of ``key``, with
+        ``headers`` (its due time made absolute); ``events`` are published before the ack.
+        """
+        out = self._out()
         try:
             if isinstance(outcome, Crashed):
                 await message.nack(requeue=True)
                 return
+            if isinstance(outcome, control.Result):
+                await out.reply(message, outcome.as_dict())
+                await message.ack()
+                log.info("control.done", **outcome.as_dict())
+                return
             if isinstance(outcome, Dead):
-                await self._dead_letter(message, outcome)
+                ctx = outcome.ctx
+                await out.dead_letter(
+                    message, outcome.reason, outcome.error, ctx.attempts, outcome.code
+                )
             elif isinstance(outcome, Later):
-                await self._hold(outcome)
-                await self._republish(key, message, outcome)
-            first_sight = DUE_HEADER not in (message.headers or {})
-            event = event_for(outcome, first_sight)
-            if event is not None:
-                await self._publish_event(*event)
+                copy = copy_of(message, carried_headers(headers, outcome.due_at))
+                await out.delay(copy, outcome.due_at, key, utcnow())
+            for event in events:
+                await out.event(*event)
             reply = reply_for(outcome)
-            if reply is not None and message.reply_to:
-                await self._reply(message, reply)
+            if reply is not None:
+                await out.reply(message, reply)
             await message.ack()
         except _BROKER_ERRORS as exc:
-            # Unacked, the delivery comes back; the job's claim keeps it from going out twice.
+            # Unacked, the delivery comes back; the job's record keeps it from going out twice.
             log.warning("job.settle_failed", error=f"{type(exc).__name__}: {exc}")
             return
         _log_outcome(outcome)
 
-    def _objects(self) -> topology.Topology:
-        assert self._topology is not None  # consuming implies declared
-        return self._topology
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, outcome: Dead) -> None:
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                REASON_HEADER: outcome.reason,
-                ERROR_HEADER: outcome.error[:1000],
-                ATTEMPTS_HEADER: outcome.ctx.attempts,
-            }
-        )
-        if outcome.code is not None:
-            headers[CODE_HEADER] = outcome.code
-        copy = _copy(message, headers)
-        await self._objects().dead.publish(copy, routing_key=outcome.reason, mandatory=True)
-
-    async def _hold(self, outcome: Later) -> None:
-        """Keep a job that is due soon until its time; a drain cuts the hold short."""
-        wait = (outcome.due_at - utcnow()).total_seconds()
-        await _wait(self._draining, min(wait, self.settings.max_hold_seconds))
-
-    async def _republish(self, key: str, message: AbstractIncomingMessage, outcome: Later) -> None:
-        headers = dict(message.headers or {})
-        headers.pop(DELAY_HEADER, None)
-        headers[DUE_HEADER] = to_epoch_ms(outcome.due_at)
-        await self._objects().exchange.publish(
-            _copy(message, headers), routing_key=key, mandatory=True
-        )
-
-    async def _publish_event(self, key: str, body: dict[str, Any]) -> None:
-        event = aio_pika.Message(
-            json_body(body),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(uuid.uuid4()),
-            type=key,
-        )
-        await self._objects().events.publish(event, routing_key=key)
-
-    async def _reply(self, message: AbstractIncomingMessage, body: dict[str, Any]) -> None:
-        assert self._channel is not None  # set before consuming
-        answer = aio_pika.Message(
-            json_body(body),
-            content_type="application/json",
-            correlation_id=message.correlation_id,
-        )
-        assert message.reply_to is not None
-        await self._channel.default_exchange.publish(answer, routing_key=message.reply_to)
+    def _out(self) -> Outgoing:
+        assert self._outgoing is not None  # consuming implies the exchanges are bound
+        return self._outgoing
 
     async def _drain(self) -> None:
         """Let in-flight jobs finish (holds end at once), bounded by the drain timeout."""
@@ -223,29 +256,17 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of ``message`` with new headers (``user_id`` cannot be re-asserted)."""
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
-
-
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     """Sleep ``seconds`` or until ``event`` is set, whichever comes first."""
     if seconds <= 0 or event.is_set():
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _events_of(outcome: Outcome) -> list[Event]:
+    event = event_for(outcome)
+    return [event] if event is not None else []
 
 
 def _log_outcome(outcome: Outcome) -> None:

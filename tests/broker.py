@@ -9,6 +9,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from consumer.publish import publish_and_wait
 from consumer.topology import Names
 
 
@@ -70,3 +71,27 @@ async def depth(channel: AbstractChannel, queue_name: str) -> int:
     """The number of ready messages in ``queue_name``."""
     queue = await channel.declare_queue(queue_name, passive=True)
     return queue.declaration_result.message_count or 0
+
+
+async def listen_events(channel: AbstractChannel, names: Names) -> str:
+    """Bind a private queue to every ``mail.*`` event and return its name."""
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(names.events, routing_key="mail.#")
+    return queue.name
+
+
+async def drain_events(channel: AbstractChannel, queue_name: str) -> list[tuple[str, Any]]:
+    """Every event waiting in ``queue_name`` as (routing key, decoded body)."""
+    queue = await channel.get_queue(queue_name, ensure=False)
+    events = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        events.append((message.routing_key or "", json.loads(message.body)))
+    return events
+
+
+async def control(channel: AbstractChannel, names: Names, request: dict[str, Any]) -> Any:
+    """Publish a control message as a producer would and return the worker's JSON answer."""
+    exchange = await channel.get_exchange(names.exchange, ensure=False)
+    message = aio_pika.Message(encode(request), content_type="application/json", delivery_mode=2)
+    async with asyncio.timeout(20):
+        return json.loads(await publish_and_wait(channel, exchange, message, "control"))

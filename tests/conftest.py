@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel
 
 from consumer import topology
 from consumer.settings import Settings
+from consumer.store import JobStore
 from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
@@ -81,11 +82,29 @@ def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) ->
 @pytest.fixture
 async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
     """A confirming channel on which the test's topology is declared."""
+    names = topology.Names(settings.prefix)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     chan = await connection.channel(publisher_confirms=True)
-    await topology.declare(chan, topology.Names(settings.prefix), settings.delivery_limit)
+    await topology.declare(chan, names, settings.delivery_limit)
     yield chan
     await connection.close()
+    # Quorum queues are costly to keep: the session's broker would carry every test's ladder.
+    # A new connection, as the test may have restarted the broker.
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as cleanup:
+        cleanup_channel = await cleanup.channel()
+        for queue in names.queues():
+            await cleanup_channel.queue_delete(queue)
+        for exchange in names.exchanges():
+            await cleanup_channel.exchange_delete(exchange)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[JobStore]:
+    """The test's job store, indexes declared."""
+    jobs = JobStore.connect(settings)
+    await jobs.ensure_indexes()
+    yield jobs
+    await jobs.close()
 
 
 class RunningWorker:

@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from consumer.message import Job
 from consumer.settings import Settings
 from consumer.store import ClaimState, JobStore
 from tests.broker import job
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[JobStore]:
-    jobs = JobStore.connect(settings)
-    await jobs.ensure_indexes()
-    yield jobs
-    await jobs.close()
 
 
 async def test_concurrent_claims_grant_exactly_one(store: JobStore) -> None:

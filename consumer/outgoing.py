@@ -1,0 +1,118 @@
+"""What mailbus itself publishes: copies of jobs into the delay ladder, dead letters, events
+and replies. Every publish waits for the broker's confirm when the channel has confirms on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from consumer import ladder
+from consumer.publish import json_body
+from consumer.schedule import own_headers
+from consumer.topology import Names
+
+REASON_HEADER = "x-mailbus-reason"
+ERROR_HEADER = "x-mailbus-error"
+ATTEMPTS_HEADER = "x-mailbus-attempts"
+CODE_HEADER = "x-mailbus-smtp-code"
+
+
+def copy_of(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
+    """A persistent copy of ``message`` with new headers (``user_id`` cannot be re-asserted)."""
+    return aio_pika.Message(
+        message.body,
+        headers=dict(headers),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
+
+
+class Outgoing:
+    """The exchanges mailbus publishes to, looked up by name without a round trip."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        ladder_top: AbstractExchange,
+        dead: AbstractExchange,
+        events: AbstractExchange,
+    ) -> None:
+        self.channel = channel
+        self.ladder_top = ladder_top
+        self.dead = dead
+        self.events = events
+
+    @classmethod
+    async def open(cls, channel: AbstractChannel, names: Names) -> Outgoing:
+        """Bind to the exchanges of ``names`` on ``channel`` (declared elsewhere)."""
+        return cls(
+            channel,
+            await channel.get_exchange(names.delay(ladder.TOP), ensure=False),
+            await channel.get_exchange(names.dead, ensure=False),
+            await channel.get_exchange(names.events, ensure=False),
+        )
+
+    async def delay(
+        self, message: aio_pika.Message, due: datetime, destination: str, now: datetime
+    ) -> None:
+        """Send ``message`` down the ladder so it reaches ``destination`` just before ``due``.
+
+        A wait shorter than the ladder's resolution goes straight to ``destination``.
+        """
+        seconds = ladder.route((due - now).total_seconds()).ladder_seconds or 0
+        key = ladder.routing_key(seconds, destination)
+        await self.ladder_top.publish(message, routing_key=key, mandatory=True)
+
+    async def dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        reason: str,
+        error: str,
+        attempts: int,
+        code: int | None,
+    ) -> None:
+        """Publish a copy of ``message`` to the dead-letter exchange, saying why."""
+        marked = {
+            **own_headers(message.headers or {}),
+            REASON_HEADER: reason,
+            ERROR_HEADER: error[:1000],
+            ATTEMPTS_HEADER: attempts,
+        }
+        if code is not None:
+            marked[CODE_HEADER] = code
+        await self.dead.publish(copy_of(message, marked), routing_key=reason, mandatory=True)
+
+    async def event(self, key: str, body: Mapping[str, Any]) -> None:
+        """Publish one ``mail.*`` event."""
+        event = aio_pika.Message(
+            json_body(body),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(uuid.uuid4()),
+            type=key,
+        )
+        await self.events.publish(event, routing_key=key)
+
+    async def reply(self, message: AbstractIncomingMessage, body: Mapping[str, Any]) -> None:
+        """Answer the ``reply_to`` of ``message`` (a no-op when it has none)."""
+        if not message.reply_to:
+            return
+        answer = aio_pika.Message(
+            json_body(body),
+            content_type="application/json",
+            correlation_id=message.correlation_id,
+        )
+        await self.channel.default_exchange.publish(answer, routing_key=message.reply_to)

@@ -1,0 +1,311 @@
+"""Scheduled mail through the delay ladder: on time, cancellable, movable, restart-proof."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from consumer import ladder
+from consumer.publish import publish_job
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.topology import Names
+from deploy.devstack.rabbitmq import PrivateRabbit
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import control, depth, drain_events, job, listen_events, publish_raw, take
+from tests.conftest import RunningWorker
+
+# DESIGN.md's target is p99 lateness under 250 ms (measured by `make bench`); each test
+# below must meet it for its own mails.
+PRECISION = 0.25
+
+
+def in_seconds(seconds: float) -> datetime:
+    """A due time ``seconds`` from now."""
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def wait_for_status(store: JobStore, job_id: str, status: str) -> None:
+    """Poll the job's record until it says ``status``."""
+    async with asyncio.timeout(10):
+        while True:
+            record = await store.get(job_id)
+            if record is not None and record["status"] == status:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def in_ladder(channel: AbstractChannel, names: Names) -> int:
+    """How many messages wait in the ladder's queues."""
+    return sum([await depth(channel, names.delay(level)) for level in range(ladder.LEVELS)])
+
+
+async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    events = await listen_events(channel, names)
+    published = time.time()
+    delayed = await publish_job(channel, job(subject="x-delay"), names=names, delay_ms=3000)
+    send_at = in_seconds(4)
+    await publish_job(channel, job(subject="send_at", send_at=send_at.isoformat()), names=names)
+
+    await wait_for_status(store, delayed, "scheduled")
+    assert await in_ladder(channel, names) == 2  # waiting in the broker, not in the worker
+    async with asyncio.timeout(15):
+        mails = await smtp.wait_for(2)
+    arrived = {m.message()["Subject"]: m.received_at for m in mails}
+    # The worker saw the x-delay job after it was published: its due time is no earlier.
+    assert 0 <= arrived["x-delay"] - (published + 3) < PRECISION
+    assert 0 <= arrived["send_at"] - send_at.timestamp() < PRECISION
+
+    record = await store.get(delayed)
+    assert record is not None
+    assert [h["event"] for h in record["history"]] == ["scheduled", "claimed", "sent"]
+    assert "body" not in record  # the stored body goes once the mail is out
+    async with asyncio.timeout(10):
+        keys = [m.routing_key for m in await take(channel, events, 4)]
+    assert sorted(keys) == ["mail.scheduled", "mail.scheduled", "mail.sent", "mail.sent"]
+
+
+async def test_cancelled_job_never_arrives(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    events = await listen_events(channel, names)
+    job_id = await publish_job(
+        channel, job(tags=["promo"], metadata={"campaign": 9}), names=names, delay_ms=10_000
+    )
+    await asyncio.sleep(2)
+
+    answer = await control(channel, names, {"cancel": job_id})
+    assert (answer["id"], answer["status"]) == (job_id, "cancelled")
+    await asyncio.sleep(9)  # past the original due time
+
+    assert smtp.received() == []
+    record = await store.get(job_id)
+    assert record is not None
+    assert record["status"] == "cancelled"
+    assert await in_ladder(channel, names) == 0  # the copy came out and was dropped
+    assert await depth(channel, names.send_queue) == 0
+    by_key = dict(await drain_events(channel, events))
+    assert by_key["mail.cancelled"]["id"] == job_id
+    assert by_key["mail.cancelled"]["metadata"] == {"campaign": 9}
+    assert by_key["mail.cancelled"]["previous_status"] == "scheduled"
+
+    again = await control(channel, names, {"cancel": job_id})
+    assert again["status"] == "refused"
+
+
+async def test_reschedule_earlier_delivers_once_at_the_new_time(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    job_id = await publish_job(channel, job(subject="moved up"), names=names, delay_ms=20_000)
+    await wait_for_status(store, job_id, "scheduled")
+
+    new_due = in_seconds(2)
+    answer = await control(channel, names, {"reschedule": job_id, "send_at": new_due.isoformat()})
+    assert answer["status"] == "rescheduled"
+    async with asyncio.timeout(10):
+        [mail] = await smtp.wait_for(1)
+    assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
+
+    await asyncio.sleep(max(0.0, 20 - (time.time() - mail.received_at)) + 1)
+    assert len(smtp.received()) == 1  # the copy for the old time was dropped
+    assert await in_ladder(channel, names) == 0
+
+
+async def test_reschedule_later_holds_the_mail_until_the_new_time(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    job_id = await publish_job(channel, job(subject="pushed back"), names=names, delay_ms=2_000)
+    await wait_for_status(store, job_id, "scheduled")
+    new_due = in_seconds(5)
+    answer = await control(channel, names, {"reschedule": job_id, "send_at": new_due.isoformat()})
+    assert answer["status"] == "rescheduled"
+
+    async with asyncio.timeout(15):
+        [mail] = await smtp.wait_for(1)
+    assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
+    await asyncio.sleep(1)
+    assert len(smtp.received()) == 1
+    record = await store.get(job_id)
+    assert record is not None
+    assert [h["event"] for h in record["history"]] == [
+        "scheduled",
+        "rescheduled",
+        "claimed",
+        "sent",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("request_body", "status"),
+    [
+        pytest.param({"cancel": "never-seen"}, "cancelled", id="cancel-before-seen"),
+        pytest.param(
+            {"reschedule": "never-seen", "send_at": "2030-01-01T00:00:00Z"},
+            "unknown",
+            id="reschedule-unknown",
+        ),
+    ],
+)
+async def test_control_answers_for_jobs_it_has_not_seen(
+    settings: Settings,
+    channel: AbstractChannel,
+    worker: RunningWorker,
+    request_body: dict[str, str],
+    status: str,
+) -> None:
+    answer = await control(channel, Names(settings.prefix), request_body)
+    assert answer["status"] == status
+
+
+async def test_job_cancelled_before_it_arrives_is_not_sent(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    names = Names(settings.prefix)
+    answer = await control(channel, names, {"cancel": "early-bird"})
+    assert answer["status"] == "cancelled"
+    await publish_job(channel, job(subject="cancelled"), names=names, job_id="early-bird")
+    await publish_job(channel, job(subject="control"), names=names)
+    async with asyncio.timeout(10):
+        await smtp.wait_for(1)
+    await asyncio.sleep(0.5)
+    assert [m.message()["Subject"] for m in smtp.received()] == ["control"]
+
+
+async def test_invalid_control_message_is_dead_lettered(
+    settings: Settings, channel: AbstractChannel, worker: RunningWorker
+) -> None:
+    names = Names(settings.prefix)
+    await publish_raw(channel, names, b'{"cancel": 7}', routing_key="control")
+    async with asyncio.timeout(10):
+        [dead] = await take(channel, names.dead, 1)
+    assert dead.headers["x-mailbus-reason"] == "invalid"
+    assert "cancel" in str(dead.headers["x-mailbus-error"])
+
+
+async def test_retry_backoff_waits_in_the_ladder_and_resumes_on_time(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, store: JobStore
+) -> None:
+    slow = settings.model_copy(update={"retry_base_delay": 4.0, "retry_max_delay": 4.0})
+    running = RunningWorker(slow)
+    smtp.faults.refuse_data("451 4.3.0 greylisted")
+    names = Names(settings.prefix)
+    try:
+        job_id = await publish_job(channel, job(subject="greylisted"), names=names)
+        await wait_for_status(store, job_id, "scheduled")
+        assert await in_ladder(channel, names) == 1
+        async with asyncio.timeout(15):
+            [mail] = await smtp.wait_for(1)
+    finally:
+        await running.shutdown()
+    record = await store.get(job_id)
+    assert record is not None
+    [deferral] = [h for h in record["history"] if h["event"] == "deferred"]
+    assert 0 <= mail.received_at - deferral["due_at"].timestamp() < PRECISION
+    assert (record["status"], record["attempts"]) == ("sent", 2)
+
+
+async def test_broker_restart_while_100_jobs_wait_in_the_ladder(
+    settings: Settings,
+    rabbit: PrivateRabbit,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    ids = [
+        await publish_job(channel, job(subject=f"n{i}"), names=names, delay_ms=12_000 + 10 * i)
+        for i in range(100)
+    ]
+    async with asyncio.timeout(20):
+        while True:
+            if await in_ladder(channel, names) == 100:
+                break
+            await asyncio.sleep(0.1)
+
+    await asyncio.to_thread(rabbit.stop)
+    await asyncio.to_thread(rabbit.start)
+    async with asyncio.timeout(60):
+        await smtp.wait_for(100)
+    await asyncio.sleep(1)
+    received = smtp.received()
+    assert len(received) == 100
+    assert {m.message()["Subject"] for m in received} == {f"n{i}" for i in range(100)}
+    for job_id in ids[::10]:
+        record = await store.get(job_id)
+        assert record is not None
+        assert record["status"] == "sent"
+
+
+async def test_message_that_crashes_workers_is_dead_lettered_by_the_delivery_limit(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from consumer import pipeline
+
+    parse = pipeline.parse_job
+
+    def crash_on_poison(body: bytes, message_id: str | None) -> object:
+        if b"poison" in body:
+            raise RuntimeError("a bug this job triggers")
+        return parse(body, message_id)
+
+    monkeypatch.setattr(pipeline, "parse_job", crash_on_poison)
+    names = Names(settings.prefix)
+    await publish_job(channel, job(subject="poison"), names=names)
+    await publish_job(channel, job(subject="healthy"), names=names)
+
+    async with asyncio.timeout(20):
+        [dead] = await take(channel, names.dead, 1)
+        await smtp.wait_for(1)
+    assert json.loads(dead.body)["subject"] == "poison"
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert [m.message()["Subject"] for m in smtp.received()] == ["healthy"]
+    assert not worker.task.done()
+
+
+async def test_delayed_publish_goes_to_the_queue_it_was_published_for(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    """The ladder alone (no worker): a copy routed for 1 s reaches send.now after 1 s."""
+    names = Names(settings.prefix)
+    top = await channel.get_exchange(names.delay(ladder.TOP))
+    started = time.monotonic()
+    await top.publish(
+        aio_pika.Message(b"{}", delivery_mode=2), routing_key=ladder.routing_key(1, "send.now")
+    )
+    async with asyncio.timeout(10):
+        [message] = await take(channel, names.send_now_queue, 1)
+    assert 1.0 <= time.monotonic() - started < 1 + PRECISION
+    assert message.headers["x-first-death-queue"] == names.delay(0)
