@@ -15,7 +15,8 @@ import aio_pika
 from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
-from consumer import __version__, topology
+from consumer import __version__, cli_jobs, ladder, topology
+from consumer.errors import StoreUnavailableError
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
 from consumer.publish import job_message, jobs_exchange, publish_and_wait
@@ -43,7 +44,9 @@ async def _topology_declare(args: argparse.Namespace, settings: Settings) -> int
         await topology.declare(channel, names, settings.delivery_limit)
     print(
         f"declared exchange {names.exchange!r}, queues {names.send_queue!r}, "
-        f"{names.send_now_queue!r}, {names.dead!r} and exchange {names.events!r}"
+        f"{names.send_now_queue!r}, {names.control_queue!r}, {names.dead!r}, "
+        f"exchange {names.events!r} and the delay ladder {names.delay(0)!r}.."
+        f"{names.delay(ladder.TOP)!r} into {names.deliver!r}"
     )
     return 0
 
@@ -193,6 +196,8 @@ def _parser() -> argparse.ArgumentParser:
         "exit 0 if sent, 1 if not, 3 on no answer",
     )
     send.set_defaults(handler=_send)
+
+    cli_jobs.add_parser(verbs)
     return parser
 
 
@@ -221,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             "`mailbus topology declare` (or start a worker) first",
             file=sys.stderr,
         )
+        return 1
+    except StoreUnavailableError as exc:
+        url = redact_url(settings.mongo_url.get_secret_value())
+        print(f"mailbus: cannot reach MongoDB at {url}: {exc}", file=sys.stderr)
         return 1
     except ConnectionError as exc:
         url = redact_url(settings.amqp_url.get_secret_value())

@@ -25,6 +25,7 @@ from consumer.message import Job
 from consumer.settings import Settings
 
 HISTORY_LENGTH = 20
+STATUSES = ("scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled")
 WAITING = ("queued", "scheduled")
 FINAL = ("sent", "failed", "dead", "cancelled")
 # A scheduled job whose due time is this close is claimable: copies arrive a hair early.

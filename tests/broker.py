@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -95,3 +96,12 @@ async def control(channel: AbstractChannel, names: Names, request: dict[str, Any
     message = aio_pika.Message(encode(request), content_type="application/json", delivery_mode=2)
     async with asyncio.timeout(20):
         return json.loads(await publish_and_wait(channel, exchange, message, "control"))
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> None:
+    """Poll ``check`` until it is true; fails with TimeoutError after ``seconds``."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.05)

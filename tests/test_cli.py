@@ -142,7 +142,21 @@ async def test_unreachable_broker_is_a_clear_error_without_the_password(
     assert "hunter2" not in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("verb", [[], ["worker"], ["send"], ["topology"], ["topology", "declare"]])
+HELP = [
+    [],
+    ["worker"],
+    ["send"],
+    ["topology"],
+    ["topology", "declare"],
+    ["jobs"],
+    ["jobs", "ls"],
+    ["jobs", "show"],
+    ["jobs", "cancel"],
+    ["jobs", "reschedule"],
+]
+
+
+@pytest.mark.parametrize("verb", HELP)
 def test_every_command_has_help(verb: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "consumer", *verb, "--help"],
@@ -162,3 +176,48 @@ async def test_send_before_any_topology_is_a_clear_error(settings: Settings) -> 
     assert f"exchange {settings.prefix!r} does not exist" in result.stderr
     assert "mailbus topology declare" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_jobs_ls_show_cancel_and_reschedule(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    recipients = ["--to", "b@example.org", "--cc", "c@example.org", "--text", "x"]
+    kept = await mailbus(settings, *SEND, *recipients, "--subject", "Kept", "--delay", "600")
+    dropped = await mailbus(settings, *SEND, *recipients, "--subject", "Dropped", "--delay", "600")
+    kept_id, dropped_id = kept.stdout.strip(), dropped.stdout.strip()
+    for _ in range(100):
+        listing = await mailbus(settings, "jobs", "ls", "--status", "scheduled")
+        if kept_id in listing.stdout and dropped_id in listing.stdout:
+            break
+        await asyncio.sleep(0.1)
+    header, *rows = listing.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "DUE", "(UTC)", "DOMAIN", "RCPTS", "SUBJECT"]
+    row = next(r for r in rows if r.startswith(kept_id)).split()
+    assert row[1] == "scheduled"
+    assert row[4:] == ["example.com", "2", "Kept"]  # the due time is two words
+
+    cancelled = await mailbus(settings, "jobs", "cancel", dropped_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    shown = await mailbus(settings, "jobs", "show", dropped_id)
+    record = json.loads(shown.stdout)
+    assert record["status"] == "cancelled"
+    assert [h["event"] for h in record["history"]] == ["scheduled", "cancelled"]
+    again = await mailbus(settings, "jobs", "cancel", dropped_id)
+    assert again.returncode == 1
+    assert "job is cancelled" in json.loads(again.stdout)["detail"]
+
+    moved = await mailbus(settings, "jobs", "reschedule", kept_id, "--in", "1")
+    assert moved.returncode == 0, moved.stderr
+    async with asyncio.timeout(15):
+        [mail] = await smtp.wait_for(1)
+    assert mail.message()["Subject"] == "Kept"
+    sent = await mailbus(settings, "jobs", "ls", "--status", "sent", "--json")
+    assert [r["_id"] for r in json.loads(sent.stdout)] == [kept_id]
+
+    unknown = await mailbus(settings, "jobs", "show", "no-such-job")
+    assert unknown.returncode == 1
+    assert "no job 'no-such-job'" in unknown.stderr
+    naive = await mailbus(settings, "jobs", "reschedule", kept_id, "--at", "2030-01-01T09:00")
+    assert naive.returncode == 2
+    assert "timezone" in naive.stderr

@@ -13,7 +13,7 @@ from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import encode, job, publish_raw, take
+from tests.broker import depth, encode, job, publish_raw, take
 from tests.conftest import RunningWorker
 
 INVALID = [
@@ -160,3 +160,31 @@ async def test_events_announce_sent_and_failed(
     assert bodies["mail.failed"]["id"] == failed_id
     assert bodies["mail.failed"]["reason"] == "permanent"
     assert "dk-s3cret-0042" not in json.dumps(bodies)
+
+
+async def test_partly_refused_mail_counts_as_sent_to_the_accepted_recipients(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    smtp.faults.refuse_rcpt("gone@example.org", "550 5.1.1 <gone@example.org>: user unknown")
+    names = Names(settings.prefix)
+    job_id = await publish_job(
+        channel,
+        job(to=["rcpt@example.org", "gone@example.org"], cc=["cc@example.org"]),
+        names=names,
+    )
+    async with asyncio.timeout(20):
+        [mail] = await smtp.wait_for(1)
+    await asyncio.sleep(0.5)  # a retry, if any were made, would show by now
+    assert len(smtp.received()) == 1
+    assert sorted(mail.rcpt_tos) == ["cc@example.org", "rcpt@example.org"]
+    record = await store.get(job_id)
+    assert record is not None
+    assert (record["status"], record["attempts"]) == ("sent", 1)
+    assert record["refused"] == {
+        "gone@example.org": {"code": 550, "message": "5.1.1 <gone@example.org>: user unknown"}
+    }
+    assert await depth(channel, names.dead) == 0

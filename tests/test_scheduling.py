@@ -18,7 +18,16 @@ from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import control, depth, drain_events, job, listen_events, publish_raw, take
+from tests.broker import (
+    control,
+    depth,
+    drain_events,
+    job,
+    listen_events,
+    publish_raw,
+    take,
+    until,
+)
 from tests.conftest import RunningWorker
 
 # DESIGN.md's target is p99 lateness under 250 ms (measured by `make bench`); each test
@@ -33,17 +42,26 @@ def in_seconds(seconds: float) -> datetime:
 
 async def wait_for_status(store: JobStore, job_id: str, status: str) -> None:
     """Poll the job's record until it says ``status``."""
-    async with asyncio.timeout(10):
-        while True:
-            record = await store.get(job_id)
-            if record is not None and record["status"] == status:
-                return
-            await asyncio.sleep(0.05)
+
+    async def has_status() -> bool:
+        record = await store.get(job_id)
+        return record is not None and record["status"] == status
+
+    await until(has_status)
 
 
 async def in_ladder(channel: AbstractChannel, names: Names) -> int:
     """How many messages wait in the ladder's queues."""
     return sum([await depth(channel, names.delay(level)) for level in range(ladder.LEVELS)])
+
+
+async def wait_in_ladder(channel: AbstractChannel, names: Names, count: int) -> None:
+    """Poll until ``count`` messages wait in the ladder."""
+
+    async def counted() -> bool:
+        return await in_ladder(channel, names) == count
+
+    await until(counted, 20)
 
 
 async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
@@ -60,8 +78,7 @@ async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
     send_at = in_seconds(4)
     await publish_job(channel, job(subject="send_at", send_at=send_at.isoformat()), names=names)
 
-    await wait_for_status(store, delayed, "scheduled")
-    assert await in_ladder(channel, names) == 2  # waiting in the broker, not in the worker
+    await wait_in_ladder(channel, names, 2)  # waiting in the broker, not in the worker
     async with asyncio.timeout(15):
         mails = await smtp.wait_for(2)
     arrived = {m.message()["Subject"]: m.received_at for m in mails}
@@ -220,7 +237,7 @@ async def test_retry_backoff_waits_in_the_ladder_and_resumes_on_time(
     try:
         job_id = await publish_job(channel, job(subject="greylisted"), names=names)
         await wait_for_status(store, job_id, "scheduled")
-        assert await in_ladder(channel, names) == 1
+        await wait_in_ladder(channel, names, 1)
         async with asyncio.timeout(15):
             [mail] = await smtp.wait_for(1)
     finally:
@@ -245,11 +262,7 @@ async def test_broker_restart_while_100_jobs_wait_in_the_ladder(
         await publish_job(channel, job(subject=f"n{i}"), names=names, delay_ms=12_000 + 10 * i)
         for i in range(100)
     ]
-    async with asyncio.timeout(20):
-        while True:
-            if await in_ladder(channel, names) == 100:
-                break
-            await asyncio.sleep(0.1)
+    await wait_in_ladder(channel, names, 100)
 
     await asyncio.to_thread(rabbit.stop)
     await asyncio.to_thread(rabbit.start)
