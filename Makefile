@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STATE ?= .devstack
 
-.PHONY: deps run test lint typecheck unit schema clean
+.PHONY: deps run test lint typecheck unit schema bench clean
 
 deps:
 	@bash deploy/devstack/bootstrap.sh
@@ -19,6 +19,10 @@ typecheck: deps
 
 test: lint typecheck
 	$(PY) -m pytest
+
+# Benchmarks against a private stack; JSON on stdout and in bench-results.json.
+bench: deps
+	$(PY) -m deploy.bench --out bench-results.json
 
 schema: deps
 	$(PY) -c 'import json; from consumer.message import job_json_schema; \

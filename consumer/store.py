@@ -5,6 +5,10 @@ while it waits. Claiming is one conditional upsert on the job id; a claim is a l
 a job whose worker died is claimable again once the lease runs out. The record, not any
 message in flight, is the truth: a scheduled job is claimable only once its ``due_at``
 has come, so a copy of a cancelled or rescheduled job is dropped or carried on.
+
+``ready_at`` says when a record may next be claimed: its due time while scheduled, its
+lease's end while sending, absent once final. The claim filter is then the job id and one
+range, which every MongoDB-compatible server answers from the ``_id`` index.
 """
 
 from __future__ import annotations
@@ -154,18 +158,13 @@ class JobStore:
     async def claim(self, job_id: str, job: Job, worker_id: str) -> Claim:
         """Take the job for sending if its record allows it, creating the record on first sight."""
         now = utcnow()
-        query = {
-            "_id": job_id,
-            "$or": [
-                {"status": "queued"},
-                {"status": "scheduled", "due_at": {"$lte": now + DUE_TOLERANCE}},
-                {"status": "sending", "lease_until": {"$lte": now}},
-            ],
-        }
+        query = {"_id": job_id, "ready_at": {"$lte": now + DUE_TOLERANCE}}
+        lease_until = now + self._lease
         update = {
             "$set": {
                 "status": "sending",
-                "lease_until": now + self._lease,
+                "lease_until": lease_until,
+                "ready_at": lease_until,
                 "worker": worker_id,
                 "updated_at": now,
             },
@@ -174,14 +173,18 @@ class JobStore:
             "$push": {"history": _history("claimed", now, worker=worker_id)},
         }
         async with _answering():
+            # update_one rather than find_one_and_update: a new job (the common case) then
+            # costs one command, and some MongoDB-compatible servers scan on findAndModify.
             try:
-                doc = await self.jobs.find_one_and_update(
-                    query, update, upsert=True, return_document=ReturnDocument.AFTER
-                )
+                result = await self.jobs.update_one(query, update, upsert=True)
             except DuplicateKeyError:
-                doc = None
-            if doc is not None:
-                return Claim(ClaimState.CLAIMED, "sending", int(doc["attempts"]))
+                result = None
+            if result is not None and result.upserted_id is not None:
+                return Claim(ClaimState.CLAIMED, "sending", 1)
+            if result is not None and result.modified_count == 1:
+                # The lease is ours, so nobody else changes the count before this read.
+                doc = await self.jobs.find_one({"_id": job_id}, {"attempts": 1})
+                return Claim(ClaimState.CLAIMED, "sending", int(doc["attempts"]) if doc else 1)
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
             return await self.claim(job_id, job, worker_id)
@@ -197,6 +200,7 @@ class JobStore:
             **_summary(job, now),
             "status": "scheduled",
             "due_at": due_at,
+            "ready_at": due_at,
             "attempts": 0,
             "updated_at": now,
             "body": body,
@@ -240,7 +244,7 @@ class JobStore:
                         "refused": refused,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": "", "body": ""},
+                    "$unset": {"lease_until": "", "ready_at": "", "body": ""},
                     "$push": {"history": _history("sent", now, smtp=reply)},
                 },
             )
@@ -258,6 +262,7 @@ class JobStore:
                     "$set": {
                         "status": "scheduled",
                         "due_at": due_at,
+                        "ready_at": due_at,
                         "updated_at": now,
                         "last_error": error,
                         "body": body,
@@ -283,7 +288,7 @@ class JobStore:
                         "updated_at": now,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": "", "body": ""},
+                    "$unset": {"lease_until": "", "ready_at": "", "body": ""},
                     "$push": {"history": _history(status, now, reason=reason, error=error)},
                 },
             )
@@ -307,7 +312,7 @@ class JobStore:
                             "updated_at": now,
                             "expire_at": now + self._retention,
                         },
-                        "$unset": {"body": ""},
+                        "$unset": {"ready_at": "", "body": ""},
                         "$setOnInsert": {"created_at": now, "attempts": 0},
                         "$push": {"history": _history("dead", now, reason=reason)},
                     },
@@ -331,7 +336,7 @@ class JobStore:
                         "updated_at": now,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"body": ""},
+                    "$unset": {"ready_at": "", "body": ""},
                     "$push": {"history": _history("cancelled", now)},
                 },
                 projection=_BULKY,
@@ -361,7 +366,7 @@ class JobStore:
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": "scheduled"},
                 {
-                    "$set": {"due_at": due_at, "updated_at": now},
+                    "$set": {"due_at": due_at, "ready_at": due_at, "updated_at": now},
                     "$inc": {"reschedules": 1},
                     "$push": {"history": _history("rescheduled", now, due_at=due_at)},
                 },

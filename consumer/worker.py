@@ -219,19 +219,22 @@ class Worker:
                 await message.ack()
                 log.info("control.done", **outcome.as_dict())
                 return
+            # Independent publishes wait for their confirms together, then the ack.
+            publishes = [out.event(*event) for event in events]
             if isinstance(outcome, Dead):
                 ctx = outcome.ctx
-                await out.dead_letter(
-                    message, outcome.reason, outcome.error, ctx.attempts, outcome.code
+                publishes.append(
+                    out.dead_letter(
+                        message, outcome.reason, outcome.error, ctx.attempts, outcome.code
+                    )
                 )
             elif isinstance(outcome, Later):
                 copy = copy_of(message, carried_headers(headers, outcome.due_at))
-                await out.delay(copy, outcome.due_at, key, utcnow())
-            for event in events:
-                await out.event(*event)
+                publishes.append(out.delay(copy, outcome.due_at, key, utcnow()))
             reply = reply_for(outcome)
             if reply is not None:
-                await out.reply(message, reply)
+                publishes.append(out.reply(message, reply))
+            await asyncio.gather(*publishes)
             await message.ack()
         except _BROKER_ERRORS as exc:
             # Unacked, the delivery comes back; the job's record keeps it from going out twice.

@@ -12,9 +12,9 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.settings import Settings
+from deploy.devstack.processes import settings_env
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
-from tests.processes import settings_env
 
 SEND = ("send", "--domain", "example.com", "--from", "a@example.com")
 

@@ -14,11 +14,11 @@ from consumer.publish import job_message
 from consumer.settings import Settings
 from consumer.topology import Names
 from deploy.devstack.mongo import PrivateMongo
+from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job
 from tests.conftest import RunningWorker
-from tests.processes import spawn_worker
 
 
 async def test_sigterm_mid_backlog_then_restart_delivers_all_exactly_once(

@@ -112,9 +112,11 @@ def main() -> int:
     smtp = CaptureServer(on_message=_show(state / "mail"))
     print("starting RabbitMQ, SecantusDB and the SMTP capture server ...", flush=True)
     try:
-        rabbit.start()
-        mongo.start()
+        # The servers that only hold their port once started go first: RabbitMQ's start
+        # opens many short-lived connections that could take a port reserved for another.
         smtp.start()
+        mongo.start()
+        rabbit.start()
         asyncio.run(_run(state, rabbit, mongo, smtp))
     finally:
         smtp.stop()

@@ -1,4 +1,4 @@
-"""Running ``mailbus`` as a real process, configured only through its environment."""
+"""Running ``mailbus`` as a real process (tests, benchmarks), configured by its environment."""
 
 from __future__ import annotations
 

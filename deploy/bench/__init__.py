@@ -1,0 +1,1 @@
+"""``make bench``: measurements of mailbus against its real parts, printed as JSON."""
