@@ -11,7 +11,6 @@ with routing key ``control``) run the same functions.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from consumer.errors import InvalidJobError
 from consumer.events import cancelled_event, rescheduled_event
+from consumer.message import json_object
 from consumer.outgoing import Outgoing
 from consumer.schedule import DUE_HEADER, to_epoch_ms
 from consumer.store import JobStore
@@ -49,12 +49,7 @@ Request = CancelRequest | RescheduleRequest
 
 def parse_request(body: bytes) -> Request:
     """Decode a control message; anything else is an :class:`InvalidJobError`."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidJobError(f"control message is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidJobError("control message must be a JSON object")
+    data = json_object(body, "control message")
     model: type[Request] = CancelRequest if "cancel" in data else RescheduleRequest
     try:
         return model.model_validate(data)

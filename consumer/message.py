@@ -178,6 +178,19 @@ class Job(BaseModel):
         return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
 
 
+def json_object(body: bytes, what: str) -> dict[str, Any]:
+    """Decode a message body that must be a UTF-8 JSON object, or raise
+    :class:`InvalidJobError` naming ``what`` it is.
+    """
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJobError(f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidJobError(f"{what} must be a JSON object")
+    return raw
+
+
 def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
     """Validate a message body and return the job with its id.
 
@@ -186,12 +199,7 @@ def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
     some clients fill ``message_id`` with a random value of their own.
     Raises :class:`InvalidJobError` with a readable reason.
     """
-    try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidJobError(f"body is not UTF-8 JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidJobError("body must be a JSON object")
+    raw = json_object(body, "body")
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:

@@ -64,6 +64,20 @@ async def wait_in_ladder(channel: AbstractChannel, names: Names, count: int) -> 
     await until(counted, 20)
 
 
+async def schedule_then_move(
+    channel: AbstractChannel, store: JobStore, names: Names, delay_ms: int, to_seconds: float
+) -> datetime:
+    """Publish a job ``delay_ms`` ahead, then move it to ``to_seconds`` from now by a control
+    message; returns the new due time.
+    """
+    job_id = await publish_job(channel, job(), names=names, job_id="moved", delay_ms=delay_ms)
+    await wait_for_status(store, job_id, "scheduled")
+    new_due = in_seconds(to_seconds)
+    answer = await control(channel, names, {"reschedule": job_id, "send_at": new_due.isoformat()})
+    assert answer["status"] == "rescheduled"
+    return new_due
+
+
 async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
     settings: Settings,
     channel: AbstractChannel,
@@ -136,12 +150,7 @@ async def test_reschedule_earlier_delivers_once_at_the_new_time(
     store: JobStore,
 ) -> None:
     names = Names(settings.prefix)
-    job_id = await publish_job(channel, job(subject="moved up"), names=names, delay_ms=20_000)
-    await wait_for_status(store, job_id, "scheduled")
-
-    new_due = in_seconds(2)
-    answer = await control(channel, names, {"reschedule": job_id, "send_at": new_due.isoformat()})
-    assert answer["status"] == "rescheduled"
+    new_due = await schedule_then_move(channel, store, names, 20_000, 2)
     async with asyncio.timeout(10):
         [mail] = await smtp.wait_for(1)
     assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
@@ -159,18 +168,13 @@ async def test_reschedule_later_holds_the_mail_until_the_new_time(
     store: JobStore,
 ) -> None:
     names = Names(settings.prefix)
-    job_id = await publish_job(channel, job(subject="pushed back"), names=names, delay_ms=2_000)
-    await wait_for_status(store, job_id, "scheduled")
-    new_due = in_seconds(5)
-    answer = await control(channel, names, {"reschedule": job_id, "send_at": new_due.isoformat()})
-    assert answer["status"] == "rescheduled"
-
+    new_due = await schedule_then_move(channel, store, names, 2_000, 5)
     async with asyncio.timeout(15):
         [mail] = await smtp.wait_for(1)
     assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
     await asyncio.sleep(1)
     assert len(smtp.received()) == 1
-    record = await store.get(job_id)
+    record = await store.get("moved")
     assert record is not None
     assert [h["event"] for h in record["history"]] == [
         "scheduled",
