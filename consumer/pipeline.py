@@ -22,7 +22,7 @@ from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import build_message
 from consumer.outboxes import Outbox
-from consumer.retry import Failure, classify, decide
+from consumer.retry import Decision, Failure, classify, decide, split_refusals
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
 from consumer.store import DUE_TOLERANCE, Claim, ClaimState, JobStore, utcnow
@@ -171,27 +171,50 @@ class Pipeline:
         except DeadLetterError as exc:
             await self.store.mark_failed(job_id, self.worker_id, "dead", exc.reason, str(exc))
             return Dead(ctx, exc.reason, str(exc))
+        # After a partial delivery, only the recipients still owed the mail.
+        recipients = list(claim.pending) if claim.pending is not None else job.recipients()
         started = time.perf_counter()
         try:
-            result = await transport.send(self.outbox, message, job.from_.email, job.recipients())
+            result = await transport.send(self.outbox, message, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
         log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))
-        await self._record_sent(job_id, result)
-        return Sent(ctx, result)
+        return await self._accepted(ctx, job_id, job, body, result, claim.refused or {})
+
+    async def _accepted(
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        result: SendResult,
+        earlier: Mapping[str, Any],
+    ) -> Outcome:
+        """The server took the mail for some recipients at least: record it, and retry the
+        ones it deferred (4xx) while attempts remain; they alone get the next attempt.
+        """
+        final, deferred = split_refusals(result.refused)
+        refused = {**earlier, **_as_documents(final)}
+        if deferred:
+            rcpt, (code, text) = min(deferred.items())
+            failure = Failure(True, code, f"<{rcpt}> {text}")
+            decision = self._decide(failure, ctx.attempts, job)
+            if decision.retry_in is not None:
+                due = self.clock() + timedelta(seconds=decision.retry_in)
+                partial = (sorted(deferred), refused)
+                await self.store.mark_retry(
+                    job_id, self.worker_id, failure.describe(), due, body, partial
+                )
+                return Later(ctx, due, "retry", failure)
+            refused.update(_as_documents(deferred))
+        await self._record_sent(job_id, result, refused)
+        every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
+        return Sent(ctx, SendResult(result.code, result.message, every_refusal))
 
     async def _failed(
         self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
     ) -> Outcome:
-        settings = self.settings
-        decision = decide(
-            failure,
-            ctx.attempts,
-            job.max_attempts or settings.max_attempts,
-            settings.retry_base_delay,
-            settings.retry_max_delay,
-            self.jitter(),
-        )
+        decision = self._decide(failure, ctx.attempts, job)
         if decision.retry_in is None:
             reason = decision.reason or "permanent"
             await self.store.mark_failed(
@@ -202,12 +225,20 @@ class Pipeline:
         await self.store.mark_retry(job_id, self.worker_id, failure.describe(), due, body)
         return Later(ctx, due, "retry", failure)
 
-    async def _record_sent(self, job_id: str, result: SendResult) -> None:
+    def _decide(self, failure: Failure, attempt: int, job: Job) -> Decision:
+        settings = self.settings
+        return decide(
+            failure,
+            attempt,
+            job.max_attempts or settings.max_attempts,
+            settings.retry_base_delay,
+            settings.retry_max_delay,
+            self.jitter(),
+        )
+
+    async def _record_sent(self, job_id: str, result: SendResult, refused: dict[str, Any]) -> None:
         """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
         reply = {"code": result.code, "message": result.message}
-        refused = {
-            rcpt: {"code": code, "message": text} for rcpt, (code, text) in result.refused.items()
-        }
         pause = 0.5
         while True:
             try:
@@ -220,6 +251,11 @@ class Pipeline:
             if not recorded:
                 log.warning("job.lease_lost_before_sent_record")
             return
+
+
+def _as_documents(refused: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
+    """Refusals as stored on the job: ``{address: {code, message}}``."""
+    return {rcpt: {"code": code, "message": text} for rcpt, (code, text) in refused.items()}
 
 
 def _not_claimed(ctx: Context, claim: Claim) -> Outcome:

@@ -5,6 +5,7 @@ This module is the one place that decides "try again later" versus "never".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -31,7 +32,7 @@ def classify(exc: BaseException) -> Failure:
     """
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refusals = exc.recipients
-        temporary = [r for r in refusals if 400 <= r.code < 500]
+        temporary = [r for r in refusals if is_transient_code(r.code)]
         first = (temporary or refusals)[0] if refusals else None
         if first is None:
             return Failure(True, None, "all recipients refused")
@@ -45,6 +46,20 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
         return Failure(True, None, f"{type(exc).__name__}: {exc}")
     return Failure(False, None, f"{type(exc).__name__}: {exc}")
+
+
+def is_transient_code(code: int) -> bool:
+    """A 4xx SMTP reply: the same command may succeed later."""
+    return 400 <= code < 500
+
+
+def split_refusals(
+    refused: Mapping[str, tuple[int, str]],
+) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str]]]:
+    """Recipients a server refused while accepting others: (final, worth retrying)."""
+    final = {rcpt: reply for rcpt, reply in refused.items() if not is_transient_code(reply[0])}
+    later = {rcpt: reply for rcpt, reply in refused.items() if is_transient_code(reply[0])}
+    return final, later
 
 
 def compute_backoff(attempt: int, base: float, maximum: float, jitter: float) -> float:

@@ -58,6 +58,10 @@ class Claim:
     attempts: int
     lease_until: datetime | None = None
     due_at: datetime | None = None
+    # Recipients still owed the mail after a partial delivery (None: all of them), and the
+    # refusals recorded by earlier attempts.
+    pending: tuple[str, ...] | None = None
+    refused: Document | None = None
 
 
 @dataclass(frozen=True)
@@ -182,9 +186,18 @@ class JobStore:
             if result is not None and result.upserted_id is not None:
                 return Claim(ClaimState.CLAIMED, "sending", 1)
             if result is not None and result.modified_count == 1:
-                # The lease is ours, so nobody else changes the count before this read.
-                doc = await self.jobs.find_one({"_id": job_id}, {"attempts": 1})
-                return Claim(ClaimState.CLAIMED, "sending", int(doc["attempts"]) if doc else 1)
+                # The lease is ours, so nobody else changes these before this read.
+                doc = await self.jobs.find_one(
+                    {"_id": job_id}, {"attempts": 1, "pending": 1, "refused": 1}
+                ) or {"attempts": 1}
+                pending = doc.get("pending")
+                return Claim(
+                    ClaimState.CLAIMED,
+                    "sending",
+                    int(doc["attempts"]),
+                    pending=tuple(pending) if pending is not None else None,
+                    refused=doc.get("refused"),
+                )
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
             return await self.claim(job_id, job, worker_id)
@@ -244,29 +257,42 @@ class JobStore:
                         "refused": refused,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": "", "ready_at": "", "body": ""},
+                    "$unset": {"lease_until": "", "ready_at": "", "body": "", "pending": ""},
                     "$push": {"history": _history("sent", now, smtp=reply)},
                 },
             )
         return result.modified_count == 1
 
     async def mark_retry(
-        self, job_id: str, worker_id: str, error: str, due_at: datetime, body: bytes
+        self,
+        job_id: str,
+        worker_id: str,
+        error: str,
+        due_at: datetime,
+        body: bytes,
+        partial: tuple[list[str], Document] | None = None,
     ) -> None:
-        """The attempt failed transiently: the job waits for ``due_at`` (and can be moved)."""
+        """The attempt failed transiently: the job waits for ``due_at`` (and can be moved).
+
+        ``partial``, after a delivery some recipients accepted: the recipients still owed
+        the mail, and every refusal so far.
+        """
         now = utcnow()
+        changes: Document = {
+            "status": "scheduled",
+            "due_at": due_at,
+            "ready_at": due_at,
+            "updated_at": now,
+            "last_error": error,
+            "body": body,
+        }
+        if partial is not None:
+            changes["pending"], changes["refused"] = partial
         async with _answering():
             await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
-                    "$set": {
-                        "status": "scheduled",
-                        "due_at": due_at,
-                        "ready_at": due_at,
-                        "updated_at": now,
-                        "last_error": error,
-                        "body": body,
-                    },
+                    "$set": changes,
                     "$unset": {"lease_until": ""},
                     "$push": {"history": _history("deferred", now, error=error, due_at=due_at)},
                 },

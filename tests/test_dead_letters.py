@@ -188,3 +188,31 @@ async def test_partly_refused_mail_counts_as_sent_to_the_accepted_recipients(
         "gone@example.org": {"code": 550, "message": "5.1.1 <gone@example.org>: user unknown"}
     }
     assert await depth(channel, names.dead) == 0
+
+
+async def test_recipient_deferred_with_4xx_alone_gets_the_retry(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    smtp.faults.refuse_rcpt("busy@example.org", "451 4.2.1 mailbox busy, try later")
+    smtp.faults.refuse_rcpt("gone@example.org", "550 5.1.1 user unknown")
+    names = Names(settings.prefix)
+    mixed = job(to=["rcpt@example.org", "busy@example.org", "gone@example.org"])
+    job_id = await publish_job(channel, mixed, names=names)
+
+    async with asyncio.timeout(20):
+        first, second = await smtp.wait_for(2)
+    await asyncio.sleep(0.5)
+    assert len(smtp.received()) == 2
+    assert first.rcpt_tos == ("rcpt@example.org",)
+    assert second.rcpt_tos == ("busy@example.org",)  # never again to the accepted one
+    assert first.message()["Message-ID"] == second.message()["Message-ID"]
+    record = await store.get(job_id)
+    assert record is not None
+    assert (record["status"], record["attempts"]) == ("sent", 2)
+    assert record["refused"] == {"gone@example.org": {"code": 550, "message": "5.1.1 user unknown"}}
+    [deferral] = [h for h in record["history"] if h["event"] == "deferred"]
+    assert deferral["error"] == "451 <busy@example.org> 4.2.1 mailbox busy, try later"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from consumer.errors import ConfigurationError, InvalidJobError
 from consumer.message import Job
 from consumer.outboxes import outbox_from_url
-from consumer.retry import classify, compute_backoff, decide
+from consumer.retry import classify, compute_backoff, decide, split_refusals
 from consumer.schedule import DUE_HEADER, due_time, to_epoch_ms
 from consumer.settings import redact_url
 from tests.broker import job
@@ -125,3 +125,15 @@ def test_outbox_urls() -> None:
 def test_redact_url() -> None:
     assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
     assert redact_url("mongodb://h:27017/") == "mongodb://h:27017/"
+
+
+def test_split_refusals_by_code_class() -> None:
+    refused = {
+        "busy@example.org": (452, "4.2.2 mailbox full"),
+        "gone@example.org": (550, "5.1.1 user unknown"),
+        "odd@example.org": (421, "4.7.0 closing"),
+    }
+    final, later = split_refusals(refused)
+    assert final == {"gone@example.org": (550, "5.1.1 user unknown")}
+    assert set(later) == {"busy@example.org", "odd@example.org"}
+    assert split_refusals({}) == ({}, {})
