@@ -238,6 +238,7 @@ async def test_retry_backoff_waits_in_the_ladder_and_resumes_on_time(
     running = RunningWorker(slow)
     smtp.faults.refuse_data("451 4.3.0 greylisted")
     names = Names(settings.prefix)
+    events = await listen_events(channel, names)
     try:
         job_id = await publish_job(channel, job(subject="greylisted"), names=names)
         await wait_for_status(store, job_id, "scheduled")
@@ -251,6 +252,34 @@ async def test_retry_backoff_waits_in_the_ladder_and_resumes_on_time(
     [deferral] = [h for h in record["history"] if h["event"] == "deferred"]
     assert 0 <= mail.received_at - deferral["due_at"].timestamp() < PRECISION
     assert (record["status"], record["attempts"]) == ("sent", 2)
+    by_key = dict(await drain_events(channel, events))
+    assert by_key["mail.deferred"]["smtp"] == {"code": 451}
+    assert by_key["mail.deferred"]["error"] == "451 4.3.0 greylisted"
+    announced = datetime.fromisoformat(by_key["mail.deferred"]["due_at"])
+    assert abs(announced - deferral["due_at"]) < timedelta(milliseconds=1)  # MongoDB keeps ms
+    assert by_key["mail.sent"]["attempts"] == 2
+
+
+async def test_job_that_expires_while_scheduled_is_dead_lettered_at_its_turn(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+) -> None:
+    names = Names(settings.prefix)
+    stale = job(expires_at=in_seconds(1).isoformat())
+    job_id = await publish_job(channel, stale, names=names, delay_ms=2_000)
+    await wait_for_status(store, job_id, "scheduled")
+    async with asyncio.timeout(10):
+        [dead] = await take(channel, names.dead, 1)
+    assert dead.headers["x-mailbus-reason"] == "expired"
+    assert "x-death" not in dead.headers  # the ladder's hops are not part of the dead letter
+    assert smtp.received() == []
+    record = await store.get(job_id)
+    assert record is not None
+    assert (record["status"], record["reason"]) == ("dead", "expired")
+    assert "body" not in record
 
 
 async def test_broker_restart_while_100_jobs_wait_in_the_ladder(
