@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from consumer.message import Job
 from consumer.settings import Settings
-from consumer.store import ClaimState, JobStore
+from consumer.store import ClaimState, JobStore, utcnow
 from tests.broker import job
 
 
@@ -41,3 +42,57 @@ async def test_expired_lease_can_be_claimed_and_old_holder_cannot_record(
         assert await short.mark_sent("j3", "w2", {"code": 250}, {})
     finally:
         await short.close()
+
+
+async def test_scheduled_job_is_claimable_only_from_its_due_time(store: JobStore) -> None:
+    body = Job.model_validate(job())
+    due = utcnow() + timedelta(seconds=0.5)
+    first = await store.schedule("j4", body, b"{}", due)
+    assert first.state is ClaimState.SCHEDULED
+    duplicate = await store.schedule("j4", body, b"{}", due + timedelta(hours=1))
+    assert duplicate.state is ClaimState.WAITING  # the first record wins
+    assert duplicate.due_at is not None
+    assert abs(duplicate.due_at - due) < timedelta(milliseconds=1)  # MongoDB keeps ms
+    early = await store.claim("j4", body, "w1")
+    assert early.state is ClaimState.WAITING
+    assert early.due_at is not None
+    assert abs(early.due_at - due) < timedelta(milliseconds=1)
+    await asyncio.sleep(0.6)
+    assert (await store.claim("j4", body, "w1")).state is ClaimState.CLAIMED
+
+
+async def test_cancel_waiting_unknown_and_sent_jobs(store: JobStore) -> None:
+    body = Job.model_validate(job())
+    await store.schedule("waiting", body, b"{}", utcnow() + timedelta(hours=1))
+    cancelled = await store.cancel("waiting")
+    assert cancelled.applied
+    assert cancelled.before is not None
+    assert cancelled.before["status"] == "scheduled"
+
+    tombstone = await store.cancel("unseen")
+    assert (tombstone.applied, tombstone.before) == (True, None)
+    assert (await store.claim("unseen", body, "w1")).status == "cancelled"
+
+    await store.claim("done", body, "w1")
+    await store.mark_sent("done", "w1", {"code": 250}, {})
+    refused = await store.cancel("done")
+    assert not refused.applied
+    assert refused.before is not None
+    assert refused.before["status"] == "sent"
+    record = await store.get("done")
+    assert record is not None
+    assert record["status"] == "sent"
+
+
+async def test_reschedule_moves_only_scheduled_jobs(store: JobStore) -> None:
+    body = Job.model_validate(job())
+    await store.schedule("later", body, b'{"k": 1}', utcnow() + timedelta(hours=1))
+    sooner = utcnow() - timedelta(seconds=1)
+    moved = await store.reschedule("later", sooner)
+    assert moved.applied
+    assert moved.before is not None
+    assert moved.before["body"] == b'{"k": 1}'
+    assert (await store.claim("later", body, "w1")).state is ClaimState.CLAIMED
+    assert not (await store.reschedule("later", utcnow())).applied  # now sending
+    unknown = await store.reschedule("nobody", utcnow())
+    assert (unknown.applied, unknown.before) == (False, None)
