@@ -16,17 +16,15 @@ from typing import Any
 
 import structlog
 
-from consumer import transport
 from consumer.errors import DeadLetterError, InvalidJobError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import build_message
-from consumer.outboxes import Outbox
 from consumer.retry import Decision, Failure, classify, decide, split_refusals
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
 from consumer.store import DUE_TOLERANCE, Claim, ClaimState, JobStore, utcnow
-from consumer.transport import SendResult
+from consumer.transport import SendResult, SMTPPool
 
 log = get_logger(__name__)
 STORE_RETRY = timedelta(seconds=5)
@@ -100,14 +98,14 @@ class Pipeline:
         self,
         settings: Settings,
         store: JobStore,
-        outbox: Outbox | None,
+        pool: SMTPPool | None,
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.outbox = outbox
+        self.pool = pool
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
@@ -161,11 +159,11 @@ class Pipeline:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
-        if self.outbox is None:
+        if self.pool is None:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
             return Dead(ctx, "no_outbox", error)
-        structlog.contextvars.bind_contextvars(outbox=self.outbox.name)
+        structlog.contextvars.bind_contextvars(outbox=self.pool.outbox.name)
         try:
             message = build_message(job, job_id, now)
         except DeadLetterError as exc:
@@ -175,7 +173,7 @@ class Pipeline:
         recipients = list(claim.pending) if claim.pending is not None else job.recipients()
         started = time.perf_counter()
         try:
-            result = await transport.send(self.outbox, message, job.from_.email, recipients)
+            result = await self.pool.send(message, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
         log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     retry_base_delay: float = Field(30.0, gt=0)
     retry_max_delay: float = Field(3600.0, gt=0)
     smtp_timeout: float = Field(30.0, gt=0)
+    smtp_pool_size: int = Field(8, ge=1, le=1000)
+    smtp_idle_seconds: float = Field(30.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
     lease_seconds: float = Field(300.0, gt=0)
     delivery_limit: int = Field(5, ge=1)

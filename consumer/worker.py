@@ -36,6 +36,7 @@ from consumer.pipeline import (
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
+from consumer.transport import SMTPPool
 
 log = get_logger(__name__)
 RECONNECT_INTERVAL = 2.0
@@ -54,12 +55,13 @@ class Worker:
         self.names = topology.Names(settings.prefix)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.store = store or JobStore.connect(settings)
-        outbox = None
+        self.pool = None
         if settings.default_smtp_url is not None:
             outbox = outbox_from_url(
                 settings.default_smtp_url.get_secret_value(), timeout=settings.smtp_timeout
             )
-        self.pipeline = Pipeline(settings, self.store, outbox, self.worker_id)
+            self.pool = SMTPPool(outbox, settings.smtp_pool_size, settings.smtp_idle_seconds)
+        self.pipeline = Pipeline(settings, self.store, self.pool, self.worker_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
@@ -97,6 +99,8 @@ class Worker:
                     log.warning("worker.cancel_failed", error=str(exc))
             await self._drain()
         finally:
+            if self.pool is not None:
+                await self.pool.close()
             await connection.close()
             await self.store.close()
             log.info("worker.stopped", worker=self.worker_id)

@@ -129,3 +129,19 @@ async def test_same_message_id_twice_is_delivered_once(
         assert record is not None
         assert record["status"] == "sent"
     await store.close()
+
+
+async def test_worker_reuses_a_bounded_number_of_smtp_connections(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer
+) -> None:
+    names = Names(settings.prefix)
+    for i in range(20):
+        await publish_job(channel, job(subject=f"pooled {i}"), names=names)
+    running = RunningWorker(settings.model_copy(update={"smtp_pool_size": 2}))
+    try:
+        async with asyncio.timeout(30):
+            await smtp.wait_for(20)
+    finally:
+        await running.shutdown()
+    assert smtp.sessions <= 2
+    assert smtp.quits == smtp.sessions  # a stopping worker closes its connections politely

@@ -77,6 +77,19 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        with self.server.lock:
+            self.server.sessions += 1
+        session.host_name = hostname
+        return responses
+
+    async def handle_QUIT(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        with self.server.lock:
+            self.server.quits += 1
+        return "221 Bye"
+
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         faults = self.server.faults
         if faults.data_delay:
@@ -109,18 +122,26 @@ class _Handler:
 class CaptureServer:
     """An in-process SMTP server on a free loopback port, running in its own thread."""
 
-    def __init__(self, on_message: Callable[[Captured], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_message: Callable[[Captured], None] | None = None,
+        idle_timeout: float = 300.0,
+    ) -> None:
         self.port = free_port()
         self.lock = threading.Lock()
         self.messages: list[Captured] = []
         self.faults = Faults()
         self.on_message = on_message
+        # Client connections seen (EHLO) and closed politely (QUIT).
+        self.sessions = 0
+        self.quits = 0
         self._controller = Controller(
             _Handler(self),
             hostname="127.0.0.1",
             port=self.port,
             enable_SMTPUTF8=True,
             data_size_limit=64 * 1024 * 1024,
+            timeout=idle_timeout,
         )
 
     @property
@@ -137,10 +158,12 @@ class CaptureServer:
         self._controller.stop()
 
     def reset(self) -> None:
-        """Forget captured messages and scripted faults."""
+        """Forget captured messages, counters and scripted faults."""
         with self.lock:
             self.messages.clear()
             self.faults = Faults()
+            self.sessions = 0
+            self.quits = 0
 
     def received(self) -> list[Captured]:
         """A snapshot of the captured messages."""
