@@ -356,3 +356,29 @@ async def test_delayed_publish_goes_to_the_queue_it_was_published_for(
         [message] = await take(channel, names.send_now_queue, 1)
     assert 1.0 <= time.monotonic() - started < 1 + LATE_BOUND
     assert message.headers["x-first-death-queue"] == names.delay(0)
+
+
+@pytest.mark.parametrize(
+    ("years", "level"),
+    [
+        pytest.param(3, 26, id="3y-parks-at-2^26s"),
+        pytest.param(10, 27, id="10y-beyond-the-ladder-makes-passes-from-the-top"),
+    ],
+)
+async def test_delays_of_years_wait_in_the_top_levels(
+    settings: Settings,
+    channel: AbstractChannel,
+    worker: RunningWorker,
+    store: JobStore,
+    years: int,
+    level: int,
+) -> None:
+    names = Names(settings.prefix)
+    send_at = in_seconds(years * 365 * 86_400)
+    job_id = await publish_job(channel, job(send_at=send_at.isoformat()), names=names)
+    await wait_in_ladder(channel, names, 1)
+    assert await depth(channel, names.delay(level)) == 1
+    record = await store.get(job_id)
+    assert record is not None
+    assert record["status"] == "scheduled"
+    assert abs(record["due_at"] - send_at) < timedelta(milliseconds=1)
