@@ -337,7 +337,8 @@ async def test_message_that_crashes_workers_is_dead_lettered_by_the_delivery_lim
         [dead] = await take(channel, names.dead, 1)
         await smtp.wait_for(1)
     assert json.loads(dead.body)["subject"] == "poison"
-    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    deaths = [(d["reason"], d["queue"]) for d in dead.headers["x-death"]]
+    assert ("delivery_limit", names.send_queue) in deaths
     assert [m.message()["Subject"] for m in smtp.received()] == ["healthy"]
     assert not worker.task.done()
 
