@@ -15,8 +15,8 @@ import aio_pika
 from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
-from consumer import __version__, cli_jobs, ladder, topology
-from consumer.errors import StoreUnavailableError
+from consumer import __version__, cli_jobs, cli_outboxes, ladder, topology
+from consumer.errors import ConfigurationError, StoreUnavailableError
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
 from consumer.publish import job_message, jobs_exchange, publish_and_wait
@@ -198,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     send.set_defaults(handler=_send)
 
     cli_jobs.add_parser(verbs)
+    cli_outboxes.add_parser(verbs)
     return parser
 
 
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except ConfigurationError as exc:
+        print(f"mailbus: {exc}", file=sys.stderr)
+        return 2
     except StoreUnavailableError as exc:
         url = redact_url(settings.mongo_url.get_secret_value())
         print(f"mailbus: cannot reach MongoDB at {url}: {exc}", file=sys.stderr)

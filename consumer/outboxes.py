@@ -26,6 +26,10 @@ class Outbox:
     password: SecretStr | None = field(default=None, repr=False)
     verify_tls: bool = True
     timeout: float = 30.0
+    # Connections a worker may hold to it (None: MAILBUS_SMTP_POOL_SIZE), and the stored
+    # definition's version, so a changed outbox gets a fresh pool.
+    max_connections: int | None = None
+    version: int = 0
 
 
 def _flag(values: dict[str, list[str]], name: str, default: bool) -> bool:

@@ -16,15 +16,21 @@ from typing import Any
 
 import structlog
 
-from consumer.errors import DeadLetterError, InvalidJobError, StoreUnavailableError
+from consumer.errors import (
+    ConfigurationError,
+    DeadLetterError,
+    InvalidJobError,
+    StoreUnavailableError,
+)
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import build_message
+from consumer.outbox_store import OutboxPicker
 from consumer.retry import Decision, Failure, classify, decide, split_refusals
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
 from consumer.store import DUE_TOLERANCE, Claim, ClaimState, JobStore, utcnow
-from consumer.transport import SendResult, SMTPPool
+from consumer.transport import SendResult
 
 log = get_logger(__name__)
 STORE_RETRY = timedelta(seconds=5)
@@ -98,14 +104,14 @@ class Pipeline:
         self,
         settings: Settings,
         store: JobStore,
-        pool: SMTPPool | None,
+        picker: OutboxPicker,
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.pool = pool
+        self.picker = picker
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
@@ -159,11 +165,15 @@ class Pipeline:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
-        if self.pool is None:
+        try:
+            pool = await self.picker.pool_for(job.domain)
+        except ConfigurationError as exc:  # an outbox an operator can fix: retry later
+            return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
+        if pool is None:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
             return Dead(ctx, "no_outbox", error)
-        structlog.contextvars.bind_contextvars(outbox=self.pool.outbox.name)
+        structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
         try:
             message = build_message(job, job_id, now)
         except DeadLetterError as exc:
@@ -173,7 +183,7 @@ class Pipeline:
         recipients = list(claim.pending) if claim.pending is not None else job.recipients()
         started = time.perf_counter()
         try:
-            result = await self.pool.send(message, job.from_.email, recipients)
+            result = await pool.send(message, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
         log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))

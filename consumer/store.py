@@ -80,7 +80,7 @@ def utcnow() -> datetime:
 
 
 @asynccontextmanager
-async def _answering() -> AsyncIterator[None]:
+async def answering() -> AsyncIterator[None]:
     """Turn "MongoDB is unreachable or slow" into :class:`StoreUnavailableError`."""
     try:
         yield
@@ -148,7 +148,7 @@ class JobStore:
 
     async def ensure_indexes(self) -> None:
         """Declare the indexes every query relies on; idempotent."""
-        async with _answering():
+        async with answering():
             await self.jobs.create_index("expire_at", expireAfterSeconds=0)
             await self.jobs.create_index([("status", 1), ("due_at", 1)])
             await self.jobs.create_index([("status", 1), ("updated_at", -1)])
@@ -156,7 +156,7 @@ class JobStore:
 
     async def ping(self) -> None:
         """Round-trip to the server; raises :class:`StoreUnavailableError` if it is down."""
-        async with _answering():
+        async with answering():
             await self.client.admin.command("ping")
 
     async def claim(self, job_id: str, job: Job, worker_id: str) -> Claim:
@@ -176,7 +176,7 @@ class JobStore:
             "$setOnInsert": _summary(job, now),
             "$push": {"history": _history("claimed", now, worker=worker_id)},
         }
-        async with _answering():
+        async with answering():
             # update_one rather than find_one_and_update: a new job (the common case) then
             # costs one command, and some MongoDB-compatible servers scan on findAndModify.
             try:
@@ -219,7 +219,7 @@ class JobStore:
             "body": body,
             "history": [{"at": now, "event": "scheduled", "due_at": due_at}],
         }
-        async with _answering():
+        async with answering():
             try:
                 result = await self.jobs.update_one(
                     {"_id": job_id}, {"$setOnInsert": record}, upsert=True
@@ -245,7 +245,7 @@ class JobStore:
     ) -> bool:
         """Record the SMTP server's acceptance; False if this worker had lost its lease."""
         now = utcnow()
-        async with _answering():
+        async with answering():
             result = await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
@@ -288,7 +288,7 @@ class JobStore:
         }
         if partial is not None:
             changes["pending"], changes["refused"] = partial
-        async with _answering():
+        async with answering():
             await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
@@ -303,7 +303,7 @@ class JobStore:
     ) -> None:
         """The claimed job will never be sent: record ``failed`` or ``dead`` and why."""
         now = utcnow()
-        async with _answering():
+        async with answering():
             await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
@@ -326,7 +326,7 @@ class JobStore:
         record stays the truth and the message is only a stale copy.
         """
         now = utcnow()
-        async with _answering():
+        async with answering():
             try:
                 await self.jobs.update_one(
                     {"_id": job_id, "status": {"$in": list(WAITING)}},
@@ -353,7 +353,7 @@ class JobStore:
         it is not sent if it arrives; a job being sent or done is left alone.
         """
         now = utcnow()
-        async with _answering():
+        async with answering():
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": {"$in": list(WAITING)}},
                 {
@@ -388,7 +388,7 @@ class JobStore:
     async def reschedule(self, job_id: str, due_at: datetime) -> Change:
         """Move a scheduled job to ``due_at``; ``before`` carries the stored body."""
         now = utcnow()
-        async with _answering():
+        async with answering():
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": "scheduled"},
                 {
@@ -415,11 +415,11 @@ class JobStore:
         if domain is not None:
             query["domain"] = domain
         order = [("due_at", 1)] if status == "scheduled" else [("updated_at", -1)]
-        async with _answering():
+        async with answering():
             cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
             return [doc async for doc in cursor]
 
     async def get(self, job_id: str) -> Document | None:
         """The job's record, or None."""
-        async with _answering():
+        async with answering():
             return await self.jobs.find_one({"_id": job_id})

@@ -41,6 +41,23 @@ class _Idle:
     since: float
 
 
+def client(outbox: Outbox) -> aiosmtplib.SMTP:
+    """An unconnected client for ``outbox``: ``connect()`` does TLS or STARTTLS, and AUTH
+    when a username is set.
+    """
+    password = outbox.password.get_secret_value() if outbox.password is not None else None
+    return aiosmtplib.SMTP(
+        hostname=outbox.host,
+        port=outbox.port,
+        use_tls=outbox.security == "tls",
+        start_tls=outbox.security == "starttls",
+        validate_certs=outbox.verify_tls,
+        username=outbox.username,
+        password=password,
+        timeout=outbox.timeout,
+    )
+
+
 class SMTPPool:
     """A bounded pool of SMTP connections to one outbox."""
 
@@ -81,21 +98,10 @@ class SMTPPool:
         return await self._open()
 
     async def _open(self) -> aiosmtplib.SMTP:
-        outbox = self.outbox
-        password = outbox.password.get_secret_value() if outbox.password is not None else None
-        smtp = aiosmtplib.SMTP(
-            hostname=outbox.host,
-            port=outbox.port,
-            use_tls=outbox.security == "tls",
-            start_tls=outbox.security == "starttls",
-            validate_certs=outbox.verify_tls,
-            username=outbox.username,
-            password=password,
-            timeout=outbox.timeout,
-        )
+        smtp = client(self.outbox)
         await smtp.connect()
         self.opened += 1
-        log.debug("smtp.connected", outbox=outbox.name, opened=self.opened)
+        log.debug("smtp.connected", outbox=self.outbox.name, opened=self.opened)
         return smtp
 
     def _give_back(self, smtp: aiosmtplib.SMTP) -> None:

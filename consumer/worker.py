@@ -20,6 +20,7 @@ from consumer import control, ladder, topology
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
 from consumer.logging import get_logger
+from consumer.outbox_store import OutboxPicker, OutboxStore
 from consumer.outboxes import outbox_from_url
 from consumer.outgoing import Outgoing, copy_of
 from consumer.pipeline import (
@@ -36,7 +37,7 @@ from consumer.pipeline import (
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
-from consumer.transport import SMTPPool
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 RECONNECT_INTERVAL = 2.0
@@ -55,13 +56,20 @@ class Worker:
         self.names = topology.Names(settings.prefix)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.store = store or JobStore.connect(settings)
-        self.pool = None
+        default = None
         if settings.default_smtp_url is not None:
-            outbox = outbox_from_url(
+            default = outbox_from_url(
                 settings.default_smtp_url.get_secret_value(), timeout=settings.smtp_timeout
             )
-            self.pool = SMTPPool(outbox, settings.smtp_pool_size, settings.smtp_idle_seconds)
-        self.pipeline = Pipeline(settings, self.store, self.pool, self.worker_id)
+        self.outboxes = OutboxStore(self.store.client[settings.mongo_db])
+        self.picker = OutboxPicker(
+            self.outboxes,
+            Vault.from_settings(settings) if settings.secret_key is not None else None,
+            default,
+            settings.smtp_pool_size,
+            settings.smtp_idle_seconds,
+        )
+        self.pipeline = Pipeline(settings, self.store, self.picker, self.worker_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
@@ -99,8 +107,7 @@ class Worker:
                     log.warning("worker.cancel_failed", error=str(exc))
             await self._drain()
         finally:
-            if self.pool is not None:
-                await self.pool.close()
+            await self.picker.close()
             await connection.close()
             await self.store.close()
             log.info("worker.stopped", worker=self.worker_id)
@@ -125,6 +132,7 @@ class Worker:
         while not stop.is_set():
             try:
                 await self.store.ensure_indexes()
+                await self.outboxes.ensure_indexes()
             except StoreUnavailableError as exc:
                 log.warning("worker.store_unreachable", error=str(exc))
                 await _wait(stop, RECONNECT_INTERVAL)

@@ -12,24 +12,11 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.settings import Settings
-from deploy.devstack.processes import settings_env
+from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
 
 SEND = ("send", "--domain", "example.com", "--from", "a@example.com")
-
-
-async def mailbus(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``mailbus ARGS`` with ``settings`` in its environment."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "consumer", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 async def test_send_publishes_and_prints_the_job_id(
@@ -153,6 +140,13 @@ HELP = [
     ["jobs", "show"],
     ["jobs", "cancel"],
     ["jobs", "reschedule"],
+    ["outbox"],
+    ["outbox", "add"],
+    ["outbox", "ls"],
+    ["outbox", "show"],
+    ["outbox", "test"],
+    ["outbox", "disable"],
+    ["outbox", "rotate-key"],
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -35,3 +36,19 @@ def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=out,
         )
+
+
+async def mailbus(
+    settings: Settings, *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mailbus ARGS`` with ``settings`` in its environment (and ``input`` on stdin)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "consumer", *args],
+        env=settings_env(settings),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -1,0 +1,226 @@
+"""Outboxes in MongoDB, and choosing one for a job.
+
+Each outbox is a document in ``outboxes`` (``_id`` is its name) with its domain, provider,
+SMTP connection details, the password encrypted by :mod:`consumer.vault`, ``active`` and
+``sent_count``. Choosing is one atomic update: the domain's active outbox with the lowest
+``sent_count`` gets its count incremented, so workers everywhere take turns (round robin).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import SecretStr
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from consumer.errors import ConfigurationError
+from consumer.outboxes import Outbox
+from consumer.store import Document, answering, utcnow
+from consumer.transport import SMTPPool
+from consumer.vault import Vault
+
+# Fields never printed: the encrypted password stays in the database.
+HIDDEN = {"password": 0}
+# Attempts at taking an outbox's turn before settling for an unguarded increment.
+TURN_TRIES = 20
+
+
+def outbox_document(
+    outbox: Outbox, domain: str, provider: str | None, vault: Vault | None, now: datetime
+) -> Document:
+    """The stored form of ``outbox`` (its password encrypted, never in clear)."""
+    doc: Document = {
+        "_id": outbox.name,
+        "domain": domain.lower(),
+        "provider": provider,
+        "transport": "smtp",
+        "host": outbox.host,
+        "port": outbox.port,
+        "security": outbox.security,
+        "username": outbox.username,
+        "verify_tls": outbox.verify_tls,
+        "timeout": outbox.timeout,
+        "max_connections": outbox.max_connections,
+        "updated_at": now,
+    }
+    if outbox.password is not None:
+        if vault is None:
+            raise ConfigurationError("MAILBUS_SECRET_KEY is needed to store a password")
+        doc["password"] = vault.encrypt(outbox.password.get_secret_value())
+    return doc
+
+
+def outbox_from_document(doc: Document, vault: Vault | None) -> Outbox:
+    """The :class:`Outbox` a stored document describes, its password decrypted."""
+    password = None
+    if doc.get("password"):
+        if vault is None:
+            raise ConfigurationError(
+                f"outbox {doc['_id']} has a password but MAILBUS_SECRET_KEY is not set"
+            )
+        password = SecretStr(vault.decrypt(doc["password"]))
+    return Outbox(
+        name=doc["_id"],
+        host=doc["host"],
+        port=int(doc["port"]),
+        security=doc["security"],
+        username=doc.get("username"),
+        password=password,
+        verify_tls=bool(doc.get("verify_tls", True)),
+        timeout=float(doc.get("timeout", 30.0)),
+        max_connections=doc.get("max_connections"),
+        version=int(doc.get("version", 0)),
+    )
+
+
+class OutboxStore:
+    """The ``outboxes`` collection."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self.outboxes = database["outboxes"]
+
+    async def ensure_indexes(self) -> None:
+        """The index choosing an outbox relies on; idempotent."""
+        async with answering():
+            await self.outboxes.create_index([("domain", 1), ("active", 1), ("sent_count", 1)])
+
+    async def put(self, doc: Document, replace: bool) -> bool:
+        """Store an outbox; an existing one is replaced only with ``replace`` (its count and
+        state are kept). False when it exists and ``replace`` is off.
+        """
+        now = doc["updated_at"]
+        async with answering():
+            if not replace:
+                try:
+                    await self.outboxes.insert_one(
+                        {**doc, "active": True, "sent_count": 0, "version": 1, "created_at": now}
+                    )
+                except DuplicateKeyError:
+                    return False
+                return True
+            fields = {k: v for k, v in doc.items() if k != "_id"}
+            unset = {} if "password" in doc else {"password": ""}
+            await self.outboxes.update_one(
+                {"_id": doc["_id"]},
+                {
+                    "$set": fields,
+                    "$inc": {"version": 1},
+                    "$setOnInsert": {"active": True, "sent_count": 0, "created_at": now},
+                    **({"$unset": unset} if unset else {}),
+                },
+                upsert=True,
+            )
+            return True
+
+    async def find(self, domain: str | None = None) -> list[Document]:
+        """Outboxes (without passwords), by domain then name."""
+        query = {"domain": domain.lower()} if domain else {}
+        async with answering():
+            cursor = self.outboxes.find(query, HIDDEN).sort([("domain", 1), ("_id", 1)])
+            return [doc async for doc in cursor]
+
+    async def get(self, name: str) -> Document | None:
+        """One outbox, with its encrypted password (for building a client, never printing)."""
+        async with answering():
+            return await self.outboxes.find_one({"_id": name})
+
+    async def set_active(self, name: str, active: bool) -> bool:
+        """Enable or disable; False if there is no such outbox."""
+        async with answering():
+            result = await self.outboxes.update_one(
+                {"_id": name},
+                {"$set": {"active": active, "updated_at": utcnow()}, "$inc": {"version": 1}},
+            )
+        return result.matched_count == 1
+
+    async def store_password(self, name: str, token: str) -> None:
+        """Replace the encrypted password (same secret, for a key rotation)."""
+        async with answering():
+            await self.outboxes.update_one(
+                {"_id": name}, {"$set": {"password": token, "updated_at": utcnow()}}
+            )
+
+    async def remove(self, name: str) -> bool:
+        """Delete; False if there is no such outbox."""
+        async with answering():
+            result = await self.outboxes.delete_one({"_id": name})
+        return result.deleted_count == 1
+
+    async def take_turn(self, domain: str) -> Document | None:
+        """The domain's active outbox that has sent least, its count incremented; None if
+        the domain has no active outbox.
+
+        The increment is conditional on the count just read, so concurrent choosers never
+        both take the same turn: counts of a domain's outboxes never drift more than one
+        apart, in any number of workers.
+        """
+        query = {"domain": domain.lower(), "active": True}
+        async with answering():
+            for _ in range(TURN_TRIES):
+                doc = await self.outboxes.find_one(query, sort=[("sent_count", 1), ("_id", 1)])
+                if doc is None:
+                    return None
+                taken = await self.outboxes.update_one(
+                    {"_id": doc["_id"], "sent_count": doc.get("sent_count", 0)},
+                    {"$inc": {"sent_count": 1}},
+                )
+                if taken.modified_count == 1:
+                    return doc
+            # Heavy contention: take the least used one without the guarantee.
+            return await self.outboxes.find_one_and_update(
+                query, {"$inc": {"sent_count": 1}}, sort=[("sent_count", 1), ("_id", 1)]
+            )
+
+
+class OutboxPicker:
+    """Chooses the outbox for a job's domain and lends its connection pool."""
+
+    def __init__(
+        self,
+        outboxes: OutboxStore,
+        vault: Vault | None,
+        default: Outbox | None,
+        pool_size: int,
+        idle_seconds: float,
+    ) -> None:
+        self.outboxes = outboxes
+        self.vault = vault
+        self.default = default
+        self.pool_size = pool_size
+        self.idle_seconds = idle_seconds
+        self._pools: dict[str, SMTPPool] = {}
+
+    async def pool_for(self, domain: str) -> SMTPPool | None:
+        """The pool of the outbox whose turn it is, the default outbox's when the domain
+        has none, or None when there is no default either.
+        """
+        doc = await self.outboxes.take_turn(domain)
+        if doc is not None:
+            return await self._pool(outbox_from_document(doc, self.vault))
+        if self.default is not None:
+            return await self._pool(self.default)
+        return None
+
+    async def _pool(self, outbox: Outbox) -> SMTPPool:
+        pool = self._pools.get(outbox.name)
+        if pool is not None and pool.outbox.version == outbox.version:
+            return pool
+        if pool is not None:  # the outbox changed: its old connections go
+            await pool.close()
+        pool = SMTPPool(outbox, outbox.max_connections or self.pool_size, self.idle_seconds)
+        self._pools[outbox.name] = pool
+        return pool
+
+    async def close(self) -> None:
+        """Close every pool's idle connections."""
+        for pool in self._pools.values():
+            await pool.close()
+
+
+def describe(doc: dict[str, Any]) -> dict[str, Any]:
+    """An outbox document fit for printing: the password only as present or not."""
+    shown = {k: v for k, v in doc.items() if k != "password"}
+    shown["password"] = "set" if doc.get("password") else None
+    return shown

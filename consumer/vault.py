@@ -1,0 +1,65 @@
+"""Encrypting outbox passwords at rest with ``MAILBUS_SECRET_KEY`` (Fernet, rotatable).
+
+The setting holds one or more Fernet keys separated by commas. The first encrypts; every
+one decrypts, so a new key is put first, ``mailbus outbox rotate-key`` re-encrypts the
+stored passwords, and the old key can then be dropped.
+"""
+
+from __future__ import annotations
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from consumer.errors import ConfigurationError
+from consumer.settings import Settings
+
+
+def new_key() -> str:
+    """A fresh Fernet key, for ``MAILBUS_SECRET_KEY``."""
+    return Fernet.generate_key().decode()
+
+
+class Vault:
+    """Encrypts and decrypts secrets with the configured keys."""
+
+    def __init__(self, keys: list[str]) -> None:
+        if not keys:
+            raise ConfigurationError(
+                "MAILBUS_SECRET_KEY is not set: it encrypts outbox passwords "
+                "(create one with `mailbus outbox new-key`)"
+            )
+        try:
+            self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+        except ValueError:
+            raise ConfigurationError(
+                "MAILBUS_SECRET_KEY must be Fernet keys (32 url-safe base64 bytes), "
+                "separated by commas"
+            ) from None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Vault:
+        """The vault of ``MAILBUS_SECRET_KEY``; raises :class:`ConfigurationError` if unset."""
+        raw = settings.secret_key.get_secret_value() if settings.secret_key else ""
+        return cls([key.strip() for key in raw.split(",") if key.strip()])
+
+    def encrypt(self, secret: str) -> str:
+        """``secret`` encrypted with the first key."""
+        return self._fernet.encrypt(secret.encode()).decode()
+
+    def decrypt(self, token: str) -> str:
+        """The secret in ``token``; a token no configured key opens is a configuration error."""
+        try:
+            return self._fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            raise ConfigurationError(
+                "a stored password cannot be decrypted with MAILBUS_SECRET_KEY "
+                "(was the key that encrypted it removed?)"
+            ) from None
+
+    def rotate(self, token: str) -> str:
+        """``token`` re-encrypted with the first key."""
+        try:
+            return self._fernet.rotate(token.encode()).decode()
+        except InvalidToken:
+            raise ConfigurationError(
+                "a stored password cannot be decrypted with MAILBUS_SECRET_KEY"
+            ) from None
