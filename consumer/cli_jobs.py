@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +13,7 @@ import aio_pika
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from consumer import control
+from consumer.cli_output import pretty_json, table
 from consumer.outgoing import Outgoing
 from consumer.settings import Settings
 from consumer.store import STATUSES, Document, JobStore, utcnow
@@ -48,27 +48,13 @@ def _table(records: list[Document]) -> str:
         )
         for r in records
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join(
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]])
-        for row in rows
-    )
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=_json_default)
-
-
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value)
+    return table(rows)
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     async with _store(settings) as store:
         records = await store.find(args.status, args.domain, args.limit)
-    print(_json(records) if args.json else _table(records))
+    print(pretty_json(records) if args.json else _table(records))
     return 0
 
 
@@ -79,7 +65,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
         return 1
     record.pop("body", None)
-    print(_json(record))
+    print(pretty_json(record))
     return 0
 
 
@@ -106,7 +92,7 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
             result = await control.cancel(store, outgoing, args.id)
         else:
             result = await control.reschedule(store, outgoing, args.id, due, utcnow())
-    print(_json(result.as_dict()))
+    print(pretty_json(result.as_dict()))
     return 0 if result.applied else 1
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 import aiosmtplib
 from pydantic import SecretStr
 
+from consumer.cli_output import pretty_json, table
 from consumer.outbox_store import (
     OutboxStore,
     describe,
@@ -37,14 +36,6 @@ async def _outboxes(settings: Settings) -> AsyncIterator[OutboxStore]:
 
 def _vault(settings: Settings) -> Vault | None:
     return Vault.from_settings(settings) if settings.secret_key is not None else None
-
-
-def _json(value: Any) -> str:
-    return json.dumps(
-        value,
-        indent=2,
-        default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
-    )
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,9 +81,7 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
         )
         for d in docs
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(table(rows))
     return 0
 
 
@@ -102,7 +91,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     if doc is None:
         print(f"mailbus outbox show: no outbox {args.name!r}", file=sys.stderr)
         return 1
-    print(_json(describe(doc)))
+    print(pretty_json(describe(doc)))
     return 0
 
 
