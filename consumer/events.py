@@ -25,6 +25,8 @@ def event_for(outcome: Outcome) -> Event | None:
     body: dict[str, Any] = {"id": ctx.job_id, "attempts": ctx.attempts}
     if ctx.job is not None:
         body.update(domain=ctx.job.domain, tags=ctx.job.tags, metadata=ctx.job.metadata)
+    if ctx.outbox is not None:
+        body["outbox"] = ctx.outbox
     match outcome:
         case Sent(result=result):
             key = "mail.sent"

@@ -148,18 +148,26 @@ class OutboxStore:
             result = await self.outboxes.delete_one({"_id": name})
         return result.deleted_count == 1
 
-    async def take_turn(self, domain: str) -> Document | None:
+    async def take_turn(self, domain: str, avoid: str | None = None) -> Document | None:
         """The domain's active outbox that has sent least, its count incremented; None if
-        the domain has no active outbox.
+        the domain has no active outbox. ``avoid`` is passed over unless it is the only one.
 
         The increment is conditional on the count just read, so concurrent choosers never
         both take the same turn: counts of a domain's outboxes never drift more than one
         apart, in any number of workers.
         """
-        query = {"domain": domain.lower(), "active": True}
+        query: Document = {"domain": domain.lower(), "active": True}
+        if avoid is not None:
+            elsewhere = await self._take({**query, "_id": {"$ne": avoid}})
+            if elsewhere is not None:
+                return elsewhere
+        return await self._take(query)
+
+    async def _take(self, query: Document) -> Document | None:
+        order = [("sent_count", 1), ("_id", 1)]
         async with answering():
             for _ in range(TURN_TRIES):
-                doc = await self.outboxes.find_one(query, sort=[("sent_count", 1), ("_id", 1)])
+                doc = await self.outboxes.find_one(query, sort=order)
                 if doc is None:
                     return None
                 taken = await self.outboxes.update_one(
@@ -170,7 +178,7 @@ class OutboxStore:
                     return doc
             # Heavy contention: take the least used one without the guarantee.
             return await self.outboxes.find_one_and_update(
-                query, {"$inc": {"sent_count": 1}}, sort=[("sent_count", 1), ("_id", 1)]
+                query, {"$inc": {"sent_count": 1}}, sort=order
             )
 
 
@@ -192,11 +200,11 @@ class OutboxPicker:
         self.idle_seconds = idle_seconds
         self._pools: dict[str, SMTPPool] = {}
 
-    async def pool_for(self, domain: str) -> SMTPPool | None:
-        """The pool of the outbox whose turn it is, the default outbox's when the domain
-        has none, or None when there is no default either.
+    async def pool_for(self, domain: str, avoid: str | None = None) -> SMTPPool | None:
+        """The pool of the outbox whose turn it is (``avoid`` only if the domain has no
+        other), the default outbox's when the domain has none, or None without a default.
         """
-        doc = await self.outboxes.take_turn(domain)
+        doc = await self.outboxes.take_turn(domain, avoid)
         if doc is not None:
             return await self._pool(outbox_from_document(doc, self.vault))
         if self.default is not None:

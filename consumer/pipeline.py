@@ -43,6 +43,7 @@ class Context:
     job_id: str | None
     job: Job | None = None
     attempts: int = 0
+    outbox: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,13 +167,15 @@ class Pipeline:
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
         try:
-            pool = await self.picker.pool_for(job.domain)
+            # After a transient failure, another outbox of the domain if there is one.
+            pool = await self.picker.pool_for(job.domain, avoid=claim.last_outbox)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
             return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
         if pool is None:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
             return Dead(ctx, "no_outbox", error)
+        ctx = Context(job_id, job, claim.attempts, pool.outbox.name)
         structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
         try:
             message = build_message(job, job_id, now)
@@ -211,11 +214,11 @@ class Pipeline:
                 due = self.clock() + timedelta(seconds=decision.retry_in)
                 partial = (sorted(deferred), refused)
                 await self.store.mark_retry(
-                    job_id, self.worker_id, failure.describe(), due, body, partial
+                    job_id, self.worker_id, failure.describe(), due, body, ctx.outbox, partial
                 )
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
-        await self._record_sent(job_id, result, refused)
+        await self._record_sent(job_id, result, refused, ctx.outbox)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
         return Sent(ctx, SendResult(result.code, result.message, every_refusal))
 
@@ -230,7 +233,9 @@ class Pipeline:
             )
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
-        await self.store.mark_retry(job_id, self.worker_id, failure.describe(), due, body)
+        await self.store.mark_retry(
+            job_id, self.worker_id, failure.describe(), due, body, ctx.outbox
+        )
         return Later(ctx, due, "retry", failure)
 
     def _decide(self, failure: Failure, attempt: int, job: Job) -> Decision:
@@ -244,13 +249,17 @@ class Pipeline:
             self.jitter(),
         )
 
-    async def _record_sent(self, job_id: str, result: SendResult, refused: dict[str, Any]) -> None:
+    async def _record_sent(
+        self, job_id: str, result: SendResult, refused: dict[str, Any], outbox: str | None
+    ) -> None:
         """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
         reply = {"code": result.code, "message": result.message}
         pause = 0.5
         while True:
             try:
-                recorded = await self.store.mark_sent(job_id, self.worker_id, reply, refused)
+                recorded = await self.store.mark_sent(
+                    job_id, self.worker_id, reply, refused, outbox
+                )
             except StoreUnavailableError as exc:
                 log.warning("job.sent_record_retrying", error=str(exc), pause=pause)
                 await asyncio.sleep(pause)

@@ -62,6 +62,8 @@ class Claim:
     # refusals recorded by earlier attempts.
     pending: tuple[str, ...] | None = None
     refused: Document | None = None
+    # The outbox of the last attempt, which a retry avoids when the domain has another.
+    last_outbox: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class JobStore:
             if result is not None and result.modified_count == 1:
                 # The lease is ours, so nobody else changes these before this read.
                 doc = await self.jobs.find_one(
-                    {"_id": job_id}, {"attempts": 1, "pending": 1, "refused": 1}
+                    {"_id": job_id}, {"attempts": 1, "pending": 1, "refused": 1, "outbox": 1}
                 ) or {"attempts": 1}
                 pending = doc.get("pending")
                 return Claim(
@@ -197,6 +199,7 @@ class JobStore:
                     int(doc["attempts"]),
                     pending=tuple(pending) if pending is not None else None,
                     refused=doc.get("refused"),
+                    last_outbox=doc.get("outbox"),
                 )
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
@@ -241,7 +244,12 @@ class JobStore:
         )
 
     async def mark_sent(
-        self, job_id: str, worker_id: str, reply: Document, refused: dict[str, Document]
+        self,
+        job_id: str,
+        worker_id: str,
+        reply: Document,
+        refused: dict[str, Document],
+        outbox: str | None = None,
     ) -> bool:
         """Record the SMTP server's acceptance; False if this worker had lost its lease."""
         now = utcnow()
@@ -255,6 +263,7 @@ class JobStore:
                         "updated_at": now,
                         "smtp": reply,
                         "refused": refused,
+                        "outbox": outbox,
                         "expire_at": now + self._retention,
                     },
                     "$unset": {"lease_until": "", "ready_at": "", "body": "", "pending": ""},
@@ -270,6 +279,7 @@ class JobStore:
         error: str,
         due_at: datetime,
         body: bytes,
+        outbox: str | None = None,
         partial: tuple[list[str], Document] | None = None,
     ) -> None:
         """The attempt failed transiently: the job waits for ``due_at`` (and can be moved).
@@ -285,6 +295,7 @@ class JobStore:
             "updated_at": now,
             "last_error": error,
             "body": body,
+            "outbox": outbox,
         }
         if partial is not None:
             changes["pending"], changes["refused"] = partial

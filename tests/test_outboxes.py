@@ -21,7 +21,7 @@ from consumer.vault import Vault, new_key
 from deploy.devstack.ports import free_port
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import job, take
+from tests.broker import depth, job, take
 from tests.conftest import RunningWorker
 
 KEY = new_key()
@@ -44,12 +44,12 @@ def keyed(settings: Settings) -> Settings:
     return settings.model_copy(update={"secret_key": SecretStr(KEY), "default_smtp_url": None})
 
 
-async def add_outbox(settings: Settings, name: str, server: CaptureServer, active: bool) -> None:
-    """Store an outbox for example.com that sends to ``server``."""
+async def add_outbox(settings: Settings, name: str, url: str, active: bool = True) -> None:
+    """Store an outbox for example.com that sends to the SMTP server at ``url``."""
     jobs = JobStore.connect(settings)
     try:
         outboxes = OutboxStore(jobs.client[settings.mongo_db])
-        outbox = outbox_from_url(server.url, name=name)
+        outbox = outbox_from_url(url, name=name, timeout=3.0)
         doc = outbox_document(outbox, "example.com", None, None, utcnow())
         assert await outboxes.put(doc, replace=False)
         if not active:
@@ -62,9 +62,9 @@ async def test_outboxes_take_turns_and_a_disabled_one_sends_nothing(
     keyed: Settings, channel: AbstractChannel, servers: list[CaptureServer]
 ) -> None:
     first, second, disabled = servers
-    await add_outbox(keyed, "a", first, active=True)
-    await add_outbox(keyed, "b", second, active=True)
-    await add_outbox(keyed, "c", disabled, active=False)
+    await add_outbox(keyed, "a", first.url)
+    await add_outbox(keyed, "b", second.url)
+    await add_outbox(keyed, "c", disabled.url, active=False)
     names = Names(keyed.prefix)
     for i in range(20):
         await publish_job(channel, job(subject=f"turn {i}"), names=names)
@@ -199,3 +199,25 @@ async def test_rotate_key_re_encrypts_stored_passwords(keyed: Settings) -> None:
     opened = outbox_from_document(raw, Vault([newer]))  # the old key is no longer needed
     assert opened.password is not None
     assert opened.password.get_secret_value() == "pw-to-rotate"
+
+
+async def test_jobs_fail_over_from_an_outbox_that_refuses_connections(
+    keyed: Settings, channel: AbstractChannel, servers: list[CaptureServer], store: JobStore
+) -> None:
+    working = servers[0]
+    await add_outbox(keyed, "a-down", f"smtp://127.0.0.1:{free_port()}?security=none")
+    await add_outbox(keyed, "b-up", working.url)
+    names = Names(keyed.prefix)
+    ids = [await publish_job(channel, job(subject=f"f{i}"), names=names) for i in range(4)]
+    running = RunningWorker(keyed)
+    try:
+        async with asyncio.timeout(30):
+            await working.wait_for(4)
+    finally:
+        await running.shutdown()
+    records = [await store.get(job_id) for job_id in ids]
+    assert all(r is not None and (r["status"], r["outbox"]) == ("sent", "b-up") for r in records)
+    failed_over = [r for r in records if r is not None and r["attempts"] == 2]
+    assert failed_over  # the turns that fell on a-down were retried on b-up, once each
+    assert all("Connect" in str(r["last_error"]) for r in failed_over)
+    assert await depth(channel, names.dead) == 0
