@@ -15,10 +15,12 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
+from pydantic import SecretStr
 
 from consumer import topology
 from consumer.settings import Settings
 from consumer.store import JobStore
+from consumer.vault import new_key
 from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
@@ -76,6 +78,14 @@ def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) ->
         store_timeout=5.0,
         log_format="json",
         _env_file=None,
+    )
+
+
+@pytest.fixture
+def keyed(settings: Settings) -> Settings:
+    """The test's settings with a secret key for outbox passwords and no default outbox."""
+    return settings.model_copy(
+        update={"secret_key": SecretStr(new_key()), "default_smtp_url": None}
     )
 
 

@@ -24,8 +24,6 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job, take
 from tests.conftest import RunningWorker
 
-KEY = new_key()
-
 
 @pytest.fixture
 def servers() -> Iterator[list[CaptureServer]]:
@@ -36,12 +34,6 @@ def servers() -> Iterator[list[CaptureServer]]:
     yield started
     for server in started:
         server.stop()
-
-
-@pytest.fixture
-def keyed(settings: Settings) -> Settings:
-    """The test's settings with a secret key and no default outbox."""
-    return settings.model_copy(update={"secret_key": SecretStr(KEY), "default_smtp_url": None})
 
 
 async def add_outbox(settings: Settings, name: str, url: str, active: bool = True) -> None:
@@ -120,7 +112,7 @@ async def test_passwords_are_stored_encrypted_and_never_printed(
     assert raw is not None
     assert secret not in json.dumps(raw, default=str)
     assert raw["domain"] == "example.com"
-    opened = outbox_from_document(raw, Vault([KEY]))
+    opened = outbox_from_document(raw, Vault.from_settings(keyed))
     assert opened.password is not None
     assert opened.password.get_secret_value() == secret
 
@@ -186,7 +178,9 @@ async def test_rotate_key_re_encrypts_stored_passwords(keyed: Settings) -> None:
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     newer = new_key()
-    both = keyed.model_copy(update={"secret_key": SecretStr(f"{newer},{KEY}")})
+    assert keyed.secret_key is not None
+    old = keyed.secret_key.get_secret_value()
+    both = keyed.model_copy(update={"secret_key": SecretStr(f"{newer},{old}")})
     rotated = await mailbus(both, "outbox", "rotate-key")
     assert rotated.returncode == 0, rotated.stderr
     assert "re-encrypted 1" in rotated.stdout

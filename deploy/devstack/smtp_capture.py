@@ -7,6 +7,7 @@ replies, dropped connections), so tests can make a server that is unhappy on cue
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections import deque
@@ -17,7 +18,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from deploy.devstack.ports import free_port
 
@@ -30,6 +31,8 @@ class Captured:
     rcpt_tos: tuple[str, ...]
     data: bytes
     received_at: float
+    tls: bool = False  # the session had switched to TLS (STARTTLS)
+    login: str | None = None  # the user it authenticated as
 
     def message(self) -> EmailMessage:
         """The message parsed with the standard library (policy ``default``).
@@ -106,17 +109,37 @@ class _Handler:
         if reply is not None:
             return reply
         content = envelope.original_content or b""
+        login = session.auth_data.login if isinstance(session.auth_data, LoginPassword) else None
         item = Captured(
             mail_from=envelope.mail_from or "",
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=content,
             received_at=time.time(),
+            tls=session.ssl is not None,
+            login=login.decode() if login is not None else None,
         )
         with self.server.lock:
             self.server.messages.append(item)
         if self.server.on_message is not None:
             self.server.on_message(item)
         return "250 2.0.0 Ok: queued"
+
+
+class _Authenticator:
+    """Checks AUTH PLAIN/LOGIN credentials against a table."""
+
+    def __init__(self, logins: dict[str, str]) -> None:
+        self.logins = logins
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: object
+    ) -> AuthResult:
+        if not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        wanted = self.logins.get(data.login.decode())
+        if wanted is None or wanted != data.password.decode():
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=data)
 
 
 class CaptureServer:
@@ -126,7 +149,12 @@ class CaptureServer:
         self,
         on_message: Callable[[Captured], None] | None = None,
         idle_timeout: float = 300.0,
+        tls: ssl.SSLContext | None = None,
+        logins: dict[str, str] | None = None,
     ) -> None:
+        """``tls`` offers (and requires) STARTTLS; ``logins`` (user to password) requires
+        AUTH, over TLS only.
+        """
         self.port = free_port()
         self.lock = threading.Lock()
         self.messages: list[Captured] = []
@@ -142,6 +170,11 @@ class CaptureServer:
             enable_SMTPUTF8=True,
             data_size_limit=64 * 1024 * 1024,
             timeout=idle_timeout,
+            tls_context=tls,
+            require_starttls=tls is not None,
+            auth_required=logins is not None,
+            auth_require_tls=True,
+            authenticator=_Authenticator(logins) if logins is not None else None,
         )
 
     @property
