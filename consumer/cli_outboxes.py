@@ -187,7 +187,12 @@ def add_parser(verbs: Any) -> None:
         type=int,
         help="connections per worker (default MAILBUS_SMTP_POOL_SIZE)",
     )
-    add.add_argument("--replace", action="store_true", help="overwrite an existing outbox")
+    add.add_argument(
+        "--replace",
+        action="store_true",
+        help="overwrite an existing outbox with exactly these options (a password not "
+        "given is removed); its count and active state are kept",
+    )
     add.set_defaults(handler=_add)
 
     ls = actions.add_parser("ls", help="list outboxes", description="List outboxes.")
