@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,15 +18,6 @@ from consumer.store import STATUSES, Document, JobStore, utcnow
 from consumer.topology import Names
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
-
-
-@asynccontextmanager
-async def _store(settings: Settings) -> AsyncIterator[JobStore]:
-    store = JobStore.connect(settings)
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 def _when(value: datetime | None) -> str:
@@ -52,14 +41,14 @@ def _table(records: list[Document]) -> str:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with _store(settings) as store:
+    async with JobStore.connect(settings) as store:
         records = await store.find(args.status, args.domain, args.limit)
     print(pretty_json(records) if args.json else _table(records))
     return 0
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with _store(settings) as store:
+    async with JobStore.connect(settings) as store:
         record = await store.get(args.id)
     if record is None:
         print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
@@ -83,7 +72,7 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
     async with (
-        _store(settings) as store,
+        JobStore.connect(settings) as store,
         await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,
     ):
         channel = await connection.channel(publisher_confirms=True)

@@ -27,15 +27,8 @@ from consumer.vault import Vault, new_key
 
 @asynccontextmanager
 async def _outboxes(settings: Settings) -> AsyncIterator[OutboxStore]:
-    jobs = JobStore.connect(settings)
-    try:
-        yield OutboxStore(jobs.client[settings.mongo_db])
-    finally:
-        await jobs.close()
-
-
-def _vault(settings: Settings) -> Vault | None:
-    return Vault.from_settings(settings) if settings.secret_key is not None else None
+    async with JobStore.connect(settings) as jobs:
+        yield OutboxStore(jobs.database)
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
@@ -54,7 +47,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
         timeout=args.timeout,
         max_connections=args.max_connections,
     )
-    doc = outbox_document(outbox, args.domain, args.provider, _vault(settings), utcnow())
+    doc = outbox_document(outbox, args.domain, args.provider, Vault.optional(settings), utcnow())
     async with _outboxes(settings) as store:
         await store.ensure_indexes()
         if not await store.put(doc, replace=args.replace):
@@ -85,11 +78,18 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _show(args: argparse.Namespace, settings: Settings) -> int:
+async def _stored(args: argparse.Namespace, settings: Settings) -> dict[str, Any] | None:
+    """The outbox named on the command line; None, said on stderr, if there is none."""
     async with _outboxes(settings) as store:
         doc = await store.get(args.name)
     if doc is None:
-        print(f"mailbus outbox show: no outbox {args.name!r}", file=sys.stderr)
+        print(f"mailbus outbox {args.outbox_verb}: no outbox {args.name!r}", file=sys.stderr)
+    return doc
+
+
+async def _show(args: argparse.Namespace, settings: Settings) -> int:
+    doc = await _stored(args, settings)
+    if doc is None:
         return 1
     print(pretty_json(describe(doc)))
     return 0
@@ -109,12 +109,10 @@ async def _switch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _test(args: argparse.Namespace, settings: Settings) -> int:
-    async with _outboxes(settings) as store:
-        doc = await store.get(args.name)
+    doc = await _stored(args, settings)
     if doc is None:
-        print(f"mailbus outbox test: no outbox {args.name!r}", file=sys.stderr)
         return 1
-    outbox = outbox_from_document(doc, _vault(settings))
+    outbox = outbox_from_document(doc, Vault.optional(settings))
     smtp = client(outbox)
     steps = f"{outbox.host}:{outbox.port}, {outbox.security}"
     if outbox.username:

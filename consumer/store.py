@@ -22,6 +22,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from consumer.errors import StoreUnavailableError
@@ -127,7 +128,8 @@ class JobStore:
 
     def __init__(self, client: AsyncMongoClient[Document], settings: Settings) -> None:
         self.client = client
-        self.jobs: AsyncCollection[Document] = client[settings.mongo_db]["jobs"]
+        self.database: AsyncDatabase[Document] = client[settings.mongo_db]
+        self.jobs: AsyncCollection[Document] = self.database["jobs"]
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._retention = timedelta(days=settings.retention_days)
 
@@ -147,6 +149,12 @@ class JobStore:
     async def close(self) -> None:
         """Close the client's connections."""
         await self.client.close()
+
+    async def __aenter__(self) -> JobStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def ensure_indexes(self) -> None:
         """Declare the indexes every query relies on; idempotent."""

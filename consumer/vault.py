@@ -41,6 +41,11 @@ class Vault:
         raw = settings.secret_key.get_secret_value() if settings.secret_key else ""
         return cls([key.strip() for key in raw.split(",") if key.strip()])
 
+    @classmethod
+    def optional(cls, settings: Settings) -> Vault | None:
+        """The vault of ``MAILBUS_SECRET_KEY``, or None when it is unset (no passwords)."""
+        return cls.from_settings(settings) if settings.secret_key is not None else None
+
     def encrypt(self, secret: str) -> str:
         """``secret`` encrypted with the first key."""
         return self._fernet.encrypt(secret.encode()).decode()

@@ -61,10 +61,10 @@ class Worker:
             default = outbox_from_url(
                 settings.default_smtp_url.get_secret_value(), timeout=settings.smtp_timeout
             )
-        self.outboxes = OutboxStore(self.store.client[settings.mongo_db])
+        self.outboxes = OutboxStore(self.store.database)
         self.picker = OutboxPicker(
             self.outboxes,
-            Vault.from_settings(settings) if settings.secret_key is not None else None,
+            Vault.optional(settings),
             default,
             settings.smtp_pool_size,
             settings.smtp_idle_seconds,

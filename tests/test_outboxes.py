@@ -38,16 +38,13 @@ def servers() -> Iterator[list[CaptureServer]]:
 
 async def add_outbox(settings: Settings, name: str, url: str, active: bool = True) -> None:
     """Store an outbox for example.com that sends to the SMTP server at ``url``."""
-    jobs = JobStore.connect(settings)
-    try:
-        outboxes = OutboxStore(jobs.client[settings.mongo_db])
+    async with JobStore.connect(settings) as jobs:
+        outboxes = OutboxStore(jobs.database)
         outbox = outbox_from_url(url, name=name, timeout=3.0)
         doc = outbox_document(outbox, "example.com", None, None, utcnow())
         assert await outboxes.put(doc, replace=False)
         if not active:
             assert await outboxes.set_active(name, False)
-    finally:
-        await jobs.close()
 
 
 async def test_outboxes_take_turns_and_a_disabled_one_sends_nothing(
@@ -104,11 +101,8 @@ async def test_passwords_are_stored_encrypted_and_never_printed(
         input=secret + "\n",
     )  # fmt: skip
     assert add.returncode == 0, add.stderr
-    jobs = JobStore.connect(keyed)
-    try:
-        raw = await jobs.client[keyed.mongo_db]["outboxes"].find_one({"_id": "gmail-1"})
-    finally:
-        await jobs.close()
+    async with JobStore.connect(keyed) as jobs:
+        raw = await jobs.database["outboxes"].find_one({"_id": "gmail-1"})
     assert raw is not None
     assert secret not in json.dumps(raw, default=str)
     assert raw["domain"] == "example.com"
@@ -184,11 +178,8 @@ async def test_rotate_key_re_encrypts_stored_passwords(keyed: Settings) -> None:
     rotated = await mailbus(both, "outbox", "rotate-key")
     assert rotated.returncode == 0, rotated.stderr
     assert "re-encrypted 1" in rotated.stdout
-    jobs = JobStore.connect(keyed)
-    try:
-        raw = await jobs.client[keyed.mongo_db]["outboxes"].find_one({"_id": "r1"})
-    finally:
-        await jobs.close()
+    async with JobStore.connect(keyed) as jobs:
+        raw = await jobs.database["outboxes"].find_one({"_id": "r1"})
     assert raw is not None
     opened = outbox_from_document(raw, Vault([newer]))  # the old key is no longer needed
     assert opened.password is not None

@@ -41,12 +41,9 @@ def _summary(milliseconds: list[float]) -> dict[str, float]:
 
 
 async def _recorded_due(settings: Settings, job_ids: list[str]) -> dict[str, float]:
-    store = JobStore.connect(settings)
-    try:
+    async with JobStore.connect(settings) as store:
         cursor = store.jobs.find({"_id": {"$in": job_ids}}, {"due_at": 1})
         return {doc["_id"]: doc["due_at"].timestamp() async for doc in cursor}
-    finally:
-        await store.close()
 
 
 async def measure(
