@@ -46,6 +46,9 @@ def event_for(outcome: Outcome) -> Event | None:
                 error=failure.describe() if failure else None,
                 smtp={"code": failure.code} if failure and failure.code else None,
             )
+        case Later(why="rate_limited", due_at=due_at):
+            key = "mail.deferred"
+            body.update(due_at=due_at.isoformat(), reason="rate_limited")
         case Later() | Skip() | Crashed():
             return None
     body["event"] = key

@@ -1,9 +1,9 @@
-"""Outboxes in MongoDB, and choosing one for a job.
+"""Outboxes in MongoDB.
 
 Each outbox is a document in ``outboxes`` (``_id`` is its name) with its domain, provider,
 SMTP connection details, the password encrypted by :mod:`consumer.vault`, ``active`` and
-``sent_count``. Choosing is one atomic update: the domain's active outbox with the lowest
-``sent_count`` gets its count incremented, so workers everywhere take turns (round robin).
+``sent_count``. Counting a turn is a conditional increment of ``sent_count``, so workers
+everywhere take turns (round robin); :mod:`consumer.picker` decides whose turn it is.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from pymongo.errors import DuplicateKeyError
 from consumer.errors import ConfigurationError
 from consumer.outboxes import Outbox
 from consumer.store import Document, answering, utcnow
-from consumer.transport import SMTPPool
 from consumer.vault import Vault
 
 # Fields never printed: the encrypted password stays in the database.
 HIDDEN = {"password": 0}
 # Attempts at taking an outbox's turn before settling for an unguarded increment.
 TURN_TRIES = 20
+# Least used first; the name breaks ties so every worker sees the same order.
+_ORDER = [("sent_count", 1), ("_id", 1)]
 
 
 def outbox_document(
@@ -148,83 +149,42 @@ class OutboxStore:
             result = await self.outboxes.delete_one({"_id": name})
         return result.deleted_count == 1
 
-    async def take_turn(self, domain: str, avoid: str | None = None) -> Document | None:
-        """The domain's active outbox that has sent least, its count incremented; None if
-        the domain has no active outbox. ``avoid`` is passed over unless it is the only one.
+    async def active(self, domain: str) -> list[Document]:
+        """The domain's active outboxes, least used first."""
+        async with answering():
+            cursor = self.outboxes.find({"domain": domain.lower(), "active": True}).sort(_ORDER)
+            return [doc async for doc in cursor]
 
-        The increment is conditional on the count just read, so concurrent choosers never
-        both take the same turn: counts of a domain's outboxes never drift more than one
-        apart, in any number of workers.
+    async def count_turn(self, doc: Document, avoid: str | None = None) -> Document:
+        """Count one send through ``doc``, or through the outbox of the same domain and
+        provider whose turn it turns out to be; returns the outbox counted.
+
+        The increment is conditional on the count read, so concurrent choosers never both
+        take the same turn: counts of the outboxes sharing a provider never drift more than
+        one apart, in any number of workers. ``avoid`` stays passed over unless ``doc`` is it.
         """
-        query: Document = {"domain": domain.lower(), "active": True}
-        if avoid is not None:
-            elsewhere = await self._take({**query, "_id": {"$ne": avoid}})
-            if elsewhere is not None:
-                return elsewhere
-        return await self._take(query)
-
-    async def _take(self, query: Document) -> Document | None:
-        order = [("sent_count", 1), ("_id", 1)]
+        query: Document = {
+            "domain": doc["domain"],
+            "active": True,
+            "provider": doc.get("provider"),
+        }
+        if avoid is not None and doc["_id"] != avoid:
+            query["_id"] = {"$ne": avoid}
         async with answering():
             for _ in range(TURN_TRIES):
-                doc = await self.outboxes.find_one(query, sort=order)
-                if doc is None:
-                    return None
                 taken = await self.outboxes.update_one(
                     {"_id": doc["_id"], "sent_count": doc.get("sent_count", 0)},
                     {"$inc": {"sent_count": 1}},
                 )
                 if taken.modified_count == 1:
                     return doc
-            # Heavy contention: take the least used one without the guarantee.
-            return await self.outboxes.find_one_and_update(
-                query, {"$inc": {"sent_count": 1}}, sort=order
-            )
-
-
-class OutboxPicker:
-    """Chooses the outbox for a job's domain and lends its connection pool."""
-
-    def __init__(
-        self,
-        outboxes: OutboxStore,
-        vault: Vault | None,
-        default: Outbox | None,
-        pool_size: int,
-        idle_seconds: float,
-    ) -> None:
-        self.outboxes = outboxes
-        self.vault = vault
-        self.default = default
-        self.pool_size = pool_size
-        self.idle_seconds = idle_seconds
-        self._pools: dict[str, SMTPPool] = {}
-
-    async def pool_for(self, domain: str, avoid: str | None = None) -> SMTPPool | None:
-        """The pool of the outbox whose turn it is (``avoid`` only if the domain has no
-        other), the default outbox's when the domain has none, or None without a default.
-        """
-        doc = await self.outboxes.take_turn(domain, avoid)
-        if doc is not None:
-            return await self._pool(outbox_from_document(doc, self.vault))
-        if self.default is not None:
-            return await self._pool(self.default)
-        return None
-
-    async def _pool(self, outbox: Outbox) -> SMTPPool:
-        pool = self._pools.get(outbox.name)
-        if pool is not None and pool.outbox.version == outbox.version:
-            return pool
-        if pool is not None:  # the outbox changed: its old connections go
-            await pool.close()
-        pool = SMTPPool(outbox, outbox.max_connections or self.pool_size, self.idle_seconds)
-        self._pools[outbox.name] = pool
-        return pool
-
-    async def close(self) -> None:
-        """Close every pool's idle connections."""
-        for pool in self._pools.values():
-            await pool.close()
+                latest = await self.outboxes.find_one(query, sort=_ORDER)
+                if latest is None:  # disabled meanwhile: it was this job's turn all the same
+                    break
+                doc = latest
+            # Heavy contention: count it without the guarantee.
+            await self.outboxes.update_one({"_id": doc["_id"]}, {"$inc": {"sent_count": 1}})
+            return doc
 
 
 def describe(doc: dict[str, Any]) -> dict[str, Any]:

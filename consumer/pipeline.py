@@ -25,7 +25,7 @@ from consumer.errors import (
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import build_message
-from consumer.outbox_store import OutboxPicker
+from consumer.picker import Choice, OutboxPicker
 from consumer.retry import Decision, Failure, classify, decide, split_refusals
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
@@ -77,8 +77,8 @@ class Later:
     """Not now: the job comes round again at ``due_at``.
 
     ``why``: ``scheduled`` (first seen before its time), ``waiting`` (seen again early),
-    ``retry`` (a transient failure), ``leased`` (another worker is on it) or ``store``
-    (MongoDB did not answer).
+    ``retry`` (a transient failure), ``rate_limited`` (no provider token until ``due_at``),
+    ``leased`` (another worker is on it) or ``store`` (MongoDB did not answer).
     """
 
     ctx: Context
@@ -167,16 +167,21 @@ class Pipeline:
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
         try:
-            # After a transient failure, another outbox of the domain if there is one.
-            pool = await self.picker.pool_for(job.domain, avoid=claim.last_outbox)
+            choice = await self._choose(job, claim)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
             return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
-        if pool is None:
+        if choice is None:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
             return Dead(ctx, "no_outbox", error)
+        pool = choice.pool
         ctx = Context(job_id, job, claim.attempts, pool.outbox.name)
         structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
+        if choice.throttle is not None:
+            reservation, due = choice.throttle.reservation, choice.throttle.until
+            await self.store.mark_throttled(job_id, self.worker_id, reservation, due, body)
+            waiting = Context(job_id, job, claim.attempts - 1, pool.outbox.name)
+            return Later(waiting, due, "rate_limited")
         try:
             message = build_message(job, job_id, now)
         except DeadLetterError as exc:
@@ -237,6 +242,16 @@ class Pipeline:
             job_id, self.worker_id, failure.describe(), due, body, ctx.outbox
         )
         return Later(ctx, due, "retry", failure)
+
+    async def _choose(self, job: Job, claim: Claim) -> Choice | None:
+        """The outbox the job reserved a token of, else whose turn it is: after a transient
+        failure, another outbox of the domain if there is one.
+        """
+        if claim.reserved is not None:
+            choice = await self.picker.reserved(claim.reserved)
+            if choice is not None:
+                return choice
+        return await self.picker.choose(job.domain, avoid=claim.last_outbox)
 
     def _decide(self, failure: Failure, attempt: int, job: Job) -> Decision:
         settings = self.settings

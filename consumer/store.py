@@ -13,6 +13,7 @@ range, which every MongoDB-compatible server answers from the ``_id`` index.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from consumer.errors import StoreUnavailableError
 from consumer.message import Job
+from consumer.ratelimit import Reservation
 from consumer.settings import Settings
 
 HISTORY_LENGTH = 20
@@ -65,6 +67,8 @@ class Claim:
     refused: Document | None = None
     # The outbox of the last attempt, which a retry avoids when the domain has another.
     last_outbox: str | None = None
+    # The token a throttled job reserved: it sends through that outbox at that time.
+    reserved: Reservation | None = None
 
 
 @dataclass(frozen=True)
@@ -198,9 +202,10 @@ class JobStore:
             if result is not None and result.modified_count == 1:
                 # The lease is ours, so nobody else changes these before this read.
                 doc = await self.jobs.find_one(
-                    {"_id": job_id}, {"attempts": 1, "pending": 1, "refused": 1, "outbox": 1}
+                    {"_id": job_id},
+                    {"attempts": 1, "pending": 1, "refused": 1, "outbox": 1, "reserved": 1},
                 ) or {"attempts": 1}
-                pending = doc.get("pending")
+                pending, reserved = doc.get("pending"), doc.get("reserved")
                 return Claim(
                     ClaimState.CLAIMED,
                     "sending",
@@ -208,6 +213,7 @@ class JobStore:
                     pending=tuple(pending) if pending is not None else None,
                     refused=doc.get("refused"),
                     last_outbox=doc.get("outbox"),
+                    reserved=Reservation(**reserved) if reserved is not None else None,
                 )
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
@@ -274,7 +280,13 @@ class JobStore:
                         "outbox": outbox,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": "", "ready_at": "", "body": "", "pending": ""},
+                    "$unset": {
+                        "lease_until": "",
+                        "ready_at": "",
+                        "body": "",
+                        "pending": "",
+                        "reserved": "",
+                    },
                     "$push": {"history": _history("sent", now, smtp=reply)},
                 },
             )
@@ -312,8 +324,42 @@ class JobStore:
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
                     "$set": changes,
-                    "$unset": {"lease_until": ""},
+                    "$unset": {"lease_until": "", "reserved": ""},
                     "$push": {"history": _history("deferred", now, error=error, due_at=due_at)},
+                },
+            )
+
+    async def mark_throttled(
+        self,
+        job_id: str,
+        worker_id: str,
+        reservation: Reservation,
+        due_at: datetime,
+        body: bytes,
+    ) -> None:
+        """No outbox may send now: the job waits for the token it reserved, and the attempt
+        it was claimed for is given back (rate-limit waits never count as attempts).
+        """
+        now = utcnow()
+        async with answering():
+            await self.jobs.update_one(
+                {"_id": job_id, "worker": worker_id, "status": "sending"},
+                {
+                    "$set": {
+                        "status": "scheduled",
+                        "due_at": due_at,
+                        "ready_at": due_at,
+                        "updated_at": now,
+                        "body": body,
+                        "reserved": dataclasses.asdict(reservation),
+                    },
+                    "$inc": {"attempts": -1},
+                    "$unset": {"lease_until": ""},
+                    "$push": {
+                        "history": _history(
+                            "rate_limited", now, outbox=reservation.outbox, due_at=due_at
+                        )
+                    },
                 },
             )
 
@@ -333,7 +379,7 @@ class JobStore:
                         "updated_at": now,
                         "expire_at": now + self._retention,
                     },
-                    "$unset": {"lease_until": "", "ready_at": "", "body": ""},
+                    "$unset": {"lease_until": "", "ready_at": "", "body": "", "reserved": ""},
                     "$push": {"history": _history(status, now, reason=reason, error=error)},
                 },
             )
@@ -405,13 +451,17 @@ class JobStore:
         return Change(True, None)
 
     async def reschedule(self, job_id: str, due_at: datetime) -> Change:
-        """Move a scheduled job to ``due_at``; ``before`` carries the stored body."""
+        """Move a scheduled job to ``due_at``; ``before`` carries the stored body.
+
+        A token the job had reserved is let go: at its new time it takes a fresh one.
+        """
         now = utcnow()
         async with answering():
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": "scheduled"},
                 {
                     "$set": {"due_at": due_at, "ready_at": due_at, "updated_at": now},
+                    "$unset": {"reserved": ""},
                     "$inc": {"reschedules": 1},
                     "$push": {"history": _history("rescheduled", now, due_at=due_at)},
                 },

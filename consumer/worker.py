@@ -20,9 +20,10 @@ from consumer import control, ladder, topology
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
 from consumer.logging import get_logger
-from consumer.outbox_store import OutboxPicker, OutboxStore
+from consumer.outbox_store import OutboxStore
 from consumer.outboxes import outbox_from_url
 from consumer.outgoing import Outgoing, copy_of
+from consumer.picker import OutboxPicker
 from consumer.pipeline import (
     STORE_RETRY,
     Context,
@@ -34,6 +35,7 @@ from consumer.pipeline import (
     Sent,
     Skip,
 )
+from consumer.provider_store import ProviderStore
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
@@ -62,8 +64,10 @@ class Worker:
                 settings.default_smtp_url.get_secret_value(), timeout=settings.smtp_timeout
             )
         self.outboxes = OutboxStore(self.store.database)
+        self.providers = ProviderStore(self.store.database)
         self.picker = OutboxPicker(
             self.outboxes,
+            self.providers,
             Vault.optional(settings),
             default,
             settings.smtp_pool_size,

@@ -147,6 +147,11 @@ HELP = [
     ["outbox", "test"],
     ["outbox", "disable"],
     ["outbox", "rotate-key"],
+    ["provider"],
+    ["provider", "set"],
+    ["provider", "ls"],
+    ["provider", "show"],
+    ["provider", "rm"],
 ]
 
 

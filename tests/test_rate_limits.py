@@ -1,0 +1,146 @@
+"""Provider limits shared by every worker: token buckets in MongoDB, throttled jobs deferred."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+from aio_pika.abc import AbstractChannel
+
+from consumer.outbox_store import OutboxStore, outbox_document
+from consumer.outboxes import outbox_from_url
+from consumer.provider_store import ProviderStore
+from consumer.publish import publish_job
+from consumer.ratelimit import Limit, parse_limit, take
+from consumer.settings import Settings
+from consumer.store import JobStore, utcnow
+from consumer.topology import Names
+from deploy.devstack.processes import mailbus, spawn_worker
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import consumers, depth, drain_events, job, listen_events, until
+from tests.conftest import RunningWorker
+from tests.test_ratelimit import most_in_a_window
+
+
+async def add_capped_outbox(settings: Settings, url: str, provider: str) -> None:
+    """An outbox of example.com, sending to ``url``, under ``provider``'s limits."""
+    async with JobStore.connect(settings) as jobs:
+        outbox = outbox_from_url(url, name="capped-1", timeout=5.0)
+        doc = outbox_document(outbox, "example.com", provider, None, utcnow())
+        assert await OutboxStore(jobs.database).put(doc, replace=False)
+
+
+async def test_provider_commands(settings: Settings) -> None:
+    made = await mailbus(
+        settings, "provider", "set", "gmail", "--limit", "500/day", "--limit", "20/minute",
+        "--burst", "5",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "created: 500/day, 20/minute, burst 5" in made.stdout
+    listed = await mailbus(settings, "provider", "ls")
+    assert listed.stdout.splitlines()[1].split(None, 2) == ["gmail", "5", "500/day, 20/minute"]
+    shown = json.loads((await mailbus(settings, "provider", "show", "gmail")).stdout)
+    assert [(x["count"], x["period"], x["interval"]) for x in shown["limits"]] == [
+        (500, 86400, 172_800_000),
+        (20, 60, 3_000_000),
+    ]
+    again = await mailbus(settings, "provider", "set", "gmail", "--limit", "10/s")
+    assert "replaced: 10/second, burst 1" in again.stdout
+
+    bad = await mailbus(settings, "provider", "set", "gmail", "--limit", "10/fortnight")
+    assert bad.returncode == 2
+    assert "a limit looks like 20/minute" in bad.stderr
+    assert (await mailbus(settings, "provider", "rm", "gmail")).returncode == 0
+    gone = await mailbus(settings, "provider", "rm", "gmail")
+    assert gone.returncode == 1
+    assert "no provider 'gmail'" in gone.stderr
+
+
+async def test_the_server_computes_what_the_pure_arithmetic_does(store: JobStore) -> None:
+    """The update pipeline MongoDB runs is ratelimit.take: same slots, same buckets."""
+    providers = ProviderStore(store.database)
+    limits = [Limit(5, 1), Limit(12, 60)]
+    await providers.put("p", limits, 2)
+    tats = [0, 0]
+    for reserve in [False] * 6 + [True] * 6 + [False] * 2:
+        grant = await providers.take("p", reserve=reserve)
+        assert grant is not None
+        expected, tats = take(limits, 2, tats, grant.now_us, 2**62 if reserve else 0)
+        assert grant == expected
+        doc = await providers.get("p")
+        assert doc is not None
+        assert [x["tat"] for x in doc["limits"]] == tats
+    assert await providers.take("undefined") is None
+
+
+async def test_a_throttled_job_waits_without_using_an_attempt(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    names = Names(settings.prefix)
+    async with JobStore.connect(settings) as jobs:
+        await ProviderStore(jobs.database).put("slow", [parse_limit("1/2s")], 1)
+    await add_capped_outbox(settings, smtp.url, "slow")
+    events = await listen_events(channel, names)
+    for i in range(3):
+        await publish_job(channel, job(id=f"capped-{i}", subject=f"capped {i}"), names=names)
+    async with asyncio.timeout(20):
+        await smtp.wait_for(3)
+    times = sorted(m.received_at for m in smtp.received())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) > 1.95, gaps  # one token every two seconds, by the server's clock
+    assert max(gaps) < 2.8, gaps  # and each waiting job went as soon as its token came
+
+    deferred = [body for key, body in await drain_events(channel, events) if key == "mail.deferred"]
+    # Whichever took the token first went at once; the other two waited their turn.
+    assert len({body["id"] for body in deferred}) == len(deferred) == 2
+    assert {body["reason"] for body in deferred} == {"rate_limited"}
+    async with JobStore.connect(settings) as jobs:
+        records = [await jobs.get(f"capped-{i}") for i in range(3)]
+    assert [(r["status"], r["attempts"], r["outbox"]) for r in records if r] == [
+        ("sent", 1, "capped-1")
+    ] * 3
+    assert await depth(channel, names.dead) == 0
+
+
+async def test_four_workers_share_one_limit(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, tmp_path: Path
+) -> None:
+    """4 worker processes, 5/second with burst 2, 60 jobs at once: never more than 5 + 2 in
+    any second by the SMTP server's clock (the buckets grant 5 + 2 - 1; the spare one absorbs
+    the time from token to SMTP), all delivered, none dead, close to the cap's pace.
+    """
+    burst, count = 2, 60
+    names = Names(settings.prefix)
+    made = await mailbus(settings, "provider", "set", "capped", "--limit", "5/s", "--burst", "2")
+    assert made.returncode == 0, made.stderr
+    await add_capped_outbox(settings, smtp.url, "capped")
+    workers: list[subprocess.Popen[bytes]] = []
+
+    async def consumers_are(wanted: int) -> bool:
+        return await consumers(channel, names.send_queue) == wanted
+
+    try:
+        for i in range(4):
+            workers.append(spawn_worker(settings, tmp_path / f"worker{i}.log"))
+        await until(lambda: consumers_are(4), seconds=60)
+        started = asyncio.get_running_loop().time()
+        for i in range(count):
+            await publish_job(channel, job(id=f"burst-{i}", subject=f"n{i}"), names=names)
+        async with asyncio.timeout(60):
+            await smtp.wait_for(count)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            await asyncio.to_thread(process.wait, 30)
+    received = smtp.received()
+    assert sorted(m.message()["Subject"] for m in received) == sorted(f"n{i}" for i in range(count))
+    assert most_in_a_window([round(m.received_at * 1e6) for m in received], 1_000_000) <= 5 + burst
+    fastest = (count - burst) / 5  # the burst at once, then one token every 0.2 s
+    assert fastest - 0.1 < elapsed < fastest * 1.25 + 1, elapsed
+    assert await depth(channel, names.dead) == 0
