@@ -15,7 +15,15 @@ import aio_pika
 from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
-from consumer import __version__, cli_jobs, cli_outboxes, cli_providers, ladder, topology
+from consumer import (
+    __version__,
+    cli_domains,
+    cli_jobs,
+    cli_outboxes,
+    cli_providers,
+    ladder,
+    topology,
+)
 from consumer.errors import ConfigurationError, StoreUnavailableError
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
@@ -200,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_jobs.add_parser(verbs)
     cli_outboxes.add_parser(verbs)
     cli_providers.add_parser(verbs)
+    cli_domains.add_parser(verbs)
     return parser
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from consumer.authorization import Authorizer
 from consumer.errors import (
     ConfigurationError,
     DeadLetterError,
@@ -106,6 +107,7 @@ class Pipeline:
         settings: Settings,
         store: JobStore,
         picker: OutboxPicker,
+        authorizer: Authorizer,
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
@@ -113,14 +115,21 @@ class Pipeline:
         self.settings = settings
         self.store = store
         self.picker = picker
+        self.authorizer = authorizer
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
 
     async def process(
-        self, body: bytes, message_id: str | None, headers: Mapping[str, Any]
+        self,
+        body: bytes,
+        message_id: str | None,
+        headers: Mapping[str, Any],
+        user: str | None = None,
     ) -> Outcome:
-        """Run the job in ``body`` as far as it can go now."""
+        """Run the job in ``body`` as far as it can go now; ``user`` is the broker user it
+        was published by (see :mod:`consumer.authorization`).
+        """
         now = self.clock()
         try:
             job, job_id = parse_job(body, message_id)
@@ -130,6 +139,9 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
         ctx = Context(job_id, job)
         try:
+            refusal = await self.authorizer.refusal(job, user)
+            if refusal is not None:  # nothing is recorded for a job nobody may send
+                return Dead(ctx, "unauthorized", refusal)
             if due is not None and due > now + DUE_TOLERANCE:
                 if DUE_HEADER in headers:  # a copy back early: its record was written before
                     return Later(ctx, due, "waiting")

@@ -1,11 +1,16 @@
-"""Encrypting outbox passwords at rest with ``MAILBUS_SECRET_KEY`` (Fernet, rotatable).
+"""Secrets kept with ``MAILBUS_SECRET_KEY``: outbox passwords encrypted at rest (Fernet,
+rotatable), and signatures on what workers carry from one copy of a job to the next.
 
-The setting holds one or more Fernet keys separated by commas. The first encrypts; every
-one decrypts, so a new key is put first, ``mailbus outbox rotate-key`` re-encrypts the
-stored passwords, and the old key can then be dropped.
+The setting holds one or more Fernet keys separated by commas. The first encrypts and
+signs; every one decrypts and verifies, so a new key is put first, ``mailbus outbox
+rotate-key`` re-encrypts the stored passwords, and the old key can then be dropped.
 """
 
 from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -29,6 +34,11 @@ class Vault:
             )
         try:
             self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+            # Signing keys derived from, never equal to, the encryption keys.
+            self._signing = [
+                hashlib.sha256(b"mailbus-signing\0" + base64.urlsafe_b64decode(key)).digest()
+                for key in keys
+            ]
         except ValueError:
             raise ConfigurationError(
                 "MAILBUS_SECRET_KEY must be Fernet keys (32 url-safe base64 bytes), "
@@ -68,3 +78,14 @@ class Vault:
             raise ConfigurationError(
                 "a stored password cannot be decrypted with MAILBUS_SECRET_KEY"
             ) from None
+
+    def sign(self, data: bytes) -> str:
+        """An HMAC-SHA256 of ``data`` with the first key, hex."""
+        return hmac.new(self._signing[0], data, hashlib.sha256).hexdigest()
+
+    def verify(self, data: bytes, signature: str) -> bool:
+        """Whether ``signature`` was made by :meth:`sign` with any configured key."""
+        return any(
+            hmac.compare_digest(hmac.new(key, data, hashlib.sha256).hexdigest(), signature)
+            for key in self._signing
+        )

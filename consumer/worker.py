@@ -17,6 +17,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer import control, ladder, topology
+from consumer.authorization import Authorizer, broker_user, carry_user
+from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
 from consumer.logging import get_logger
@@ -65,15 +67,17 @@ class Worker:
             )
         self.outboxes = OutboxStore(self.store.database)
         self.providers = ProviderStore(self.store.database)
+        self.vault = Vault.optional(settings)
         self.picker = OutboxPicker(
             self.outboxes,
             self.providers,
-            Vault.optional(settings),
+            self.vault,
             default,
             settings.smtp_pool_size,
             settings.smtp_idle_seconds,
         )
-        self.pipeline = Pipeline(settings, self.store, self.picker, self.worker_id)
+        authorizer = Authorizer(DomainStore(self.store.database))
+        self.pipeline = Pipeline(settings, self.store, self.picker, authorizer, self.worker_id)
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
@@ -158,23 +162,26 @@ class Worker:
     async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
         """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
-        headers: Mapping[str, Any] = message.headers or {}
+        body, received = message.body, message.headers or {}
+        user = broker_user(message.user_id, received, body, self.vault)
+        # Copies carry the user, signed, as they cannot re-assert user_id.
+        headers: Mapping[str, Any] = carry_user(received, user, body, self.vault)
         events: list[Event] = []
-        outcome = await self._process(message, headers)
+        outcome = await self._process(message, headers, user)
         holds = 0
         while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
             holds += 1
             events.extend(_events_of(outcome))
             headers = carried_headers(headers, outcome.due_at)
-            outcome = await self._process(message, headers)
+            outcome = await self._process(message, headers, user)
         events.extend(_events_of(outcome))
         await self._settle(message, outcome, key, headers, events)
 
     async def _process(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any]
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], user: str | None
     ) -> Outcome:
         try:
-            return await self.pipeline.process(message.body, message.message_id, headers)
+            return await self.pipeline.process(message.body, message.message_id, headers, user)
         except Exception as exc:
             log.exception("job.crashed")
             return Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")

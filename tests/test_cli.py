@@ -152,6 +152,11 @@ HELP = [
     ["provider", "ls"],
     ["provider", "show"],
     ["provider", "rm"],
+    ["domain"],
+    ["domain", "add"],
+    ["domain", "ls"],
+    ["domain", "show"],
+    ["domain", "rm"],
 ]
 
 

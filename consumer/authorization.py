@@ -1,0 +1,111 @@
+"""Who may send for a domain: its key in the job, or an allowed broker user.
+
+The broker user of a producer's message is its AMQP ``user_id``, which RabbitMQ checks
+against the connection's login. The copies a worker publishes (retries, the delay ladder)
+cannot re-assert it, so they carry it in a header signed with ``MAILBUS_SECRET_KEY`` over
+the user and the body; a header a producer forges fails the check and is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from consumer.domain_store import DomainStore, key_matches
+from consumer.message import Job
+from consumer.store import Document
+from consumer.vault import Vault
+
+USER_HEADER = "x-mailbus-user"
+USER_SIGNATURE_HEADER = "x-mailbus-user-signature"
+# How long a worker trusts what it read of a domain: changes apply within this time.
+CACHE_SECONDS = 5.0
+_MAX_REMEMBERED = 10_000
+
+
+def _signed(user: str, body: bytes) -> bytes:
+    return b"user\0" + user.encode() + b"\0" + hashlib.sha256(body).digest()
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+def broker_user(
+    user_id: str | None, headers: Mapping[str, Any], body: bytes, vault: Vault | None
+) -> str | None:
+    """The broker user a delivery speaks for: the AMQP ``user_id`` of a producer's message,
+    or on a worker's copy the user it carried, if its signature holds.
+    """
+    if user_id:
+        return user_id
+    user = _text(headers.get(USER_HEADER))
+    signature = _text(headers.get(USER_SIGNATURE_HEADER))
+    if vault is None or not user or not signature:
+        return None
+    return user if vault.verify(_signed(user, body), signature) else None
+
+
+def carry_user(
+    headers: Mapping[str, Any], user: str | None, body: bytes, vault: Vault | None
+) -> dict[str, Any]:
+    """``headers`` for a copy of a job: the user signed in, anything claimed before out."""
+    carried = {k: v for k, v in headers.items() if k not in (USER_HEADER, USER_SIGNATURE_HEADER)}
+    if user is not None and vault is not None:
+        carried[USER_HEADER] = user
+        carried[USER_SIGNATURE_HEADER] = vault.sign(_signed(user, body))
+    return carried
+
+
+class Authorizer:
+    """Decides whether a job may send for its domain, remembering domains for a few
+    seconds and keys it has verified (a key hash is slow to compute on purpose).
+    """
+
+    def __init__(self, domains: DomainStore, clock: Callable[[], float] = time.monotonic):
+        self.domains = domains
+        self.clock = clock
+        self._domains: dict[str, tuple[float, Document | None]] = {}
+        self._verified: set[tuple[str, bytes]] = set()
+
+    async def refusal(self, job: Job, user: str | None) -> str | None:
+        """Why the job may not send for its domain, or None when it may."""
+        doc = await self._domain(job.domain.lower())
+        if doc is None:
+            return None
+        key = job.domain_key.get_secret_value() if job.domain_key is not None else None
+        stored = doc.get("key_hash")
+        if key is not None and stored and await self._matches(key, stored):
+            return None
+        if user is not None and user in doc.get("allow_users", []):
+            return None
+        if key is not None:
+            return f"wrong domain key for {job.domain}"
+        if user is not None:
+            return f"no domain key, and broker user {user!r} may not send for {job.domain}"
+        return f"no domain key for {job.domain}, and no allowed broker user"
+
+    async def _domain(self, domain: str) -> Document | None:
+        now = self.clock()
+        cached = self._domains.get(domain)
+        if cached is not None and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        doc = await self.domains.get(domain)
+        self._domains[domain] = (now, doc)
+        return doc
+
+    async def _matches(self, key: str, stored: str) -> bool:
+        seen = (stored, hashlib.sha256(key.encode()).digest())
+        if seen in self._verified:
+            return True
+        if not await asyncio.to_thread(key_matches, key, stored):
+            return False
+        if len(self._verified) >= _MAX_REMEMBERED:
+            self._verified.clear()
+        self._verified.add(seen)
+        return True

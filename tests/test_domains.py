@@ -1,0 +1,163 @@
+"""Domain authorization: keys stored hashed, allowed broker users, `unauthorized` dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+from pydantic import SecretStr
+
+from consumer.authorization import USER_HEADER, USER_SIGNATURE_HEADER, broker_user, carry_user
+from consumer.domain_store import hash_key, key_matches
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.topology import Names
+from consumer.vault import Vault, new_key
+from deploy.devstack.processes import mailbus
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import depth, encode, job, take
+from tests.conftest import RunningWorker
+
+DOMAIN_KEY = "dk-correct-horse-0042"
+
+
+def test_key_hash_is_salted_and_checks_the_key() -> None:
+    first, second = hash_key(DOMAIN_KEY), hash_key(DOMAIN_KEY)
+    assert first != second
+    assert DOMAIN_KEY not in first
+    assert key_matches(DOMAIN_KEY, first)
+    assert key_matches(DOMAIN_KEY, second)
+    assert not key_matches("dk-wrong", first)
+    assert not key_matches(DOMAIN_KEY, "md5$whatever")
+    assert not key_matches(DOMAIN_KEY, "garbage")
+
+
+def test_a_carried_user_must_be_signed_over_the_same_body() -> None:
+    vault, other = Vault([new_key()]), Vault([new_key()])
+    body = b'{"domain": "example.com"}'
+    headers = carry_user({"x-keep": 1}, "app1", body, vault)
+    assert headers["x-keep"] == 1
+    assert broker_user(None, headers, body, vault) == "app1"
+    assert broker_user("app2", headers, body, vault) == "app2"  # user_id, checked by RabbitMQ
+    assert broker_user(None, headers, body + b" ", vault) is None
+    assert broker_user(None, headers, body, other) is None
+    assert broker_user(None, headers, body, None) is None
+    forged = {USER_HEADER: "app1", USER_SIGNATURE_HEADER: "0" * 64}
+    assert broker_user(None, forged, body, vault) is None
+    assert USER_HEADER not in carry_user(headers, None, body, vault)
+
+
+@pytest.fixture
+def signed(settings: Settings) -> Settings:
+    """The test's settings with a secret key (and the default outbox kept)."""
+    return settings.model_copy(update={"secret_key": SecretStr(new_key())})
+
+
+@pytest.fixture
+async def as_guest(signed: Settings, channel: AbstractChannel) -> AsyncIterator[RunningWorker]:
+    """A worker for ``signed``."""
+    running = RunningWorker(signed)
+    yield running
+    await running.shutdown()
+
+
+async def publish(
+    channel: AbstractChannel,
+    names: Names,
+    body: dict[str, object],
+    user_id: str | None = None,
+    headers: dict[str, object] | None = None,
+) -> None:
+    """Publish ``body`` as a producer would, as ``user_id`` (checked by RabbitMQ)."""
+    exchange = await channel.get_exchange(names.exchange)
+    message = aio_pika.Message(
+        encode(body),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        user_id=user_id,
+        headers=headers or {},
+    )
+    await exchange.publish(message, routing_key="send")
+
+
+async def test_domain_keys_and_allowed_users(
+    signed: Settings, channel: AbstractChannel, smtp: CaptureServer, as_guest: RunningWorker
+) -> None:
+    names = Names(signed.prefix)
+    user = urlsplit(signed.amqp_url.get_secret_value()).username or ""
+    added = await mailbus(
+        signed, "domain", "add", "Example.com", "--key-stdin", "--allow-user", user,
+        input=DOMAIN_KEY + "\n",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    await mailbus(signed, "domain", "add", "keyonly.example", "--key-stdin", input="k2\n")
+    async with JobStore.connect(signed) as jobs:
+        raw = await jobs.database["domains"].find_one({"_id": "example.com"})
+    assert raw is not None
+    assert DOMAIN_KEY not in json.dumps(raw, default=str)
+    shown = await mailbus(signed, "domain", "show", "example.com")
+    assert json.loads(shown.stdout)["key"] == "set"
+    assert DOMAIN_KEY not in shown.stdout
+
+    # The allowed user's job is retried once: its copy carries the user, signed.
+    smtp.faults.refuse_data("451 4.3.0 try again")
+    await publish(channel, names, job(id="by-user", subject="allowed user"), user_id=user)
+    await smtp.wait_for(1)
+    async with JobStore.connect(signed) as jobs:
+        record = await jobs.get("by-user")
+    assert record is not None
+    assert (record["status"], record["attempts"]) == ("sent", 2)
+
+    await publish(channel, names, job(subject="right key", domain_key=DOMAIN_KEY))
+    await publish(channel, names, job(subject="wrong key", domain_key="dk-wrong"))
+    await publish(channel, names, job(subject="no key, no user"))
+    forged = {USER_HEADER: user, USER_SIGNATURE_HEADER: "0" * 64}
+    await publish(channel, names, job(subject="forged header"), headers=forged)
+    elsewhere = job(subject="user, key-only domain", domain="keyonly.example")
+    await publish(channel, names, elsewhere, user_id=user)
+
+    dead = await take(channel, names.dead, 4)
+    await smtp.wait_for(2)
+    assert sorted(m.message()["Subject"] for m in smtp.received()) == [
+        "allowed user",
+        "right key",
+    ]
+    reasons = {json.loads(d.body)["subject"]: d.headers["x-mailbus-reason"] for d in dead}
+    errors = {json.loads(d.body)["subject"]: d.headers["x-mailbus-error"] for d in dead}
+    assert reasons == {
+        "wrong key": "unauthorized",
+        "no key, no user": "unauthorized",
+        "forged header": "unauthorized",
+        "user, key-only domain": "unauthorized",
+    }
+    assert errors["wrong key"] == "wrong domain key for example.com"
+    assert f"broker user {user!r} may not send for keyonly" in str(errors["user, key-only domain"])
+    assert await depth(channel, names.dead) == 0
+
+
+async def test_domain_commands(signed: Settings) -> None:
+    without_secret = signed.model_copy(update={"secret_key": None})
+    refused = await mailbus(without_secret, "domain", "add", "a.example", "--allow-user", "app")
+    assert refused.returncode == 2
+    assert "MAILBUS_SECRET_KEY" in refused.stderr
+    nothing = await mailbus(signed, "domain", "add", "a.example")
+    assert nothing.returncode == 2
+    added = await mailbus(signed, "domain", "add", "a.example", "--allow-user", "app")
+    assert added.returncode == 0, added.stderr
+    again = await mailbus(signed, "domain", "add", "a.example", "--allow-user", "b")
+    assert again.returncode == 1
+    assert "exists" in again.stderr
+    replaced = await mailbus(
+        signed, "domain", "add", "a.example", "--allow-user", "b", "--allow-user", "c", "--replace"
+    )
+    assert replaced.returncode == 0
+    listed = await mailbus(signed, "domain", "ls")
+    assert listed.stdout.splitlines()[1].split(None, 2) == ["a.example", "-", "b, c"]
+    assert (await mailbus(signed, "domain", "rm", "a.example")).returncode == 0
+    gone = await mailbus(signed, "domain", "show", "a.example")
+    assert gone.returncode == 1
+    assert "not registered" in gone.stderr
