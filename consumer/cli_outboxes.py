@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,13 +13,14 @@ import aiosmtplib
 from pydantic import SecretStr
 
 from consumer.cli_output import pretty_json, table
+from consumer.errors import ConfigurationError
 from consumer.outbox_store import (
     OutboxStore,
     describe,
     outbox_document,
     outbox_from_document,
 )
-from consumer.outboxes import Outbox
+from consumer.outboxes import DEFAULT_SENDMAIL, Outbox
 from consumer.settings import Settings
 from consumer.store import JobStore, utcnow
 from consumer.transport import client
@@ -32,13 +34,15 @@ async def _outboxes(settings: Settings) -> AsyncIterator[OutboxStore]:
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
+    if args.transport == "smtp" and not args.host:
+        raise ConfigurationError("an smtp outbox needs --host")
     password = None
     if args.password_stdin:
         password = SecretStr(sys.stdin.readline().rstrip("\r\n"))
     port = args.port or (465 if args.security == "tls" else 587)
     outbox = Outbox(
         name=args.name,
-        host=args.host,
+        host=args.host or "",
         port=port,
         security=args.security,
         username=args.username,
@@ -46,6 +50,8 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
         verify_tls=not args.no_verify,
         timeout=args.timeout,
         max_connections=args.max_connections,
+        transport=args.transport,
+        command=args.sendmail_path,
     )
     doc = outbox_document(outbox, args.domain, args.provider, Vault.optional(settings), utcnow())
     async with _outboxes(settings) as store:
@@ -66,7 +72,9 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
             str(d["_id"]),
             str(d["domain"]),
             str(d.get("provider") or "-"),
-            f"{d['host']}:{d['port']}",
+            str(d.get("command"))
+            if d.get("transport") == "sendmail"
+            else f"{d['host']}:{d['port']}",
             str(d["security"]),
             str(d.get("username") or "-"),
             "yes" if d.get("active") else "no",
@@ -113,6 +121,12 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
     if doc is None:
         return 1
     outbox = outbox_from_document(doc, Vault.optional(settings))
+    if outbox.transport == "sendmail":
+        if shutil.which(outbox.command) is None:
+            print(f"FAILED {args.name}: {outbox.command} is not an executable program")
+            return 1
+        print(f"OK {args.name} (sendmail program {outbox.command})")
+        return 0
     smtp = client(outbox)
     steps = f"{outbox.host}:{outbox.port}, {outbox.security}"
     if outbox.username:
@@ -160,13 +174,26 @@ def add_parser(verbs: Any) -> None:
     add = actions.add_parser(
         "add",
         help="store an outbox",
-        description="Store an SMTP outbox for a domain. The password, if any, is read from "
-        "standard input (--password-stdin) and stored encrypted.",
+        description="Store an outbox for a domain: an SMTP account, or a local sendmail "
+        "program (--transport sendmail). The password, if any, is read from standard input "
+        "(--password-stdin) and stored encrypted.",
     )
     add.add_argument("--domain", required=True, help="the sending domain it serves")
     add.add_argument("--name", required=True, help="a unique name, e.g. gmail-1")
     add.add_argument("--provider", help="the provider whose rate limits apply, e.g. gmail")
-    add.add_argument("--host", required=True, help="SMTP server host name")
+    add.add_argument(
+        "--transport",
+        choices=("smtp", "sendmail"),
+        default="smtp",
+        help="smtp (default), or sendmail: pipe each message to a local sendmail program",
+    )
+    add.add_argument(
+        "--sendmail-path",
+        default=DEFAULT_SENDMAIL,
+        help=f"the sendmail program of a sendmail outbox (default {DEFAULT_SENDMAIL}); it "
+        "is run as PATH -i -f SENDER -- RECIPIENT...",
+    )
+    add.add_argument("--host", help="SMTP server host name (smtp outboxes)")
     add.add_argument("--port", type=int, help="default: 465 with --security tls, else 587")
     add.add_argument(
         "--security",

@@ -31,3 +31,19 @@ class ConfigurationError(MailbusError, ValueError):
 
 class StoreUnavailableError(MailbusError, ConnectionError):
     """MongoDB did not answer in time; no mail is sent without its claim."""
+
+
+class SendmailError(MailbusError):
+    """The sendmail program refused the message; ``code`` is its exit status (sysexits)."""
+
+    # EX_TEMPFAIL, EX_OSERR, EX_OSFILE, EX_CANTCREAT, EX_IOERR, EX_PROTOCOL: try again later.
+    TRANSIENT = frozenset({71, 72, 73, 74, 75, 76})
+
+    def __init__(self, code: int, output: str) -> None:
+        super().__init__(f"sendmail exited with status {code}: {output}".rstrip(": "))
+        self.code = code
+
+    @property
+    def transient(self) -> bool:
+        """Whether the same message may be accepted later (or was killed by a signal)."""
+        return self.code in self.TRANSIENT or self.code < 0

@@ -16,7 +16,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from consumer.errors import ConfigurationError
-from consumer.outboxes import Outbox
+from consumer.outboxes import DEFAULT_SENDMAIL, Outbox
 from consumer.store import Document, answering, utcnow
 from consumer.vault import Vault
 
@@ -36,7 +36,8 @@ def outbox_document(
         "_id": outbox.name,
         "domain": domain.lower(),
         "provider": provider,
-        "transport": "smtp",
+        "transport": outbox.transport,
+        "command": outbox.command if outbox.transport == "sendmail" else None,
         "host": outbox.host,
         "port": outbox.port,
         "security": outbox.security,
@@ -73,6 +74,8 @@ def outbox_from_document(doc: Document, vault: Vault | None) -> Outbox:
         timeout=float(doc.get("timeout", 30.0)),
         max_connections=doc.get("max_connections"),
         version=int(doc.get("version", 0)),
+        transport="sendmail" if doc.get("transport") == "sendmail" else "smtp",
+        command=doc.get("command") or DEFAULT_SENDMAIL,
     )
 
 

@@ -12,11 +12,15 @@ from consumer.errors import ConfigurationError
 
 Security = Literal["starttls", "tls", "none"]
 _SECURITY: tuple[Security, ...] = ("starttls", "tls", "none")
+Transport = Literal["smtp", "sendmail"]
+DEFAULT_SENDMAIL = "/usr/sbin/sendmail"
 
 
 @dataclass(frozen=True)
 class Outbox:
-    """Where and how to hand a message to an SMTP server."""
+    """Where and how to hand a message over: an SMTP server, or a local sendmail program
+    (``transport="sendmail"``, which uses ``command`` and ``timeout`` only).
+    """
 
     name: str
     host: str
@@ -30,6 +34,8 @@ class Outbox:
     # definition's version, so a changed outbox gets a fresh pool.
     max_connections: int | None = None
     version: int = 0
+    transport: Transport = "smtp"
+    command: str = DEFAULT_SENDMAIL
 
 
 def _flag(values: dict[str, list[str]], name: str, default: bool) -> bool:

@@ -15,8 +15,9 @@ from consumer.outbox_store import OutboxStore, outbox_from_document
 from consumer.outboxes import Outbox
 from consumer.provider_store import ProviderStore
 from consumer.ratelimit import Grant, Reservation
+from consumer.sendmail import SendmailPipe
 from consumer.store import Document, utcnow
-from consumer.transport import SMTPPool
+from consumer.transport import Sender, SMTPPool
 from consumer.vault import Vault
 
 
@@ -32,7 +33,7 @@ class Throttle:
 class Choice:
     """The outbox for a job: send through ``pool`` now, or once ``throttle`` says."""
 
-    pool: SMTPPool
+    pool: Sender
     throttle: Throttle | None = None
 
 
@@ -54,7 +55,7 @@ class OutboxPicker:
         self.default = default
         self.pool_size = pool_size
         self.idle_seconds = idle_seconds
-        self._pools: dict[str, SMTPPool] = {}
+        self._pools: dict[str, Sender] = {}
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now
@@ -117,17 +118,22 @@ class OutboxPicker:
         reservation = Reservation(pool.outbox.name, provider, grant.slot_us, grant.spacing_us)
         return Choice(pool, Throttle(reservation, until))
 
-    async def _counted(self, doc: Document, avoid: str | None) -> SMTPPool:
+    async def _counted(self, doc: Document, avoid: str | None) -> Sender:
         taken = await self.outboxes.count_turn(doc, avoid)
         return await self._pool(outbox_from_document(taken, self.vault))
 
-    async def _pool(self, outbox: Outbox) -> SMTPPool:
-        pool = self._pools.get(outbox.name)
-        if pool is not None and pool.outbox.version == outbox.version:
-            return pool
-        if pool is not None:  # the outbox changed: its old connections go
-            await pool.close()
-        pool = SMTPPool(outbox, outbox.max_connections or self.pool_size, self.idle_seconds)
+    async def _pool(self, outbox: Outbox) -> Sender:
+        known = self._pools.get(outbox.name)
+        if known is not None and known.outbox.version == outbox.version:
+            return known
+        if known is not None:  # the outbox changed: its old connections go
+            await known.close()
+        size = outbox.max_connections or self.pool_size
+        pool: Sender
+        if outbox.transport == "sendmail":
+            pool = SendmailPipe(outbox, size)
+        else:
+            pool = SMTPPool(outbox, size, self.idle_seconds)
         self._pools[outbox.name] = pool
         return pool
 

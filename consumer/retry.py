@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from consumer.errors import SendmailError
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -28,7 +30,8 @@ def classify(exc: BaseException) -> Failure:
     """Decide whether ``exc``, raised while sending, is worth another attempt.
 
     4xx replies, timeouts and connection errors are transient; 5xx replies are permanent.
-    Authentication failures are the outbox's fault, not the mail's: transient.
+    Authentication failures are the outbox's fault, not the mail's: transient. A sendmail
+    program's exit status says which it is (sysexits: 75 is "try again later").
     """
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refusals = exc.recipients
@@ -41,6 +44,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure(True, exc.code, f"authentication failed: {exc.message}")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return Failure(not 500 <= exc.code < 600, exc.code, exc.message)
+    if isinstance(exc, SendmailError):
+        return Failure(exc.transient, None, str(exc))
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return Failure(False, None, f"not supported by the server: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from email.message import EmailMessage
+from typing import Protocol
 
 import aiosmtplib
 
@@ -33,6 +34,20 @@ class SendResult:
     code: int
     message: str
     refused: dict[str, tuple[int, str]]
+
+
+class Sender(Protocol):
+    """What a job is handed to: an outbox's :class:`SMTPPool` or sendmail pipe."""
+
+    outbox: Outbox
+
+    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
+        """Hand ``message`` over for ``recipients``; raises on failure (see retry.classify)."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of anything kept open."""
+        ...
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Handing built messages to a local sendmail program (Postfix, Exim, msmtp, nullmailer).
+
+The program gets ``-i -f SENDER -- RECIPIENT...``: recipients on the command line rather
+than ``-t``, because the message's headers never name Bcc recipients, and a retry after a
+partial delivery goes to the recipients still owed the mail only. Its exit status decides
+success (0), a later retry (sysexits 75 and friends) or a permanent failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from email.message import EmailMessage
+
+from consumer.errors import SendmailError
+from consumer.outboxes import Outbox
+from consumer.transport import SendResult
+
+# Bytes of the program's output kept for the error message.
+_OUTPUT_LIMIT = 500
+
+
+class SendmailPipe:
+    """Runs the outbox's sendmail program once per message, at most ``size`` at a time."""
+
+    def __init__(self, outbox: Outbox, size: int) -> None:
+        self.outbox = outbox
+        self._slots = asyncio.Semaphore(size)
+
+    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
+        """Pipe ``message`` to the program; raises :class:`SendmailError`, ``OSError`` (no
+        such program) or ``TimeoutError`` (killed after the outbox's timeout).
+        """
+        async with self._slots:
+            process = await asyncio.create_subprocess_exec(
+                self.outbox.command,
+                "-i",
+                "-f",
+                sender,
+                "--",
+                *recipients,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            try:
+                async with asyncio.timeout(self.outbox.timeout):
+                    output, _ = await process.communicate(message.as_bytes())
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                raise
+        text = output[:_OUTPUT_LIMIT].decode("utf-8", "replace").strip()
+        if process.returncode:
+            raise SendmailError(process.returncode, text)
+        return SendResult(
+            code=250, message=text or f"accepted by {self.outbox.command}", refused={}
+        )
+
+    async def close(self) -> None:
+        """Nothing is kept open between messages."""
