@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from consumer import (
     __version__,
+    cli_config,
     cli_domains,
     cli_jobs,
     cli_outboxes,
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_outboxes.add_parser(verbs)
     cli_providers.add_parser(verbs)
     cli_domains.add_parser(verbs)
+    cli_config.add_parser(verbs)
     return parser
 
 

@@ -144,10 +144,9 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
 async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
     vault = Vault.from_settings(settings)
     async with _outboxes(settings) as store:
-        docs = [await store.get(d["_id"]) for d in await store.find()]
         rotated = 0
-        for doc in docs:
-            if doc is not None and doc.get("password"):
+        for doc in await store.find(encrypted=True):
+            if doc.get("password"):
                 await store.store_password(doc["_id"], vault.rotate(doc["password"]))
                 rotated += 1
     print(f"re-encrypted {rotated} outbox password(s) with the first MAILBUS_SECRET_KEY key")

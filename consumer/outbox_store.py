@@ -118,11 +118,14 @@ class OutboxStore:
             )
             return True
 
-    async def find(self, domain: str | None = None) -> list[Document]:
-        """Outboxes (without passwords), by domain then name."""
+    async def find(self, domain: str | None = None, encrypted: bool = False) -> list[Document]:
+        """Outboxes by domain then name; their encrypted passwords only with ``encrypted``
+        (for re-encrypting, never printing).
+        """
         query = {"domain": domain.lower()} if domain else {}
         async with answering():
-            cursor = self.outboxes.find(query, HIDDEN).sort([("domain", 1), ("_id", 1)])
+            cursor = self.outboxes.find(query, None if encrypted else HIDDEN)
+            cursor = cursor.sort([("domain", 1), ("_id", 1)])
             return [doc async for doc in cursor]
 
     async def get(self, name: str) -> Document | None:

@@ -157,6 +157,9 @@ HELP = [
     ["domain", "ls"],
     ["domain", "show"],
     ["domain", "rm"],
+    ["config"],
+    ["config", "import"],
+    ["config", "export"],
 ]
 
 

@@ -1,0 +1,143 @@
+"""The configuration as TOML: import applies only what differs, export leaves secrets out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer.config_file import load, password_variable
+from consumer.domain_store import key_matches
+from consumer.errors import ConfigurationError
+from consumer.outbox_store import outbox_from_document
+from consumer.provider_store import ProviderStore
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.vault import Vault
+from deploy.devstack.processes import mailbus
+
+CONFIG = """
+[providers.gmail]
+limits = ["500/day", "20/minute"]
+burst = 5
+
+[domains."Example.com"]
+key_env = "TEST_EXAMPLE_KEY"
+allow_users = ["app1"]
+
+[outboxes.gmail-1]
+domain = "example.com"
+provider = "gmail"
+host = "smtp.gmail.com"
+port = 587
+username = "mailer@example.com"
+password_env = "TEST_GMAIL_1_PASSWORD"
+max_connections = 4
+
+[outboxes.local]
+domain = "example.com"
+transport = "sendmail"
+sendmail_path = "/usr/sbin/sendmail"
+active = false
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[providers.p]\nlimits = ['5/fortnight']", "provider p: a limit looks like"),
+        ("[providers.p]\nlimits = []", "providers.p.limits"),
+        ("[outboxes.o]\ndomain = 'a.example'\nhost = 'h'\nprovider = 'nope'", "not defined"),
+        ("[outboxes.o]\ndomain = 'a.example'\nhots = 'h'", "outboxes.o.hots: Extra inputs"),
+        ("[outboxes.o]\ndomain = 'a.example'\nsecurity = 'ssl'", "outboxes.o.security"),
+        ("[outboxes", "not valid TOML"),
+    ],
+)
+def test_bad_files_are_refused_clearly(text: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        load(text)
+
+
+def test_password_variables_are_shell_names() -> None:
+    assert password_variable("gmail-1.eu") == "MAILBUS_PASSWORD_GMAIL_1_EU"
+
+
+async def test_import_then_export_round_trip(
+    keyed: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password, key = "app-password-7781", "domain-key-5521"
+    monkeypatch.setenv("TEST_GMAIL_1_PASSWORD", password)
+    monkeypatch.setenv("TEST_EXAMPLE_KEY", key)
+    source = tmp_path / "mailbus.toml"
+    source.write_text(CONFIG)
+
+    first = await mailbus(keyed, "config", "import", str(source))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "provider gmail: created",
+        "domain example.com: created",
+        "outbox gmail-1: created",
+        "outbox local: created",
+    ]
+    async with JobStore.connect(keyed) as jobs:
+        db = jobs.database
+        gmail = await db["outboxes"].find_one({"_id": "gmail-1"})
+        local = await db["outboxes"].find_one({"_id": "local"})
+        domain = await db["domains"].find_one({"_id": "example.com"})
+        assert await ProviderStore(db).take("gmail") is not None  # the buckets are in use
+        buckets = await db["providers"].find_one({"_id": "gmail"})
+    assert gmail is not None
+    assert local is not None
+    assert domain is not None
+    assert buckets is not None
+    opened = outbox_from_document(gmail, Vault.from_settings(keyed))
+    assert opened.password is not None
+    assert opened.password.get_secret_value() == password
+    assert (opened.max_connections, gmail["provider"], gmail["active"]) == (4, "gmail", True)
+    assert (local["transport"], local["active"]) == ("sendmail", False)
+    assert key_matches(key, domain["key_hash"])
+    assert domain["allow_users"] == ["app1"]
+
+    again = await mailbus(keyed, "config", "import", str(source))
+    assert again.stdout.strip() == "nothing to change"
+    async with JobStore.connect(keyed) as jobs:
+        after = await jobs.database["providers"].find_one({"_id": "gmail"})
+    assert after is not None
+    assert after["limits"] == buckets["limits"]  # not refilled by re-applying
+
+    exported = await mailbus(keyed, "config", "export")
+    assert password not in exported.stdout
+    assert key not in exported.stdout
+    reread = load(exported.stdout)
+    assert reread.outboxes["gmail-1"].password_env == "MAILBUS_PASSWORD_GMAIL_1"
+    assert reread.outboxes["local"].active is False
+    assert reread.providers["gmail"].limits == ["500/day", "20/minute"]
+    assert reread.domains["example.com"].key_hash == domain["key_hash"]
+
+    # The exported file applies cleanly without the secrets: stored ones are kept.
+    monkeypatch.delenv("TEST_GMAIL_1_PASSWORD")
+    monkeypatch.delenv("TEST_EXAMPLE_KEY")
+    exported_file = tmp_path / "exported.toml"
+    exported_file.write_text(exported.stdout)
+    reapplied = await mailbus(keyed, "config", "import", str(exported_file))
+    assert reapplied.stdout.strip() == "nothing to change", reapplied.stdout
+
+    trimmed = tmp_path / "trimmed.toml"
+    trimmed.write_text(exported.stdout.split("[outboxes.local]")[0])
+    pruned = await mailbus(keyed, "config", "import", "--prune", str(trimmed))
+    assert pruned.stdout.strip() == "outbox local: removed"
+    listed = await mailbus(keyed, "outbox", "ls")
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["gmail-1"]
+
+
+async def test_import_refuses_a_missing_secret(keyed: Settings, tmp_path: Path) -> None:
+    source = tmp_path / "mailbus.toml"
+    source.write_text(CONFIG)
+    refused = await mailbus(keyed, "config", "import", str(source))
+    assert refused.returncode == 2
+    assert "environment variable TEST_EXAMPLE_KEY is not set" in refused.stderr
+    missing = await mailbus(keyed, "config", "import", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+    async with JobStore.connect(keyed) as jobs:  # checked before anything was written
+        assert await jobs.database["providers"].count_documents({}) == 0
