@@ -3,7 +3,8 @@
 Each outbox is a document in ``outboxes`` (``_id`` is its name) with its domain, provider,
 SMTP connection details, the password encrypted by :mod:`consumer.vault`, ``active`` and
 ``sent_count``. Counting a turn is a conditional increment of ``sent_count``, so workers
-everywhere take turns (round robin); :mod:`consumer.picker` decides whose turn it is.
+everywhere take turns (round robin); :mod:`consumer.picker` decides which provider may
+send.
 """
 
 from __future__ import annotations

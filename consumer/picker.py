@@ -1,13 +1,16 @@
 """Choosing the outbox a job leaves through, and lending its connection pool.
 
 Among the domain's active outboxes, the least used one whose provider has a token now
-sends (round robin under the providers' limits). When no provider has a token, the
-earliest one is reserved and the job waits for it in the delay ladder; it then sends
-through the outbox it reserved without taking another token.
+sends (round robin under the providers' limits). When no provider has a token, the job
+queues at the provider whose token comes first and waits for its wake-up slot in the
+delay ladder; it then takes that provider's token, ahead of jobs that have not queued,
+and sends through the outbox it queued for.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,6 +22,9 @@ from consumer.sendmail import SendmailPipe
 from consumer.store import Document, utcnow
 from consumer.transport import Sender, SMTPPool
 from consumer.vault import Vault
+
+# Seconds a woken job waits for its token in place before going back to the queue.
+CLOSE_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class OutboxPicker:
         self.pool_size = pool_size
         self.idle_seconds = idle_seconds
         self._pools: dict[str, Sender] = {}
+        self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now
@@ -69,8 +76,9 @@ class OutboxPicker:
         ordered = [c for c in candidates if c["_id"] != avoid] + [
             c for c in candidates if c["_id"] == avoid
         ]
-        # With one provider, a refusal would be followed by a reservation: ask for it at once.
-        reserve = len({c.get("provider") for c in ordered}) == 1
+        providers = {c.get("provider") for c in ordered}
+        if len(providers) == 1:
+            return await self._one_provider(ordered[0], avoid)
         refused: dict[str, tuple[Grant, Document]] = {}
         for doc in ordered:
             provider: str | None = doc.get("provider")
@@ -78,48 +86,64 @@ class OutboxPicker:
                 return Choice(await self._counted(doc, avoid))
             if provider in refused:
                 continue
-            grant = await self.providers.take(provider, reserve=reserve)
-            if grant is None or (grant.granted and grant.wait <= 0):
+            grant = await self.providers.take(provider, "try")
+            if grant is None or grant.granted:
                 return Choice(await self._counted(doc, avoid))
-            if grant.granted:
-                return await self._throttled(doc, avoid, provider, grant)
             refused[provider] = (grant, doc)
         # Nobody may send now: queue for the provider whose token comes first.
         provider = min(refused, key=lambda name: refused[name][0].slot_us)
-        grant = await self.providers.take(provider, reserve=True)
-        if grant is None or grant.wait <= 0:
+        grant = await self.providers.take(provider, "enqueue")
+        if grant is None or grant.granted:
             return Choice(await self._counted(refused[provider][1], avoid))
         return await self._throttled(refused[provider][1], avoid, provider, grant)
 
-    async def reserved(self, reservation: Reservation) -> Choice | None:
-        """The outbox a throttled job reserved, while its slot is usable by the server's
-        clock (a throttle again if the job came early); None when the slot went stale or
-        the outbox was disabled or removed since: the job then chooses afresh.
+    async def _one_provider(self, doc: Document, avoid: str | None) -> Choice:
+        """Every candidate shares one provider (or none): the turn is counted first, so
+        the token is taken as close to the send as can be, and a refusal queues at once.
         """
-        now_us = await self.providers.now_us()
-        seen = utcnow()
-        if now_us > reservation.slot_us + reservation.spacing_us:
-            return None
+        pool = await self._counted(doc, avoid)
+        provider: str | None = doc.get("provider")
+        if provider is None:  # no provider, no limit
+            return Choice(pool)
+        grant = await self.providers.take(provider, "enqueue")
+        if grant is None or grant.granted:
+            return Choice(pool)
+        return Choice(pool, _throttle(pool.outbox.name, provider, grant, utcnow()))
+
+    async def reserved(self, reservation: Reservation) -> Choice | None:
+        """The outbox a queued job waited for, once its provider gives it a token (a
+        throttle again until the next token if not yet); None if that outbox was disabled
+        or removed since: the job then chooses afresh.
+        """
         doc = await self.outboxes.get(reservation.outbox)
         if doc is None or not doc.get("active", True):
             return None
         pool = await self._pool(outbox_from_document(doc, self.vault))
-        if now_us >= reservation.slot_us:
-            return Choice(pool)
-        until = seen + timedelta(microseconds=reservation.slot_us - now_us)
-        return Choice(pool, Throttle(reservation, until))
+        waited = 0.0
+        while True:
+            grant = await self.providers.take(reservation.provider, "queued")
+            if grant is None or grant.granted:
+                return Choice(pool)
+            if waited + grant.wait > CLOSE_WAIT:
+                until = utcnow() + timedelta(seconds=grant.wait)
+                return Choice(pool, Throttle(reservation, until))
+            # The token is moments away (the job before woke late): wait here, holding the
+            # claim, rather than going round the whole pipeline again.
+            await asyncio.sleep(grant.wait)
+            waited += grant.wait
 
     async def _throttled(
         self, doc: Document, avoid: str | None, provider: str, grant: Grant
     ) -> Choice:
-        # The slot is on the server's clock: translate it while the answer is fresh.
-        until = utcnow() + timedelta(seconds=grant.wait)
+        answered = utcnow()
         pool = await self._counted(doc, avoid)
-        reservation = Reservation(pool.outbox.name, provider, grant.slot_us, grant.spacing_us)
-        return Choice(pool, Throttle(reservation, until))
+        return Choice(pool, _throttle(pool.outbox.name, provider, grant, answered))
 
     async def _counted(self, doc: Document, avoid: str | None) -> Sender:
-        taken = await self.outboxes.count_turn(doc, avoid)
+        # One turn at a time per domain in this process: the conditional increment then
+        # only ever races other processes, never the hundred jobs in flight here.
+        async with self._turns[doc["domain"]]:
+            taken = await self.outboxes.count_turn(doc, avoid)
         return await self._pool(outbox_from_document(taken, self.vault))
 
     async def _pool(self, outbox: Outbox) -> Sender:
@@ -141,3 +165,11 @@ class OutboxPicker:
         """Close every pool's idle connections."""
         for pool in self._pools.values():
             await pool.close()
+
+
+def _throttle(outbox: str, provider: str, grant: Grant, answered: datetime) -> Throttle:
+    """The wait a queueing grant asks for, its slot (on the server's clock) translated to
+    this machine's by the time the answer came.
+    """
+    until = answered + timedelta(seconds=grant.wait)
+    return Throttle(Reservation(outbox, provider, grant.slot_us), until)

@@ -178,6 +178,12 @@ class Pipeline:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
+        # Built before the outbox is chosen: a token is taken as close to the send as can be.
+        try:
+            message = build_message(job, job_id, now)
+        except DeadLetterError as exc:
+            await self.store.mark_failed(job_id, self.worker_id, "dead", exc.reason, str(exc))
+            return Dead(ctx, exc.reason, str(exc))
         try:
             choice = await self._choose(job, claim)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
@@ -193,12 +199,9 @@ class Pipeline:
             reservation, due = choice.throttle.reservation, choice.throttle.until
             await self.store.mark_throttled(job_id, self.worker_id, reservation, due, body)
             waiting = Context(job_id, job, claim.attempts - 1, pool.outbox.name)
-            return Later(waiting, due, "rate_limited")
-        try:
-            message = build_message(job, job_id, now)
-        except DeadLetterError as exc:
-            await self.store.mark_failed(job_id, self.worker_id, "dead", exc.reason, str(exc))
-            return Dead(ctx, exc.reason, str(exc))
+            # Announced once, when the job queues; waking a hair early is no news.
+            again = reservation == claim.reserved
+            return Later(waiting, due, "waiting" if again else "rate_limited")
         # After a partial delivery, only the recipients still owed the mail.
         recipients = list(claim.pending) if claim.pending is not None else job.recipients()
         started = time.perf_counter()

@@ -15,12 +15,10 @@ from typing import Any
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
-from consumer.ratelimit import MICROS, Grant, Limit
+from consumer.ratelimit import MICROS, Grant, Limit, Mode
 from consumer.store import Document, answering, utcnow
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# A reservation takes the earliest slot however far away it is.
-FOREVER_US = 2**62
 _NOW_US = {
     "$multiply": [
         {"$dateDiff": {"startDate": _EPOCH, "endDate": "$$NOW", "unit": "millisecond"}},
@@ -29,59 +27,88 @@ _NOW_US = {
 }
 
 
-def _take_update(max_wait_us: int) -> list[Document]:
+def _take_update(mode: Mode) -> list[Document]:
     """:func:`consumer.ratelimit.take`, as an update pipeline the server runs atomically.
 
-    The outcome is left in ``last_take`` (``now``, ``slot``, ``granted``, ``spacing``) for
+    The outcome is left in ``last_take`` (``now``, ``granted``, ``slot``, ``queued``) for
     the caller.
     """
     spare = {"$multiply": [{"$subtract": ["$burst", 1]}, "$$this.interval"]}
-    earliest = {"$subtract": ["$$this.tat", spare]}
-    intervals = {"$map": {"input": "$limits", "in": "$$this.interval"}}
-    moved = {"$add": [{"$max": ["$$this.tat", "$last_take.slot"]}, "$$this.interval"]}
+
+    def earliest(field: str) -> Document:
+        starts = {"$map": {"input": "$limits", "in": {"$subtract": [f"$$this.{field}", spare]}}}
+        return {"$max": ["$last_take.now", {"$max": starts}]}
+
+    taken = {"$add": [{"$max": ["$$this.tat", "$last_take.now"]}, "$$this.interval"]}
+    take_now = {
+        "$map": {
+            "input": "$limits",
+            "in": {
+                "$let": {
+                    "vars": {"tat": taken},
+                    "in": {
+                        "$mergeObjects": [
+                            "$$this",
+                            {"tat": "$$tat", "queue": {"$max": ["$$this.queue", "$$tat"]}},
+                        ]
+                    },
+                }
+            },
+        }
+    }
+    enqueue = {
+        "$map": {
+            "input": "$limits",
+            "in": {
+                "$mergeObjects": [
+                    "$$this",
+                    {
+                        "queue": {
+                            "$add": [
+                                {"$max": ["$$this.queue", "$last_take.queue"]},
+                                "$$this.interval",
+                            ]
+                        }
+                    },
+                ]
+            },
+        }
+    }
+    real_now = {"$lte": ["$last_take.real", "$last_take.now"]}
+    allowed = (
+        real_now
+        if mode == "queued"
+        else {"$and": [real_now, {"$lte": ["$last_take.queue", "$last_take.now"]}]}
+    )
     return [
-        {"$set": {"last_take": {"now": _NOW_US, "spacing": {"$min": intervals}}}},
-        {
-            "$set": {
-                "last_take.slot": {
-                    "$max": [
-                        "$last_take.now",
-                        {"$max": {"$map": {"input": "$limits", "in": earliest}}},
-                    ]
-                }
-            }
-        },
-        {
-            "$set": {
-                "last_take.granted": {
-                    "$lte": [
-                        {"$subtract": ["$last_take.slot", "$last_take.now"]},
-                        max_wait_us,
-                    ]
-                }
-            }
-        },
+        {"$set": {"last_take": {"now": _NOW_US}}},
+        {"$set": {"last_take.real": earliest("tat"), "last_take.queue": earliest("queue")}},
+        {"$set": {"last_take.granted": allowed}},
         {
             "$set": {
                 "limits": {
                     "$cond": [
                         "$last_take.granted",
-                        {
-                            "$map": {
-                                "input": "$limits",
-                                "in": {"$mergeObjects": ["$$this", {"tat": moved}]},
-                            }
-                        },
-                        "$limits",
+                        take_now,
+                        enqueue if mode == "enqueue" else "$limits",
                     ]
-                }
+                },
+                "last_take.slot": {
+                    "$cond": [
+                        "$last_take.granted",
+                        "$last_take.now",
+                        "$last_take.real" if mode == "queued" else "$last_take.queue",
+                    ]
+                },
+                "last_take.queued": {"$and": [mode == "enqueue", {"$not": ["$last_take.granted"]}]},
             }
         },
     ]
 
 
-_TAKE_NOW = _take_update(0)
-_RESERVE = _take_update(FOREVER_US)
+_UPDATES: dict[Mode, list[Document]] = {
+    mode: _take_update(mode) for mode in ("try", "enqueue", "queued")
+}
 
 
 def provider_document(name: str, limits: Sequence[Limit], burst: int) -> Document:
@@ -90,7 +117,13 @@ def provider_document(name: str, limits: Sequence[Limit], burst: int) -> Documen
         "_id": name,
         "burst": burst,
         "limits": [
-            {"count": lim.count, "period": lim.period, "interval": lim.interval_us, "tat": 0}
+            {
+                "count": lim.count,
+                "period": lim.period,
+                "interval": lim.interval_us,
+                "tat": 0,
+                "queue": 0,
+            }
             for lim in limits
         ],
         "updated_at": utcnow(),
@@ -132,33 +165,21 @@ class ProviderStore:
             result = await self.providers.delete_one({"_id": name})
         return result.deleted_count == 1
 
-    async def take(self, name: str, reserve: bool = False) -> Grant | None:
-        """Take a token of ``name`` now, or with ``reserve`` the earliest one however far.
+    async def take(self, name: str, mode: Mode) -> Grant | None:
+        """:func:`consumer.ratelimit.take` on ``name``'s buckets, at the server's clock.
 
         None when no such provider is defined: its outboxes send without a limit.
         """
         async with answering():
             doc = await self.providers.find_one_and_update(
-                {"_id": name},
-                _RESERVE if reserve else _TAKE_NOW,
-                return_document=ReturnDocument.AFTER,
+                {"_id": name}, _UPDATES[mode], return_document=ReturnDocument.AFTER
             )
         if doc is None:
             return None
         return _grant(doc["last_take"])
 
-    async def now_us(self) -> int:
-        """The server's clock, in microseconds since the epoch."""
-        async with answering():
-            cursor = await self.providers.database.aggregate(
-                [{"$documents": [{}]}, {"$project": {"now": _NOW_US}}]
-            )
-            async for row in cursor:
-                return int(row["now"])
-        raise RuntimeError("the server returned no time")
-
 
 def _grant(taken: dict[str, Any]) -> Grant:
     return Grant(
-        bool(taken["granted"]), int(taken["slot"]), int(taken["now"]), int(taken["spacing"])
+        bool(taken["granted"]), int(taken["slot"]), int(taken["now"]), bool(taken["queued"])
     )

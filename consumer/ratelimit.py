@@ -11,10 +11,13 @@ every limit, with ``interval = P / N``, and then moves each ``tat`` to
 - ``B`` sends may go back to back after a quiet spell;
 - over a long run the rate is ``N / P``.
 
-A send that does not conform now can *reserve* its slot: the earliest time it conforms is
-taken as if it were sent then, so throttled jobs queue in order instead of racing for each
-token. Times are integer microseconds since the epoch, so the arithmetic is exact;
-intervals are rounded up, never allowing more than the limit.
+A job that finds no token does not race for the next one: it *queues*. A second set of
+counters, shaped like the first, hands out wake-up slots one interval apart; the job waits
+for its slot and then takes a real token like any other send, ahead of jobs that have not
+queued. Tokens are only ever taken at the moment of sending, so a job that wakes late
+never crowds the sends after it, and the caps hold at the server's clock whatever the
+workers' clocks or delays. Times are integer microseconds since the epoch, so the
+arithmetic is exact; intervals are rounded up, never allowing more than the limit.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from consumer.errors import ConfigurationError
 
@@ -74,19 +78,31 @@ def parse_limit(text: str) -> Limit:
     return Limit(count, multiple * unit)
 
 
+Mode = Literal["try", "enqueue", "queued"]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One limit's state: ``tat`` for tokens taken, ``queue`` for wake-up slots handed out
+    (never behind ``tat``).
+    """
+
+    tat: int = 0
+    queue: int = 0
+
+
 @dataclass(frozen=True)
 class Grant:
-    """The answer of one :func:`take`: the send's slot and whether it was taken.
+    """The answer of one :func:`take`.
 
-    ``slot_us`` is the earliest time every limit allows the send; when ``granted``, the
-    buckets now account for a send at that time. ``spacing_us`` is the shortest interval
-    of the limits: a slot used later than that would crowd the next one.
+    ``granted``: a token was taken now. Otherwise ``slot_us`` is when to come back: a new
+    wake-up slot when ``queued`` (the job is now in the queue), else the next token.
     """
 
     granted: bool
     slot_us: int
     now_us: int
-    spacing_us: int
+    queued: bool = False
 
     @property
     def wait(self) -> float:
@@ -97,32 +113,38 @@ class Grant:
 def take(
     limits: Sequence[Limit],
     burst: int,
-    tats: Sequence[int],
+    buckets: Sequence[Bucket],
     now_us: int,
-    max_wait_us: int,
-) -> tuple[Grant, list[int]]:
-    """Try to take one token from every bucket at ``now_us``.
+    mode: Mode,
+) -> tuple[Grant, list[Bucket]]:
+    """Take a token at ``now_us`` if every limit allows it, for a job that is new
+    (``try``, ``enqueue``) or waking for its wake-up slot (``queued``).
 
-    The send's slot is the earliest time at or after now when every limit allows it; it is
-    taken when no later than ``max_wait_us`` from now (0: only a send right now; more: a
-    reservation). Returns the grant and the buckets' new ``tats`` (unchanged if refused).
+    A new job may not pass jobs already queued: it is granted only while the queue is
+    empty. Refused with ``enqueue``, it gets the next wake-up slot. Refused otherwise,
+    nothing changes and the slot says when the next token comes.
     """
-    pairs = list(zip(limits, tats, strict=True))
-    slot = max([now_us, *(tat - (burst - 1) * lim.interval_us for lim, tat in pairs)])
-    spacing = min(lim.interval_us for lim in limits)
-    if slot - now_us > max_wait_us:
-        return Grant(False, slot, now_us, spacing), list(tats)
-    moved = [max(tat, slot) + lim.interval_us for lim, tat in pairs]
-    return Grant(True, slot, now_us, spacing), moved
+    pairs = list(zip(limits, buckets, strict=True))
+    real = max([now_us, *(b.tat - (burst - 1) * lim.interval_us for lim, b in pairs)])
+    queue = max([now_us, *(b.queue - (burst - 1) * lim.interval_us for lim, b in pairs)])
+    if real <= now_us and (mode == "queued" or queue <= now_us):
+        taken = []
+        for lim, bucket in pairs:
+            tat = max(bucket.tat, now_us) + lim.interval_us
+            taken.append(Bucket(tat, max(bucket.queue, tat)))
+        return Grant(True, now_us, now_us), taken
+    if mode != "enqueue":
+        return Grant(False, real if mode == "queued" else queue, now_us), list(buckets)
+    queued = [Bucket(b.tat, max(b.queue, queue) + lim.interval_us) for lim, b in pairs]
+    return Grant(False, queue, now_us, queued=True), queued
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """A throttled job's slot: it sends through ``outbox`` once the server's clock says
-    ``slot_us``, without taking another token, unless it is more than ``spacing_us`` late.
+    """A queued job's place: it wakes at ``slot_us`` and takes ``provider``'s token for
+    ``outbox`` ahead of jobs that have not queued.
     """
 
     outbox: str
     provider: str
     slot_us: int
-    spacing_us: int

@@ -15,15 +15,15 @@ from consumer.outbox_store import OutboxStore, outbox_document
 from consumer.outboxes import outbox_from_url
 from consumer.provider_store import ProviderStore
 from consumer.publish import publish_job
-from consumer.ratelimit import Limit, parse_limit, take
+from consumer.ratelimit import Bucket, Limit, Mode, parse_limit, take
 from consumer.settings import Settings
 from consumer.store import JobStore, utcnow
 from consumer.topology import Names
+from deploy.bench.rate_limit import most_in_a_window
 from deploy.devstack.processes import mailbus, spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import consumers, depth, drain_events, job, listen_events, until
 from tests.conftest import RunningWorker
-from tests.test_ratelimit import most_in_a_window
 
 
 async def add_capped_outbox(settings: Settings, url: str, provider: str) -> None:
@@ -61,20 +61,21 @@ async def test_provider_commands(settings: Settings) -> None:
 
 
 async def test_the_server_computes_what_the_pure_arithmetic_does(store: JobStore) -> None:
-    """The update pipeline MongoDB runs is ratelimit.take: same slots, same buckets."""
+    """The update pipeline MongoDB runs is ratelimit.take: same answers, same buckets."""
     providers = ProviderStore(store.database)
     limits = [Limit(5, 1), Limit(12, 60)]
     await providers.put("p", limits, 2)
-    tats = [0, 0]
-    for reserve in [False] * 6 + [True] * 6 + [False] * 2:
-        grant = await providers.take("p", reserve=reserve)
+    buckets = [Bucket(), Bucket()]
+    modes: list[Mode] = ["try"] * 3 + ["enqueue"] * 4 + ["queued", "try", "enqueue"] * 2
+    for mode in modes:
+        grant = await providers.take("p", mode)
         assert grant is not None
-        expected, tats = take(limits, 2, tats, grant.now_us, 2**62 if reserve else 0)
+        expected, buckets = take(limits, 2, buckets, grant.now_us, mode)
         assert grant == expected
         doc = await providers.get("p")
         assert doc is not None
-        assert [x["tat"] for x in doc["limits"]] == tats
-    assert await providers.take("undefined") is None
+        assert [Bucket(x["tat"], x["queue"]) for x in doc["limits"]] == buckets
+    assert await providers.take("undefined", "try") is None
 
 
 async def test_a_throttled_job_waits_without_using_an_attempt(

@@ -1,7 +1,8 @@
-"""``make bench``: start a private stack, run a worker process, measure, print JSON.
+"""``make bench``: start a private stack, run worker processes, measure, print JSON.
 
 Every part is real and on loopback: RabbitMQ, SecantusDB, an aiosmtpd sink and
-``mailbus worker`` as its own process, as in production.
+``mailbus worker`` as its own process, as in production. Measured: the lateness of
+scheduled mail (one worker), and the accuracy of a provider's rate limit (several).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import aio_pika
 
 from consumer import topology
 from consumer.settings import Settings
-from deploy.bench import lateness
+from deploy.bench import lateness, rate_limit
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
@@ -41,6 +42,21 @@ async def _lateness(
         await asyncio.to_thread(worker.wait, 60)
 
 
+async def _rate_limit(
+    args: argparse.Namespace, settings: Settings, smtp: CaptureServer, base: Path
+) -> dict[str, Any]:
+    apart = settings.model_copy(update={"prefix": "ratebench", "mongo_db": "ratebench"})
+    return await rate_limit.measure(
+        apart,
+        smtp,
+        base,
+        args.limit_workers,
+        args.limit_per_second,
+        args.limit_seconds,
+        args.limit_burst,
+    )
+
+
 def main() -> int:
     """Run the benchmarks and print one JSON document."""
     parser = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__)
@@ -49,6 +65,16 @@ def main() -> int:
     parser.add_argument("--longest", type=float, default=60.0, help="longest delay, s")
     parser.add_argument("--rate", type=float, default=200.0, help="publish rate, jobs/s")
     parser.add_argument("--prefetch", type=int, default=Settings().prefetch, help="worker prefetch")
+    parser.add_argument(
+        "--limit-workers", type=int, default=4, help="worker processes sharing the rate limit"
+    )
+    parser.add_argument(
+        "--limit-per-second", type=int, default=50, help="the provider's limit (default 50/s)"
+    )
+    parser.add_argument(
+        "--limit-seconds", type=float, default=20.0, help="seconds of backlog at the limit"
+    )
+    parser.add_argument("--limit-burst", type=int, default=1, help="the provider's burst")
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mailbus-bench-") as tmp:
@@ -72,7 +98,10 @@ def main() -> int:
                 prefetch=args.prefetch,
                 _env_file=None,
             )
-            results = {"lateness": asyncio.run(_lateness(args, settings, smtp, base))}
+            results = {
+                "lateness": asyncio.run(_lateness(args, settings, smtp, base)),
+                "rate_limit": asyncio.run(_rate_limit(args, settings, smtp, base)),
+            }
         finally:
             smtp.stop()
             mongo.stop()

@@ -1,0 +1,123 @@
+"""Rate-limit accuracy: several worker processes drain a backlog through one provider's
+limit; the SMTP sink's receive times show whether any window held more than the limit
+allows and how much of the allowed rate was used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from consumer import topology
+from consumer.outbox_store import OutboxStore, outbox_document
+from consumer.outboxes import outbox_from_url
+from consumer.provider_store import ProviderStore
+from consumer.publish import job_message, jobs_exchange
+from consumer.ratelimit import Limit
+from consumer.settings import Settings
+from consumer.store import JobStore, utcnow
+from deploy.devstack.processes import spawn_worker
+from deploy.devstack.smtp_capture import CaptureServer
+
+DOMAIN = "ratelimit.example"
+
+
+def most_in_a_window(times_us: Sequence[int], length_us: int) -> int:
+    """The largest number of ``times_us`` in any half-open window of ``length_us``."""
+    ordered = sorted(times_us)
+    best, start = 0, 0
+    for end, moment in enumerate(ordered):
+        while ordered[start] <= moment - length_us:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+async def _configure(settings: Settings, smtp: CaptureServer, limit: Limit, burst: int) -> None:
+    async with JobStore.connect(settings) as jobs:
+        await ProviderStore(jobs.database).put("bench", [limit], burst)
+        outbox = outbox_from_url(smtp.url, name="bench-1")
+        doc = outbox_document(outbox, DOMAIN, "bench", None, utcnow())
+        await OutboxStore(jobs.database).put(doc, replace=True)
+
+
+async def _consumers(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+    declared = await channel.declare_queue(queue, passive=True)
+    return declared.declaration_result.consumer_count or 0
+
+
+async def measure(
+    settings: Settings,
+    smtp: CaptureServer,
+    base: Path,
+    workers: int,
+    per_second: int,
+    seconds: float,
+    burst: int,
+) -> dict[str, Any]:
+    """Publish a backlog of ``per_second * seconds`` jobs for a provider limited to
+    ``per_second`` with ``burst``, drained by ``workers`` worker processes.
+    """
+    limit = Limit(per_second, 1)
+    count = round(per_second * seconds)
+    names = topology.Names(settings.prefix)
+    await _configure(settings, smtp, limit, burst)
+    smtp.reset()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await topology.declare(channel, names, settings.delivery_limit)
+            processes = [
+                spawn_worker(settings, base / f"ratelimit-worker{i}.log") for i in range(workers)
+            ]
+            async with asyncio.timeout(120):
+                while await _consumers(channel, names.send_queue) < workers:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            exchange = await jobs_exchange(channel, names)
+            started = time.time()
+            for _ in range(count):
+                job_id = f"rate-{uuid.uuid4().hex}"
+                body = {
+                    "id": job_id,
+                    "domain": DOMAIN,
+                    "from": "bench@ratelimit.example",
+                    "to": ["sink@example.org"],
+                    "subject": job_id,
+                    "text": "rate limit",
+                }
+                await exchange.publish(job_message(body), routing_key=topology.SEND_KEY)
+            published_in = time.time() - started
+        async with asyncio.timeout(seconds * 3 + 120):
+            received = await smtp.wait_for(count)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            await asyncio.to_thread(process.wait, 60)
+    times = sorted(m.received_at for m in received)
+    span = times[-1] - times[0]
+    allowed = per_second + burst - 1
+    most = most_in_a_window([round(t * 1_000_000) for t in times], 1_000_000)
+    fastest = (count - burst) / per_second  # the burst at once, then the steady pace
+    return {
+        "workers": workers,
+        "limit": str(limit),
+        "burst": burst,
+        "jobs": count,
+        "delivered": len(received),
+        "publish_seconds": round(published_in, 2),
+        "max_in_any_1s_window": most,
+        "allowed_in_any_1s_window": allowed,
+        "exceeded": most > allowed,
+        "seconds_first_to_last": round(span, 2),
+        "achieved_per_second": round((count - 1) / span, 2) if span else None,
+        "utilization": round(fastest / span, 4) if span else None,
+    }
