@@ -84,7 +84,7 @@ async def test_import_then_export_round_trip(
         gmail = await db["outboxes"].find_one({"_id": "gmail-1"})
         local = await db["outboxes"].find_one({"_id": "local"})
         domain = await db["domains"].find_one({"_id": "example.com"})
-        assert await ProviderStore(db).take("gmail") is not None  # the buckets are in use
+        assert await ProviderStore(db).take("gmail", "try") is not None  # the buckets are in use
         buckets = await db["providers"].find_one({"_id": "gmail"})
     assert gmail is not None
     assert local is not None
