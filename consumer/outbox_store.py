@@ -162,13 +162,16 @@ class OutboxStore:
             cursor = self.outboxes.find({"domain": domain.lower(), "active": True}).sort(_ORDER)
             return [doc async for doc in cursor]
 
-    async def count_turn(self, doc: Document, avoid: str | None = None) -> Document:
+    async def count_turn(
+        self, doc: Document, avoid: str | None = None, guarded: bool = True
+    ) -> Document:
         """Count one send through ``doc``, or through the outbox of the same domain and
         provider whose turn it turns out to be; returns the outbox counted.
 
         The increment is conditional on the count read, so concurrent choosers never both
         take the same turn: counts of the outboxes sharing a provider never drift more than
         one apart, in any number of workers. ``avoid`` stays passed over unless ``doc`` is it.
+        Without ``guarded`` (``doc`` is the only candidate) it is counted outright.
         """
         query: Document = {
             "domain": doc["domain"],
@@ -178,7 +181,7 @@ class OutboxStore:
         if avoid is not None and doc["_id"] != avoid:
             query["_id"] = {"$ne": avoid}
         async with answering():
-            for _ in range(TURN_TRIES):
+            for _ in range(TURN_TRIES if guarded else 0):
                 taken = await self.outboxes.update_one(
                     {"_id": doc["_id"], "sent_count": doc.get("sent_count", 0)},
                     {"$inc": {"sent_count": 1}},

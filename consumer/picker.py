@@ -10,7 +10,7 @@ and sends through the outbox it queued for.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -76,32 +76,35 @@ class OutboxPicker:
         ordered = [c for c in candidates if c["_id"] != avoid] + [
             c for c in candidates if c["_id"] == avoid
         ]
-        providers = {c.get("provider") for c in ordered}
-        if len(providers) == 1:
-            return await self._one_provider(ordered[0], avoid)
+        sharing = Counter(c.get("provider") for c in ordered)
+        if len(sharing) == 1:
+            return await self._one_provider(ordered[0], avoid, len(ordered))
         refused: dict[str, tuple[Grant, Document]] = {}
         for doc in ordered:
             provider: str | None = doc.get("provider")
             if provider is None:  # no provider, no limit
-                return Choice(await self._counted(doc, avoid))
+                return Choice(await self._counted(doc, avoid, sharing[provider]))
             if provider in refused:
                 continue
             grant = await self.providers.take(provider, "try")
             if grant is None or grant.granted:
-                return Choice(await self._counted(doc, avoid))
+                return Choice(await self._counted(doc, avoid, sharing[provider]))
             refused[provider] = (grant, doc)
         # Nobody may send now: queue for the provider whose token comes first.
         provider = min(refused, key=lambda name: refused[name][0].slot_us)
         grant = await self.providers.take(provider, "enqueue")
+        doc = refused[provider][1]
         if grant is None or grant.granted:
-            return Choice(await self._counted(refused[provider][1], avoid))
-        return await self._throttled(refused[provider][1], avoid, provider, grant)
+            return Choice(await self._counted(doc, avoid, sharing[provider]))
+        answered = utcnow()
+        pool = await self._counted(doc, avoid, sharing[provider])
+        return Choice(pool, _throttle(pool.outbox.name, provider, grant, answered))
 
-    async def _one_provider(self, doc: Document, avoid: str | None) -> Choice:
+    async def _one_provider(self, doc: Document, avoid: str | None, outboxes: int) -> Choice:
         """Every candidate shares one provider (or none): the turn is counted first, so
         the token is taken as close to the send as can be, and a refusal queues at once.
         """
-        pool = await self._counted(doc, avoid)
+        pool = await self._counted(doc, avoid, outboxes)
         provider: str | None = doc.get("provider")
         if provider is None:  # no provider, no limit
             return Choice(pool)
@@ -132,14 +135,13 @@ class OutboxPicker:
             await asyncio.sleep(grant.wait)
             waited += grant.wait
 
-    async def _throttled(
-        self, doc: Document, avoid: str | None, provider: str, grant: Grant
-    ) -> Choice:
-        answered = utcnow()
-        pool = await self._counted(doc, avoid)
-        return Choice(pool, _throttle(pool.outbox.name, provider, grant, answered))
-
-    async def _counted(self, doc: Document, avoid: str | None) -> Sender:
+    async def _counted(self, doc: Document, avoid: str | None, sharing: int) -> Sender:
+        """The pool of the outbox whose turn it is among the ``sharing`` outboxes of
+        ``doc``'s provider, its turn counted.
+        """
+        if sharing == 1:  # no turns to take: a plain count
+            taken = await self.outboxes.count_turn(doc, avoid, guarded=False)
+            return await self._pool(outbox_from_document(taken, self.vault))
         # One turn at a time per domain in this process: the conditional increment then
         # only ever races other processes, never the hundred jobs in flight here.
         async with self._turns[doc["domain"]]:

@@ -259,7 +259,7 @@ class Pipeline:
         return Later(ctx, due, "retry", failure)
 
     async def _choose(self, job: Job, claim: Claim) -> Choice | None:
-        """The outbox the job reserved a token of, else whose turn it is: after a transient
+        """The outbox the job queued for, else whose turn it is: after a transient
         failure, another outbox of the domain if there is one.
         """
         if claim.reserved is not None:

@@ -1,9 +1,9 @@
 """Providers in MongoDB: their limits and token buckets, shared by every worker.
 
 A provider document holds its limits, its burst and, per limit, the bucket's theoretical
-arrival time (see :mod:`consumer.ratelimit`). Taking a token is one atomic update whose
-arithmetic runs on the server against the server's clock (``$$NOW``), so workers on
-machines whose clocks disagree still share one exact bucket.
+arrival time and its queue's next wake-up slot (see :mod:`consumer.ratelimit`). Taking a
+token is one atomic update whose arithmetic runs on the server against the server's clock
+(``$$NOW``), so workers on machines whose clocks disagree still share one exact bucket.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class Claim:
     refused: Document | None = None
     # The outbox of the last attempt, which a retry avoids when the domain has another.
     last_outbox: str | None = None
-    # The token a throttled job reserved: it sends through that outbox at that time.
+    # A rate-limited job's place in its provider's queue (see consumer.ratelimit).
     reserved: Reservation | None = None
 
 
@@ -337,8 +337,8 @@ class JobStore:
         due_at: datetime,
         body: bytes,
     ) -> None:
-        """No outbox may send now: the job waits for the token it reserved, and the attempt
-        it was claimed for is given back (rate-limit waits never count as attempts).
+        """No outbox may send now: the job waits for its place in the provider's queue, and
+        the attempt it was claimed for is given back (rate-limit waits never count).
         """
         now = utcnow()
         async with answering():
@@ -453,7 +453,7 @@ class JobStore:
     async def reschedule(self, job_id: str, due_at: datetime) -> Change:
         """Move a scheduled job to ``due_at``; ``before`` carries the stored body.
 
-        A token the job had reserved is let go: at its new time it takes a fresh one.
+        A place the job held in a provider's queue is let go: at its new time it is new.
         """
         now = utcnow()
         async with answering():
