@@ -66,7 +66,8 @@ class OutboxPicker:
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now
-        (``avoid`` only when no other can), else a reservation of the earliest token.
+        (``avoid`` only when no other can), else a place in the queue of the provider
+        whose token comes first.
 
         The default outbox (no limits) when the domain has none; None without a default.
         """
