@@ -164,7 +164,8 @@ def add_parser(verbs: Any) -> None:
         "outbox",
         help="manage the SMTP outboxes of each sending domain",
         description="Outboxes live in MongoDB. A job goes out through the active outbox of "
-        "its domain that has sent least (round robin across every worker); a domain "
+        "its domain that has sent least among those whose provider has a token (round "
+        "robin across every worker, see `mailbus provider`); a domain "
         "without one uses MAILBUS_DEFAULT_SMTP_URL, or the job is dead-lettered no_outbox. "
         "Passwords are stored encrypted with MAILBUS_SECRET_KEY and never printed.",
     )

@@ -181,7 +181,10 @@ class OutboxStore:
         if avoid is not None and doc["_id"] != avoid:
             query["_id"] = {"$ne": avoid}
         async with answering():
-            for _ in range(TURN_TRIES if guarded else 0):
+            if not guarded:
+                await self.outboxes.update_one({"_id": doc["_id"]}, {"$inc": {"sent_count": 1}})
+                return doc
+            for _ in range(TURN_TRIES):
                 taken = await self.outboxes.update_one(
                     {"_id": doc["_id"], "sent_count": doc.get("sent_count", 0)},
                     {"$inc": {"sent_count": 1}},

@@ -74,12 +74,6 @@ async def depth(channel: AbstractChannel, queue_name: str) -> int:
     return queue.declaration_result.message_count or 0
 
 
-async def consumers(channel: AbstractChannel, queue_name: str) -> int:
-    """The number of consumers on ``queue_name``."""
-    queue = await channel.declare_queue(queue_name, passive=True)
-    return queue.declaration_result.consumer_count or 0
-
-
 async def listen_events(channel: AbstractChannel, names: Names) -> str:
     """Bind a private queue to every ``mail.*`` event and return its name."""
     queue = await channel.declare_queue(exclusive=True)

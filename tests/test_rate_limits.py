@@ -19,10 +19,10 @@ from consumer.ratelimit import Bucket, Limit, Mode, parse_limit, take
 from consumer.settings import Settings
 from consumer.store import JobStore, utcnow
 from consumer.topology import Names
-from deploy.bench.rate_limit import most_in_a_window
+from deploy.bench.rate_limit import consumers, most_in_a_window
 from deploy.devstack.processes import mailbus, spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import consumers, depth, drain_events, job, listen_events, until
+from tests.broker import depth, drain_events, job, listen_events, until
 from tests.conftest import RunningWorker
 
 

@@ -48,7 +48,8 @@ async def _configure(settings: Settings, smtp: CaptureServer, limit: Limit, burs
         await OutboxStore(jobs.database).put(doc, replace=True)
 
 
-async def _consumers(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+async def consumers(channel: aio_pika.abc.AbstractChannel, queue: str) -> int:
+    """The number of consumers on ``queue``."""
     declared = await channel.declare_queue(queue, passive=True)
     return declared.declaration_result.consumer_count or 0
 
@@ -79,7 +80,7 @@ async def measure(
                 spawn_worker(settings, base / f"ratelimit-worker{i}.log") for i in range(workers)
             ]
             async with asyncio.timeout(120):
-                while await _consumers(channel, names.send_queue) < workers:  # noqa: ASYNC110
+                while await consumers(channel, names.send_queue) < workers:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
             exchange = await jobs_exchange(channel, names)
             started = time.time()
