@@ -22,6 +22,8 @@ from consumer import (
     cli_jobs,
     cli_outboxes,
     cli_providers,
+    cli_suppressions,
+    cli_templates,
     ladder,
     topology,
 )
@@ -211,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     cli_providers.add_parser(verbs)
     cli_domains.add_parser(verbs)
     cli_config.add_parser(verbs)
+    cli_templates.add_parser(verbs)
+    cli_suppressions.add_parser(verbs)
     return parser
 
 

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from consumer.cli_output import pretty_json, table
 from consumer.errors import ConfigurationError
+from consumer.message import charset_name
 from consumer.outbox_store import (
     OutboxStore,
     describe,
@@ -52,6 +53,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
         max_connections=args.max_connections,
         transport=args.transport,
         command=args.sendmail_path,
+        charset=args.charset,
     )
     doc = outbox_document(outbox, args.domain, args.provider, Vault.optional(settings), utcnow())
     async with _outboxes(settings) as store:
@@ -211,6 +213,12 @@ def add_parser(verbs: Any) -> None:
         "--max-connections",
         type=int,
         help="connections per worker (default MAILBUS_SMTP_POOL_SIZE)",
+    )
+    add.add_argument(
+        "--charset",
+        type=charset_name,
+        help="write bodies in this charset (e.g. iso-8859-1) unless a job names its own; "
+        "default utf-8",
     )
     add.add_argument(
         "--replace",

@@ -18,6 +18,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from consumer.errors import ConfigurationError
+from consumer.message import Charset
 from consumer.outboxes import DEFAULT_SENDMAIL, Outbox, Security
 from consumer.provider_store import limits_of
 from consumer.ratelimit import Limit, parse_limit
@@ -62,6 +63,7 @@ class OutboxEntry(_Entry):
     timeout: float = Field(30.0, gt=0)
     max_connections: int | None = Field(None, ge=1)
     sendmail_path: str = DEFAULT_SENDMAIL
+    charset: Charset | None = None
     active: bool = True
 
     def outbox(self, name: str, env: Mapping[str, str]) -> Outbox:
@@ -83,6 +85,7 @@ class OutboxEntry(_Entry):
             max_connections=self.max_connections,
             transport=self.transport,
             command=self.sendmail_path,
+            charset=self.charset,
         )
 
 
@@ -151,6 +154,7 @@ def _outbox_entry(doc: Document) -> dict[str, Any]:
         "active": bool(doc.get("active", True)),
         "timeout": float(doc.get("timeout", 30.0)),
         "max_connections": doc.get("max_connections"),
+        "charset": doc.get("charset"),
     }
     if sendmail:
         entry["sendmail_path"] = doc.get("command") or DEFAULT_SENDMAIL

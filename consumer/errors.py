@@ -19,10 +19,26 @@ class InvalidJobError(DeadLetterError, ValueError):
     reason = "invalid"
 
 
-class UnsupportedContentError(DeadLetterError):
-    """The job asks for content this worker cannot build (yet): a clear refusal, never a guess."""
+class AttachmentError(DeadLetterError):
+    """An attachment that can never be read: a refused path, scheme or address, or too big."""
 
-    reason = "unsupported"
+    reason = "attachment"
+
+
+class AttachmentUnavailableError(MailbusError, ConnectionError):
+    """A URL attachment could not be fetched now (HTTP error, timeout): worth a retry."""
+
+
+class TemplateError(DeadLetterError):
+    """A stored template is missing, fails to render, or uses an undefined variable."""
+
+    reason = "template"
+
+
+class MessageTooLargeError(DeadLetterError):
+    """The built message is bigger than ``MAILBUS_MAX_MESSAGE_BYTES``."""
+
+    reason = "too_large"
 
 
 class ConfigurationError(MailbusError, ValueError):

@@ -27,11 +27,14 @@ def event_for(outcome: Outcome) -> Event | None:
         body.update(domain=ctx.job.domain, tags=ctx.job.tags, metadata=ctx.job.metadata)
     if ctx.outbox is not None:
         body["outbox"] = ctx.outbox
+    if ctx.template is not None:
+        body["template"] = {"name": ctx.template[0], "version": ctx.template[1]}
     match outcome:
-        case Sent(result=result):
+        case Sent(result=result, suppressed=suppressed):
             key = "mail.sent"
             body["smtp"] = {"code": result.code, "message": result.message}
             body["refused"] = {r: {"code": c, "message": m} for r, (c, m) in result.refused.items()}
+            body["suppressed"] = list(suppressed)
         case Dead(reason=reason, error=error, code=code):
             key = "mail.failed" if reason in FAILED_REASONS else "mail.dead"
             body.update(reason=reason, error=error, smtp={"code": code} if code else None)
@@ -92,12 +95,13 @@ def reply_for(outcome: Outcome) -> dict[str, Any] | None:
     """The answer to a ``reply_to`` caller ("send now and tell me"), for final outcomes."""
     ctx = outcome.ctx
     match outcome:
-        case Sent(result=result):
+        case Sent(result=result, suppressed=suppressed):
             return {
                 "id": ctx.job_id,
                 "status": "sent",
                 "smtp": {"code": result.code, "message": result.message},
                 "refused": sorted(result.refused),
+                "suppressed": list(suppressed),
             }
         case Dead(reason=reason, error=error, code=code):
             return {

@@ -28,6 +28,10 @@ from pydantic import (
 from consumer.errors import InvalidJobError
 
 SCHEMA_VERSION = 1
+# A custom header is folded at its own white space only; a longer word would not fit in the
+# 998 characters RFC 5322 allows on a line.
+MAX_HEADER_WORD = 900
+TEMPLATE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 _FORBIDDEN_HEADER_CHARS = ("\r", "\n", "\0")
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
@@ -66,6 +70,18 @@ def _check_email(value: str) -> str:
     return checked.normalized
 
 
+def charset_name(value: str) -> str:
+    """A charset Python knows that writes ASCII as ASCII (so MIME headers stay readable)."""
+    try:
+        ascii_safe = "Aa0 -\n".encode(value) == b"Aa0 -\n"
+    except LookupError:
+        raise ValueError(f"unknown charset {value!r}") from None
+    if not ascii_safe:
+        raise ValueError(f"charset {value!r} does not write ASCII as ASCII")
+    return value.lower()
+
+
+Charset = Annotated[str, Field(max_length=40), AfterValidator(charset_name)]
 EmailText = Annotated[str, Field(max_length=320), AfterValidator(_check_email)]
 
 
@@ -90,8 +106,13 @@ class Address(BaseModel):
     name: HeaderText | None = Field(None, max_length=256)
 
     def header(self) -> HeaderAddress:
-        """The address as an ``email`` header value (encodes non-ASCII names)."""
-        return HeaderAddress(display_name=self.name or "", addr_spec=self.email)
+        """The address as an ``email`` header value (encodes non-ASCII names).
+
+        Built from its parts: the standard library refuses to parse a non-ASCII local part,
+        which SMTPUTF8 allows (the validator has checked the address already).
+        """
+        local, _, domain = self.email.rpartition("@")
+        return HeaderAddress(display_name=self.name or "", username=local, domain=domain)
 
 
 Mailbox = Annotated[Address, BeforeValidator(_split_name_addr)]
@@ -102,8 +123,9 @@ class TemplateRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(pattern=TEMPLATE_NAME_PATTERN)]
     data: dict[str, Any] = {}
+    version: Annotated[int, Field(ge=1)] | None = None
 
 
 class Attachment(BaseModel):
@@ -153,6 +175,7 @@ class Job(BaseModel):
     template: TemplateRef | None = None
     attachments: list[Attachment] = []
     headers: dict[HeaderName, HeaderText] = {}
+    charset: Charset | None = None
     send_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
@@ -164,13 +187,25 @@ class Job(BaseModel):
     def _check_content(self) -> Job:
         if self.text is None and self.html is None and self.template is None:
             raise ValueError("a job needs text, html or a template")
+        if self.template is not None and (self.text is not None or self.html is not None):
+            raise ValueError("a job with a template takes its text and html from it")
         reserved = sorted(
             h
             for h in self.headers
-            if h.lower() in RESERVED_HEADERS or h.lower().startswith("content-")
+            if h.lower() in RESERVED_HEADERS or h.lower().startswith(("content-", "resent-"))
         )
         if reserved:
             raise ValueError(f"headers owned by mailbus cannot be set: {', '.join(reserved)}")
+        unfoldable = sorted(
+            name
+            for name, value in self.headers.items()
+            if value.isascii() and max(map(len, value.split()), default=0) > MAX_HEADER_WORD
+        )
+        if unfoldable:
+            raise ValueError(
+                f"header values with a word longer than {MAX_HEADER_WORD} characters cannot "
+                f"be folded: {', '.join(unfoldable)}"
+            )
         return self
 
     def recipients(self) -> list[str]:

@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import mimetypes
+import re
 from datetime import datetime
 from email import policy
+from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import format_datetime
 
-from consumer.errors import InvalidJobError, UnsupportedContentError
-from consumer.message import Attachment, Job
+from consumer.content import Content
+from consumer.errors import InvalidJobError, MessageTooLargeError
+from consumer.message import Job
+
+
+class _CustomHeader(UnstructuredHeader, BaseHeader):
+    """A header a job sets through ``headers{}``. An ASCII value is folded only at its own
+    white space and never made into RFC 2047 encoded-words, which would break the URLs of
+    ``List-Unsubscribe``; a long URL may make a line longer than 78 (never than 998).
+    """
+
+    def fold(self, *, policy: Policy) -> str:
+        value = str(self)
+        if not value.isascii():
+            return super().fold(policy=policy)
+        width = policy.max_line_length or 998
+        lines: list[str] = []
+        line = f"{self.name}:"
+        pieces = re.findall(r"[ \t]*[^ \t]+|[ \t]+$", " " + value.lstrip(" \t"))
+        for n, piece in enumerate(pieces):
+            if n and len(line) + len(piece) > width and piece.strip():
+                lines.append(line)
+                line = piece
+            else:
+                line += piece
+        lines.append(line)
+        return policy.linesep.join(lines) + policy.linesep
+
 
 # 7bit transfer encodings only (quoted-printable/base64 where needed): valid on every
 # server, whether or not it offers 8BITMIME.
-BUILD_POLICY = policy.default.clone(cte_type="7bit")
+BUILD_POLICY = policy.default.clone(
+    cte_type="7bit", header_factory=HeaderRegistry(default_class=_CustomHeader)
+)
+WIRE_POLICY = BUILD_POLICY.clone(linesep="\r\n")
+# For servers and programs that take SMTPUTF8: addresses and headers in raw UTF-8.
+UTF8_POLICY = BUILD_POLICY.clone(utf8=True)
 
 
 def message_id_for(job_id: str, domain: str) -> str:
@@ -25,28 +56,26 @@ def message_id_for(job_id: str, domain: str) -> str:
     return f"<{digest}@{domain}>"
 
 
-def _decode(att: Attachment) -> tuple[bytes, str, str]:
-    """The bytes and MIME type of an attachment given inline as base64."""
-    if att.content_b64 is None:
-        kind = "url" if att.url is not None else "path"
-        raise UnsupportedContentError(f"{kind} attachments are not supported by this worker")
-    try:
-        data = base64.b64decode(att.content_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidJobError(f"attachment {att.filename or att.cid!r}: invalid base64") from None
-    ctype = att.content_type or mimetypes.guess_type(att.filename or "")[0]
-    maintype, _, subtype = (ctype or "application/octet-stream").partition("/")
-    return data, maintype, subtype
+def set_bodies(msg: EmailMessage, text: str | None, html: str | None, charset: str) -> None:
+    """Give ``msg`` a text body, an html body, or both as multipart/alternative."""
+    if text is not None:
+        msg.set_content(text, charset=charset)
+    if html is not None:
+        if text is not None:
+            msg.add_alternative(html, subtype="html", charset=charset)
+        else:
+            msg.set_content(html, subtype="html", charset=charset)
 
 
-def build_message(job: Job, job_id: str, now: datetime) -> EmailMessage:
-    """Return the message to send for ``job``; raises a :class:`DeadLetterError` if it cannot.
+def build_message(
+    job: Job, job_id: str, now: datetime, content: Content, charset: str = "utf-8"
+) -> EmailMessage:
+    """Return the message to send for ``job``; raises :class:`InvalidJobError` if it cannot.
 
-    Layout: text and html become multipart/alternative; inline attachments (``cid``)
-    join the html in multipart/related; other attachments wrap it all in multipart/mixed.
+    Layout: text and html become multipart/alternative; inline parts (``cid``) join the
+    html in multipart/related; other attachments wrap it all in multipart/mixed. Bodies
+    are written in ``charset``; headers that need it are RFC 2047 encoded in UTF-8.
     """
-    if job.template is not None:
-        raise UnsupportedContentError("templates are not supported by this worker")
     msg = EmailMessage(policy=BUILD_POLICY)
     msg["From"] = job.from_.header()
     msg["To"] = [a.header() for a in job.to]
@@ -54,38 +83,40 @@ def build_message(job: Job, job_id: str, now: datetime) -> EmailMessage:
         msg["Cc"] = [a.header() for a in job.cc]
     if job.reply_to is not None:
         msg["Reply-To"] = job.reply_to.header()
-    msg["Subject"] = job.subject
+    msg["Subject"] = content.subject
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id_for(job_id, job.domain)
     for name, value in job.headers.items():
         msg[name] = value
-
-    if job.text is not None:
-        msg.set_content(job.text, charset="utf-8")
-    if job.html is not None:
-        if job.text is not None:
-            msg.add_alternative(job.html, subtype="html", charset="utf-8")
-        else:
-            msg.set_content(job.html, subtype="html", charset="utf-8")
-    inline = [a for a in job.attachments if a.inline]
+    try:
+        set_bodies(msg, content.text, content.html, charset)
+    except UnicodeEncodeError:
+        raise InvalidJobError(f"the body cannot be written in charset {charset}") from None
+    inline = [p for p in content.parts if p.cid is not None]
     if inline:
-        if job.html is None:
-            raise InvalidJobError("inline attachments need an html body to refer to them")
         html_part = msg.get_body(("html",))
-        assert html_part is not None  # set just above
-        for att in inline:
-            data, maintype, subtype = _decode(att)
+        if html_part is None:
+            raise InvalidJobError("inline attachments need an html body to refer to them")
+        for part in inline:
+            maintype, subtype = part.content_type.split("/", 1)
             html_part.add_related(
-                data,
+                part.data,
                 maintype,
                 subtype,
-                cid=f"<{att.cid}>",
-                filename=att.filename,
+                cid=f"<{part.cid}>",
+                filename=part.filename,
                 disposition="inline",
             )
-    for att in job.attachments:
-        if att.inline:
-            continue
-        data, maintype, subtype = _decode(att)
-        msg.add_attachment(data, maintype, subtype, filename=att.filename)
+    for part in content.parts:
+        if part.cid is None:
+            maintype, subtype = part.content_type.split("/", 1)
+            msg.add_attachment(part.data, maintype, subtype, filename=part.filename)
     return msg
+
+
+def check_size(message: EmailMessage, limit: int) -> int:
+    """The message's size on the wire; raises :class:`MessageTooLargeError` beyond ``limit``."""
+    size = len(message.as_bytes(policy=WIRE_POLICY))
+    if size > limit:
+        raise MessageTooLargeError(f"the message is {size} bytes, more than the limit of {limit}")
+    return size

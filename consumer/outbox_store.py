@@ -46,6 +46,7 @@ def outbox_document(
         "verify_tls": outbox.verify_tls,
         "timeout": outbox.timeout,
         "max_connections": outbox.max_connections,
+        "charset": outbox.charset,
         "updated_at": now,
     }
     if outbox.password is not None:
@@ -77,6 +78,7 @@ def outbox_from_document(doc: Document, vault: Vault | None) -> Outbox:
         version=int(doc.get("version", 0)),
         transport="sendmail" if doc.get("transport") == "sendmail" else "smtp",
         command=doc.get("command") or DEFAULT_SENDMAIL,
+        charset=doc.get("charset"),
     )
 
 

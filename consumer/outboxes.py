@@ -36,6 +36,8 @@ class Outbox:
     version: int = 0
     transport: Transport = "smtp"
     command: str = DEFAULT_SENDMAIL
+    # The charset bodies are written in, unless the job names one (None: UTF-8).
+    charset: str | None = None
 
 
 def _flag(values: dict[str, list[str]], name: str, default: bool) -> bool:

@@ -7,17 +7,21 @@ the worker then carries the outcome out on the broker and acknowledges the deliv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from typing import Any
 
 import structlog
 
 from consumer.authorization import Authorizer
+from consumer.content import Composer, Content
 from consumer.errors import (
+    AttachmentUnavailableError,
     ConfigurationError,
     DeadLetterError,
     InvalidJobError,
@@ -25,12 +29,20 @@ from consumer.errors import (
 )
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
-from consumer.mime import build_message
+from consumer.mime import build_message, check_size
 from consumer.picker import Choice, OutboxPicker
-from consumer.retry import Decision, Failure, classify, decide, split_refusals
+from consumer.retry import (
+    Decision,
+    Failure,
+    classify,
+    decide,
+    split_refusals,
+    unknown_recipients,
+)
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
-from consumer.store import DUE_TOLERANCE, Claim, ClaimState, JobStore, utcnow
+from consumer.store import DUE_TOLERANCE, Claim, ClaimState, Document, JobStore, utcnow
+from consumer.suppressions import SuppressionStore
 from consumer.transport import SendResult
 
 log = get_logger(__name__)
@@ -45,14 +57,19 @@ class Context:
     job: Job | None = None
     attempts: int = 0
     outbox: str | None = None
+    # The stored template the mail was rendered from, as (name, version).
+    template: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
 class Sent:
-    """The SMTP server accepted the mail; its record says ``sent``."""
+    """The SMTP server accepted the mail; its record says ``sent``. ``suppressed``
+    recipients were left out because they are on the suppression list.
+    """
 
     ctx: Context
     result: SendResult
+    suppressed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,8 @@ class Pipeline:
         store: JobStore,
         picker: OutboxPicker,
         authorizer: Authorizer,
+        composer: Composer,
+        suppressions: SuppressionStore,
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
@@ -116,6 +135,8 @@ class Pipeline:
         self.store = store
         self.picker = picker
         self.authorizer = authorizer
+        self.composer = composer
+        self.suppressions = suppressions
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
@@ -178,39 +199,71 @@ class Pipeline:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
+        # After a partial delivery, only the recipients still owed the mail.
+        owed = list(claim.pending) if claim.pending is not None else job.recipients()
+        suppressed = await self.suppressions.among(owed)
+        recipients = [r for r in owed if r.lower() not in suppressed]
+        details: Document = {"suppressed": sorted(suppressed)} if suppressed else {}
+        if not recipients:
+            error = f"every recipient is suppressed: {', '.join(sorted(suppressed))}"
+            return await self._dead(ctx, job_id, "suppressed", error, details)
         # Built before the outbox is chosen: a token is taken as close to the send as can be.
         try:
-            message = build_message(job, job_id, now)
+            content = await self.composer.compose(job)
+            charset = job.charset or "utf-8"
+            message = self._build(job, job_id, now, content, charset)
         except DeadLetterError as exc:
-            await self.store.mark_failed(job_id, self.worker_id, "dead", exc.reason, str(exc))
-            return Dead(ctx, exc.reason, str(exc))
+            return await self._dead(ctx, job_id, exc.reason, str(exc), details)
+        except AttachmentUnavailableError as exc:
+            return await self._failed(ctx, job_id, job, body, classify(exc))
+        if content.template is not None:
+            name, version = content.template
+            details["template"] = {"name": name, "version": version}
+            ctx = dataclasses.replace(ctx, template=content.template)
         try:
             choice = await self._choose(job, claim)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
             return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
         if choice is None:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
-            await self.store.mark_failed(job_id, self.worker_id, "dead", "no_outbox", error)
-            return Dead(ctx, "no_outbox", error)
+            return await self._dead(ctx, job_id, "no_outbox", error, details)
         pool = choice.pool
-        ctx = Context(job_id, job, claim.attempts, pool.outbox.name)
+        ctx = dataclasses.replace(ctx, outbox=pool.outbox.name)
         structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
         if choice.throttle is not None:
             reservation, due = choice.throttle.reservation, choice.throttle.until
             await self.store.mark_throttled(job_id, self.worker_id, reservation, due, body)
-            waiting = Context(job_id, job, claim.attempts - 1, pool.outbox.name)
+            waiting = dataclasses.replace(ctx, attempts=claim.attempts - 1)
             # Announced once, when the job queues; waking a hair early is no news.
             again = reservation == claim.reserved
             return Later(waiting, due, "waiting" if again else "rate_limited")
-        # After a partial delivery, only the recipients still owed the mail.
-        recipients = list(claim.pending) if claim.pending is not None else job.recipients()
+        outbox_charset = job.charset or pool.outbox.charset or "utf-8"
+        if outbox_charset != charset:
+            try:
+                message = self._build(job, job_id, now, content, outbox_charset)
+            except DeadLetterError as exc:
+                return await self._dead(ctx, job_id, exc.reason, str(exc), details)
         started = time.perf_counter()
         try:
             result = await pool.send(message, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
         log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))
-        return await self._accepted(ctx, job_id, job, body, result, claim.refused or {})
+        return await self._accepted(ctx, job_id, job, body, result, claim.refused or {}, details)
+
+    def _build(
+        self, job: Job, job_id: str, now: datetime, content: Content, charset: str
+    ) -> EmailMessage:
+        message = build_message(job, job_id, now, content, charset)
+        check_size(message, self.settings.max_message_bytes)
+        return message
+
+    async def _dead(
+        self, ctx: Context, job_id: str, reason: str, error: str, details: Document
+    ) -> Outcome:
+        """The claimed job can never be sent: record it dead and say why."""
+        await self.store.mark_failed(job_id, self.worker_id, "dead", reason, error, details)
+        return Dead(ctx, reason, error)
 
     async def _accepted(
         self,
@@ -220,6 +273,7 @@ class Pipeline:
         body: bytes,
         result: SendResult,
         earlier: Mapping[str, Any],
+        details: Document,
     ) -> Outcome:
         """The server took the mail for some recipients at least: record it, and retry the
         ones it deferred (4xx) while attempts remain; they alone get the next attempt.
@@ -238,9 +292,11 @@ class Pipeline:
                 )
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
-        await self._record_sent(job_id, result, refused, ctx.outbox)
+        await self._record_sent(job_id, result, refused, ctx.outbox, details)
+        await self._suppress_unknown(final)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
-        return Sent(ctx, SendResult(result.code, result.message, every_refusal))
+        suppressed = tuple(details.get("suppressed", ()))
+        return Sent(ctx, SendResult(result.code, result.message, every_refusal), suppressed)
 
     async def _failed(
         self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
@@ -251,11 +307,14 @@ class Pipeline:
             await self.store.mark_failed(
                 job_id, self.worker_id, "failed", reason, failure.describe()
             )
+            await self._suppress_unknown(failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
         await self.store.mark_retry(
             job_id, self.worker_id, failure.describe(), due, body, ctx.outbox
         )
+        # Every recipient was refused, some only for now: the unknown ones are not retried.
+        await self._suppress_unknown(failure.refusals)
         return Later(ctx, due, "retry", failure)
 
     async def _choose(self, job: Job, claim: Claim) -> Choice | None:
@@ -279,8 +338,29 @@ class Pipeline:
             self.jitter(),
         )
 
+    async def _suppress_unknown(self, refused: Mapping[str, tuple[int, str]]) -> None:
+        """Put recipients a server called unknown on the suppression list, for a while.
+
+        Runs after the job's own record is written; failing here loses no mail.
+        """
+        unknown = unknown_recipients(refused)
+        days = self.settings.bounce_suppression_days
+        if not unknown or days <= 0:
+            return
+        try:
+            await self.suppressions.add_bounced(unknown, days)
+        except StoreUnavailableError as exc:
+            log.warning("job.suppression_not_recorded", error=str(exc), recipients=sorted(unknown))
+            return
+        log.info("job.recipients_suppressed", recipients=sorted(unknown), days=days)
+
     async def _record_sent(
-        self, job_id: str, result: SendResult, refused: dict[str, Any], outbox: str | None
+        self,
+        job_id: str,
+        result: SendResult,
+        refused: dict[str, Any],
+        outbox: str | None,
+        details: Document,
     ) -> None:
         """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
         reply = {"code": result.code, "message": result.message}
@@ -288,7 +368,7 @@ class Pipeline:
         while True:
             try:
                 recorded = await self.store.mark_sent(
-                    job_id, self.worker_id, reply, refused, outbox
+                    job_id, self.worker_id, reply, refused, outbox, details
                 )
             except StoreUnavailableError as exc:
                 log.warning("job.sent_record_retrying", error=str(exc), pause=pause)

@@ -5,12 +5,18 @@ This module is the one place that decides "try again later" versus "never".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from consumer.errors import SendmailError
+from consumer.errors import AttachmentUnavailableError, SendmailError
+
+# RFC 3463 enhanced status codes that say the address itself is bad: unknown mailbox (5.1.1),
+# unknown domain (5.1.2), bad syntax (5.1.3), moved (5.1.6), domain accepts no mail (5.1.10).
+UNKNOWN_ADDRESS_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+_ENHANCED_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,8 @@ class Failure:
     transient: bool
     code: int | None
     message: str
+    # Per-recipient replies when the server refused every recipient.
+    refusals: Mapping[str, tuple[int, str]] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for records and dead letters: ``451 try later`` or the error text."""
@@ -39,11 +47,14 @@ def classify(exc: BaseException) -> Failure:
         first = (temporary or refusals)[0] if refusals else None
         if first is None:
             return Failure(True, None, "all recipients refused")
-        return Failure(bool(temporary), first.code, f"<{first.recipient}> {first.message}")
+        replies = {r.recipient: (r.code, r.message) for r in refusals}
+        return Failure(bool(temporary), first.code, f"<{first.recipient}> {first.message}", replies)
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         return Failure(True, exc.code, f"authentication failed: {exc.message}")
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return Failure(not 500 <= exc.code < 600, exc.code, exc.message)
+    if isinstance(exc, AttachmentUnavailableError):
+        return Failure(True, None, f"attachment unavailable: {exc}")
     if isinstance(exc, SendmailError):
         return Failure(exc.transient, None, str(exc))
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
@@ -56,6 +67,25 @@ def classify(exc: BaseException) -> Failure:
 def is_transient_code(code: int) -> bool:
     """A 4xx SMTP reply: the same command may succeed later."""
     return 400 <= code < 500
+
+
+def enhanced_status(text: str) -> str | None:
+    """The RFC 3463 enhanced status code a reply's text starts with (``5.1.1``), if any."""
+    found = _ENHANCED_STATUS.match(text)
+    return ".".join(found.groups()) if found else None
+
+
+def unknown_recipients(refused: Mapping[str, tuple[int, str]]) -> dict[str, str]:
+    """The refused recipients a server called non-existent, with its reply.
+
+    Decided by the 5xx code and its enhanced status code (a structured field, not prose):
+    a policy or spam refusal (5.7.x) does not make an address unknown.
+    """
+    return {
+        rcpt: f"{code} {text}"
+        for rcpt, (code, text) in refused.items()
+        if 500 <= code < 600 and enhanced_status(text) in UNKNOWN_ADDRESS_STATUSES
+    }
 
 
 def split_refusals(

@@ -13,6 +13,7 @@ import contextlib
 from email.message import EmailMessage
 
 from consumer.errors import SendmailError
+from consumer.mime import UTF8_POLICY
 from consumer.outboxes import Outbox
 from consumer.transport import SendResult
 
@@ -31,6 +32,9 @@ class SendmailPipe:
         """Pipe ``message`` to the program; raises :class:`SendmailError`, ``OSError`` (no
         such program) or ``TimeoutError`` (killed after the outbox's timeout).
         """
+        # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
+        utf8 = not (sender + "".join(recipients)).isascii()
+        data = message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:
             process = await asyncio.create_subprocess_exec(
                 self.outbox.command,
@@ -45,7 +49,7 @@ class SendmailPipe:
             )
             try:
                 async with asyncio.timeout(self.outbox.timeout):
-                    output, _ = await process.communicate(message.as_bytes())
+                    output, _ = await process.communicate(data)
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 2**20
+
+
+def _path_list(value: Any) -> Any:
+    """``MAILBUS_ATTACHMENT_DIRS`` as a JSON list or, like ``PATH``, joined with ``:``."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [part for part in value.split(os.pathsep) if part]
+    return value
 
 
 class Settings(BaseSettings):
@@ -21,7 +34,18 @@ class Settings(BaseSettings):
     prefix: str = Field("mailbus", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     default_smtp_url: SecretStr | None = None
     secret_key: SecretStr | None = None
-    attachment_dirs: list[Path] = []
+    # Attachments: local paths must resolve inside ``attachment_dirs``; URLs are fetched
+    # (into ``attachment_tmp_dir``, removed at once) and may not reach private addresses.
+    attachment_dirs: Annotated[list[Path], NoDecode, BeforeValidator(_path_list)] = []
+    attachment_tmp_dir: Path | None = None
+    attachment_allow_private: bool = False
+    attachment_connect_timeout: float = Field(10.0, gt=0)
+    attachment_read_timeout: float = Field(30.0, gt=0)
+    attachment_max_redirects: int = Field(5, ge=0, le=20)
+    max_attachment_bytes: int = Field(10 * MiB, ge=1)
+    max_message_bytes: int = Field(25 * MiB, ge=1024)
+    # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
+    bounce_suppression_days: float = Field(30.0, ge=0)
     admin_email: str | None = None
     http_port: int | None = None
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -264,14 +264,19 @@ class JobStore:
         reply: Document,
         refused: dict[str, Document],
         outbox: str | None = None,
+        details: Document | None = None,
     ) -> bool:
-        """Record the SMTP server's acceptance; False if this worker had lost its lease."""
+        """Record the SMTP server's acceptance; False if this worker had lost its lease.
+
+        ``details`` are more fields to set (the template used, suppressed recipients).
+        """
         now = utcnow()
         async with answering():
             result = await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
                     "$set": {
+                        **(details or {}),
                         "status": "sent",
                         "sent_at": now,
                         "updated_at": now,
@@ -364,7 +369,13 @@ class JobStore:
             )
 
     async def mark_failed(
-        self, job_id: str, worker_id: str, status: str, reason: str, error: str
+        self,
+        job_id: str,
+        worker_id: str,
+        status: str,
+        reason: str,
+        error: str,
+        details: Document | None = None,
     ) -> None:
         """The claimed job will never be sent: record ``failed`` or ``dead`` and why."""
         now = utcnow()
@@ -373,6 +384,7 @@ class JobStore:
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
                 {
                     "$set": {
+                        **(details or {}),
                         "status": status,
                         "reason": reason,
                         "last_error": error,

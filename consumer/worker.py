@@ -17,10 +17,13 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer import control, ladder, topology
+from consumer.attachments import AttachmentLoader
 from consumer.authorization import Authorizer, broker_user, carry_user
+from consumer.content import Composer
 from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
+from consumer.fetch import Fetcher, fetch_limits
 from consumer.logging import get_logger
 from consumer.outbox_store import OutboxStore
 from consumer.outboxes import outbox_from_url
@@ -41,6 +44,8 @@ from consumer.provider_store import ProviderStore
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
+from consumer.suppressions import SuppressionStore
+from consumer.template_store import TemplateStore
 from consumer.vault import Vault
 
 log = get_logger(__name__)
@@ -77,7 +82,21 @@ class Worker:
             settings.smtp_idle_seconds,
         )
         authorizer = Authorizer(DomainStore(self.store.database))
-        self.pipeline = Pipeline(settings, self.store, self.picker, authorizer, self.worker_id)
+        self.fetcher = Fetcher(fetch_limits(settings))
+        loader = AttachmentLoader(
+            settings.attachment_dirs, settings.max_attachment_bytes, self.fetcher
+        )
+        composer = Composer(TemplateStore(self.store.database), loader, settings.max_message_bytes)
+        self.suppressions = SuppressionStore(self.store.database)
+        self.pipeline = Pipeline(
+            settings,
+            self.store,
+            self.picker,
+            authorizer,
+            composer,
+            self.suppressions,
+            self.worker_id,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
@@ -116,6 +135,7 @@ class Worker:
             await self._drain()
         finally:
             await self.picker.close()
+            await self.fetcher.close()
             await connection.close()
             await self.store.close()
             log.info("worker.stopped", worker=self.worker_id)
@@ -141,6 +161,7 @@ class Worker:
             try:
                 await self.store.ensure_indexes()
                 await self.outboxes.ensure_indexes()
+                await self.suppressions.ensure_indexes()
             except StoreUnavailableError as exc:
                 log.warning("worker.store_unreachable", error=str(exc))
                 await _wait(stop, RECONNECT_INTERVAL)

@@ -25,6 +25,7 @@ from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
+from tests.http_files import FileServer
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +142,15 @@ async def worker(settings: Settings, channel: AbstractChannel) -> AsyncIterator[
         await running.shutdown()
     with contextlib.suppress(asyncio.CancelledError):
         running.task.result()
+
+
+@pytest.fixture
+def files() -> Iterator[FileServer]:
+    """A loopback HTTP server for URL attachments, its routes set by the test."""
+    server = FileServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -160,6 +160,16 @@ HELP = [
     ["config"],
     ["config", "import"],
     ["config", "export"],
+    ["template"],
+    ["template", "put"],
+    ["template", "ls"],
+    ["template", "show"],
+    ["template", "render"],
+    ["template", "rm"],
+    ["suppress"],
+    ["suppress", "add"],
+    ["suppress", "rm"],
+    ["suppress", "ls"],
 ]
 
 

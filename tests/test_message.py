@@ -58,12 +58,41 @@ def test_id_precedence_body_then_message_id_then_content_hash() -> None:
         {"attachments": [{"content_b64": "YQ==", "inline": True}]},
         {"max_attempts": 0},
         {"from": "a@example.com\r\nBcc: x@example.com"},
+        # Header injection: through a custom header's value, a display name, the subject.
+        {"headers": {"X-Campaign": "spring\r\nBcc: victim@example.net"}},
+        {"headers": {"List-Unsubscribe": "<https://x.example/u>\nBcc: v@example.net"}},
+        {"to": [{"email": "rcpt@example.org", "name": "Ann\r\nBcc: v@example.net"}]},
+        {"reply_to": '"Ann\nBcc: v@example.net" <a@example.com>'},
+        {"subject": "hi\nBcc: v@example.net"},
+        # Headers mailbus writes itself, whatever their case.
+        {"headers": {"from": "x@example.net"}},
+        {"headers": {"BCC": "x@example.net"}},
+        {"headers": {"Date": "Mon, 1 Jan 2024 00:00:00 +0000"}},
+        {"headers": {"MIME-Version": "1.0"}},
+        {"headers": {"Resent-To": "x@example.net"}},
+        {"headers": {"Content-Transfer-Encoding": "8bit"}},
+        {"headers": {"X-Token": "x" * 901}},  # cannot be folded within 998 characters
+        {"charset": "no-such-charset"},
+        {"charset": "utf-16"},  # writes ASCII as two bytes: not a mail charset
+        {"template": {"name": "welcome"}, "text": "both"},
+        {"template": {"name": "../etc"}, "text": None},
     ],
 )
 def test_refused(fields: dict[str, object]) -> None:
     body = {k: v for k, v in job(**fields).items() if v is not None}
     with pytest.raises(InvalidJobError):
         parse_job(encode(body), None)
+
+
+def test_list_unsubscribe_and_other_custom_headers_are_accepted() -> None:
+    headers = {
+        "List-Unsubscribe": "<https://example.com/u/1>, <mailto:u@example.com>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "X-Campaign": "spring 2030 ☀",
+    }
+    parsed, _ = parse_job(encode(job(headers=headers, charset="ISO-8859-1")), None)
+    assert parsed.headers == headers
+    assert parsed.charset == "iso-8859-1"
 
 
 def test_body_must_be_an_object() -> None:

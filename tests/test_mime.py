@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from datetime import UTC, datetime
 from email import policy
@@ -13,13 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.errors import UnsupportedContentError
+from consumer.attachments import Part
+from consumer.content import Content
+from consumer.errors import InvalidJobError, MessageTooLargeError
 from consumer.message import Job
-from consumer.mime import build_message
+from consumer.mime import build_message, check_size
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
 PDF = b"%PDF-1.4 binary \x00\xff\xfe" * 50
+PNG = b"\x89PNG\r\n\x1a\n fake image"
 
 
 def wire(message: EmailMessage) -> EmailMessage:
@@ -30,21 +32,22 @@ def wire(message: EmailMessage) -> EmailMessage:
     return parsed
 
 
+def built(body: dict[str, object], *parts: Part, charset: str = "utf-8") -> EmailMessage:
+    """The job's message as it leaves the worker, parsed back."""
+    parsed = Job.model_validate(body)
+    return wire(build_message(parsed, "j1", NOW, Content.of(parsed, parts), charset))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_html_with_inline_image_and_attachment() -> None:
-    body = job(
-        text="see the logo",
-        html='<img src="cid:logo">',
-        attachments=[
-            {
-                "content_b64": base64.b64encode(b"\x89PNG..").decode(),
-                "inline": True,
-                "cid": "logo",
-                "content_type": "image/png",
-            },
-            {"filename": "Rechnung März.pdf", "content_b64": base64.b64encode(PDF).decode()},
-        ],
+    msg = built(
+        job(text="see the logo", html='<img src="cid:logo">'),
+        Part(PNG, "image/png", "logo.png", cid="logo"),
+        Part(PDF, "application/pdf", "Rechnung März.pdf"),
     )
-    msg = wire(build_message(Job.model_validate(body), "j1", NOW))
     assert msg.get_content_type() == "multipart/mixed"
     alternative, attachment = msg.iter_parts()
     assert alternative.get_content_type() == "multipart/alternative"
@@ -54,25 +57,85 @@ def test_html_with_inline_image_and_attachment() -> None:
     html, logo = related.iter_parts()
     assert html.get_content_type() == "text/html"
     assert (logo["Content-ID"], logo.get_content_type()) == ("<logo>", "image/png")
+    assert logo.get_content_disposition() == "inline"
+    assert sha(logo.get_content()) == sha(PNG)
+    assert attachment.get_content_disposition() == "attachment"
     assert attachment.get_filename() == "Rechnung März.pdf"
-    assert attachment.get_content_type() == "application/pdf"  # guessed from the name
-    payload = attachment.get_content()
-    assert hashlib.sha256(payload).digest() == hashlib.sha256(PDF).digest()
+    assert attachment.get_content_type() == "application/pdf"
+    assert sha(attachment.get_content()) == sha(PDF)
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        {"template": {"name": "welcome"}},
-        {"attachments": [{"url": "https://example.com/a.pdf"}]},
-        {"attachments": [{"path": "/srv/files/a.pdf"}]},
-    ],
-)
-def test_content_this_worker_cannot_build_is_refused_clearly(fields: dict[str, object]) -> None:
-    with pytest.raises(UnsupportedContentError):
-        build_message(Job.model_validate(job(**fields)), "j1", NOW)
+def test_non_ascii_filenames_travel_per_rfc_2231() -> None:
+    parsed = Job.model_validate(job())
+    part = Part(PDF, "application/pdf", "Rechnung März.pdf")
+    raw = build_message(parsed, "j", NOW, Content.of(parsed, [part])).as_bytes()
+    assert b"filename*=utf-8''Rechnung%20M%C3%A4rz.pdf" in raw
 
 
+def test_text_and_html_alone_are_an_alternative_and_nothing_more() -> None:
+    msg = built(job(text="plain", html="<p>rich</p>"))
+    assert msg.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    only_html = built(job(text=None, html="<p>rich</p>"))
+    assert only_html.get_content_type() == "text/html"
+
+
+def test_inline_image_without_html_is_refused() -> None:
+    with pytest.raises(InvalidJobError, match="html"):
+        built(job(text="no html"), Part(PNG, "image/png", None, cid="logo"))
+
+
+def test_custom_headers_pass_through_folded_but_never_encoded_when_ascii() -> None:
+    headers = {
+        "List-Unsubscribe": "<https://example.com/unsubscribe/" + "x" * 120 + ">, "
+        "<mailto:unsubscribe@example.com?subject=" + "y" * 60 + ">",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        "X-Words": " ".join(["word"] * 40),
+        "X-Campaign": " ".join(["Frühling"] * 20),
+    }
+    parsed = Job.model_validate(job(headers=headers))
+    raw = build_message(parsed, "j", NOW, Content.of(parsed)).as_bytes(policy=policy.SMTP)
+    msg = wire(build_message(parsed, "j", NOW, Content.of(parsed)))
+    for name, value in headers.items():
+        assert msg[name] == value
+    lines = raw.split(b"\r\n")
+    unsubscribe = next(line for line in lines if line.startswith(b"List-Unsubscribe:"))
+    assert b"=?" not in unsubscribe  # URLs stay URLs: a client must be able to use them
+    assert b"<https://example.com/unsubscribe/" + b"x" * 120 + b">," in unsubscribe
+    assert max(len(line) for line in lines) <= 998
+    assert len(next(line for line in lines if line.startswith(b"X-Words:"))) <= 78
+
+
+def test_long_body_lines_are_encoded_to_fit() -> None:
+    text = "word " * 400 + "\n" + "ü" * 2000
+    msg = built(job(text=text))
+    assert msg.get_content().rstrip("\n") == text
+    parsed = Job.model_validate(job(text=text))
+    raw = build_message(parsed, "j", NOW, Content.of(parsed))
+    assert max(len(line) for line in raw.as_bytes().split(b"\n")) <= 78
+
+
+def test_charset_is_honoured_and_unencodable_text_refused() -> None:
+    msg = built(job(text="Grüße", html="<p>Grüße</p>"), charset="iso-8859-1")
+    plain, html = msg.iter_parts()
+    assert plain.get_content_charset() == "iso-8859-1"
+    assert (plain.get_content().strip(), html.get_content().strip()) == ("Grüße", "<p>Grüße</p>")
+    with pytest.raises(InvalidJobError, match="iso-8859-1"):
+        built(job(text="price: 5 €"), charset="iso-8859-1")
+
+
+def test_size_limit_counts_the_encoded_message() -> None:
+    parsed = Job.model_validate(job())
+    message = build_message(
+        parsed, "j", NOW, Content.of(parsed, [Part(b"\0" * 30_000, OCTET, "blob.bin")])
+    )
+    size = check_size(message, 50_000)
+    assert size > 40_000  # base64 makes 30,000 bytes into about 40,500
+    with pytest.raises(MessageTooLargeError, match="limit of 40000"):
+        check_size(message, 40_000)
+
+
+OCTET = "application/octet-stream"
 header_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=120).map(str.strip)
 
 
@@ -85,13 +148,21 @@ header_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size
     ),
 )
 def test_unicode_round_trip(subject: str, name: str, text: str) -> None:
-    body = job(subject=subject, text=text, **{"from": {"email": "a@example.com", "name": name}})
-    msg = wire(build_message(Job.model_validate(body), "j1", NOW))
+    body = job(
+        subject=subject,
+        text=text,
+        html=f"<p>{text}</p>",
+        headers={"X-Note": subject},
+        **{"from": {"email": "a@example.com", "name": name}},
+    )
+    msg = built(body)
     assert msg["Subject"] == subject
+    assert msg["X-Note"] == subject
     # White space aside, the name is intact. (A run of white space in a display name means
     # one space per RFC 5322, and the policy-default parser puts a space between adjacent
     # RFC 2047 encoded-words where RFC 2047 says there is none.)
     shown = msg["From"].addresses[0].display_name
     assert "".join(shown.split()) == "".join(name.split())
-    content = msg.get_content()
-    assert content.rstrip("\n") == text.rstrip("\n")
+    plain, html = msg.iter_parts()
+    assert plain.get_content().rstrip("\n") == text.rstrip("\n")
+    assert html.get_content().rstrip("\n") == f"<p>{text}</p>".rstrip("\n")

@@ -9,10 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.errors import ConfigurationError, InvalidJobError
+from consumer.errors import AttachmentUnavailableError, ConfigurationError, InvalidJobError
 from consumer.message import Job
 from consumer.outboxes import outbox_from_url
-from consumer.retry import classify, compute_backoff, decide, split_refusals
+from consumer.retry import (
+    classify,
+    compute_backoff,
+    decide,
+    split_refusals,
+    unknown_recipients,
+)
 from consumer.schedule import DUE_HEADER, due_time, to_epoch_ms
 from consumer.settings import redact_url
 from tests.broker import job
@@ -32,6 +38,7 @@ from tests.broker import job
         (ConnectionRefusedError(), True, None),
         (TimeoutError(), True, None),
         (aiosmtplib.SMTPNotSupported("no SMTPUTF8"), False, None),
+        (AttachmentUnavailableError("https://x.example/a.pdf: HTTP 404"), True, None),
         (
             aiosmtplib.SMTPRecipientsRefused(
                 [
@@ -54,6 +61,35 @@ from tests.broker import job
 def test_classify(exc: BaseException, transient: bool, code: int | None) -> None:
     failure = classify(exc)
     assert (failure.transient, failure.code) == (transient, code)
+
+
+def test_unknown_recipients_by_enhanced_status_code() -> None:
+    refused = {
+        "gone@x.org": (550, "5.1.1 <gone@x.org>: Recipient address rejected: User unknown"),
+        "nodomain@y.org": (550, "5.1.2 Host unknown"),
+        "moved@x.org": (551, "5.1.6 mailbox has moved"),
+        "nullmx@z.org": (556, "5.1.10 Recipient address has null MX"),
+        "spam@x.org": (550, "5.7.1 Message rejected as spam"),
+        "full@x.org": (552, "5.2.2 Mailbox full"),
+        "later@x.org": (450, "4.1.1 try later"),
+        "plain@x.org": (550, "No such user here"),  # no enhanced code: not judged by prose
+    }
+    unknown = unknown_recipients(refused)
+    assert sorted(unknown) == ["gone@x.org", "moved@x.org", "nodomain@y.org", "nullmx@z.org"]
+    assert unknown["gone@x.org"].startswith("550 5.1.1")
+
+
+def test_every_refusal_is_kept_when_all_recipients_are_refused() -> None:
+    exc = aiosmtplib.SMTPRecipientsRefused(
+        [
+            aiosmtplib.SMTPRecipientRefused(550, "5.1.1 unknown", "a@b.c"),
+            aiosmtplib.SMTPRecipientRefused(550, "5.7.1 policy", "d@b.c"),
+        ]
+    )
+    assert classify(exc).refusals == {
+        "a@b.c": (550, "5.1.1 unknown"),
+        "d@b.c": (550, "5.7.1 policy"),
+    }
 
 
 def test_classify_ignores_reply_text() -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import aiosmtplib
 import pytest
 
+from consumer.content import Content
 from consumer.message import Job
 from consumer.mime import build_message
 from consumer.outboxes import outbox_from_url
@@ -16,7 +17,8 @@ from consumer.transport import PROBE_AFTER, SMTPPool
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 
-MAIL = build_message(Job.model_validate(job()), "pool-test", datetime.now(UTC))
+JOB = Job.model_validate(job())
+MAIL = build_message(JOB, "pool-test", datetime.now(UTC), Content.of(JOB))
 
 
 def pool_for(server: CaptureServer, size: int = 2, idle_seconds: float = 30.0) -> SMTPPool:

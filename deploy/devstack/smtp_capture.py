@@ -151,9 +151,10 @@ class CaptureServer:
         idle_timeout: float = 300.0,
         tls: ssl.SSLContext | None = None,
         logins: dict[str, str] | None = None,
+        smtputf8: bool = True,
     ) -> None:
         """``tls`` offers (and requires) STARTTLS; ``logins`` (user to password) requires
-        AUTH, over TLS only.
+        AUTH, over TLS only; ``smtputf8`` offers SMTPUTF8 (non-ASCII addresses).
         """
         self.port = free_port()
         self.lock = threading.Lock()
@@ -167,7 +168,7 @@ class CaptureServer:
             _Handler(self),
             hostname="127.0.0.1",
             port=self.port,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=smtputf8,
             data_size_limit=64 * 1024 * 1024,
             timeout=idle_timeout,
             tls_context=tls,

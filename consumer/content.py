@@ -1,0 +1,61 @@
+"""What a job's mail says: its subject and bodies (from the job or a stored template) and
+its attachments, gathered before the message is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from consumer.attachments import AttachmentLoader, Part
+from consumer.errors import TemplateError
+from consumer.message import Job
+from consumer.template_store import TemplateStore
+from consumer.templates import render
+
+
+@dataclass(frozen=True)
+class Content:
+    """Everything :func:`consumer.mime.build_message` needs besides the job's headers."""
+
+    subject: str
+    text: str | None
+    html: str | None
+    parts: tuple[Part, ...] = ()
+    # The stored template rendered, as (name, version).
+    template: tuple[str, int] | None = None
+
+    @classmethod
+    def of(cls, job: Job, parts: Sequence[Part] = ()) -> Content:
+        """The content a job without a template spells out itself."""
+        return cls(job.subject, job.text, job.html, tuple(parts))
+
+
+class Composer:
+    """Renders templates and loads attachments for a job."""
+
+    def __init__(self, templates: TemplateStore, loader: AttachmentLoader, max_chars: int) -> None:
+        self.templates = templates
+        self.loader = loader
+        self.max_chars = max_chars
+
+    async def compose(self, job: Job) -> Content:
+        """The job's content; raises a ``DeadLetterError`` (``template``, ``attachment``)
+        or, for a URL worth retrying, ``AttachmentUnavailableError``.
+        """
+        ref = job.template
+        if ref is None:
+            return Content.of(job, await self.loader.load_all(job.attachments))
+        template = await self.templates.get(ref.name, ref.version)
+        if template is None:
+            version = f" version {ref.version}" if ref.version is not None else ""
+            raise TemplateError(f"no template named {ref.name!r}{version}")
+        rendered = render(template, ref.data, self.max_chars)
+        parts = await self.loader.load_all(job.attachments)
+        return Content(
+            job.subject or rendered.subject,
+            rendered.text,
+            rendered.html,
+            tuple(parts),
+            (template.name, template.version),
+        )

@@ -1,0 +1,177 @@
+"""Fetching URL attachments safely: http(s) only, public addresses only, bounded in size,
+time and redirects.
+
+The host is resolved here and every address it has is checked before connecting; the
+request then goes to the checked address (``Host`` and TLS SNI keep the name), so a DNS
+answer that changes between check and connect cannot reach a private address. Each
+redirect is checked the same way. The body streams into an anonymous temporary file, so
+nothing is left on disk whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import httpx
+
+from consumer.errors import AttachmentError, AttachmentUnavailableError
+from consumer.settings import Settings
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_SCHEMES = ("http", "https")
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How far a fetch may go."""
+
+    max_bytes: int
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    max_redirects: int = 5
+    allow_private: bool = False
+    tmp_dir: Path | None = None
+
+
+def fetch_limits(settings: Settings) -> FetchLimits:
+    """The limits ``MAILBUS_ATTACHMENT_*`` and ``MAILBUS_MAX_ATTACHMENT_BYTES`` set."""
+    return FetchLimits(
+        max_bytes=settings.max_attachment_bytes,
+        connect_timeout=settings.attachment_connect_timeout,
+        read_timeout=settings.attachment_read_timeout,
+        max_redirects=settings.attachment_max_redirects,
+        allow_private=settings.attachment_allow_private,
+        tmp_dir=settings.attachment_tmp_dir,
+    )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched body with what the server said about it."""
+
+    data: bytes
+    content_type: str | None
+    filename: str | None
+
+
+def refused_address(ip: IPAddress) -> str | None:
+    """Why ``ip`` may not be fetched from by default (None: it is a public address).
+
+    Loopback, private, link-local, multicast, reserved, unspecified and shared (CGNAT)
+    ranges are refused; an IPv4-mapped IPv6 address is judged as the IPv4 one it carries.
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
+        if getattr(ip, f"is_{kind}"):
+            return kind.replace("_", "-")
+    if not ip.is_global:
+        return "non-global"
+    return None
+
+
+def filename_of(url: httpx.URL) -> str | None:
+    """The last segment of the URL's path, if it has one."""
+    return PurePosixPath(url.path).name or None
+
+
+class Fetcher:
+    """Fetches attachment URLs within :class:`FetchLimits`; one per worker."""
+
+    def __init__(self, limits: FetchLimits) -> None:
+        self.limits = limits
+        timeout = httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout)
+        # trust_env off: a proxy from the environment would bypass the address check.
+        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+        await self._client.aclose()
+
+    async def fetch(self, raw_url: str) -> Fetched:
+        """The body at ``raw_url``, following at most ``max_redirects`` redirects.
+
+        Raises :class:`AttachmentError` for what can never work (scheme, address, size,
+        redirect loops) and :class:`AttachmentUnavailableError` for what may work later
+        (HTTP errors, timeouts, refused connections, DNS failures).
+        """
+        try:
+            url = httpx.URL(raw_url)
+        except httpx.InvalidURL as exc:
+            raise AttachmentError(f"invalid attachment URL: {exc}") from None
+        for _ in range(self.limits.max_redirects + 1):
+            request = await self._pinned_request(url)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                raise AttachmentUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from None
+            try:
+                if response.is_redirect and "location" in response.headers:
+                    url = url.join(response.headers["location"])
+                    continue
+                if response.status_code != 200:
+                    raise AttachmentUnavailableError(f"{url}: HTTP {response.status_code}")
+                data = await self._read_capped(url, response)
+            finally:
+                await response.aclose()
+            return Fetched(data, response.headers.get("content-type"), filename_of(url))
+        raise AttachmentError(f"{raw_url}: more than {self.limits.max_redirects} redirects")
+
+    async def _pinned_request(self, url: httpx.URL) -> httpx.Request:
+        """A request for ``url`` addressed to a checked IP address of its host."""
+        if url.scheme not in _SCHEMES:
+            raise AttachmentError(f"attachment URL scheme {url.scheme!r} is not http or https")
+        if not url.host:
+            raise AttachmentError(f"attachment URL {url} has no host")
+        ip = await self._checked_address(url)
+        headers = {"Host": url.netloc.decode("ascii")}
+        extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+        return self._client.build_request(
+            "GET", url.copy_with(host=str(ip)), headers=headers, extensions=extensions
+        )
+
+    async def _checked_address(self, url: httpx.URL) -> IPAddress:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                url.host, port, type=socket.SOCK_STREAM
+            )
+        except OSError as exc:
+            raise AttachmentUnavailableError(f"{url.host}: cannot resolve: {exc}") from None
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        if not self.limits.allow_private:
+            for ip in addresses:
+                why = refused_address(ip)
+                if why is not None:
+                    raise AttachmentError(
+                        f"{url.host} resolves to {why} address {ip}, which is not allowed"
+                        " (MAILBUS_ATTACHMENT_ALLOW_PRIVATE)"
+                    )
+        if not addresses:
+            raise AttachmentUnavailableError(f"{url.host}: no address")
+        return addresses[0]
+
+    async def _read_capped(self, url: httpx.URL, response: httpx.Response) -> bytes:
+        """The body, refused as soon as it is known to exceed ``max_bytes``."""
+        cap = self.limits.max_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise AttachmentError(f"{url}: {declared} bytes is more than the limit of {cap}")
+        with tempfile.TemporaryFile(dir=self.limits.tmp_dir) as spool:
+            size = 0
+            try:
+                async for chunk in response.aiter_bytes(_CHUNK):
+                    size += len(chunk)
+                    if size > cap:
+                        raise AttachmentError(f"{url}: more than the limit of {cap} bytes")
+                    spool.write(chunk)
+            except httpx.TransportError as exc:
+                raise AttachmentUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from None
+            spool.seek(0)
+            return spool.read()

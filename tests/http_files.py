@@ -1,0 +1,86 @@
+"""A loopback HTTP server with scripted routes, for URL attachments."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one path answers."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str | None = None
+    location: str | None = None
+    declare_length: bool = True  # without it the body ends when the connection closes
+    delay: float = 0.0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    routes: dict[str, Route]
+    hits: list[str]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        self.server.hits.append(self.path)
+        route = self.server.routes.get(self.path, Route(status=404, body=b"not found"))
+        if route.delay:
+            time.sleep(route.delay)
+        self.send_response(route.status)
+        if route.content_type:
+            self.send_header("Content-Type", route.content_type)
+        if route.location:
+            self.send_header("Location", route.location)
+        if route.declare_length:
+            self.send_header("Content-Length", str(len(route.body)))
+        self.end_headers()
+        # The client may give up on purpose (size cap, timeout).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(route.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: tests read ``hits`` instead."""
+
+
+class FileServer:
+    """Serves scripted routes on a free loopback port from a background thread."""
+
+    def __init__(self) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.routes = {}
+        self._server.hits = []
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def hits(self) -> list[str]:
+        """Paths requested so far, in order."""
+        return list(self._server.hits)
+
+    def route(self, path: str, route: Route) -> str:
+        """Answer ``path`` with ``route``; returns its URL."""
+        self._server.routes[path] = route
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` on this server."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}{path}"
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,204 @@
+"""Reading attachments: allowed directories, size caps, content types, and safe URL fetches
+from a real loopback HTTP server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from consumer.attachments import AttachmentLoader, allowed_path, decode_inline, mime_type
+from consumer.errors import AttachmentError, AttachmentUnavailableError
+from consumer.fetch import Fetcher, FetchLimits, refused_address
+from consumer.message import Attachment
+from tests.http_files import FileServer, Route
+
+PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64
+
+
+@pytest.fixture
+def allowed(tmp_path: Path) -> Path:
+    """An allowed directory with a file, and a secret file outside it."""
+    root = tmp_path / "allowed"
+    (root / "invoices").mkdir(parents=True)
+    (root / "invoices" / "2030-05.pdf").write_bytes(PDF)
+    (tmp_path / "secret.txt").write_text("do not read")
+    return root
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_paths_inside_the_allowed_directories_resolve(allowed: Path) -> None:
+    inside = allowed / "invoices" / "2030-05.pdf"
+    assert allowed_path(str(inside), [allowed]) == inside.resolve()
+    assert allowed_path("invoices/2030-05.pdf", [allowed]) == inside.resolve()
+    # A symlink that stays inside is fine.
+    (allowed / "latest.pdf").symlink_to(inside)
+    assert allowed_path("latest.pdf", [allowed]) == inside.resolve()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "../../etc/passwd",
+        "../secret.txt",
+        "invoices/../../secret.txt",
+        "/etc/passwd",
+        "link-out",
+        "link-dir/secret.txt",
+    ],
+)
+def test_paths_leading_outside_are_refused_before_anything_is_read(allowed: Path, raw: str) -> None:
+    (allowed / "link-out").symlink_to(allowed.parent / "secret.txt")
+    (allowed / "link-dir").symlink_to(allowed.parent)
+    with pytest.raises(AttachmentError, match="outside MAILBUS_ATTACHMENT_DIRS"):
+        allowed_path(raw, [allowed])
+
+
+def test_path_attachments_are_off_without_directories_and_missing_files_named() -> None:
+    with pytest.raises(AttachmentError, match="off"):
+        allowed_path("/tmp/x.pdf", [])
+
+
+def test_missing_file_inside_is_refused(allowed: Path) -> None:
+    with pytest.raises(AttachmentError, match="no such file"):
+        allowed_path("invoices/nope.pdf", [allowed])
+
+
+async def test_loader_reads_a_local_file_within_the_size_cap(allowed: Path) -> None:
+    fetcher = Fetcher(FetchLimits(max_bytes=len(PDF)))
+    loader = AttachmentLoader([allowed], len(PDF), fetcher)
+    part = await loader.load(Attachment(path="invoices/2030-05.pdf"))
+    assert (part.filename, part.content_type, sha(part.data)) == (
+        "2030-05.pdf",
+        "application/pdf",
+        sha(PDF),
+    )
+    small = AttachmentLoader([allowed], len(PDF) - 1, fetcher)
+    with pytest.raises(AttachmentError, match="more than the limit"):
+        await small.load(Attachment(path="invoices/2030-05.pdf"))
+    os.mkfifo(allowed / "pipe")  # not a regular file: never opened for reading
+    with pytest.raises(AttachmentError, match="not a regular file"):
+        await loader.load(Attachment(path="pipe"))
+    await fetcher.close()
+
+
+def test_inline_data_is_decoded_and_capped() -> None:
+    att = Attachment(filename="a.bin", content_b64=base64.b64encode(b"x" * 100).decode())
+    assert decode_inline(att, 100) == b"x" * 100
+    with pytest.raises(AttachmentError, match="limit of 99"):
+        decode_inline(att, 99)
+    with pytest.raises(AttachmentError, match="invalid base64"):
+        decode_inline(Attachment(filename="a.bin", content_b64="not base64!"), 100)
+
+
+def test_content_types_are_declared_served_or_guessed() -> None:
+    assert mime_type("Image/PNG", "x.pdf") == "image/png"
+    assert mime_type(None, "x.pdf", "image/jpeg; charset=binary") == "image/jpeg"
+    assert mime_type(None, "report.pdf", "application/octet-stream") == "application/pdf"
+    assert mime_type(None, "notes.unknownext") == "application/octet-stream"
+    assert mime_type(None, None) == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.0.0.8", "private"),
+        ("192.168.1.1", "private"),
+        ("172.16.5.4", "private"),
+        ("169.254.169.254", "link-local"),  # cloud metadata
+        ("224.0.0.251", "multicast"),
+        ("0.0.0.0", "unspecified"),  # noqa: S104
+        ("100.64.0.1", "non-global"),
+        ("::1", "loopback"),
+        ("fe80::1", "link-local"),
+        ("fd00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:127.0.0.1", "loopback"),
+    ],
+)
+def test_non_public_addresses_are_refused(address: str, kind: str) -> None:
+    assert refused_address(ipaddress.ip_address(address)) == kind
+
+
+def test_public_addresses_are_allowed() -> None:
+    for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"):
+        assert refused_address(ipaddress.ip_address(address)) is None
+
+
+@pytest.fixture
+async def open_fetcher(tmp_path: Path) -> AsyncIterator[Fetcher]:
+    fetcher = Fetcher(
+        FetchLimits(
+            max_bytes=len(PDF),
+            read_timeout=1.0,
+            max_redirects=2,
+            allow_private=True,
+            tmp_dir=tmp_path,
+        )
+    )
+    yield fetcher
+    await fetcher.close()
+
+
+async def test_fetch_follows_redirects_and_leaves_no_file(
+    files: FileServer, open_fetcher: Fetcher, tmp_path: Path
+) -> None:
+    url = files.route("/files/report.pdf", Route(body=PDF, content_type="application/pdf"))
+    files.route("/go", Route(status=302, location="/files/report.pdf"))
+    fetched = await open_fetcher.fetch(files.url("/go"))
+    assert sha(fetched.data) == sha(PDF)
+    assert (fetched.filename, fetched.content_type) == ("report.pdf", "application/pdf")
+    assert files.hits == ["/go", "/files/report.pdf"]
+    assert not any(tmp_path.iterdir())  # noqa: ASYNC240
+    assert sha((await open_fetcher.fetch(url)).data) == sha(PDF)
+
+
+async def test_fetch_refusals_and_transient_failures(
+    files: FileServer, open_fetcher: Fetcher
+) -> None:
+    files.route("/loop", Route(status=302, location="/loop"))
+    with pytest.raises(AttachmentError, match="more than 2 redirects"):
+        await open_fetcher.fetch(files.url("/loop"))
+    # Too big: refused from Content-Length, and while streaming when there is none.
+    files.route("/big", Route(body=PDF + b"!"))
+    with pytest.raises(AttachmentError, match="limit"):
+        await open_fetcher.fetch(files.url("/big"))
+    files.route("/big-stream", Route(body=PDF + b"!", declare_length=False))
+    with pytest.raises(AttachmentError, match="limit"):
+        await open_fetcher.fetch(files.url("/big-stream"))
+    for scheme_url in ("ftp://example.com/a.pdf", "file:///etc/passwd"):
+        with pytest.raises(AttachmentError, match="scheme"):
+            await open_fetcher.fetch(scheme_url)
+    # Worth a retry: not there yet, a server error, too slow.
+    with pytest.raises(AttachmentUnavailableError, match="HTTP 404"):
+        await open_fetcher.fetch(files.url("/not-yet"))
+    files.route("/broken", Route(status=503))
+    with pytest.raises(AttachmentUnavailableError, match="HTTP 503"):
+        await open_fetcher.fetch(files.url("/broken"))
+    files.route("/slow", Route(body=b"x", delay=2.0))
+    with pytest.raises(AttachmentUnavailableError, match="Timeout"):
+        await open_fetcher.fetch(files.url("/slow"))
+
+
+async def test_private_addresses_are_refused_by_default_before_connecting(
+    files: FileServer,
+) -> None:
+    fetcher = Fetcher(FetchLimits(max_bytes=1000))
+    try:
+        with pytest.raises(AttachmentError, match=r"loopback address 127\.0\.0\.1"):
+            await fetcher.fetch(files.url("/anything"))
+        with pytest.raises(AttachmentError, match="loopback"):
+            await fetcher.fetch("http://localhost:1/secret")
+    finally:
+        await fetcher.close()
+    assert files.hits == []  # refused before connecting

@@ -1,0 +1,143 @@
+"""Templates: sandboxed rendering, versions in MongoDB, and the ``mailbus template`` verbs."""
+
+from __future__ import annotations
+
+import json
+from email import policy
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from consumer.errors import TemplateError
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.template_store import TemplateStore
+from consumer.templates import Template, render
+from deploy.devstack.processes import mailbus
+
+WELCOME = Template(
+    "welcome",
+    3,
+    "Welcome, {{ name }}",
+    "Hello {{ name }}, your code is {{ code }}.\n",
+    "<p>Hello {{ name }}</p>{% for item in items %}<li>{{ item }}</li>{% endfor %}",
+)
+
+
+def test_render_fills_every_part_and_escapes_html_only() -> None:
+    data = {"name": "Ann & <Bob>", "code": 42, "items": ["a<b", "c"]}
+    rendered = render(WELCOME, data, 10_000)
+    assert rendered.subject == "Welcome, Ann & <Bob>"
+    assert rendered.text == "Hello Ann & <Bob>, your code is 42.\n"
+    assert rendered.html == ("<p>Hello Ann &amp; &lt;Bob&gt;</p><li>a&lt;b</li><li>c</li>")
+
+
+def test_undefined_variables_are_errors_not_blanks() -> None:
+    with pytest.raises(TemplateError, match="'code' is undefined"):
+        render(WELCOME, {"name": "Ann", "items": []}, 10_000)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ name.__class__ }}",
+        "{{ cycler.__init__.__globals__.os }}",
+        "{{ items.append(1) }}",  # the data is immutable
+        "{% set x = items.pop() %}",
+    ],
+)
+def test_sandbox_refuses_escapes(source: str) -> None:
+    template = Template("evil", 1, "s", source, None)
+    with pytest.raises(TemplateError, match="evil"):
+        render(template, {"name": "x", "items": [1]}, 10_000)
+
+
+def test_output_and_subject_are_bounded() -> None:
+    huge = Template("huge", 1, "s", "{% for i in range(100000) %}xxxxxxxxxx{% endfor %}", None)
+    with pytest.raises(TemplateError, match="more than 5000 characters"):
+        render(huge, {}, 5_000)
+    broken = Template("two-lines", 1, "{{ s }}", "t", None)
+    with pytest.raises(TemplateError, match="line break"):
+        render(broken, {"s": "hi\nBcc: victim@example.net"}, 5_000)
+
+
+async def test_versions_are_kept_and_the_latest_is_current(store: JobStore) -> None:
+    templates = TemplateStore(store.database)
+    assert await templates.put("welcome", "v1 {{ n }}", "one", None) == 1
+    assert await templates.put("welcome", "v2 {{ n }}", None, "<p>two</p>") == 2
+    current = await templates.get("welcome")
+    assert current is not None
+    assert (current.version, current.subject, current.text, current.html) == (
+        2,
+        "v2 {{ n }}",
+        None,
+        "<p>two</p>",
+    )
+    first = await templates.get("welcome", 1)
+    assert first is not None
+    assert (first.version, first.text) == (1, "one")
+    assert [d["version"] for d in await templates.history("welcome")] == [1, 2]
+    with pytest.raises(TemplateError, match="line 1"):
+        await templates.put("welcome", "ok", "{% for %}", None)
+    with pytest.raises(TemplateError, match="text or an html"):
+        await templates.put("welcome", "ok", None, None)
+    assert await templates.remove("welcome")
+    assert await templates.get("welcome") is None
+    assert await templates.get("welcome", 1) is None
+    assert not await templates.remove("welcome")
+
+
+async def test_template_commands(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "w.html").write_text("<p>Hi {{ name }}</p>")
+    (tmp_path / "w.txt").write_text("Hi {{ name }}")
+    put = await mailbus(
+        settings,
+        *("template", "put", "welcome", "--subject", "Hello {{ name }}"),
+        *("--html-file", str(tmp_path / "w.html"), "--text-file", str(tmp_path / "w.txt")),
+    )
+    assert put.returncode == 0, put.stderr
+    assert "version 1" in put.stdout
+    again = await mailbus(
+        settings,
+        "template",
+        "put",
+        "welcome",
+        "--subject",
+        "Hey {{ name }}",
+        "--text-file",
+        "-",
+        input="Hey {{ name }}",
+    )
+    assert "version 2" in again.stdout
+
+    rendered = await mailbus(settings, "template", "render", "welcome", "--data", '{"name": "Zoë"}')
+    assert rendered.returncode == 0, rendered.stderr
+    msg = Parser(policy=policy.default).parsestr(rendered.stdout)
+    assert (msg["Subject"], msg.get_content().strip()) == ("Hey Zoë", "Hey Zoë")
+    old = await mailbus(
+        settings, "template", "render", "welcome", "--version", "1", "--data", '{"name": "<Zoë>"}'
+    )
+    old_msg = Parser(policy=policy.default).parsestr(old.stdout)
+    html = old_msg.get_body(("html",))
+    assert html is not None
+    assert html.get_content().strip() == "<p>Hi &lt;Zoë&gt;</p>"
+    missing = await mailbus(settings, "template", "render", "welcome", "--data", "{}")
+    assert missing.returncode == 1
+    assert "'name' is undefined" in missing.stderr
+
+    listed = await mailbus(settings, "template", "ls")
+    assert listed.stdout.splitlines()[1].split()[:3] == ["welcome", "2", "text"]
+    shown = json.loads((await mailbus(settings, "template", "show", "welcome")).stdout)
+    assert shown["version"] == 2
+    assert [v["version"] for v in shown["versions"]] == [1, 2]
+    bad = await mailbus(
+        settings, "template", "put", "bad", "--subject", "{{ x", "--text-file", "-", input="t"
+    )
+    assert bad.returncode == 1
+    assert "line 1" in bad.stderr
+    assert (await mailbus(settings, "template", "rm", "welcome")).returncode == 0
+    gone = await mailbus(settings, "template", "show", "welcome")
+    assert gone.returncode == 1
+    assert "no template 'welcome'" in gone.stderr
