@@ -33,6 +33,7 @@ port = 587
 username = "mailer@example.com"
 password_env = "TEST_GMAIL_1_PASSWORD"
 max_connections = 4
+charset = "ISO-8859-1"
 
 [outboxes.local]
 domain = "example.com"
@@ -50,6 +51,7 @@ active = false
         ("[outboxes.o]\ndomain = 'a.example'\nhost = 'h'\nprovider = 'nope'", "not defined"),
         ("[outboxes.o]\ndomain = 'a.example'\nhots = 'h'", "outboxes.o.hots: Extra inputs"),
         ("[outboxes.o]\ndomain = 'a.example'\nsecurity = 'ssl'", "outboxes.o.security"),
+        ("[outboxes.o]\ndomain = 'a.example'\ncharset = 'klingon'", "unknown charset"),
         ("[outboxes", "not valid TOML"),
     ],
 )
@@ -94,6 +96,7 @@ async def test_import_then_export_round_trip(
     assert opened.password is not None
     assert opened.password.get_secret_value() == password
     assert (opened.max_connections, gmail["provider"], gmail["active"]) == (4, "gmail", True)
+    assert opened.charset == "iso-8859-1"
     assert (local["transport"], local["active"]) == ("sendmail", False)
     assert key_matches(key, domain["key_hash"])
     assert domain["allow_users"] == ["app1"]
@@ -111,6 +114,7 @@ async def test_import_then_export_round_trip(
     reread = load(exported.stdout)
     assert reread.outboxes["gmail-1"].password_env == "MAILBUS_PASSWORD_GMAIL_1"
     assert reread.outboxes["local"].active is False
+    assert reread.outboxes["gmail-1"].charset == "iso-8859-1"
     assert reread.providers["gmail"].limits == ["500/day", "20/minute"]
     assert reread.domains["example.com"].key_hash == domain["key_hash"]
 

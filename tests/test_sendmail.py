@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import stat
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from consumer.content import Content
 from consumer.errors import SendmailError
+from consumer.message import Job
+from consumer.mime import build_message
+from consumer.outboxes import Outbox
 from consumer.publish import publish_job
 from consumer.retry import classify
+from consumer.sendmail import SendmailPipe
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
@@ -126,3 +132,15 @@ async def test_outbox_test_reports_a_missing_program(keyed: Settings, tmp_path: 
     nohost = await mailbus(keyed, "outbox", "add", "--domain", "example.com", "--name", "x")
     assert nohost.returncode == 2
     assert "needs --host" in nohost.stderr
+
+
+async def test_non_ascii_addresses_reach_the_program_in_utf8(sendmail: Path) -> None:
+    outbox = Outbox("local", "", 0, transport="sendmail", command=str(sendmail), timeout=10)
+    parsed = Job.model_validate(job(to=["Zoë <zoë@example.org>"], subject="Grüße"))
+    message = build_message(parsed, "utf8", datetime.now(UTC), Content.of(parsed))
+    await SendmailPipe(outbox, 1).send(message, "sender@example.com", ["zoë@example.org"])
+    [accepted] = spooled(sendmail)
+    assert accepted["argv"] == ["-i", "-f", "sender@example.com", "--", "zoë@example.org"]
+    data = str(accepted["data"])
+    assert "To: Zoë <zoë@example.org>\n" in data  # as SMTPUTF8 has it: no encoded-words
+    assert "Subject: Grüße\n" in data
