@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from consumer import (
     __version__,
     cli_config,
+    cli_dead,
     cli_domains,
     cli_jobs,
     cli_outboxes,
@@ -214,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_domains.add_parser(verbs)
     cli_config.add_parser(verbs)
     cli_templates.add_parser(verbs)
+    cli_dead.add_parser(verbs)
     cli_suppressions.add_parser(verbs)
     return parser
 

@@ -14,13 +14,15 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from consumer import ladder
 from consumer.publish import json_body
-from consumer.schedule import own_headers
+from consumer.schedule import own_headers, to_epoch_ms
+from consumer.store import utcnow
 from consumer.topology import Names
 
 REASON_HEADER = "x-mailbus-reason"
 ERROR_HEADER = "x-mailbus-error"
 ATTEMPTS_HEADER = "x-mailbus-attempts"
 CODE_HEADER = "x-mailbus-smtp-code"
+DEAD_AT_HEADER = "x-mailbus-dead-at"  # epoch milliseconds, for `mailbus dead purge`
 
 
 def copy_of(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -90,6 +92,7 @@ class Outgoing:
             REASON_HEADER: reason,
             ERROR_HEADER: error[:1000],
             ATTEMPTS_HEADER: attempts,
+            DEAD_AT_HEADER: to_epoch_ms(utcnow()),
         }
         if code is not None:
             marked[CODE_HEADER] = code

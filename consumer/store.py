@@ -425,6 +425,28 @@ class JobStore:
                 return False
         return True
 
+    async def reopen(self, job_id: str) -> Change:
+        """Make a ``failed`` or ``dead`` job claimable again with fresh attempts, for a replay.
+
+        Any other record is left alone (a sent job stays sent: a replayed copy is skipped);
+        ``before`` is the record as it was, None when there was none.
+        """
+        now = utcnow()
+        async with answering():
+            before = await self.jobs.find_one_and_update(
+                {"_id": job_id, "status": {"$in": ["failed", "dead"]}},
+                {
+                    "$set": {"status": "queued", "attempts": 0, "ready_at": now, "updated_at": now},
+                    "$unset": {"reason": "", "last_error": "", "expire_at": "", "worker": ""},
+                    "$push": {"history": _history("replayed", now)},
+                },
+                projection=_BULKY,
+                return_document=ReturnDocument.BEFORE,
+            )
+            if before is not None:
+                return Change(True, before)
+            return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+
     async def cancel(self, job_id: str) -> Change:
         """Cancel a waiting job. A job never seen yet gets a ``cancelled`` record, so that
         it is not sent if it arrives; a job being sent or done is left alone.

@@ -170,6 +170,11 @@ HELP = [
     ["suppress", "add"],
     ["suppress", "rm"],
     ["suppress", "ls"],
+    ["dead"],
+    ["dead", "ls"],
+    ["dead", "show"],
+    ["dead", "replay"],
+    ["dead", "purge"],
 ]
 
 
