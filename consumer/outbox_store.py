@@ -79,6 +79,7 @@ def outbox_from_document(doc: Document, vault: Vault | None) -> Outbox:
         transport="sendmail" if doc.get("transport") == "sendmail" else "smtp",
         command=doc.get("command") or DEFAULT_SENDMAIL,
         charset=doc.get("charset"),
+        provider=doc.get("provider"),
     )
 
 

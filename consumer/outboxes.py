@@ -38,6 +38,8 @@ class Outbox:
     command: str = DEFAULT_SENDMAIL
     # The charset bodies are written in, unless the job names one (None: UTF-8).
     charset: str | None = None
+    # The provider whose limits apply (for metrics; the picker reads limits itself).
+    provider: str | None = None
 
 
 def _flag(values: dict[str, list[str]], name: str, default: bool) -> bool:

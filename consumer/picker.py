@@ -64,6 +64,10 @@ class OutboxPicker:
         self._pools: dict[str, Sender] = {}
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    def connections(self) -> dict[str, int]:
+        """Open connections per outbox, for metrics."""
+        return {name: pool.connections for name, pool in self._pools.items()}
+
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now
         (``avoid`` only when no other can), else a place in the queue of the provider

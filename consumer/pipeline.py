@@ -59,6 +59,7 @@ class Context:
     outbox: str | None = None
     # The stored template the mail was rendered from, as (name, version).
     template: tuple[str, int] | None = None
+    provider: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Sent:
     ctx: Context
     result: SendResult
     suppressed: tuple[str, ...] = ()
+    seconds: float = 0.0  # the SMTP hand-over
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,7 @@ class Pipeline:
             error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             return await self._dead(ctx, job_id, "no_outbox", error, details)
         pool = choice.pool
-        ctx = dataclasses.replace(ctx, outbox=pool.outbox.name)
+        ctx = dataclasses.replace(ctx, outbox=pool.outbox.name, provider=pool.outbox.provider)
         structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
         if choice.throttle is not None:
             reservation, due = choice.throttle.reservation, choice.throttle.until
@@ -248,8 +250,10 @@ class Pipeline:
             result = await pool.send(message, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
-        log.debug("job.accepted", seconds=round(time.perf_counter() - started, 4))
-        return await self._accepted(ctx, job_id, job, body, result, claim.refused or {}, details)
+        seconds = time.perf_counter() - started
+        log.debug("job.accepted", seconds=round(seconds, 4))
+        sent = await self._accepted(ctx, job_id, job, body, result, claim.refused or {}, details)
+        return dataclasses.replace(sent, seconds=seconds) if isinstance(sent, Sent) else sent
 
     def _build(
         self, job: Job, job_id: str, now: datetime, content: Content, charset: str

@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -44,6 +45,7 @@ def job_message(
         headers=headers,
         reply_to=reply_to,
         correlation_id=correlation_id,
+        timestamp=datetime.now(UTC),  # where end-to-end latency is measured from
     )
 
 

@@ -27,6 +27,12 @@ class SendmailPipe:
     def __init__(self, outbox: Outbox, size: int) -> None:
         self.outbox = outbox
         self._slots = asyncio.Semaphore(size)
+        self._running = 0
+
+    @property
+    def connections(self) -> int:
+        """Programs running right now."""
+        return self._running
 
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
         """Pipe ``message`` to the program; raises :class:`SendmailError`, ``OSError`` (no
@@ -47,6 +53,7 @@ class SendmailPipe:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
             )
+            self._running += 1
             try:
                 async with asyncio.timeout(self.outbox.timeout):
                     output, _ = await process.communicate(data)
@@ -55,6 +62,8 @@ class SendmailPipe:
                     process.kill()
                 await process.wait()
                 raise
+            finally:
+                self._running -= 1
         text = output[:_OUTPUT_LIMIT].decode("utf-8", "replace").strip()
         if process.returncode:
             raise SendmailError(process.returncode, text)

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
     admin_email: str | None = None
-    http_port: int | None = None
+    # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(None, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     prefetch: int = Field(32, ge=1, le=10_000)

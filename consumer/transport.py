@@ -41,6 +41,11 @@ class Sender(Protocol):
 
     outbox: Outbox
 
+    @property
+    def connections(self) -> int:
+        """Connections (or programs) open right now."""
+        ...
+
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
         """Hand ``message`` over for ``recipients``; raises on failure (see retry.classify)."""
         ...
@@ -83,11 +88,18 @@ class SMTPPool:
         self._idle: deque[_Idle] = deque()
         self._reaper: asyncio.Task[None] | None = None
         self.opened = 0
+        self._busy = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now: sending, and idle in the pool."""
+        return self._busy + len(self._idle)
 
     async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
         """Send ``message`` on a pooled connection; raises aiosmtplib's exceptions on failure."""
         async with self._slots:
             smtp = await self._take()
+            self._busy += 1
             try:
                 refused, reply = await smtp.send_message(
                     message, sender=sender, recipients=recipients
@@ -95,6 +107,8 @@ class SMTPPool:
             except BaseException:
                 smtp.close()  # its state is unknown: never reuse it
                 raise
+            finally:
+                self._busy -= 1
             self._give_back(smtp)
         return SendResult(
             code=250,

@@ -24,7 +24,9 @@ from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
 from consumer.fetch import Fetcher, fetch_limits
+from consumer.health import Readiness, serving
 from consumer.logging import get_logger
+from consumer.metrics import Metrics
 from consumer.outbox_store import OutboxStore
 from consumer.outboxes import outbox_from_url
 from consumer.outgoing import Outgoing, copy_of
@@ -100,12 +102,34 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._consuming = False
+        self.metrics = Metrics(lambda: len(self._tasks), self.picker.connections)
+        self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, then drain and close everything."""
+        """Consume until ``stop`` is set, then drain and close everything; serve the HTTP
+        endpoints meanwhile when ``MAILBUS_HTTP_PORT`` is set.
+        """
+        port = self.settings.http_port
+        if port is None:
+            await self._run(stop)
+            return
+        readiness = Readiness(asyncio.get_running_loop(), self._ready, self.store.ping)
+        with serving(self.settings.http_host, port, self.metrics.registry, readiness) as server:
+            self.http_port = server.server_port
+            await self._run(stop)
+
+    def _ready(self) -> bool:
+        """Consuming, on a connection that is up (read from the HTTP thread)."""
+        connection = self._connection
+        return self._consuming and connection is not None and connection.connected.is_set()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         connection = await self._connect(stop)
         if connection is None:
             return
+        self._connection = connection
         try:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -125,7 +149,9 @@ class Worker:
                 queues=[q.name for q, _ in consumers],
                 prefetch=self.settings.prefetch,
             )
+            self._consuming = True
             await stop.wait()
+            self._consuming = False
             log.info("worker.draining", in_flight=len(self._tasks))
             for queue, tag in consumers:
                 try:
@@ -175,6 +201,7 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
+        self.metrics.received.inc()
         self._spawn(self._handle(key, message))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -285,6 +312,8 @@ class Worker:
             log.warning("job.settle_failed", error=f"{type(exc).__name__}: {exc}")
             return
         _log_outcome(outcome)
+        if not isinstance(outcome, control.Result):
+            self.metrics.observe(outcome, headers, message.timestamp, utcnow())
 
     def _out(self) -> Outgoing:
         assert self._outgoing is not None  # consuming implies the exchanges are bound

@@ -1,0 +1,99 @@
+"""The worker's HTTP endpoints: Prometheus metrics that count exactly, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from aio_pika.abc import AbstractChannel
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.publish import publish_job
+from consumer.settings import Settings
+from consumer.topology import Names
+from deploy.devstack.rabbitmq import PrivateRabbit
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import job, publish_raw, until
+from tests.conftest import RunningWorker
+
+
+@pytest.fixture
+async def served(settings: Settings, channel: AbstractChannel) -> AsyncIterator[RunningWorker]:
+    """A worker serving its HTTP endpoints on a free loopback port."""
+    running = RunningWorker(settings.model_copy(update={"http_port": 0}))
+    async with asyncio.timeout(20):
+        while running.worker.http_port is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    yield running
+    await running.shutdown()
+
+
+async def get(worker: RunningWorker, path: str) -> httpx.Response:
+    """One request to the worker's endpoints."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.get(f"http://127.0.0.1:{worker.worker.http_port}{path}")
+
+
+async def samples(worker: RunningWorker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample ``/metrics`` shows, by name and sorted labels."""
+    text = (await get(worker, "/metrics")).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_metrics_count_what_happened(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, served: RunningWorker
+) -> None:
+    names = Names(settings.prefix)
+    smtp.faults.refuse_rcpt("nobody@example.org", "550 5.1.1 <nobody@example.org>: unknown")
+    for i in range(5):
+        await publish_job(channel, job(subject=f"m{i}"), names=names)
+    await publish_job(channel, job(to=["nobody@example.org"]), names=names)
+    await publish_raw(channel, names, b"not json", message_id="garbage")
+    sent_key = ("mailbus_jobs_sent_total", (("outbox", "default"), ("provider", "")))
+    async with asyncio.timeout(20):
+        while True:
+            found = await samples(served)
+            dead = sum(v for (n, _), v in found.items() if n == "mailbus_jobs_dead_total")
+            if found.get(sent_key) == 5 and dead == 2:
+                break
+            await asyncio.sleep(0.1)
+    assert found[("mailbus_jobs_received_total", ())] == 7
+    assert found[("mailbus_jobs_dead_total", (("reason", "invalid"),))] == 1
+    assert found[("mailbus_jobs_dead_total", (("reason", "permanent"),))] == 1
+    failed = (("outbox", "default"), ("provider", ""), ("reason", "permanent"))
+    assert found[("mailbus_jobs_failed_total", failed)] == 1
+    assert found[("mailbus_send_seconds_count", (("outbox", "default"),))] == 5
+    assert found[("mailbus_delivery_seconds_count", ())] == 5
+    assert found[("mailbus_scheduled_lateness_seconds_count", ())] == 0
+    assert found[("mailbus_in_flight", ())] == 0
+    assert found[("mailbus_smtp_connections", (("outbox", "default"),))] >= 1
+    assert len(smtp.received()) == 5
+
+
+async def test_health_and_readiness_follow_the_broker(
+    rabbit: PrivateRabbit, served: RunningWorker
+) -> None:
+    assert (await get(served, "/healthz")).status_code == 200
+    await until(lambda: ready(served), 20)
+    assert (await get(served, "/nope")).status_code == 404
+
+    await asyncio.to_thread(rabbit.stop)
+    try:
+        down = await get(served, "/readyz")
+        assert down.status_code == 503
+        assert "not consuming from RabbitMQ" in down.text
+        assert (await get(served, "/healthz")).status_code == 200  # alive all the same
+    finally:
+        await asyncio.to_thread(rabbit.start)
+    await until(lambda: ready(served), 60)
+
+
+async def ready(worker: RunningWorker) -> bool:
+    """Whether ``/readyz`` says so."""
+    return (await get(worker, "/readyz")).status_code == 200
