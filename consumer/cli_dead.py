@@ -10,10 +10,10 @@ from datetime import timedelta
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel
 
 from consumer.cli_output import pretty_json, table
-from consumer.dead_letters import browse, parse_age, read, replay_copy, shown
+from consumer.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
 from consumer.settings import Settings
 from consumer.store import JobStore, utcnow
 from consumer.topology import SEND_KEY, Names
@@ -28,9 +28,8 @@ async def _dead_letters(settings: Settings) -> AsyncIterator[tuple[AbstractChann
         yield await connection.channel(publisher_confirms=True), Names(settings.prefix)
 
 
-def _when(message: AbstractIncomingMessage) -> str:
-    dead_at = read(message).dead_at
-    return dead_at.isoformat(timespec="seconds") if dead_at else "-"
+def _when(letter: DeadLetter) -> str:
+    return letter.dead_at.isoformat(timespec="seconds") if letter.dead_at else "-"
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,12 +37,12 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
         _dead_letters(settings) as (channel, names),
         browse(channel, names.dead, SCAN) as held,
     ):
-        letters = [(m, read(m)) for m in held]
-    chosen = [(m, d) for m, d in letters if args.reason in (None, d.reason)][: args.limit]
+        letters = [read(m) for m in held]
+    chosen = [d for d in letters if args.reason in (None, d.reason)][: args.limit]
     rows = [("DEAD AT", "REASON", "JOB", "DOMAIN", "ERROR")]
     rows += [
-        (_when(m), d.reason, d.job_id or "-", d.domain or "-", (d.error or "-")[:120])
-        for m, d in chosen
+        (_when(d), d.reason, d.job_id or "-", d.domain or "-", (d.error or "-")[:120])
+        for d in chosen
     ]
     print(table(rows))
     if len(chosen) < len(letters):
@@ -56,11 +55,12 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         _dead_letters(settings) as (channel, names),
         browse(channel, names.dead, SCAN) as held,
     ):
-        found = next((m for m in held if read(m).job_id == args.id), None)
+        found = next(((m, d) for m in held if (d := read(m)).job_id == args.id), None)
         if found is None:
             print(f"mailbus dead show: no dead letter for job {args.id!r}", file=sys.stderr)
             return 1
-        print(pretty_json({**shown(found), "dead_letter": vars(read(found))}))
+        message, letter = found
+        print(pretty_json({**shown(message), "dead_letter": vars(letter)}))
     return 0
 
 

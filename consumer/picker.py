@@ -65,8 +65,10 @@ class OutboxPicker:
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def connections(self) -> dict[str, int]:
-        """Open connections per outbox, for metrics."""
-        return {name: pool.connections for name, pool in self._pools.items()}
+        """Open connections per outbox, for metrics (read from the HTTP thread: the pools
+        are copied in one step, as the event loop may add one meanwhile).
+        """
+        return {name: pool.connections for name, pool in list(self._pools.items())}
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now

@@ -252,8 +252,8 @@ class Pipeline:
             return await self._failed(ctx, job_id, job, body, classify(exc))
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
-        sent = await self._accepted(ctx, job_id, job, body, result, claim.refused or {}, details)
-        return dataclasses.replace(sent, seconds=seconds) if isinstance(sent, Sent) else sent
+        earlier = claim.refused or {}
+        return await self._accepted(ctx, job_id, job, body, result, earlier, details, seconds)
 
     def _build(
         self, job: Job, job_id: str, now: datetime, content: Content, charset: str
@@ -278,6 +278,7 @@ class Pipeline:
         result: SendResult,
         earlier: Mapping[str, Any],
         details: Document,
+        seconds: float,
     ) -> Outcome:
         """The server took the mail for some recipients at least: record it, and retry the
         ones it deferred (4xx) while attempts remain; they alone get the next attempt.
@@ -299,8 +300,8 @@ class Pipeline:
         await self._record_sent(job_id, result, refused, ctx.outbox, details)
         await self._suppress_unknown(final)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
-        suppressed = tuple(details.get("suppressed", ()))
-        return Sent(ctx, SendResult(result.code, result.message, every_refusal), suppressed)
+        accepted = SendResult(result.code, result.message, every_refusal)
+        return Sent(ctx, accepted, tuple(details.get("suppressed", ())), seconds)
 
     async def _failed(
         self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
