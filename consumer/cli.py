@@ -23,12 +23,13 @@ from consumer import (
     cli_jobs,
     cli_outboxes,
     cli_providers,
+    cli_status,
     cli_suppressions,
     cli_templates,
     ladder,
     topology,
 )
-from consumer.errors import ConfigurationError, StoreUnavailableError
+from consumer.errors import ConfigurationError, ManagementError, StoreUnavailableError
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
 from consumer.publish import job_message, jobs_exchange, publish_and_wait
@@ -217,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_templates.add_parser(verbs)
     cli_dead.add_parser(verbs)
     cli_suppressions.add_parser(verbs)
+    cli_status.add_parser(verbs)
     return parser
 
 
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"mailbus: {exc}", file=sys.stderr)
         return 2
+    except ManagementError as exc:
+        print(f"mailbus: {exc}", file=sys.stderr)
+        return 1
     except StoreUnavailableError as exc:
         url = redact_url(settings.mongo_url.get_secret_value())
         print(f"mailbus: cannot reach MongoDB at {url}: {exc}", file=sys.stderr)

@@ -49,6 +49,10 @@ class StoreUnavailableError(MailbusError, ConnectionError):
     """MongoDB did not answer in time; no mail is sent without its claim."""
 
 
+class ManagementError(MailbusError, ConnectionError):
+    """The RabbitMQ management HTTP API could not be read (unreachable, or refused us)."""
+
+
 class SendmailError(MailbusError):
     """The sendmail program refused the message; ``code`` is its exit status (sysexits)."""
 

@@ -309,8 +309,10 @@ class Pipeline:
         decision = self._decide(failure, ctx.attempts, job)
         if decision.retry_in is None:
             reason = decision.reason or "permanent"
+            # The outbox that refused is on the record, as a sent job's is.
+            details = {"outbox": ctx.outbox} if ctx.outbox else None
             await self.store.mark_failed(
-                job_id, self.worker_id, "failed", reason, failure.describe()
+                job_id, self.worker_id, "failed", reason, failure.describe(), details
             )
             await self._suppress_unknown(failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)

@@ -148,3 +148,9 @@ class Reservation:
     outbox: str
     provider: str
     slot_us: int
+
+
+def tokens_left(limit: Limit, burst: int, bucket: Bucket, now_us: int) -> int:
+    """Sends ``limit`` would allow back to back at ``now_us``: from 0 to ``burst``."""
+    spare = (now_us - bucket.tat) // limit.interval_us + burst
+    return max(0, min(burst, spare))

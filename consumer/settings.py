@@ -46,7 +46,15 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(25 * MiB, ge=1024)
     # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
+    # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;
+    # without credentials of its own it logs in as the AMQP URL's user.
+    management_url: SecretStr | None = None
+    # Dead letters a worker publishes expire after this many days (0: kept until purged).
+    dead_letter_days: float = Field(30.0, ge=0)
+    # Dead-letter alerts: one digest mail at most every ``admin_digest_seconds``.
     admin_email: str | None = None
+    admin_from: str | None = None
+    admin_digest_seconds: float = Field(900.0, gt=0)
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

@@ -526,3 +526,33 @@ class JobStore:
         """The job's record, or None."""
         async with answering():
             return await self.jobs.find_one({"_id": job_id})
+
+    async def finished_since(self, since: datetime) -> list[Document]:
+        """How many jobs ended ``sent``, ``failed`` or ``dead`` since ``since``, counted by
+        status, domain and outbox (``{"status", "domain", "outbox", "count"}`` each).
+        """
+        pipeline: list[Document] = [
+            {
+                "$match": {
+                    "status": {"$in": ["sent", "failed", "dead"]},
+                    "updated_at": {"$gte": since},
+                }
+            },
+            {
+                "$group": {
+                    "_id": {"status": "$status", "domain": "$domain", "outbox": "$outbox"},
+                    "count": {"$sum": 1},
+                }
+            },
+        ]
+        async with answering():
+            cursor = await self.jobs.aggregate(pipeline)
+            return [{**row["_id"], "count": row["count"]} async for row in cursor]
+
+    async def last_errors(self, limit: int) -> list[Document]:
+        """The most recent jobs that failed, died or wait for a retry, with their error."""
+        query = {"status": {"$in": ["failed", "dead", "scheduled"]}, "last_error": {"$ne": None}}
+        fields = ("status", "domain", "outbox", "reason", "last_error", "attempts", "updated_at")
+        async with answering():
+            cursor = self.jobs.find(query, dict.fromkeys(fields, 1))
+            return [doc async for doc in cursor.sort("updated_at", -1).limit(limit)]

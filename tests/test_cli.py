@@ -175,6 +175,7 @@ HELP = [
     ["dead", "show"],
     ["dead", "replay"],
     ["dead", "purge"],
+    ["status"],
 ]
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.errors import ConfigurationError
-from consumer.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take
+from consumer.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take, tokens_left
 from deploy.bench.rate_limit import most_in_a_window
 
 
@@ -157,3 +157,26 @@ def test_long_run_rate_is_the_limit() -> None:
     arrivals = [now + i * 1000 for i in range(20_000)]
     granted = simulate([Limit(50, 1)], 3, arrivals)
     assert sum(1 for t in granted if t < now + 20 * MICROS) == 50 * 20 + 3 - 1
+
+
+@given(
+    count=st.integers(1, 100),
+    burst=st.integers(1, 10),
+    taken=st.integers(0, 15),
+    later=st.integers(0, 3 * MICROS),
+)
+def test_tokens_left_counts_the_sends_a_bucket_allows(
+    count: int, burst: int, taken: int, later: int
+) -> None:
+    """What ``mailbus status`` reports is exactly how many sends would go through now."""
+    limit, start = Limit(count, 1), 10 * MICROS
+    buckets = [Bucket()]
+    for _ in range(taken):
+        _, buckets = take([limit], burst, buckets, start, "try")
+    now = start + later
+    left = tokens_left(limit, burst, buckets[0], now)
+    allowed = 0
+    while take([limit], burst, buckets, now, "try")[0].granted:
+        _, buckets = take([limit], burst, buckets, now, "try")
+        allowed += 1
+    assert left == allowed

@@ -55,6 +55,8 @@ class PrivateRabbit:
             f"default_user = {user}\n"
             f"default_pass = {password}\n"
             "loopback_users = none\n"
+            # Management figures every second rather than five: tests compare them.
+            "collect_statistics_interval = 1000\n"
             "log.console = false\n"
             "log.file.level = warning\n"
         )

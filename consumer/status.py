@@ -1,0 +1,128 @@
+"""What ``mailbus status`` reports: queues, the delay ladder, today's outcomes, tokens
+left per provider and the last errors, gathered into one JSON-ready dictionary.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import datetime, time
+from typing import Any
+
+from consumer import ladder
+from consumer.outbox_store import OutboxStore
+from consumer.provider_store import ProviderStore, limits_of
+from consumer.queue_stats import Figures, queue_figures
+from consumer.ratelimit import MICROS, Bucket, tokens_left
+from consumer.settings import Settings
+from consumer.store import Document, JobStore
+from consumer.topology import Names
+
+OUTCOMES = ("sent", "failed", "dead")
+LAST_ERRORS = 10
+
+
+def start_of_day(now: datetime) -> datetime:
+    """Midnight (UTC) of ``now``'s day: "today" for the counts."""
+    return datetime.combine(now.date(), time(0), tzinfo=now.tzinfo)
+
+
+def queues_of(names: Names, figures: Figures) -> list[dict[str, Any]]:
+    """The send, control and dead-letter queues, each with its figures (None: missing)."""
+    rows = []
+    for name in (names.send_queue, names.send_now_queue, names.control_queue, names.dead):
+        found = figures.get(name)
+        rows.append({"name": name, **(vars(found) if found else {"missing": True})})
+    return rows
+
+
+def ladder_of(names: Names, figures: Figures) -> dict[str, Any]:
+    """Mails waiting in the delay ladder, in all and per level holding any."""
+    levels = {}
+    for level in range(ladder.LEVELS - 1, -1, -1):
+        found = figures.get(names.delay(level))
+        count = found.ready + (found.unacked or 0) if found else 0
+        if count:
+            levels[str(level)] = count
+    return {"waiting": sum(levels.values()), "levels": levels}
+
+
+def today_of(
+    rows: Iterable[Document], providers: Mapping[str, str], since: datetime
+) -> dict[str, Any]:
+    """Fold counts by (status, domain, outbox) into totals and per domain, outbox and
+    provider (``providers`` maps outbox names to theirs).
+    """
+    totals = dict.fromkeys(OUTCOMES, 0)
+    by: dict[str, dict[str, dict[str, int]]] = {
+        kind: defaultdict(lambda: dict.fromkeys(OUTCOMES, 0))
+        for kind in ("domain", "outbox", "provider")
+    }
+    for row in rows:
+        status, count = row["status"], int(row["count"])
+        totals[status] += count
+        outbox = row.get("outbox")
+        keys = {
+            "domain": row.get("domain"),
+            "outbox": outbox,
+            "provider": providers.get(outbox or ""),
+        }
+        for kind, key in keys.items():
+            if key:
+                by[kind][key][status] += count
+    return {
+        "since": since.isoformat(),
+        **totals,
+        **{f"by_{kind}": dict(sorted(counts.items())) for kind, counts in by.items()},
+    }
+
+
+def tokens_of(doc: Document, now: datetime) -> dict[str, Any]:
+    """A provider's tokens left now: per limit, and the fewest (what a send needs)."""
+    burst = int(doc.get("burst", 1))
+    now_us = int(now.timestamp() * MICROS)
+    left = {}
+    for limit, state in zip(limits_of(doc), doc.get("limits", []), strict=True):
+        bucket = Bucket(int(state.get("tat", 0)), int(state.get("queue", 0)))
+        left[str(limit)] = tokens_left(limit, burst, bucket, now_us)
+    return {
+        "tokens": min(left.values(), default=burst),
+        "burst": burst,
+        "limits": [{"limit": name, "tokens": tokens} for name, tokens in left.items()],
+    }
+
+
+def error_of(doc: Document) -> dict[str, Any]:
+    """One line of "last errors"."""
+    return {
+        "id": doc["_id"],
+        "at": doc.get("updated_at"),
+        "status": doc.get("status"),
+        "reason": doc.get("reason"),
+        "domain": doc.get("domain"),
+        "outbox": doc.get("outbox"),
+        "attempts": doc.get("attempts", 0),
+        "error": doc.get("last_error"),
+    }
+
+
+async def gather(settings: Settings, now: datetime) -> dict[str, Any]:
+    """Everything ``mailbus status`` shows, read from RabbitMQ and MongoDB."""
+    names = Names(settings.prefix)
+    source, figures = await queue_figures(settings, names.queues())
+    since = start_of_day(now)
+    async with JobStore.connect(settings) as jobs:
+        counts = await jobs.finished_since(since)
+        errors = await jobs.last_errors(LAST_ERRORS)
+        outboxes = await OutboxStore(jobs.database).find()
+        providers = await ProviderStore(jobs.database).find()
+    provider_of = {o["_id"]: o["provider"] for o in outboxes if o.get("provider")}
+    return {
+        "at": now.isoformat(),
+        "queue_source": source,
+        "queues": queues_of(names, figures),
+        "ladder": ladder_of(names, figures),
+        "today": today_of(counts, provider_of, since),
+        "providers": {p["_id"]: tokens_of(p, now) for p in providers},
+        "last_errors": [error_of(doc) for doc in errors],
+    }
