@@ -51,20 +51,27 @@ class Outgoing:
         ladder_top: AbstractExchange,
         dead: AbstractExchange,
         events: AbstractExchange,
+        dead_letter_days: float = 0,
     ) -> None:
         self.channel = channel
         self.ladder_top = ladder_top
         self.dead = dead
         self.events = events
+        self.dead_letter_days = dead_letter_days
 
     @classmethod
-    async def open(cls, channel: AbstractChannel, names: Names) -> Outgoing:
-        """Bind to the exchanges of ``names`` on ``channel`` (declared elsewhere)."""
+    async def open(
+        cls, channel: AbstractChannel, names: Names, dead_letter_days: float = 0
+    ) -> Outgoing:
+        """Bind to the exchanges of ``names`` on ``channel`` (declared elsewhere); dead
+        letters published expire after ``dead_letter_days`` (0: never).
+        """
         return cls(
             channel,
             await channel.get_exchange(names.delay(ladder.TOP), ensure=False),
             await channel.get_exchange(names.dead, ensure=False),
             await channel.get_exchange(names.events, ensure=False),
+            dead_letter_days,
         )
 
     async def delay(
@@ -96,7 +103,12 @@ class Outgoing:
         }
         if code is not None:
             marked[CODE_HEADER] = code
-        await self.dead.publish(copy_of(message, marked), routing_key=reason, mandatory=True)
+        letter = copy_of(message, marked)
+        if self.dead_letter_days > 0:
+            # Per-message TTL: retention without a cron, and without queue arguments that
+            # could never change on an existing queue. A replayed copy does not keep it.
+            letter.expiration = self.dead_letter_days * 86400
+        await self.dead.publish(letter, routing_key=reason, mandatory=True)
 
     async def event(self, key: str, body: Mapping[str, Any]) -> None:
         """Publish one ``mail.*`` event."""

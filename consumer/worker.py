@@ -134,7 +134,9 @@ class Worker:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             objects = await topology.declare(channel, self.names, self.settings.delivery_limit)
-            self._outgoing = await Outgoing.open(channel, self.names)
+            self._outgoing = await Outgoing.open(
+                channel, self.names, self.settings.dead_letter_days
+            )
             if not await self._wait_for_store(stop):
                 return
             consumers = []

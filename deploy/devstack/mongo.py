@@ -10,6 +10,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
 
 from deploy.devstack.ports import free_port, wait_for_port
 
@@ -60,6 +63,14 @@ class PrivateMongo:
         except TimeoutError:
             self.stop()
             raise
+
+    def prune_ttl(self) -> int:
+        """Run the TTL sweep now rather than on its 60 s cadence (a SecantusDB command);
+        returns how many documents it removed.
+        """
+        client: MongoClient[dict[str, Any]]
+        with MongoClient(self.url, serverSelectionTimeoutMS=10_000) as client:
+            return int(client.admin.command("secantusAdmin.pruneTtl").get("pruned", 0))
 
     def stop(self) -> None:
         """Stop the server."""
