@@ -16,7 +16,7 @@ from consumer import ladder
 from consumer.publish import json_body
 from consumer.schedule import own_headers, to_epoch_ms
 from consumer.store import utcnow
-from consumer.topology import Names
+from consumer.topology import SEND_KEY, Names
 
 REASON_HEADER = "x-mailbus-reason"
 ERROR_HEADER = "x-mailbus-error"
@@ -48,12 +48,14 @@ class Outgoing:
     def __init__(
         self,
         channel: AbstractChannel,
+        jobs: AbstractExchange,
         ladder_top: AbstractExchange,
         dead: AbstractExchange,
         events: AbstractExchange,
         dead_letter_days: float = 0,
     ) -> None:
         self.channel = channel
+        self.jobs = jobs
         self.ladder_top = ladder_top
         self.dead = dead
         self.events = events
@@ -68,6 +70,7 @@ class Outgoing:
         """
         return cls(
             channel,
+            await channel.get_exchange(names.exchange, ensure=False),
             await channel.get_exchange(names.delay(ladder.TOP), ensure=False),
             await channel.get_exchange(names.dead, ensure=False),
             await channel.get_exchange(names.events, ensure=False),
@@ -109,6 +112,10 @@ class Outgoing:
             # could never change on an existing queue. A replayed copy does not keep it.
             letter.expiration = self.dead_letter_days * 86400
         await self.dead.publish(letter, routing_key=reason, mandatory=True)
+
+    async def job(self, message: aio_pika.Message) -> None:
+        """Publish a job mailbus makes itself (an admin digest) to the send queue."""
+        await self.jobs.publish(message, routing_key=SEND_KEY, mandatory=True)
 
     async def event(self, key: str, body: Mapping[str, Any]) -> None:
         """Publish one ``mail.*`` event."""

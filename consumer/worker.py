@@ -9,7 +9,9 @@ import os
 import socket
 import uuid
 from collections.abc import Coroutine, Mapping
+from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import structlog
@@ -17,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer import control, ladder, topology
+from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
 from consumer.attachments import AttachmentLoader
 from consumer.authorization import Authorizer, broker_user, carry_user
 from consumer.content import Composer
@@ -43,6 +46,7 @@ from consumer.pipeline import (
     Skip,
 )
 from consumer.provider_store import ProviderStore
+from consumer.publish import job_message
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
@@ -106,6 +110,17 @@ class Worker:
         self._consuming = False
         self.metrics = Metrics(lambda: len(self._tasks), self.picker.connections)
         self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
+        self._broker_user = unquote(
+            urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
+        )
+        self.alerts = AlertStore(self.store.database)
+        self.digests: Digests | None = None
+        if settings.admin_email:
+            admin = settings.admin_email
+            sender = settings.admin_from or f"mailbus@{admin.rpartition('@')[2]}"
+            check_addresses(admin, sender)
+            interval = settings.admin_digest_seconds
+            self.digests = Digests(self.alerts, admin, sender, interval, self._publish_digest)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain and close everything; serve the HTTP
@@ -152,8 +167,13 @@ class Worker:
                 prefetch=self.settings.prefetch,
             )
             self._consuming = True
+            looking = None
+            if self.digests is not None:
+                looking = asyncio.create_task(self._look_for_digests(self.digests, stop))
             await stop.wait()
             self._consuming = False
+            if looking is not None:
+                await looking
             log.info("worker.draining", in_flight=len(self._tasks))
             for queue, tag in consumers:
                 try:
@@ -190,6 +210,8 @@ class Worker:
                 await self.store.ensure_indexes()
                 await self.outboxes.ensure_indexes()
                 await self.suppressions.ensure_indexes()
+                if self.digests is not None:
+                    await self.alerts.ensure_indexes()
             except StoreUnavailableError as exc:
                 log.warning("worker.store_unreachable", error=str(exc))
                 await _wait(stop, RECONNECT_INTERVAL)
@@ -296,6 +318,8 @@ class Worker:
             publishes = [out.event(*event) for event in events]
             if isinstance(outcome, Dead):
                 ctx = outcome.ctx
+                if self.digests is not None and not is_digest(ctx.job_id):
+                    publishes.append(self._note_alert(outcome))
                 publishes.append(
                     out.dead_letter(
                         message, outcome.reason, outcome.error, ctx.attempts, outcome.code
@@ -316,6 +340,34 @@ class Worker:
         _log_outcome(outcome)
         if not isinstance(outcome, control.Result):
             self.metrics.observe(outcome, headers, message.timestamp, utcnow())
+
+    async def _note_alert(self, dead: Dead) -> None:
+        """Note a dead letter for the admin digest; best effort, as the letter itself is
+        safe in the dead-letter queue.
+        """
+        ctx = dead.ctx
+        domain = ctx.job.domain if ctx.job is not None else None
+        keep = timedelta(days=self.settings.retention_days)
+        alert = alert_document(ctx.job_id, dead.reason, dead.error, domain, utcnow(), keep)
+        try:
+            await self.alerts.note(alert)
+        except StoreUnavailableError as exc:
+            log.warning("alerts.not_noted", error=str(exc))
+
+    async def _publish_digest(self, job: dict[str, Any]) -> None:
+        message = job_message(job)
+        # As its own RabbitMQ user, which a registered domain may allow (--allow-user).
+        message.user_id = self._broker_user
+        await self._out().job(message)
+
+    async def _look_for_digests(self, digests: Digests, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                pause = await digests.tick(utcnow())
+            except (StoreUnavailableError, *_BROKER_ERRORS) as exc:
+                log.warning("alerts.digest_failed", error=f"{type(exc).__name__}: {exc}")
+                pause = RECONNECT_INTERVAL
+            await _wait(stop, pause)
 
     def _out(self) -> Outgoing:
         assert self._outgoing is not None  # consuming implies the exchanges are bound
