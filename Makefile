@@ -27,6 +27,8 @@ bench: deps
 schema: deps
 	$(PY) -c 'import json; from consumer.message import job_json_schema; \
 	print(json.dumps(job_json_schema(), indent=2, ensure_ascii=False))' > consumer/schemas/job-v1.json
+	$(PY) -c 'import json; from consumer.event_contract import events_json_schema; \
+	print(json.dumps(events_json_schema(), indent=2, ensure_ascii=False))' > consumer/schemas/events-v1.json
 
 clean:
 	rm -rf .venv .devstack .mypy_cache .ruff_cache .pytest_cache

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import socket
+import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
@@ -234,6 +235,7 @@ class Worker:
     async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
         """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
+        started = time.perf_counter()
         body, received = message.body, message.headers or {}
         user = broker_user(message.user_id, received, body, self.vault)
         # Copies carry the user, signed, as they cannot re-assert user_id.
@@ -247,7 +249,7 @@ class Worker:
             headers = carried_headers(headers, outcome.due_at)
             outcome = await self._process(message, headers, user)
         events.extend(_events_of(outcome))
-        await self._settle(message, outcome, key, headers, events)
+        await self._settle(message, outcome, key, headers, events, started)
 
     async def _process(
         self, message: AbstractIncomingMessage, headers: Mapping[str, Any], user: str | None
@@ -270,6 +272,7 @@ class Worker:
 
     async def _handle_control(self, message: AbstractIncomingMessage) -> None:
         structlog.contextvars.clear_contextvars()
+        started = time.perf_counter()
         result: Settled
         try:
             request = control.parse_request(message.body)
@@ -277,7 +280,8 @@ class Worker:
             result = Dead(Context(message.message_id), exc.reason, str(exc))
         else:
             result = await self._execute(request, message)
-        await self._settle(message, result, topology.CONTROL_KEY, message.headers or {}, [])
+        headers = message.headers or {}
+        await self._settle(message, result, topology.CONTROL_KEY, headers, [], started)
 
     async def _execute(
         self, request: control.Request, message: AbstractIncomingMessage
@@ -298,11 +302,14 @@ class Worker:
         key: str,
         headers: Mapping[str, Any],
         events: list[Event],
+        started: float,
     ) -> None:
         """The one place a delivery is acked or nacked: after everything it caused is durable.
 
         A job that must wait goes back by way of the ladder to the queue of ``key``, with
         ``headers`` (its due time made absolute); ``events`` are published before the ack.
+        The outcome's log line says how long the delivery took since ``started``
+        (``time.perf_counter``).
         """
         out = self._out()
         try:
@@ -337,7 +344,7 @@ class Worker:
             # Unacked, the delivery comes back; the job's record keeps it from going out twice.
             log.warning("job.settle_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        _log_outcome(outcome)
+        _log_outcome(outcome, time.perf_counter() - started)
         if not isinstance(outcome, control.Result):
             self.metrics.observe(outcome, headers, message.timestamp, utcnow())
 
@@ -399,20 +406,36 @@ def _events_of(outcome: Outcome) -> list[Event]:
     return [event] if event is not None else []
 
 
-def _log_outcome(outcome: Outcome) -> None:
+def _log_outcome(outcome: Outcome, seconds: float) -> None:
+    """One line per settled delivery; job id, domain, attempt and outbox are bound already."""
+    took = round(seconds * 1000, 1)
     match outcome:
         case Sent(result=result):
-            log.info("job.sent", smtp_code=result.code, refused=len(result.refused))
+            log.info(
+                "job.sent",
+                result="sent",
+                smtp_code=result.code,
+                refused=len(result.refused),
+                duration_ms=took,
+            )
         case Dead(reason=reason, error=error, code=code):
-            log.warning("job.dead", reason=reason, error=error, smtp_code=code)
+            log.warning(
+                "job.dead",
+                result="dead",
+                reason=reason,
+                error=error,
+                smtp_code=code,
+                duration_ms=took,
+            )
         case Later(why=why, due_at=due_at, failure=failure):
             log.info(
                 "job.later",
+                result="later",
                 why=why,
                 due_at=due_at.isoformat(),
                 error=failure.describe() if failure else None,
+                smtp_code=failure.code if failure else None,
+                duration_ms=took,
             )
         case Skip(why=why):
-            log.info("job.skipped", why=why)
-        case Crashed(error=error):
-            log.error("job.requeued_after_crash", error=error)
+            log.info("job.skipped", result="skipped", why=why, duration_ms=took)

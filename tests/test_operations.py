@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer.publish import publish_job
 from consumer.settings import Settings
 from consumer.topology import Names
+from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, publish_raw, until
@@ -97,3 +101,38 @@ async def test_health_and_readiness_follow_the_broker(
 async def ready(worker: RunningWorker) -> bool:
     """Whether ``/readyz`` says so."""
     return (await get(worker, "/readyz")).status_code == 200
+
+
+async def test_one_json_log_line_per_outcome(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, tmp_path: Path
+) -> None:
+    names = Names(settings.prefix)
+    smtp.faults.refuse_rcpt("nobody@example.org", "550 5.1.1 unknown")
+    log = tmp_path / "worker.log"
+    process = spawn_worker(settings.model_copy(update={"log_format": "json"}), log)
+    try:
+        body = "a body that stays out of the logs"
+        await publish_job(channel, job(id="fine", text=body), names=names)
+        await publish_job(channel, job(id="refused", to=["nobody@example.org"]), names=names)
+        async with asyncio.timeout(30):
+            await smtp.wait_for(1)
+        await until(lambda: _logged(log, "job.dead"), 30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait, 30)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    [sent] = [line for line in lines if line["event"] == "job.sent"]
+    [dead] = [line for line in lines if line["event"] == "job.dead"]
+    common = {"domain": "example.com", "outbox": "default", "attempt": 1, "level": "info"}
+    assert sent.items() >= {**common, "job_id": "fine", "result": "sent", "smtp_code": 250}.items()
+    assert dead.items() >= {"job_id": "refused", "result": "dead", "reason": "permanent"}.items()
+    assert dead["smtp_code"] == 550
+    for line in (sent, dead):
+        assert 0 < line["duration_ms"] < 30_000
+        assert line["timestamp"].endswith("Z")
+    assert body not in log.read_text()
+
+
+async def _logged(log: Path, event: str) -> bool:
+    text = await asyncio.to_thread(log.read_text)
+    return f'"event": "{event}"' in text
