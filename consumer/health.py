@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from consumer.errors import StoreUnavailableError
+from consumer.errors import MailbusError
 from consumer.logging import get_logger
 
 log = get_logger(__name__)
 PING_SECONDS = 2.0
+T = TypeVar("T")
 
 
 class _Quiet(WSGIRequestHandler):
@@ -34,6 +35,20 @@ def _text(start: StartResponse, status: str, body: str) -> list[bytes]:
     return [body.encode()]
 
 
+def on_loop(
+    loop: asyncio.AbstractEventLoop, work: Callable[[], Coroutine[Any, Any, T]]
+) -> T | None:
+    """Run ``work`` on the event loop from the server thread; None when it fails or takes
+    longer than ``PING_SECONDS``.
+    """
+    future = asyncio.run_coroutine_threadsafe(work(), loop)
+    try:
+        return future.result(PING_SECONDS)
+    except (MailbusError, FutureTimeout):
+        future.cancel()
+        return None
+
+
 class Readiness:
     """What ``/readyz`` checks: consuming from RabbitMQ, and MongoDB answering."""
 
@@ -41,7 +56,7 @@ class Readiness:
         self,
         loop: asyncio.AbstractEventLoop,
         consuming: Callable[[], bool],
-        ping: Callable[[], Any],
+        ping: Callable[[], Coroutine[Any, Any, None]],
     ) -> None:
         self.loop = loop
         self.consuming = consuming
@@ -52,13 +67,13 @@ class Readiness:
         found = []
         if not self.consuming():
             found.append("not consuming from RabbitMQ")
-        future = asyncio.run_coroutine_threadsafe(self.ping(), self.loop)
-        try:
-            future.result(PING_SECONDS)
-        except (StoreUnavailableError, FutureTimeout):
-            future.cancel()
+        if on_loop(self.loop, self._answered) is None:
             found.append("MongoDB does not answer")
         return found
+
+    async def _answered(self) -> bool:
+        await self.ping()
+        return True
 
 
 def application(

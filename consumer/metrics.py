@@ -16,7 +16,9 @@ from prometheus_client.registry import Collector
 
 from consumer.events import FAILED_REASONS
 from consumer.pipeline import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.provider_store import tokens_of
 from consumer.schedule import DUE_HEADER
+from consumer.store import Document, utcnow
 
 # Seconds: an SMTP hand-over, and a mail's whole way (publish or due time to acceptance).
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -36,6 +38,25 @@ class _Pools(Collector):
         )
         for outbox, count in sorted(self.sizes().items()):
             family.add_metric([outbox], count)
+        yield family
+
+
+class _Tokens(Collector):
+    """Tokens left per provider limit, read from MongoDB at scrape time."""
+
+    def __init__(self, providers: Callable[[], list[Document] | None]) -> None:
+        self.providers = providers
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mailbus_provider_tokens",
+            "Sends each provider limit allows now (absent while MongoDB does not answer)",
+            labels=["provider", "limit"],
+        )
+        now = utcnow()
+        for doc in self.providers() or []:
+            for limit in tokens_of(doc, now)["limits"]:
+                family.add_metric([doc["_id"], limit["limit"]], limit["tokens"])
         yield family
 
 
@@ -94,6 +115,12 @@ class Metrics:
             lambda: float(in_flight())
         )
         r.register(_Pools(pool_sizes))
+
+    def watch_providers(self, providers: Callable[[], list[Document] | None]) -> None:
+        """Show ``mailbus_provider_tokens``, reading the providers with ``providers``
+        (called from the HTTP thread at each scrape).
+        """
+        self.registry.register(_Tokens(providers))
 
     def observe(
         self,

@@ -15,7 +15,7 @@ from typing import Any
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
-from consumer.ratelimit import MICROS, Grant, Limit, Mode
+from consumer.ratelimit import MICROS, Bucket, Grant, Limit, Mode, tokens_left
 from consumer.store import Document, answering, utcnow
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -133,6 +133,21 @@ def provider_document(name: str, limits: Sequence[Limit], burst: int) -> Documen
 def limits_of(doc: Document) -> list[Limit]:
     """The limits a stored provider document holds."""
     return [Limit(int(lim["count"]), int(lim["period"])) for lim in doc.get("limits", [])]
+
+
+def tokens_of(doc: Document, now: datetime) -> dict[str, Any]:
+    """A provider's tokens left now: per limit, and the fewest (what a send needs)."""
+    burst = int(doc.get("burst", 1))
+    now_us = int(now.timestamp() * MICROS)
+    left = {}
+    for limit, state in zip(limits_of(doc), doc.get("limits", []), strict=True):
+        bucket = Bucket(int(state.get("tat", 0)), int(state.get("queue", 0)))
+        left[str(limit)] = tokens_left(limit, burst, bucket, now_us)
+    return {
+        "tokens": min(left.values(), default=burst),
+        "burst": burst,
+        "limits": [{"limit": name, "tokens": tokens} for name, tokens in left.items()],
+    }
 
 
 class ProviderStore:

@@ -11,9 +11,8 @@ from typing import Any
 
 from consumer import ladder
 from consumer.outbox_store import OutboxStore
-from consumer.provider_store import ProviderStore, limits_of
+from consumer.provider_store import ProviderStore, tokens_of
 from consumer.queue_stats import Figures, queue_figures
-from consumer.ratelimit import MICROS, Bucket, tokens_left
 from consumer.settings import Settings
 from consumer.store import Document, JobStore
 from consumer.topology import Names
@@ -74,21 +73,6 @@ def today_of(
         "since": since.isoformat(),
         **totals,
         **{f"by_{kind}": dict(sorted(counts.items())) for kind, counts in by.items()},
-    }
-
-
-def tokens_of(doc: Document, now: datetime) -> dict[str, Any]:
-    """A provider's tokens left now: per limit, and the fewest (what a send needs)."""
-    burst = int(doc.get("burst", 1))
-    now_us = int(now.timestamp() * MICROS)
-    left = {}
-    for limit, state in zip(limits_of(doc), doc.get("limits", []), strict=True):
-        bucket = Bucket(int(state.get("tat", 0)), int(state.get("queue", 0)))
-        left[str(limit)] = tokens_left(limit, burst, bucket, now_us)
-    return {
-        "tokens": min(left.values(), default=burst),
-        "burst": burst,
-        "limits": [{"limit": name, "tokens": tokens} for name, tokens in left.items()],
     }
 
 

@@ -28,7 +28,7 @@ from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
 from consumer.events import Event, event_for, reply_for
 from consumer.fetch import Fetcher, fetch_limits
-from consumer.health import Readiness, serving
+from consumer.health import Readiness, on_loop, serving
 from consumer.logging import get_logger
 from consumer.metrics import Metrics
 from consumer.outbox_store import OutboxStore
@@ -131,7 +131,9 @@ class Worker:
         if port is None:
             await self._run(stop)
             return
-        readiness = Readiness(asyncio.get_running_loop(), self._ready, self.store.ping)
+        loop = asyncio.get_running_loop()
+        readiness = Readiness(loop, self._ready, self.store.ping)
+        self.metrics.watch_providers(lambda: on_loop(loop, self.providers.find))
         with serving(self.settings.http_host, port, self.metrics.registry, readiness) as server:
             self.http_port = server.server_port
             await self._run(stop)

@@ -13,8 +13,11 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.provider_store import ProviderStore
 from consumer.publish import publish_job
+from consumer.ratelimit import parse_limit
 from consumer.settings import Settings
+from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
@@ -136,3 +139,16 @@ async def test_one_json_log_line_per_outcome(
 async def _logged(log: Path, event: str) -> bool:
     text = await asyncio.to_thread(log.read_text)
     return f'"event": "{event}"' in text
+
+
+async def test_metrics_show_tokens_left_per_provider_limit(
+    settings: Settings, store: JobStore, served: RunningWorker
+) -> None:
+    providers = ProviderStore(store.database)
+    await providers.put("gauged", [parse_limit("5/minute"), parse_limit("100/day")], 3)
+    labels = (("limit", "5/minute"), ("provider", "gauged"))
+    assert (await samples(served))[("mailbus_provider_tokens", labels)] == 3
+    await providers.take("gauged", "try")
+    found = await samples(served)
+    assert found[("mailbus_provider_tokens", labels)] == 2
+    assert found[("mailbus_provider_tokens", (("limit", "100/day"), ("provider", "gauged")))] == 2
