@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server
-# and a virtualenv (.venv) with mailbus and its dev extras (aiosmtpd, SecantusDB, ...).
+# Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server,
+# the producer examples' runtimes, and a virtualenv (.venv) with mailbus and its dev
+# extras (aiosmtpd, SecantusDB, ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +15,13 @@ need_apt=()
 ls /usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server >/dev/null 2>&1 \
   || need_apt+=(rabbitmq-server)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# The producer examples' runtimes, each exercised by the tests: PHP with php-amqplib,
+# amqp-tools and curl for shell scripts, Node.js with npm.
+[ -f /usr/share/php/PhpAmqpLib/autoload.php ] || need_apt+=(php-cli php-amqplib)
+command -v amqp-publish >/dev/null || need_apt+=(amqp-tools)
+command -v curl >/dev/null || need_apt+=(curl)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} from Debian"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
