@@ -1,0 +1,144 @@
+"""The deployment files parse and say what mailbus needs: the image, the command, the
+probes on the worker's endpoints, setting names that exist, a stop timeout past the drain.
+(No container engine runs here, so they are checked, not run.)
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from consumer.settings import Settings
+
+SETTING_NAMES = {f"MAILBUS_{name.upper()}" for name in Settings.model_fields}
+
+
+@pytest.fixture
+def deploy(repo_root: Path) -> Path:
+    return repo_root / "deploy"
+
+
+def yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_every_setting_named_in_a_deploy_file_exists(deploy: Path) -> None:
+    named: set[str] = set()
+    for path in deploy.rglob("*"):
+        if path.is_file() and path.suffix not in {".py", ".sh"}:
+            named |= set(re.findall(r"\bMAILBUS_[A-Z_]+\b", path.read_text()))
+    assert named, "the deploy files name no settings at all"
+    assert named <= SETTING_NAMES, named - SETTING_NAMES
+
+
+def test_the_dockerfile_runs_the_worker_as_a_user_with_a_health_check(
+    deploy: Path, repo_root: Path
+) -> None:
+    lines = (deploy / "Dockerfile").read_text().splitlines()
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) == 2, "multi-stage: build, then a slim runtime"
+    final = lines[lines.index(stages[-1]) :]
+    assert any(re.fullmatch(r"USER \d+", line) and line != "USER 0" for line in final)
+    assert 'ENTRYPOINT ["mailbus"]' in final
+    assert 'CMD ["worker"]' in final
+    health = next(line for line in final if line.startswith("HEALTHCHECK"))
+    index = final.index(health)
+    assert "/healthz" in final[index] + final[index + 1]
+    for line in lines:
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (repo_root / source).exists(), source
+
+
+def test_the_entrypoint_command_exists() -> None:
+    # What the image runs: the console script's `worker` verb.
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert "usage: mailbus worker" in done.stdout
+
+
+def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Path) -> None:
+    [compose] = yaml_documents(deploy / "compose" / "docker-compose.yml")
+    services = compose["services"]
+    assert "management" in services["rabbitmq"]["image"]
+    assert "--replSet" in services["mongo"]["command"]
+    worker = services["worker"]
+    assert worker["deploy"]["replicas"] == 3
+    assert worker["command"] == ["worker"]
+    assert worker["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert any("/readyz" in part for part in worker["healthcheck"]["test"])
+    assert set(worker["depends_on"]) == {"rabbitmq", "mongo"}
+    assert "mailcatcher" in services
+    env_file = deploy / "compose" / worker["env_file"].replace("mailbus.env", "mailbus.env.example")
+    assert "MAILBUS_AMQP_URL" in env_file.read_text()
+    [cluster] = yaml_documents(deploy / "compose" / "docker-compose.cluster.yml")
+    nodes = [name for name in cluster["services"] if name.startswith("rabbitmq")]
+    assert len(nodes) == 3
+    assert "classic_config" in cluster["configs"]["cluster"]["content"]
+
+
+def by_kind(deploy: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in (deploy / "k8s").glob("*.yaml"):
+        for doc in yaml_documents(path):
+            found[doc["kind"]] = doc
+    return found
+
+
+def test_kubernetes_manifests(deploy: Path) -> None:
+    manifests = by_kind(deploy)
+    deployment = manifests["Deployment"]
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    assert container["image"].startswith("mailbus")
+    assert container["args"] == ["worker"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MAILBUS_HTTP_PORT"]["value"] == str(container["ports"][0]["containerPort"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]["memory"]
+    drain = float(env["MAILBUS_DRAIN_TIMEOUT"]["value"])
+    assert pod["spec"]["terminationGracePeriodSeconds"] > drain
+    secret = manifests["Secret"]
+    for variable in ("MAILBUS_AMQP_URL", "MAILBUS_MONGO_URL", "MAILBUS_SECRET_KEY"):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        assert ref["key"] in secret["stringData"]
+    labels = pod["metadata"]["labels"]
+    assert (
+        manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items()
+        <= labels.items()
+    )
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    scaled = manifests["ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"]["queueName"] == "mailbus.send"
+    auth = manifests["TriggerAuthentication"]["spec"]["secretTargetRef"][0]
+    assert auth["key"] in secret["stringData"]
+
+
+def test_systemd_unit_restarts_and_outlasts_the_drain(deploy: Path) -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read_string((deploy / "systemd" / "mailbus-worker@.service").read_text())
+    service = unit["Service"]
+    assert service["ExecStart"].split()[1:] == ["worker"]
+    assert service["ExecStart"].split()[0].endswith("/bin/mailbus")
+    assert service["Restart"] == "always"
+    assert float(service["TimeoutStopSec"]) > Settings(_env_file=None).drain_timeout
+    assert "MAILBUS_HTTP_PORT=%i" in service["Environment"]
