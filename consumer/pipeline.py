@@ -266,7 +266,9 @@ class Pipeline:
         self, ctx: Context, job_id: str, reason: str, error: str, details: Document
     ) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""
-        await self.store.mark_failed(job_id, self.worker_id, "dead", reason, error, details)
+        await self.store.mark_failed(
+            job_id, self.worker_id, "dead", reason, error, details, ctx.outbox
+        )
         return Dead(ctx, reason, error)
 
     async def _accepted(
@@ -309,10 +311,8 @@ class Pipeline:
         decision = self._decide(failure, ctx.attempts, job)
         if decision.retry_in is None:
             reason = decision.reason or "permanent"
-            # The outbox that refused is on the record, as a sent job's is.
-            details = {"outbox": ctx.outbox} if ctx.outbox else None
             await self.store.mark_failed(
-                job_id, self.worker_id, "failed", reason, failure.describe(), details
+                job_id, self.worker_id, "failed", reason, failure.describe(), outbox=ctx.outbox
             )
             await self._suppress_unknown(failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)

@@ -376,9 +376,14 @@ class JobStore:
         reason: str,
         error: str,
         details: Document | None = None,
+        outbox: str | None = None,
     ) -> None:
-        """The claimed job will never be sent: record ``failed`` or ``dead`` and why."""
+        """The claimed job will never be sent: record ``failed`` or ``dead`` and why, and
+        the outbox that refused it when one was chosen (else the last attempt's stays).
+        """
         now = utcnow()
+        if outbox is not None:
+            details = {**(details or {}), "outbox": outbox}
         async with answering():
             await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},

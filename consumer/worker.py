@@ -376,6 +376,10 @@ class Worker:
             except (StoreUnavailableError, *_BROKER_ERRORS) as exc:
                 log.warning("alerts.digest_failed", error=f"{type(exc).__name__}: {exc}")
                 pause = RECONNECT_INTERVAL
+            except Exception:
+                # A side task: whatever it hits must not take the worker's drain down with it.
+                log.exception("alerts.digest_crashed")
+                pause = RECONNECT_INTERVAL
             await _wait(stop, pause)
 
     def _out(self) -> Outgoing:

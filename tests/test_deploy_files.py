@@ -6,6 +6,7 @@ probes on the worker's endpoints, setting names that exist, a stop timeout past 
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import subprocess
 import sys
@@ -57,17 +58,21 @@ def test_the_dockerfile_runs_the_worker_as_a_user_with_a_health_check(
                 assert (repo_root / source).exists(), source
 
 
-def test_the_entrypoint_command_exists() -> None:
-    # What the image runs: the console script's `worker` verb.
+def test_the_entrypoint_command_exists(deploy: Path) -> None:
+    """What the image runs, ENTRYPOINT then CMD, is a command of the installed package."""
+    text = (deploy / "Dockerfile").read_text()
+    entrypoint = json.loads(re.findall(r"^ENTRYPOINT (.+)$", text, re.MULTILINE)[-1])
+    command = json.loads(re.findall(r"^CMD (.+)$", text, re.MULTILINE)[-1])
+    installed = Path(sys.executable).parent / entrypoint[0]
     done = subprocess.run(
-        [sys.executable, "-m", "consumer", "worker", "--help"],
+        [str(installed), *entrypoint[1:], *command, "--help"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
-    assert done.returncode == 0
-    assert "usage: mailbus worker" in done.stdout
+    assert done.returncode == 0, done.stderr
+    assert f"usage: mailbus {' '.join(command)}" in done.stdout
 
 
 def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pydantic import SecretStr
 
 from consumer.settings import Settings
 from consumer.store import JobStore
-from deploy.devstack.processes import settings_env
+from deploy.devstack.processes import run_with
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
@@ -26,16 +25,7 @@ from tests.conftest import RunningWorker
 
 async def run(settings: Settings, *command: str, cwd: Path | None = None) -> str:
     """Run an example with the test's MAILBUS_* environment; its stdout, stripped."""
-    done = await asyncio.to_thread(
-        subprocess.run,
-        command,
-        env=settings_env(settings),
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = await run_with(settings, *command, cwd=cwd, kill_after=120)
     assert done.returncode == 0, f"{command}: {done.stderr}"
     return done.stdout.strip()
 
@@ -118,15 +108,7 @@ async def test_send_now_and_wait(
     assert (outcome["status"], outcome["smtp"]["code"]) == ("sent", 250)
     assert len(smtp.received()) == 1
     smtp.faults.refuse_rcpt("gone@example.org", "550 5.1.1 unknown")
-    refused = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, script, "--to", "gone@example.org"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    refused = await run_with(settings, sys.executable, script, "--to", "gone@example.org")
     assert refused.returncode == 1
     assert json.loads(refused.stdout)["reason"] == "permanent"
 

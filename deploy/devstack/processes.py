@@ -38,17 +38,30 @@ def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+async def run_with(
+    settings: Settings,
+    *command: str,
+    input: str | None = None,
+    cwd: Path | None = None,
+    kill_after: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` with ``settings`` as its ``MAILBUS_*`` environment, output captured;
+    killed after ``kill_after`` seconds."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        command,
+        env=settings_env(settings),
+        input=input,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=kill_after,
+        check=False,
+    )
+
+
 async def mailbus(
     settings: Settings, *args: str, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``mailbus ARGS`` with ``settings`` in its environment (and ``input`` on stdin)."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "consumer", *args],
-        env=settings_env(settings),
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return await run_with(settings, sys.executable, "-m", "consumer", *args, input=input)
