@@ -13,6 +13,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from consumer.domain_store import DomainStore, key_matches
 from consumer.message import Job
@@ -24,6 +25,11 @@ USER_SIGNATURE_HEADER = "x-mailbus-user-signature"
 # How long a worker trusts what it read of a domain: changes apply within this time.
 CACHE_SECONDS = 5.0
 _MAX_REMEMBERED = 10_000
+
+
+def broker_login(amqp_url: str) -> str:
+    """The RabbitMQ user ``amqp_url`` logs in as: the only ``user_id`` it may publish with."""
+    return unquote(urlsplit(amqp_url).username or "guest")
 
 
 def _signed(user: str, body: bytes) -> bytes:
@@ -62,44 +68,16 @@ def carry_user(
     return carried
 
 
-class Authorizer:
-    """Decides whether a job may send for its domain, remembering domains for a few
-    seconds and keys it has verified (a key hash is slow to compute on purpose).
+class VerifiedKeys:
+    """Checks keys against stored hashes, remembering the pairs that matched: a key hash is
+    slow to compute on purpose, and the same key comes with every job.
     """
 
-    def __init__(self, domains: DomainStore, clock: Callable[[], float] = time.monotonic):
-        self.domains = domains
-        self.clock = clock
-        self._domains: dict[str, tuple[float, Document | None]] = {}
+    def __init__(self) -> None:
         self._verified: set[tuple[str, bytes]] = set()
 
-    async def refusal(self, job: Job, user: str | None) -> str | None:
-        """Why the job may not send for its domain, or None when it may."""
-        doc = await self._domain(job.domain.lower())
-        if doc is None:
-            return None
-        key = job.domain_key.get_secret_value() if job.domain_key is not None else None
-        stored = doc.get("key_hash")
-        if key is not None and stored and await self._matches(key, stored):
-            return None
-        if user is not None and user in doc.get("allow_users", []):
-            return None
-        if key is not None:
-            return f"wrong domain key for {job.domain}"
-        if user is not None:
-            return f"no domain key, and broker user {user!r} may not send for {job.domain}"
-        return f"no domain key for {job.domain}, and no allowed broker user"
-
-    async def _domain(self, domain: str) -> Document | None:
-        now = self.clock()
-        cached = self._domains.get(domain)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
-            return cached[1]
-        doc = await self.domains.get(domain)
-        self._domains[domain] = (now, doc)
-        return doc
-
-    async def _matches(self, key: str, stored: str) -> bool:
+    async def matches(self, key: str, stored: str) -> bool:
+        """Whether ``key`` is the one ``stored`` was hashed from (off the event loop)."""
         seen = (stored, hashlib.sha256(key.encode()).digest())
         if seen in self._verified:
             return True
@@ -109,3 +87,45 @@ class Authorizer:
             self._verified.clear()
         self._verified.add(seen)
         return True
+
+
+class Authorizer:
+    """Decides whether a job may send for its domain, remembering domains for a few
+    seconds and keys it has verified (a key hash is slow to compute on purpose).
+    """
+
+    def __init__(self, domains: DomainStore, clock: Callable[[], float] = time.monotonic):
+        self.domains = domains
+        self.clock = clock
+        self._domains: dict[str, tuple[float, Document | None]] = {}
+        self._keys = VerifiedKeys()
+
+    async def refusal(self, job: Job, user: str | None) -> str | None:
+        """Why the job may not send for its domain, or None when it may."""
+        doc = await self.domain(job.domain)
+        if doc is None:
+            return None
+        key = job.domain_key.get_secret_value() if job.domain_key is not None else None
+        stored = doc.get("key_hash")
+        if key is not None and stored and await self._keys.matches(key, stored):
+            return None
+        if user is not None and user in doc.get("allow_users", []):
+            return None
+        if key is not None:
+            return f"wrong domain key for {job.domain}"
+        if user is not None:
+            return f"no domain key, and broker user {user!r} may not send for {job.domain}"
+        return f"no domain key for {job.domain}, and no allowed broker user"
+
+    async def domain(self, name: str) -> Document | None:
+        """The registration of domain ``name`` (None: not registered), at most
+        ``CACHE_SECONDS`` old.
+        """
+        domain = name.lower()
+        now = self.clock()
+        cached = self._domains.get(domain)
+        if cached is not None and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        doc = await self.domains.get(domain)
+        self._domains[domain] = (now, doc)
+        return doc

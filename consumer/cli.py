@@ -20,6 +20,7 @@ from consumer import (
     cli_config,
     cli_dead,
     cli_domains,
+    cli_gateway,
     cli_jobs,
     cli_outboxes,
     cli_providers,
@@ -219,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_dead.add_parser(verbs)
     cli_suppressions.add_parser(verbs)
     cli_status.add_parser(verbs)
+    cli_gateway.add_parser(verbs)
     return parser
 
 

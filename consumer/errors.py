@@ -49,6 +49,10 @@ class StoreUnavailableError(MailbusError, ConnectionError):
     """MongoDB did not answer in time; no mail is sent without its claim."""
 
 
+class GatewayRequestError(MailbusError, ValueError):
+    """A gateway request that cannot become a job; its text is what the caller is told."""
+
+
 class ManagementError(MailbusError, ConnectionError):
     """The RabbitMQ management HTTP API could not be read (unreachable, or refused us)."""
 

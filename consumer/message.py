@@ -238,14 +238,14 @@ def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidJobError(_describe(exc)) from None
+        raise InvalidJobError(describe_errors(exc)) from None
     job_id = job.id or message_id or "sha256:" + hashlib.sha256(body).hexdigest()
     if not 0 < len(job_id) <= 200:
         raise InvalidJobError("message_id must be 1 to 200 characters")
     return job, job_id
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_errors(exc: ValidationError) -> str:
     """A compact one-line rendering of pydantic errors: field path and message."""
     parts = []
     for err in exc.errors(include_input=False, include_url=False):

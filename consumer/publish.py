@@ -78,6 +78,53 @@ async def publish_job(
     return message.message_id
 
 
+class Replies:
+    """Answers to messages published with RabbitMQ's direct reply-to, on one channel.
+
+    The broker allows one reply consumer per channel, so a single consumer hands each answer
+    to the request with its ``correlation_id``; any number of requests may wait at once.
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._tag: str | None = None
+
+    async def start(self) -> None:
+        """Consume the reply pseudo-queue; it must exist before a request is published."""
+        replies = await self.channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        self._tag = await replies.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, reply: aio_pika.abc.AbstractIncomingMessage) -> None:
+        waiting = self._waiting.get(reply.correlation_id or "")
+        if waiting is not None and not waiting.done():
+            waiting.set_result(reply.body)
+
+    async def ask(
+        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+    ) -> bytes:
+        """Publish ``message`` and return the body of its answer.
+
+        It waits as long as it takes: bound it with :func:`asyncio.timeout`.
+        """
+        message.reply_to = DIRECT_REPLY_TO
+        message.correlation_id = message.correlation_id or str(uuid.uuid4())
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[message.correlation_id] = answer
+        try:
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            return await answer
+        finally:
+            del self._waiting[message.correlation_id]
+
+    async def stop(self) -> None:
+        """Stop consuming replies (a no-op when the channel is already closed)."""
+        if self._tag is not None and not self.channel.is_closed:
+            replies = await self.channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+            await replies.cancel(self._tag)
+        self._tag = None
+
+
 async def publish_and_wait(
     channel: AbstractChannel,
     exchange: AbstractExchange,
@@ -88,19 +135,9 @@ async def publish_and_wait(
 
     It waits as long as it takes: bound it with :func:`asyncio.timeout`.
     """
-    replies = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
-    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    message.reply_to = DIRECT_REPLY_TO
-    message.correlation_id = message.correlation_id or str(uuid.uuid4())
-
-    async def on_reply(reply: aio_pika.abc.AbstractIncomingMessage) -> None:
-        if reply.correlation_id == message.correlation_id and not answer.done():
-            answer.set_result(reply.body)
-
-    # Direct reply-to requires the consumer to exist before the request is published.
-    tag = await replies.consume(on_reply, no_ack=True)
+    replies = Replies(channel)
+    await replies.start()
     try:
-        await exchange.publish(message, routing_key=routing_key, mandatory=True)
-        return await answer
+        return await replies.ask(exchange, message, routing_key)
     finally:
-        await replies.cancel(tag)
+        await replies.stop()

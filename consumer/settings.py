@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     admin_email: str | None = None
     admin_from: str | None = None
     admin_digest_seconds: float = Field(900.0, gt=0)
+    # The compatibility gateways for the older systems' clients (`mailbus gateway serve`):
+    # the old daemon's API password as a hash (`mailbus gateway hash-password`), the domain
+    # and default From its mail is sent with, the largest request, how long to wait for a
+    # "send now" outcome.
+    gateway_password_hash: SecretStr | None = None
+    gateway_domain: str | None = None
+    gateway_from: str | None = None
+    gateway_max_request_bytes: int = Field(4 * MiB, ge=1024)
+    gateway_wait_seconds: float = Field(30.0, gt=0)
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

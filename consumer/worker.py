@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import structlog
@@ -22,7 +21,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from consumer import control, ladder, topology
 from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
 from consumer.attachments import AttachmentLoader
-from consumer.authorization import Authorizer, broker_user, carry_user
+from consumer.authorization import Authorizer, broker_login, broker_user, carry_user
 from consumer.content import Composer
 from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
@@ -111,9 +110,7 @@ class Worker:
         self._consuming = False
         self.metrics = Metrics(lambda: len(self._tasks), self.picker.connections)
         self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
-        self._broker_user = unquote(
-            urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
-        )
+        self._broker_user = broker_login(settings.amqp_url.get_secret_value())
         self.alerts = AlertStore(self.store.database)
         self.digests: Digests | None = None
         if settings.admin_email:

@@ -176,6 +176,9 @@ HELP = [
     ["dead", "replay"],
     ["dead", "purge"],
     ["status"],
+    ["gateway"],
+    ["gateway", "serve"],
+    ["gateway", "hash-password"],
 ]
 
 

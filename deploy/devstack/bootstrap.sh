@@ -16,10 +16,11 @@ ls /usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server >/dev/null 2>&1 
   || need_apt+=(rabbitmq-server)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # The producer examples' runtimes, each exercised by the tests: PHP with php-amqplib,
-# amqp-tools and curl for shell scripts, Node.js with npm.
+# amqp-tools and curl for shell scripts, Node.js with npm; nc for the daemon gateway.
 [ -f /usr/share/php/PhpAmqpLib/autoload.php ] || need_apt+=(php-cli php-amqplib)
 command -v amqp-publish >/dev/null || need_apt+=(amqp-tools)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v nc >/dev/null || need_apt+=(netcat-openbsd)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then

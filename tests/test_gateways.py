@@ -1,0 +1,318 @@
+"""The compatibility gateways, driven the way the older systems' clients drove them: curl
+with the REST server's form fields, and the daemon's one-line JSON through nc, against a
+real broker, a running worker and the capture SMTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel
+from pydantic import SecretStr
+
+from consumer.domain_store import DomainStore, hash_key, key_matches
+from consumer.gateway import Listen, serve
+from consumer.settings import Settings
+from consumer.store import JobStore
+from deploy.devstack.processes import mailbus, run_with, settings_env
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.conftest import RunningWorker
+
+DOMAIN_KEY = "bad horse"
+PASSWORD = "daemon-secret"
+PASSWORD_HASH = hash_key(PASSWORD)
+
+
+@pytest.fixture
+def settings(settings: Settings, tmp_path: Path) -> Settings:
+    """The test's settings, with the daemon gateway's password, domain and sender, and a
+    directory attachments may be read from.
+    """
+    return settings.model_copy(
+        update={
+            "gateway_password_hash": SecretStr(PASSWORD_HASH),
+            "gateway_domain": "daemon.example",
+            "gateway_from": "Old Daemon <daemon@daemon.example>",
+            "gateway_max_request_bytes": 64 * 1024,
+            "gateway_wait_seconds": 20.0,
+            "attachment_dirs": [tmp_path],
+        }
+    )
+
+
+@pytest.fixture
+async def ports(
+    settings: Settings, store: JobStore, worker: RunningWorker
+) -> AsyncIterator[dict[str, int]]:
+    """Both gateways serving on free loopback ports, a worker behind them, and the REST
+    domain registered with its key.
+    """
+    await DomainStore(store.database).put("rest.example", hash_key(DOMAIN_KEY), [], True)
+    stop = asyncio.Event()
+    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+    any_port = Listen("127.0.0.1", 0)
+    task = asyncio.create_task(
+        serve(settings, stop, rest=any_port, daemon=any_port, started=started)
+    )
+    async with asyncio.timeout(20):
+        bound = await asyncio.shield(started)
+    yield bound
+    stop.set()
+    async with asyncio.timeout(30):
+        await task
+
+
+async def curl_put(settings: Settings, port: int, **changes: str | None) -> dict[str, Any]:
+    """``curl -X PUT`` with ``REST_MAIL``'s form fields changed by ``changes`` (None drops
+    one), as the old REST clients sent them; the JSON answer.
+    """
+    fields = {k: v for k, v in {**REST_MAIL, **changes}.items() if v is not None}
+    data = [arg for k, v in fields.items() for arg in ("--data-urlencode", f"{k}={v}")]
+    url = f"http://127.0.0.1:{port}/api/mail"
+    done = await run_with(settings, "curl", "-sS", "-X", "PUT", *data, url, kill_after=60)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+async def nc(settings: Settings, port: int, request: str) -> dict[str, Any]:
+    """``echo REQUEST | nc localhost PORT``, the old daemon's one-liner; the JSON answer."""
+    done = await run_with(
+        settings, "sh", "-c", f"echo '{request}' | nc localhost {port}", kill_after=60
+    )
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+REST_MAIL = {
+    "domain": "rest.example",
+    "domain_key": DOMAIN_KEY,
+    "to_name": "John Doe",
+    "to_email": "johndoe@example.org",
+    "subject": "Mail service test",
+    "body": "&lt;html&gt;&lt;body&gt;&lt;p&gt;Caf&eacute; &amp; more&lt;/p&gt;"
+    "&lt;/body&gt;&lt;/html&gt;",
+    "from_name": "Mail Server",
+    "from_email": "address@rest.example",
+    "cc": "someone@example.org,other@example.org",
+    "bcc": "hidden@example.org",
+}
+
+
+async def test_rest_put_saves_the_mail_and_it_goes_out(
+    settings: Settings, smtp: CaptureServer, store: JobStore, ports: dict[str, int]
+) -> None:
+    report = Path(settings.attachment_dirs[0]) / "report.txt"
+    report.write_text("quarterly figures\n")
+    answer = await curl_put(settings, ports["rest"], attach_list=str(report))
+    assert (answer["status"], answer["message"]) == ("success", "Message saved")
+    async with asyncio.timeout(30):
+        [mail] = await smtp.wait_for(1)
+    message = mail.message()
+    assert message["Subject"] == "Mail service test"
+    assert message["To"] == "John Doe <johndoe@example.org>"
+    assert message["Cc"] == "someone@example.org, other@example.org"
+    assert message["Reply-To"] == "Mail Server <address@rest.example>"
+    assert "Bcc" not in message
+    assert sorted(mail.rcpt_tos) == [
+        "hidden@example.org",
+        "johndoe@example.org",
+        "other@example.org",
+        "someone@example.org",
+    ]
+    body = message.get_body(("html",))
+    assert body is not None
+    assert body.get_content().strip() == "<html><body><p>Café & more</p></body></html>"
+    [attached] = list(message.iter_attachments())
+    assert attached.get_filename() == "report.txt"
+    assert attached.get_content() == "quarterly figures\n"
+    record = await store.get(answer["id"])
+    assert record is not None
+    assert record["status"] == "sent"
+
+
+async def test_rest_send_now_answers_after_the_send(
+    settings: Settings, smtp: CaptureServer, ports: dict[str, int]
+) -> None:
+    sent = await curl_put(settings, ports["rest"], send_now="send")
+    assert (sent["status"], sent["message"]) == ("success", "Message saved and sent. ")
+    assert len(smtp.received()) == 1  # already there when the answer came
+
+    smtp.faults.refuse_data("554 5.7.1 rejected by policy")
+    refused = await curl_put(settings, ports["rest"], send_now="send")
+    assert refused["status"] == "success"  # saved, as the old server said
+    assert refused["message"].startswith("Message saved, failed during immediate send. ")
+    assert "554" in refused["message"]
+
+
+async def test_rest_refuses_without_the_domain_key(
+    settings: Settings, smtp: CaptureServer, store: JobStore, ports: dict[str, int]
+) -> None:
+    port = ports["rest"]
+    wrong = await curl_put(settings, port, domain_key="good horse")
+    assert wrong == {"status": "failed", "message": "invalid domain key"}
+    missing = await curl_put(settings, port, domain_key=None)
+    assert missing == {"status": "failed", "message": "Need domain key"}
+    unknown = await curl_put(settings, port, domain="elsewhere.example")
+    assert unknown == {"status": "failed", "message": "Invalid Domain"}
+    no_subject = await curl_put(settings, port, subject="")
+    assert no_subject == {"status": "failed", "message": "Need subject text"}
+    bad_address = await curl_put(settings, port, cc="not an address")
+    assert bad_address["status"] == "failed"
+    assert "cc.0" in bad_address["message"]
+    too_big = await run_with(
+        settings,
+        *("curl", "-sS", "-w", "\\n%{http_code}", "-X", "PUT", "--data-binary", "@-"),
+        f"http://127.0.0.1:{port}/api/mail",
+        input="body=" + "x" * (settings.gateway_max_request_bytes + 1),
+    )
+    answer, status = too_big.stdout.rsplit("\n", 1)
+    assert status == "413"
+    assert json.loads(answer)["status"] == "failed"
+    await asyncio.sleep(0.5)
+    assert smtp.received() == []
+    assert await store.find(limit=10) == []
+
+
+def daemon_request(name: str, mail: dict[str, Any], auth: str | None = PASSWORD) -> str:
+    request: dict[str, Any] = {name: mail}
+    if auth is not None:
+        request["auth"] = auth
+    return json.dumps(request)
+
+
+async def test_daemon_one_liner_sends_the_mail(
+    settings: Settings, smtp: CaptureServer, ports: dict[str, int]
+) -> None:
+    logo = Path(settings.attachment_dirs[0]) / "logo.png"
+    logo.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    mail = {
+        "to": ["example@example.org"],
+        "ccList": [],
+        "bccList": [["name@example.org", "Person Name"]],
+        "attachments": [],
+        "embedded": [[str(logo), "logo", "logo.png"]],
+        "subject": "Test Email",
+        "body": '<html>Test Email Body <img src="cid:logo"></html>',
+        "fromName": "Test System",
+    }
+    answer = await nc(settings, ports["daemon"], daemon_request("sendMail", mail))
+    assert (answer["status"], answer["message"]) == ("success", "mail sent successfully")
+    [received] = smtp.received()  # sent before the answer came back
+    message = received.message()
+    assert message["From"] == "Test System <daemon@daemon.example>"
+    assert message["Subject"] == "Test Email"
+    assert sorted(received.rcpt_tos) == ["example@example.org", "name@example.org"]
+    related = [part for part in message.walk() if part.get("Content-ID") == "<logo>"]
+    assert [part.get_content_type() for part in related] == ["image/png"]
+
+
+async def test_daemon_queue_mail_waits_for_its_schedule_time(
+    settings: Settings, smtp: CaptureServer, ports: dict[str, int]
+) -> None:
+    asked = time.time()
+    mail = {
+        "scheduleTime": int(asked) + 3,
+        "to": ["later@example.org"],
+        "subject": "Scheduled",
+        "body": "plain text",
+        "fromEmail": "app@daemon.example",
+    }
+    answer = await nc(settings, ports["daemon"], daemon_request("queueMail", mail))
+    assert (answer["status"], answer["message"]) == ("success", "mail added to queue")
+    async with asyncio.timeout(30):
+        [received] = await smtp.wait_for(1)
+    assert received.received_at >= int(asked) + 3 - 0.1
+    message = received.message()
+    assert message["From"] == "app@daemon.example"
+    assert message.get_content_type() == "text/plain"
+
+
+async def test_daemon_clients_without_a_newline_get_their_answer(
+    settings: Settings, ports: dict[str, int]
+) -> None:
+    # The old PHP and Node clients wrote the JSON with no newline and waited.
+    reader, writer = await asyncio.open_connection("127.0.0.1", ports["daemon"])
+    writer.write(json.dumps({"ping": None, "auth": PASSWORD}).encode())
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = json.loads(await reader.read())  # and the connection is closed after it
+    writer.close()
+    assert answer == {"status": "success", "data": None, "message": "pong"}
+
+
+async def test_daemon_refuses_what_it_should(
+    settings: Settings, smtp: CaptureServer, store: JobStore, ports: dict[str, int]
+) -> None:
+    port = ports["daemon"]
+    mail = {"to": ["a@example.org"], "subject": "s", "body": "b"}
+    for auth in (None, "wrong password"):
+        refused = await nc(settings, port, daemon_request("sendMail", mail, auth=auth))
+        assert refused == {"status": "error", "data": None, "message": "unauthorized request"}
+    smtp_override = await nc(settings, port, daemon_request("sendMail", {**mail, "smtpHost": "x"}))
+    assert (smtp_override["status"], smtp_override["message"]) == ("error", "failed to send mail")
+    assert "mailbus outbox add" in smtp_override["data"]
+    no_to = await nc(settings, port, daemon_request("queueMail", {**mail, "to": []}))
+    assert (no_to["status"], no_to["message"]) == ("error", "failed to add mail to queue")
+    elsewhere = await nc(settings, port, daemon_request("getQueueList", {}))
+    assert elsewhere["status"] == "error"
+    assert "mailbus jobs ls" in elsewhere["data"]
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"{" + b" " * (settings.gateway_max_request_bytes + 1))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    async with asyncio.timeout(10):
+        answer = json.loads(await reader.readline())
+    writer.close()
+    assert (answer["status"], answer["message"]) == ("error", "invalid payload")
+    await asyncio.sleep(0.5)
+    assert smtp.received() == []
+    assert await store.find(limit=10) == []
+
+
+async def test_hash_password_and_the_daemon_needs_one(settings: Settings) -> None:
+    made = await mailbus(settings, "gateway", "hash-password", input=PASSWORD + "\n")
+    assert made.returncode == 0, made.stderr
+    assert key_matches(PASSWORD, made.stdout.strip())
+    assert PASSWORD not in made.stdout
+    unset = settings.model_copy(update={"gateway_password_hash": None})
+    refused = await mailbus(unset, "gateway", "serve", "--daemon", "0")
+    assert refused.returncode == 2
+    assert "MAILBUS_GATEWAY_PASSWORD_HASH" in refused.stderr
+
+
+async def test_gateway_command_serves_until_sigterm(
+    settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "consumer", "--env-file", os.devnull),
+        *("gateway", "serve", "--daemon", "127.0.0.1:0"),
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await process.stdout.readline()).decode()
+        assert line.startswith("daemon gateway: tcp://127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        mail = {"to": ["cli@example.org"], "subject": "via the command", "body": "hello"}
+        answer = await nc(settings, port, daemon_request("sendMail", mail))
+        assert answer["message"] == "mail sent successfully"
+        assert [m.message()["Subject"] for m in smtp.received()] == ["via the command"]
+    finally:
+        process.terminate()
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
