@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from consumer.cli import _parser
 from consumer.settings import Settings
 
 SETTING_NAMES = {f"MAILBUS_{name.upper()}" for name in Settings.model_fields}
@@ -87,6 +88,11 @@ def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Pat
     assert any("/readyz" in part for part in worker["healthcheck"]["test"])
     assert set(worker["depends_on"]) == {"rabbitmq", "mongo"}
     assert "mailcatcher" in services
+    gateway = services["gateway"]
+    assert gateway["profiles"] == ["migration"]
+    served = _parser().parse_args(gateway["command"])
+    assert (served.verb, served.gateway_verb) == ("gateway", "serve")
+    assert (served.rest.port, served.daemon.port) == (8000, 3000)
     env_file = deploy / "compose" / worker["env_file"].replace("mailbus.env", "mailbus.env.example")
     assert "MAILBUS_AMQP_URL" in env_file.read_text()
     [cluster] = yaml_documents(deploy / "compose" / "docker-compose.cluster.yml")

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
 
 DOMAIN_KEY = "bad horse"
-PASSWORD = "daemon-secret"
+PASSWORD = "old password"  # as in the README's examples
 PASSWORD_HASH = hash_key(PASSWORD)
 
 
@@ -316,3 +317,38 @@ async def test_gateway_command_serves_until_sigterm(
         process.terminate()
         async with asyncio.timeout(30):
             assert await process.wait() == 0
+
+
+def readme_blocks(readme: str) -> list[tuple[str, list[str]]]:
+    """The README's fenced blocks: (language, lines)."""
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
+    return [(lang, body.splitlines()) for lang, body in blocks]
+
+
+async def test_the_readme_one_liners_get_the_answers_it_shows(
+    settings: Settings,
+    smtp: CaptureServer,
+    store: JobStore,
+    ports: dict[str, int],
+    repo_root: Path,
+) -> None:
+    await DomainStore(store.database).put("example.com", hash_key(DOMAIN_KEY), [], True)
+    blocks = readme_blocks((repo_root / "README.md").read_text())
+    at = next(i for i, (_, lines) in enumerate(blocks) if "nc localhost 3000" in lines[-1])
+    [(_, commands), (shown_lang, shown)] = blocks[at : at + 2]
+    assert shown_lang == "json"
+    answers = []
+    for command in commands:
+        local = command.replace("localhost:8000", f"127.0.0.1:{ports['rest']}").replace(
+            "nc localhost 3000", f"nc 127.0.0.1 {ports['daemon']}"
+        )
+        done = await run_with(settings, "sh", "-c", local, kill_after=60)
+        assert done.returncode == 0, done.stderr
+        answers.append(json.loads(done.stdout))
+    expected = [json.loads(line.replace("…", "")) for line in shown]
+    assert [(a["status"], a["message"]) for a in answers] == [
+        (e["status"], e["message"]) for e in expected
+    ]
+    async with asyncio.timeout(30):
+        mails = await smtp.wait_for(2)
+    assert sorted(m.message()["Subject"] for m in mails) == ["Mail service test", "Test Email"]

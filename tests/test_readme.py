@@ -1,0 +1,179 @@
+"""Every command the README shows is one that works.
+
+Commands that change a live system are run by the tests of their features (the quickstart
+by ``test_quickstart``, the gateway one-liners by ``test_gateways``, each verb by its own
+tests). Here every ``mailbus`` command in a shell block or synopsis is parsed by the real
+command line, every ``make`` target and example script it names exists and takes the
+options shown, and nothing else appears unaccounted for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from consumer.cli import _parser
+
+# Commands the README may show that are not mailbus's own, and who answers for them.
+EXTERNAL = {
+    "git": "the quickstart's clone, done by hand",
+    "cd": "a shell builtin",
+    "export": "a shell builtin",
+    "echo": "a shell builtin",
+    "curl": "the REST gateway one-liner, run by test_gateways",
+    "nc": "the daemon gateway one-liner, run by test_gateways",
+}
+SEPARATORS = {"|", "||", "&&", ";", "(", ")"}
+
+
+def command_blocks(readme: str) -> list[str]:
+    """Shell blocks, and unlabelled blocks that are ``mailbus`` synopses."""
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
+    return [
+        body.replace("\\\n", " ")
+        for lang, body in blocks
+        if lang in ("sh", "console") or (lang == "" and body.startswith("mailbus "))
+    ]
+
+
+def segments(line: str) -> list[list[str]]:
+    """A command line cut at pipes, ``;``, ``&&`` and ``$( )``, comments dropped."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    found: list[list[str]] = [[]]
+    for token in lexer:
+        if token in SEPARATORS:
+            found.append([])
+        elif not token.endswith("=$"):  # the `VAR=$` left of a `$( )`
+            found[-1].append(token)
+    return [words for words in found if words]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def verb_path(words: list[str]) -> list[str]:
+    """The leading words of a mailbus command that name (sub)commands."""
+    parser, path = _parser(), []
+    for word in words:
+        choices = _subcommands(parser)
+        if word not in choices:
+            break
+        parser = choices[word]
+        path.append(word)
+    return path
+
+
+def variants(words: list[str]) -> list[list[str]]:
+    """A synopsis's concrete forms: ``[optional]`` parts left out, and put in."""
+    without, within, depth = [], [], 0
+    for word in words:
+        if word == "...":
+            continue
+        opens, closes = word.startswith("["), word.endswith("]")
+        bare = word.strip("[]")
+        depth += opens
+        if bare and bare != "...":
+            within.append(bare)
+            if depth == 0:
+                without.append(bare)
+        depth -= closes
+    return [without, within]
+
+
+def shown_commands(readme: str) -> list[tuple[str, list[str], str]]:
+    """Every command shown, as (program, words, line): for ``mailbus`` the words after its
+    global options, alternatives expanded (in ``mailbus provider ls | show NAME``, ``show
+    NAME`` means ``mailbus provider show NAME``); environment assignments dropped.
+    """
+    found: list[tuple[str, list[str], str]] = []
+    for block in command_blocks(readme):
+        for line in block.splitlines():
+            last: list[str] | None = None
+            for words in segments(line):
+                while words and re.match(r"^[A-Z_]+=", words[0]):
+                    words = words[1:]
+                if not words:
+                    continue
+                name = Path(words[0]).name
+                if name == "mailbus":
+                    args = words[1:]
+                    if args[:1] == ["--env-file"]:
+                        args = args[2:]
+                    last = verb_path(args)
+                    found.append(("mailbus", args, line))
+                elif last is not None and (words[0].startswith("-") or name not in EXTERNAL):
+                    parent = last if words[0].startswith("-") else last[:-1]
+                    found.append(("mailbus", [*parent, *words], line))
+                else:
+                    found.append((name, words, line))
+    return found
+
+
+def mailbus_commands(readme: str) -> list[list[str]]:
+    """The arguments of every mailbus command shown."""
+    return [words for program, words, _ in shown_commands(readme) if program == "mailbus"]
+
+
+@pytest.fixture(scope="module")
+def readme(repo_root: Path) -> str:
+    return (repo_root / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def test_the_extraction_sees_the_commands(readme: str) -> None:
+    commands = mailbus_commands(readme)
+    assert ["outbox", "new-key"] in commands  # inside $( )
+    assert ["provider", "show", "NAME"] in commands  # an alternative after |
+    assert ["dead", "replay", "--all"] in commands
+    assert ["gateway", "serve", "--rest", "8000", "--daemon", "3000"] in commands
+    assert len(commands) > 40
+
+
+def test_every_mailbus_command_shown_parses(
+    readme: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = []
+    for command in mailbus_commands(readme):
+        for form in variants(command):
+            try:
+                _parser().parse_args(form)
+            except SystemExit:
+                refused.append(f"mailbus {shlex.join(form)}: {capsys.readouterr().err}")
+    assert refused == []
+
+
+def test_every_other_command_is_accounted_for(readme: str, repo_root: Path) -> None:
+    makefile = (repo_root / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
+    unknown = []
+    for program, words, line in shown_commands(readme):
+        if program == "make":
+            assert set(words[1:]) <= targets, line
+        elif program == "python":
+            shown = {w.split("=")[0] for w in words[2:] if w.startswith("--")}
+            helped = subprocess.run(
+                [sys.executable, str(repo_root / words[1]), "--help"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+            assert shown <= set(re.findall(r"--[\w-]+", helped)), line
+        elif program != "mailbus" and program not in EXTERNAL:
+            unknown.append(line)
+    assert unknown == []
