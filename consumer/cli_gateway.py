@@ -77,7 +77,7 @@ def add_parser(verbs: Any) -> None:
         "domain, domain_key, to_email, to_name, subject, body, from_email, from_name, cc, bcc, "
         "attach_list, send_now): the domain must be registered (`mailbus domain add`) and the "
         "domain key must match. --daemon serves the SMTP mailer daemon's JSON over TCP "
-        '(sendMail, queueMail, ping), one request a connection, each carrying "auth": the '
+        '(sendMail, queueMail, ping, status), one request a connection, each carrying "auth": the '
         "password whose hash is MAILBUS_GATEWAY_PASSWORD_HASH; its mail is sent for "
         "MAILBUS_GATEWAY_DOMAIN from MAILBUS_GATEWAY_FROM unless a request names fromEmail. "
         "Requests over MAILBUS_GATEWAY_MAX_REQUEST_BYTES are refused; a send-now waits up to "

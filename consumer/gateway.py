@@ -26,7 +26,8 @@ from consumer.errors import ConfigurationError, GatewayRequestError, MailbusErro
 from consumer.logging import get_logger
 from consumer.publish import Replies, job_message, jobs_exchange
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.status import start_of_day, today_of
+from consumer.store import JobStore, utcnow
 from consumer.topology import SEND_KEY, SEND_NOW_KEY, Names
 
 log = get_logger(__name__)
@@ -83,12 +84,13 @@ class Gateway:
         settings: Settings,
         exchange: AbstractExchange,
         replies: Replies,
-        authorizer: Authorizer,
+        jobs: JobStore,
     ) -> None:
         self.settings = settings
         self.exchange = exchange
         self.replies = replies
-        self.authorizer = authorizer
+        self.jobs = jobs
+        self.authorizer = Authorizer(DomainStore(jobs.database))
         self.user = broker_login(settings.amqp_url.get_secret_value())
         self.limit = settings.gateway_max_request_bytes
         self.waited = settings.gateway_wait_seconds
@@ -107,7 +109,7 @@ class Gateway:
             replies = Replies(channel)
             await replies.start()
             exchange = await jobs_exchange(channel, Names(settings.prefix))
-            yield cls(settings, exchange, replies, Authorizer(DomainStore(jobs.database)))
+            yield cls(settings, exchange, replies, jobs)
 
     async def publish(self, job: Mapping[str, Any], *, now: bool) -> tuple[str, Any]:
         """Publish ``job`` as the gateway's broker user. With ``now``, to ``send.now`` and
@@ -225,6 +227,12 @@ class Gateway:
     async def _daemon_request(self, request: legacy.DaemonRequest) -> bytes:
         if request.name == "ping":
             return legacy.daemon_reply("success", None, "pong")
+        domain = self.settings.gateway_domain
+        assert domain is not None  # check_settings refuses to serve without it
+        if request.name == "status":
+            since = start_of_day(utcnow())
+            today = today_of(await self.jobs.finished_since(since), {}, since)
+            return legacy.daemon_status_reply(today, domain)
         if request.name in legacy.DAEMON_ELSEWHERE:
             elsewhere = legacy.DAEMON_ELSEWHERE[request.name]
             note = f"not served by the mailbus gateway: use `{elsewhere}`"
@@ -233,8 +241,6 @@ class Gateway:
             return legacy.daemon_reply("error", None, "invalid request")
         queued = request.name == "queueMail"
         failed = "failed to add mail to queue" if queued else "failed to send mail"
-        domain = self.settings.gateway_domain
-        assert domain is not None  # check_settings refuses to serve without it
         try:
             raw = legacy.daemon_job(
                 request.payload,

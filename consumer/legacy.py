@@ -55,7 +55,6 @@ DAEMON_MAIL_FIELDS = frozenset(
 SMTP_OVERRIDES = ("smtpHost", "smtpUser", "smtpPassword", "smtpEncryption", "smtpPort")
 # The daemon's other requests, and what does their work in mailbus.
 DAEMON_ELSEWHERE = {
-    "status": "mailbus status",
     "getQueueList": "mailbus jobs ls",
     "getQueuedMail": "mailbus jobs show",
     "updateQueuedMail": "mailbus jobs reschedule",
@@ -206,6 +205,16 @@ def complete_request(buffer: bytes) -> bytes | None:
 def daemon_reply(status: str, data: Any, message: Any) -> bytes:
     """The old daemon's answer, one JSON line."""
     return json_body({"status": status, "data": data, "message": message}) + b"\n"
+
+
+def daemon_status_reply(today: Mapping[str, Any], domain: str) -> bytes:
+    """The old ``status`` answer, ``{"sent", "failed"}``, for the gateway's domain since
+    midnight UTC (``today`` as :func:`consumer.status.today_of` folds it); failed counts
+    dead jobs too.
+    """
+    counts = today["by_domain"].get(domain, {})
+    sent, failed = counts.get("sent", 0), counts.get("failed", 0) + counts.get("dead", 0)
+    return daemon_reply("success", {"sent": sent, "failed": failed}, None)
 
 
 def daemon_sent_reply(answer: Mapping[str, Any] | None, waited: float, job_id: str) -> bytes:

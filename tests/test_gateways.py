@@ -216,6 +216,8 @@ async def test_daemon_one_liner_sends_the_mail(
     assert sorted(received.rcpt_tos) == ["example@example.org", "name@example.org"]
     related = [part for part in message.walk() if part.get("Content-ID") == "<logo>"]
     assert [part.get_content_type() for part in related] == ["image/png"]
+    status = await nc(settings, ports["daemon"], json.dumps({"status": None, "auth": PASSWORD}))
+    assert status == {"status": "success", "data": {"sent": 1, "failed": 0}, "message": None}
 
 
 async def test_daemon_queue_mail_waits_for_its_schedule_time(

@@ -237,6 +237,22 @@ def test_daemon_answers() -> None:
     assert skipped == {"status": "success", "data": {"id": "j"}, "message": "not sent again: x"}
 
 
+def test_daemon_status_counts_the_gateway_domain() -> None:
+    today = {
+        "by_domain": {
+            "daemon.example": {"sent": 4, "failed": 1, "dead": 2},
+            "other.example": {"sent": 9, "failed": 9, "dead": 9},
+        }
+    }
+    assert json.loads(legacy.daemon_status_reply(today, "daemon.example")) == {
+        "status": "success",
+        "data": {"sent": 4, "failed": 3},
+        "message": None,
+    }
+    nothing = json.loads(legacy.daemon_status_reply({"by_domain": {}}, "daemon.example"))
+    assert nothing["data"] == {"sent": 0, "failed": 0}
+
+
 @pytest.mark.parametrize(
     ("body", "kind"),
     [
