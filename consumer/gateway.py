@@ -19,7 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 
-from consumer import legacy
+from consumer import legacy, topology
 from consumer.authorization import Authorizer, VerifiedKeys, broker_login
 from consumer.domain_store import DomainStore
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
@@ -106,9 +106,12 @@ class Gateway:
         )
         async with connection, JobStore.connect(settings) as jobs:
             channel = await connection.channel(publisher_confirms=True)
+            names = Names(settings.prefix)
+            # As a worker does: a gateway started first must not publish into nothing.
+            await topology.declare(channel, names, settings.delivery_limit)
             replies = Replies(channel)
             await replies.start()
-            exchange = await jobs_exchange(channel, Names(settings.prefix))
+            exchange = await jobs_exchange(channel, names)
             yield cls(settings, exchange, replies, jobs)
 
     async def publish(self, job: Mapping[str, Any], *, now: bool) -> tuple[str, Any]:
