@@ -124,9 +124,11 @@ class Gateway:
         if not now:
             await self.exchange.publish(message, routing_key=SEND_KEY, mandatory=True)
             return message.message_id, None
+        # Confirmed by the broker before the wait starts: "stays queued" is then true.
+        waiting = await self.replies.ask(self.exchange, message, SEND_NOW_KEY)
         try:
             async with asyncio.timeout(self.waited):
-                answer = await self.replies.ask(self.exchange, message, SEND_NOW_KEY)
+                answer = await waiting
         except TimeoutError:
             return message.message_id, None
         return message.message_id, json.loads(answer)

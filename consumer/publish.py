@@ -102,20 +102,22 @@ class Replies:
 
     async def ask(
         self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
-    ) -> bytes:
-        """Publish ``message`` and return the body of its answer.
-
-        It waits as long as it takes: bound it with :func:`asyncio.timeout`.
+    ) -> asyncio.Future[bytes]:
+        """Publish ``message`` and, once the broker has confirmed it, return the future of
+        its answer's body: a publish that fails raises, and only the wait for the answer is
+        left to bound (:func:`asyncio.timeout`; cancelling the future stops waiting).
         """
         message.reply_to = DIRECT_REPLY_TO
-        message.correlation_id = message.correlation_id or str(uuid.uuid4())
+        correlation_id = message.correlation_id = message.correlation_id or str(uuid.uuid4())
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[message.correlation_id] = answer
+        self._waiting[correlation_id] = answer
+        answer.add_done_callback(lambda _: self._waiting.pop(correlation_id, None))
         try:
             await exchange.publish(message, routing_key=routing_key, mandatory=True)
-            return await answer
-        finally:
-            del self._waiting[message.correlation_id]
+        except BaseException:
+            answer.cancel()
+            raise
+        return answer
 
     async def stop(self) -> None:
         """Stop consuming replies (a no-op when the channel is already closed)."""
@@ -138,6 +140,6 @@ async def publish_and_wait(
     replies = Replies(channel)
     await replies.start()
     try:
-        return await replies.ask(exchange, message, routing_key)
+        return await (await replies.ask(exchange, message, routing_key))
     finally:
         await replies.stop()
