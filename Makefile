@@ -2,10 +2,13 @@
 PY := .venv/bin/python
 STATE ?= .devstack
 
-.PHONY: deps run test lint typecheck unit schema bench clean
+.PHONY: deps bench-deps run test lint typecheck unit schema bench clean
 
 deps:
 	@bash deploy/devstack/bootstrap.sh
+
+bench-deps:
+	@bash deploy/devstack/bootstrap.sh bench
 
 run: deps
 	$(PY) -m deploy.devstack --state $(STATE)
@@ -21,7 +24,7 @@ test: lint typecheck
 	$(PY) -m pytest
 
 # Benchmarks against a private stack; JSON on stdout and in bench-results.json.
-bench: deps
+bench: bench-deps
 	$(PY) -m deploy.bench --out bench-results.json
 
 schema: deps

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from consumer.events import FAILED_REASONS
@@ -60,11 +60,29 @@ class _Tokens(Collector):
         yield family
 
 
+class _Commands(Collector):
+    """MongoDB commands sent, by name, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "mailbus_mongo_commands", "MongoDB commands sent, by name", labels=["command"]
+        )
+        for name, count in sorted(self.counts().items()):
+            family.add_metric([name], count)
+        yield family
+
+
 class Metrics:
     """The counters, histograms and gauges ``/metrics`` shows."""
 
     def __init__(
-        self, in_flight: Callable[[], int], pool_sizes: Callable[[], Mapping[str, int]]
+        self,
+        in_flight: Callable[[], int],
+        pool_sizes: Callable[[], Mapping[str, int]],
+        store_commands: Callable[[], Mapping[str, int]],
     ) -> None:
         self.registry = r = CollectorRegistry()
         outbox = ["outbox", "provider"]
@@ -115,6 +133,7 @@ class Metrics:
             lambda: float(in_flight())
         )
         r.register(_Pools(pool_sizes))
+        r.register(_Commands(store_commands))
 
     def watch_providers(self, providers: Callable[[], list[Document] | None]) -> None:
         """Show ``mailbus_provider_tokens``, reading the providers with ``providers``

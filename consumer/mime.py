@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from email import policy
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
@@ -114,9 +115,23 @@ def build_message(
     return msg
 
 
-def check_size(message: EmailMessage, limit: int) -> int:
-    """The message's size on the wire; raises :class:`MessageTooLargeError` beyond ``limit``."""
-    size = len(message.as_bytes(policy=WIRE_POLICY))
-    if size > limit:
-        raise MessageTooLargeError(f"the message is {size} bytes, more than the limit of {limit}")
-    return size
+@dataclass(frozen=True)
+class Mail:
+    """A built message and its bytes on the wire (CRLF line ends, 7-bit): serializing a
+    message is a good part of a mail's cost, so it is done once.
+    """
+
+    message: EmailMessage
+    wire: bytes
+
+
+def serialize(message: EmailMessage, limit: int) -> Mail:
+    """``message`` with its bytes on the wire; raises :class:`MessageTooLargeError` when
+    they are more than ``limit``.
+    """
+    wire = message.as_bytes(policy=WIRE_POLICY)
+    if len(wire) > limit:
+        raise MessageTooLargeError(
+            f"the message is {len(wire)} bytes, more than the limit of {limit}"
+        )
+    return Mail(message, wire)

@@ -9,13 +9,17 @@ send.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from pydantic import SecretStr
+from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from consumer.batches import Batcher
 from consumer.errors import ConfigurationError
 from consumer.outboxes import DEFAULT_SENDMAIL, Outbox
 from consumer.store import Document, answering, utcnow
@@ -88,6 +92,9 @@ class OutboxStore:
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self.outboxes = database["outboxes"]
+        # Every job looks up its domain's outboxes: concurrent lookups share one query.
+        self._lookups = Batcher(self._find_active)
+        self._counts = Batcher(self._add_counts)
 
     async def ensure_indexes(self) -> None:
         """The index choosing an outbox relies on; idempotent."""
@@ -161,9 +168,17 @@ class OutboxStore:
 
     async def active(self, domain: str) -> list[Document]:
         """The domain's active outboxes, least used first."""
+        return await self._lookups.submit(domain.lower())
+
+    async def _find_active(self, domains: Sequence[str]) -> list[list[Document]]:
+        """For each domain, its active outboxes least used first: one query for all."""
+        query = {"domain": {"$in": sorted(set(domains))}, "active": True}
+        by_domain: defaultdict[str, list[Document]] = defaultdict(list)
         async with answering():
-            cursor = self.outboxes.find({"domain": domain.lower(), "active": True}).sort(_ORDER)
-            return [doc async for doc in cursor]
+            async for doc in self.outboxes.find(query).sort(_ORDER):
+                by_domain[doc["domain"]].append(doc)
+        # Each asker gets lists of its own: callers may reorder them.
+        return [list(by_domain[domain]) for domain in domains]
 
     async def count_turn(
         self, doc: Document, avoid: str | None = None, guarded: bool = True
@@ -183,10 +198,10 @@ class OutboxStore:
         }
         if avoid is not None and doc["_id"] != avoid:
             query["_id"] = {"$ne": avoid}
+        if not guarded:
+            await self._counts.submit(doc["_id"])
+            return doc
         async with answering():
-            if not guarded:
-                await self.outboxes.update_one({"_id": doc["_id"]}, {"$inc": {"sent_count": 1}})
-                return doc
             for _ in range(TURN_TRIES):
                 taken = await self.outboxes.update_one(
                     {"_id": doc["_id"], "sent_count": doc.get("sent_count", 0)},
@@ -201,6 +216,16 @@ class OutboxStore:
             # Heavy contention: count it without the guarantee.
             await self.outboxes.update_one({"_id": doc["_id"]}, {"$inc": {"sent_count": 1}})
             return doc
+
+    async def _add_counts(self, names: Sequence[str]) -> list[None]:
+        """Count one send per name (repeats add up): one command for all."""
+        sends = Counter(names)
+        updates = [
+            UpdateOne({"_id": name}, {"$inc": {"sent_count": n}}) for name, n in sends.items()
+        ]
+        async with answering():
+            await self.outboxes.bulk_write(updates, ordered=False)
+        return [None] * len(names)
 
 
 def describe(doc: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.message import EmailMessage
 from typing import Any
 
 import structlog
@@ -29,7 +28,7 @@ from consumer.errors import (
 )
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
-from consumer.mime import build_message, check_size
+from consumer.mime import Mail, build_message, serialize
 from consumer.picker import Choice, OutboxPicker
 from consumer.retry import (
     Decision,
@@ -213,7 +212,7 @@ class Pipeline:
         try:
             content = await self.composer.compose(job)
             charset = job.charset or "utf-8"
-            message = self._build(job, job_id, now, content, charset)
+            mail = self._build(job, job_id, now, content, charset)
         except DeadLetterError as exc:
             return await self._dead(ctx, job_id, exc.reason, str(exc), details)
         except AttachmentUnavailableError as exc:
@@ -242,12 +241,12 @@ class Pipeline:
         outbox_charset = job.charset or pool.outbox.charset or "utf-8"
         if outbox_charset != charset:
             try:
-                message = self._build(job, job_id, now, content, outbox_charset)
+                mail = self._build(job, job_id, now, content, outbox_charset)
             except DeadLetterError as exc:
                 return await self._dead(ctx, job_id, exc.reason, str(exc), details)
         started = time.perf_counter()
         try:
-            result = await pool.send(message, job.from_.email, recipients)
+            result = await pool.send(mail, job.from_.email, recipients)
         except Exception as exc:  # every send failure is classified by retry.classify
             return await self._failed(ctx, job_id, job, body, classify(exc))
         seconds = time.perf_counter() - started
@@ -255,12 +254,9 @@ class Pipeline:
         earlier = claim.refused or {}
         return await self._accepted(ctx, job_id, job, body, result, earlier, details, seconds)
 
-    def _build(
-        self, job: Job, job_id: str, now: datetime, content: Content, charset: str
-    ) -> EmailMessage:
+    def _build(self, job: Job, job_id: str, now: datetime, content: Content, charset: str) -> Mail:
         message = build_message(job, job_id, now, content, charset)
-        check_size(message, self.settings.max_message_bytes)
-        return message
+        return serialize(message, self.settings.max_message_bytes)
 
     async def _dead(
         self, ctx: Context, job_id: str, reason: str, error: str, details: Document

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from email.message import EmailMessage
 
 from consumer.errors import SendmailError
-from consumer.mime import UTF8_POLICY
+from consumer.mime import UTF8_POLICY, Mail
 from consumer.outboxes import Outbox
 from consumer.transport import SendResult
 
@@ -34,13 +33,14 @@ class SendmailPipe:
         """Programs running right now."""
         return self._running
 
-    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
-        """Pipe ``message`` to the program; raises :class:`SendmailError`, ``OSError`` (no
-        such program) or ``TimeoutError`` (killed after the outbox's timeout).
+    async def send(self, mail: Mail, sender: str, recipients: list[str]) -> SendResult:
+        """Pipe ``mail`` to the program, with LF line ends as a local program expects;
+        raises :class:`SendmailError`, ``OSError`` (no such program) or ``TimeoutError``
+        (killed after the outbox's timeout).
         """
         # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
         utf8 = not (sender + "".join(recipients)).isascii()
-        data = message.as_bytes(policy=UTF8_POLICY if utf8 else None)
+        data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:
             process = await asyncio.create_subprocess_exec(
                 self.outbox.command,

@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import AsyncMongoClient, ReturnDocument
+from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
+from consumer.batches import Batcher
 from consumer.errors import StoreUnavailableError
 from consumer.message import Job
 from consumer.ratelimit import Reservation
 from consumer.settings import Settings
+from consumer.store_commands import CommandCounter
 
 HISTORY_LENGTH = 20
 STATUSES = ("scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled")
@@ -37,6 +39,7 @@ WAITING = ("queued", "scheduled")
 FINAL = ("sent", "failed", "dead", "cancelled")
 # A scheduled job whose due time is this close is claimable: copies arrive a hair early.
 DUE_TOLERANCE = timedelta(milliseconds=5)
+DUPLICATE_KEY = 11000
 # Fields never shown in listings: the stored job body and the history.
 _BULKY = {"body": 0, "history": 0}
 Document = dict[str, Any]
@@ -130,25 +133,37 @@ def _found(doc: Document) -> Claim:
 class JobStore:
     """The ``jobs`` collection, seen from a worker."""
 
-    def __init__(self, client: AsyncMongoClient[Document], settings: Settings) -> None:
+    def __init__(
+        self,
+        client: AsyncMongoClient[Document],
+        settings: Settings,
+        commands: CommandCounter | None = None,
+    ) -> None:
         self.client = client
+        # What the client sends, when it was made with this counter as a listener.
+        self.commands = commands or CommandCounter()
         self.database: AsyncDatabase[Document] = client[settings.mongo_db]
         self.jobs: AsyncCollection[Document] = self.database["jobs"]
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._retention = timedelta(days=settings.retention_days)
+        # Claims of new jobs and "sent" records go to MongoDB in batches (group commit).
+        self._new_claims = Batcher(self._insert_new)
+        self._sent_records = Batcher(self._write_sent)
 
     @classmethod
     def connect(cls, settings: Settings) -> JobStore:
         """Create the client (it connects lazily and reconnects by itself)."""
         timeout_ms = int(settings.store_timeout * 1000)
+        commands = CommandCounter()
         client: AsyncMongoClient[Document] = AsyncMongoClient(
             settings.mongo_url.get_secret_value(),
             tz_aware=True,
             serverSelectionTimeoutMS=timeout_ms,
             timeoutMS=timeout_ms,
             appname="mailbus",
+            event_listeners=[commands],
         )
-        return cls(client, settings)
+        return cls(client, settings, commands)
 
     async def close(self) -> None:
         """Close the client's connections."""
@@ -174,7 +189,42 @@ class JobStore:
             await self.client.admin.command("ping")
 
     async def claim(self, job_id: str, job: Job, worker_id: str) -> Claim:
-        """Take the job for sending if its record allows it, creating the record on first sight."""
+        """Take the job for sending if its record allows it, creating the record on first sight.
+
+        A new job (the common case) is claimed by inserting its record, in a batch with
+        other new jobs; a job that has a record already is claimed by a conditional update.
+        """
+        now = utcnow()
+        lease_until = now + self._lease
+        record = {
+            "_id": job_id,
+            **_summary(job, now),
+            "status": "sending",
+            "lease_until": lease_until,
+            "ready_at": lease_until,
+            "worker": worker_id,
+            "updated_at": now,
+            "attempts": 1,
+            "history": [{"at": now, "event": "claimed", "worker": worker_id}],
+        }
+        if await self._new_claims.submit(record):
+            return Claim(ClaimState.CLAIMED, "sending", 1)
+        return await self._claim_existing(job_id, job, worker_id)
+
+    async def _insert_new(self, records: Sequence[Document]) -> list[bool]:
+        """Insert ``records``; for each, False when its job has a record already."""
+        async with answering():
+            try:
+                await self.jobs.insert_many(records, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                    raise
+                existing = {error["index"] for error in errors}
+                return [index not in existing for index in range(len(records))]
+        return [True] * len(records)
+
+    async def _claim_existing(self, job_id: str, job: Job, worker_id: str) -> Claim:
         now = utcnow()
         query = {"_id": job_id, "ready_at": {"$lte": now + DUE_TOLERANCE}}
         lease_until = now + self._lease
@@ -191,8 +241,8 @@ class JobStore:
             "$push": {"history": _history("claimed", now, worker=worker_id)},
         }
         async with answering():
-            # update_one rather than find_one_and_update: a new job (the common case) then
-            # costs one command, and some MongoDB-compatible servers scan on findAndModify.
+            # update_one rather than find_one_and_update: some MongoDB-compatible servers
+            # scan on findAndModify. The upsert covers a record removed since the insert.
             try:
                 result = await self.jobs.update_one(query, update, upsert=True)
             except DuplicateKeyError:
@@ -217,7 +267,7 @@ class JobStore:
                 )
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
-            return await self.claim(job_id, job, worker_id)
+            return await self._claim_existing(job_id, job, worker_id)
         return _found(found)
 
     async def schedule(self, job_id: str, job: Job, body: bytes, due_at: datetime) -> Claim:
@@ -271,9 +321,10 @@ class JobStore:
         ``details`` are more fields to set (the template used, suppressed recipients).
         """
         now = utcnow()
-        async with answering():
-            result = await self.jobs.update_one(
-                {"_id": job_id, "worker": worker_id, "status": "sending"},
+        return await self._sent_records.submit(
+            (
+                job_id,
+                worker_id,
                 {
                     "$set": {
                         **(details or {}),
@@ -295,7 +346,29 @@ class JobStore:
                     "$push": {"history": _history("sent", now, smtp=reply)},
                 },
             )
-        return result.modified_count == 1
+        )
+
+    async def _write_sent(self, records: Sequence[tuple[str, str, Document]]) -> list[bool]:
+        """Apply ``(job id, worker id, update)`` records of sends together; for each, False
+        if that worker had lost its lease.
+        """
+        updates = [
+            UpdateOne({"_id": job_id, "worker": worker_id, "status": "sending"}, update)
+            for job_id, worker_id, update in records
+        ]
+        async with answering():
+            result = await self.jobs.bulk_write(updates, ordered=False)
+            if result.modified_count == len(updates):
+                return [True] * len(updates)
+            # Rare: some lease was lost. Which records did this batch write?
+            workers = {job_id: worker_id for job_id, worker_id, _ in records}
+            cursor = self.jobs.find({"_id": {"$in": list(workers)}}, {"status": 1, "worker": 1})
+            ours = {
+                doc["_id"]
+                async for doc in cursor
+                if doc.get("status") == "sent" and doc.get("worker") == workers[doc["_id"]]
+            }
+        return [job_id in ours for job_id, _, _ in records]
 
     async def mark_retry(
         self,

@@ -9,12 +9,13 @@ are ignored at once and removed by a TTL index.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from consumer.batches import Batcher
 from consumer.store import Document, answering, utcnow
 
 MANUAL = "manual"
@@ -30,6 +31,8 @@ class SuppressionStore:
 
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self.entries = database["suppressions"]
+        # Every job asks before it sends: concurrent questions share one query.
+        self._lookups = Batcher(self._find_suppressed)
 
     async def ensure_indexes(self) -> None:
         """The TTL index that drops expired entries."""
@@ -38,10 +41,15 @@ class SuppressionStore:
 
     async def among(self, addresses: Iterable[str]) -> set[str]:
         """The lower-cased addresses of ``addresses`` that are suppressed now."""
-        wanted = sorted({a.lower() for a in addresses})
+        return await self._lookups.submit(frozenset(a.lower() for a in addresses))
+
+    async def _find_suppressed(self, asked: Sequence[frozenset[str]]) -> list[set[str]]:
+        """For each set of lower-cased addresses, those suppressed now: one query for all."""
+        wanted = sorted(frozenset().union(*asked))
         query = {"_id": {"$in": wanted}, **_live(utcnow())}
         async with answering():
-            return {doc["_id"] async for doc in self.entries.find(query, {"_id": 1})}
+            found = {doc["_id"] async for doc in self.entries.find(query, {"_id": 1})}
+        return [set(addresses & found) for addresses in asked]
 
     async def add(
         self, address: str, reason: str, expire_at: datetime | None = None, source: str = MANUAL

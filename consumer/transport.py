@@ -14,12 +14,12 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from email.message import EmailMessage
 from typing import Protocol
 
 import aiosmtplib
 
 from consumer.logging import get_logger
+from consumer.mime import Mail
 from consumer.outboxes import Outbox
 
 log = get_logger(__name__)
@@ -46,8 +46,8 @@ class Sender(Protocol):
         """Connections (or programs) open right now."""
         ...
 
-    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
-        """Hand ``message`` over for ``recipients``; raises on failure (see retry.classify)."""
+    async def send(self, mail: Mail, sender: str, recipients: list[str]) -> SendResult:
+        """Hand ``mail`` over for ``recipients``; raises on failure (see retry.classify)."""
         ...
 
     async def close(self) -> None:
@@ -95,15 +95,23 @@ class SMTPPool:
         """Connections open right now: sending, and idle in the pool."""
         return self._busy + len(self._idle)
 
-    async def send(self, message: EmailMessage, sender: str, recipients: list[str]) -> SendResult:
-        """Send ``message`` on a pooled connection; raises aiosmtplib's exceptions on failure."""
+    async def send(self, mail: Mail, sender: str, recipients: list[str]) -> SendResult:
+        """Send ``mail`` on a pooled connection; raises aiosmtplib's exceptions on failure.
+
+        Its serialized bytes go as they are, unless an address needs SMTPUTF8: the message
+        is then written again with raw UTF-8 headers.
+        """
+        ascii_only = (sender + "".join(recipients)).isascii()
         async with self._slots:
             smtp = await self._take()
             self._busy += 1
             try:
-                refused, reply = await smtp.send_message(
-                    message, sender=sender, recipients=recipients
-                )
+                if ascii_only:
+                    refused, reply = await smtp.sendmail(sender, recipients, mail.wire)
+                else:
+                    refused, reply = await smtp.send_message(
+                        mail.message, sender=sender, recipients=recipients
+                    )
             except BaseException:
                 smtp.close()  # its state is unknown: never reuse it
                 raise

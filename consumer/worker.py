@@ -108,7 +108,9 @@ class Worker:
         self._outgoing: Outgoing | None = None
         self._connection: AbstractRobustConnection | None = None
         self._consuming = False
-        self.metrics = Metrics(lambda: len(self._tasks), self.picker.connections)
+        self.metrics = Metrics(
+            lambda: len(self._tasks), self.picker.connections, self.store.commands.counts
+        )
         self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
         self._broker_user = broker_login(settings.amqp_url.get_secret_value())
         self.alerts = AlertStore(self.store.database)

@@ -16,7 +16,7 @@ from consumer.attachments import Part
 from consumer.content import Content
 from consumer.errors import InvalidJobError, MessageTooLargeError
 from consumer.message import Job
-from consumer.mime import build_message, check_size
+from consumer.mime import build_message, serialize
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
@@ -129,10 +129,11 @@ def test_size_limit_counts_the_encoded_message() -> None:
     message = build_message(
         parsed, "j", NOW, Content.of(parsed, [Part(b"\0" * 30_000, OCTET, "blob.bin")])
     )
-    size = check_size(message, 50_000)
-    assert size > 40_000  # base64 makes 30,000 bytes into about 40,500
+    mail = serialize(message, 50_000)
+    assert len(mail.wire) > 40_000  # base64 makes 30,000 bytes into about 40,500
+    assert mail.wire.count(b"\r\n") == mail.wire.count(b"\n")  # SMTP line ends throughout
     with pytest.raises(MessageTooLargeError, match="limit of 40000"):
-        check_size(message, 40_000)
+        serialize(message, 40_000)
 
 
 OCTET = "application/octet-stream"

@@ -80,6 +80,10 @@ async def test_metrics_count_what_happened(
     assert found[("mailbus_scheduled_lateness_seconds_count", ())] == 0
     assert found[("mailbus_in_flight", ())] == 0
     assert found[("mailbus_smtp_connections", (("outbox", "default"),))] >= 1
+    mongo = {dict(labels)["command"]: v for (n, labels), v in found.items() if "mongo" in n}
+    assert mongo["createIndexes"] >= 1
+    # Claims and outcomes are written, if in batches.
+    assert mongo.get("update", 0) + mongo.get("insert", 0) >= 2
     assert len(smtp.received()) == 5
 
 

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.content import Content
 from consumer.errors import SendmailError
 from consumer.message import Job
-from consumer.mime import build_message
+from consumer.mime import build_message, serialize
 from consumer.outboxes import Outbox
 from consumer.publish import publish_job
 from consumer.retry import classify
@@ -138,7 +138,8 @@ async def test_non_ascii_addresses_reach_the_program_in_utf8(sendmail: Path) -> 
     outbox = Outbox("local", "", 0, transport="sendmail", command=str(sendmail), timeout=10)
     parsed = Job.model_validate(job(to=["Zoë <zoë@example.org>"], subject="Grüße"))
     message = build_message(parsed, "utf8", datetime.now(UTC), Content.of(parsed))
-    await SendmailPipe(outbox, 1).send(message, "sender@example.com", ["zoë@example.org"])
+    mail = serialize(message, 10**6)
+    await SendmailPipe(outbox, 1).send(mail, "sender@example.com", ["zoë@example.org"])
     [accepted] = spooled(sendmail)
     assert accepted["argv"] == ["-i", "-f", "sender@example.com", "--", "zoë@example.org"]
     data = str(accepted["data"])

@@ -96,3 +96,24 @@ async def test_reschedule_moves_only_scheduled_jobs(store: JobStore) -> None:
     assert not (await store.reschedule("later", utcnow())).applied  # now sending
     unknown = await store.reschedule("nobody", utcnow())
     assert (unknown.applied, unknown.before) == (False, None)
+
+
+async def test_new_jobs_are_claimed_and_recorded_in_batches(store: JobStore) -> None:
+    body = Job.model_validate(job())
+    ids = [f"batch-{i}" for i in range(20)]
+    before = store.commands.counts()
+    claims = await asyncio.gather(*(store.claim(i, body, "w1") for i in ids))
+    assert all(c.state is ClaimState.CLAIMED for c in claims)
+    # Another worker took one of them over (its lease had run out, say).
+    await store.jobs.update_one({"_id": "batch-7"}, {"$set": {"worker": "w2"}})
+    recorded = await asyncio.gather(
+        *(store.mark_sent(i, "w1", {"code": 250, "message": "ok"}, {}) for i in ids)
+    )
+    assert recorded == [i != "batch-7" for i in ids]
+    statuses = {doc["_id"]: doc["status"] async for doc in store.jobs.find({"_id": {"$in": ids}})}
+    assert statuses == {i: "sending" if i == "batch-7" else "sent" for i in ids}
+    after = store.commands.counts()
+    # Claims made together are one insert; sends recorded together are one update (plus
+    # the takeover above, and a find of which records the lost lease left unwritten).
+    assert after["insert"] - before.get("insert", 0) == 1
+    assert after["update"] - before.get("update", 0) == 2

@@ -11,14 +11,14 @@ import pytest
 
 from consumer.content import Content
 from consumer.message import Job
-from consumer.mime import build_message
+from consumer.mime import build_message, serialize
 from consumer.outboxes import outbox_from_url
 from consumer.transport import PROBE_AFTER, SMTPPool
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 
 JOB = Job.model_validate(job())
-MAIL = build_message(JOB, "pool-test", datetime.now(UTC), Content.of(JOB))
+MAIL = serialize(build_message(JOB, "pool-test", datetime.now(UTC), Content.of(JOB)), 10**6)
 
 
 def pool_for(server: CaptureServer, size: int = 2, idle_seconds: float = 30.0) -> SMTPPool:

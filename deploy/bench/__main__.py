@@ -1,7 +1,10 @@
 """``make bench``: start a private stack, run worker processes, measure, print JSON.
 
-Every part is real and on loopback: RabbitMQ, SecantusDB, an aiosmtpd sink and
-``mailbus worker`` as its own process, as in production. Measured: the lateness of
+Every part is real and on loopback: RabbitMQ, SecantusDB, SMTP sinks (Postfix's
+``smtp-sink`` for throughput, aiosmtpd where each mail's arrival time matters) and
+``mailbus worker`` as its own process, as in production. Measured: throughput with one
+and two workers beside the C and Python SMTP ceilings, with a 100 KB attachment too,
+MongoDB commands and AMQP bytes per mail, RSS and CPU (with a soak run), the lateness of
 scheduled mail (one worker), and the accuracy of a provider's rate limit (several).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -19,11 +23,15 @@ import aio_pika
 
 from consumer import topology
 from consumer.settings import Settings
-from deploy.bench import lateness, rate_limit
+from deploy.bench import lateness, rate_limit, throughput
+from deploy.bench.process_stats import descendants
+from deploy.bench.smtp_sink import SmtpSink
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
+
+SCENARIOS = ("throughput", "attachment", "soak", "lateness", "rate_limit")
 
 
 async def _lateness(
@@ -57,9 +65,70 @@ async def _rate_limit(
     )
 
 
+async def _throughput(
+    args: argparse.Namespace,
+    settings: Settings,
+    rabbit: PrivateRabbit,
+    mongo: PrivateMongo,
+    base: Path,
+) -> dict[str, Any]:
+    files = base / "files"
+    files.mkdir()
+    attachment = files / "report.pdf"
+    attachment.write_bytes(os.urandom(args.attachment_kb * 1024))
+    sink = SmtpSink()
+    await sink.start()
+    try:
+        worker_settings = settings.model_copy(
+            update={"default_smtp_url": None, "attachment_dirs": [files]}
+        )
+        servers = {
+            "rabbitmq": descendants(rabbit.pid or 0),
+            "mongodb": descendants(mongo.pid or 0),
+            "smtp_sink": descendants(sink.pid or 0),
+        }
+        stack = throughput.Stack(worker_settings, rabbit.management_url, sink, base, servers)
+        pool = settings.smtp_pool_size
+        results: dict[str, Any] = {}
+        if "throughput" in args.only:
+            results["references"] = await throughput.references(stack, args.mails, pool, args.size)
+            one = await throughput.run(stack, "tp1", 1, args.mails, args.size)
+            two = await throughput.run(stack, "tp2", 2, args.mails, args.size)
+            loop_rate = results["references"]["aiosmtplib_loop_per_second"]
+            one["ratio_to_aiosmtplib_loop"] = round(one["mails_per_second"] / loop_rate, 3)
+            two["ratio_to_one_worker"] = round(two["mails_per_second"] / one["mails_per_second"], 3)
+            results["one_worker"], results["two_workers"] = one, two
+        if "attachment" in args.only:
+            results["attachment"] = await throughput.run(
+                stack, "tpatt", 1, args.attachment_mails, args.size, attachment
+            )
+        if "soak" in args.only:
+            results["soak"] = await throughput.soak(
+                stack, args.soak_mails, args.soak_rounds, args.size
+            )
+        return results
+    finally:
+        await sink.stop()
+
+
 def main() -> int:
     """Run the benchmarks and print one JSON document."""
     parser = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SCENARIOS,
+        default=list(SCENARIOS),
+        help="run these scenarios only (default: all)",
+    )
+    parser.add_argument("--mails", type=int, default=20_000, help="throughput backlog (20000)")
+    parser.add_argument("--size", type=int, default=2048, help="bytes per mail (2048)")
+    parser.add_argument("--attachment-kb", type=int, default=100, help="attachment size (100)")
+    parser.add_argument(
+        "--attachment-mails", type=int, default=5000, help="backlog with attachments (5000)"
+    )
+    parser.add_argument("--soak-mails", type=int, default=100_000, help="soak run (100000)")
+    parser.add_argument("--soak-rounds", type=int, default=10, help="backlogs in the soak (10)")
     parser.add_argument("--jobs", type=int, default=2000, help="scheduled jobs (default 2000)")
     parser.add_argument("--shortest", type=float, default=1.0, help="shortest delay, s")
     parser.add_argument("--longest", type=float, default=60.0, help="longest delay, s")
@@ -75,10 +144,15 @@ def main() -> int:
         "--limit-seconds", type=float, default=20.0, help="seconds of backlog at the limit"
     )
     parser.add_argument("--limit-burst", type=int, default=1, help="the provider's burst")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the stack's files and worker logs here (default: a temp dir)",
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mailbus-bench-") as tmp:
-        base = Path(tmp)
+        base = args.workdir or Path(tmp)
         rabbit = PrivateRabbit(base / "rabbitmq")
         mongo = PrivateMongo(base / "mongo")
         smtp = CaptureServer()
@@ -98,10 +172,11 @@ def main() -> int:
                 prefetch=args.prefetch,
                 _env_file=None,
             )
-            results = {
-                "lateness": asyncio.run(_lateness(args, settings, smtp, base)),
-                "rate_limit": asyncio.run(_rate_limit(args, settings, smtp, base)),
-            }
+            results = asyncio.run(_throughput(args, settings, rabbit, mongo, base))
+            if "lateness" in args.only:
+                results["lateness"] = asyncio.run(_lateness(args, settings, smtp, base))
+            if "rate_limit" in args.only:
+                results["rate_limit"] = asyncio.run(_rate_limit(args, settings, smtp, base))
         finally:
             smtp.stop()
             mongo.stop()

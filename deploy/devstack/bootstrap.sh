@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server,
 # the producer examples' runtimes, and a virtualenv (.venv) with mailbus and its dev
-# extras (aiosmtpd, SecantusDB, ...).
+# extras (aiosmtpd, SecantusDB, ...). With "bench": also Postfix's smtp-sink and
+# smtp-source, the benchmarks' C SMTP server and client (the MTA is left unconfigured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -23,6 +24,11 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v nc >/dev/null || need_apt+=(netcat-openbsd)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+if [ "${1:-}" = bench ] && [ ! -x /usr/sbin/smtp-sink ]; then
+  need_apt+=(postfix)
+  # "No configuration": nothing is set up or started, only the tools are wanted.
+  echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} from Debian"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -32,6 +32,11 @@ class PrivateMongo:
         """The ``mongodb://`` URL of the server."""
         return f"mongodb://127.0.0.1:{self.port}/"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for benchmarks' CPU figures)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> None:
         """Start the server and wait until it listens."""
         exe = shutil.which("secantusd-py", path=str(Path(sys.executable).parent)) or shutil.which(

@@ -72,6 +72,11 @@ class PrivateRabbit:
         """Base URL of the management UI and HTTP API."""
         return f"http://127.0.0.1:{self.management_port}/"
 
+    @property
+    def pid(self) -> int | None:
+        """The start script's process id while it runs (the node's VM runs below it)."""
+        return self._server.pid if self._server is not None else None
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -102,6 +107,7 @@ class PrivateRabbit:
             self._server = subprocess.Popen(
                 [str(_sbin() / "rabbitmq-server")],
                 env=env,
+                cwd=self.base,  # where a crash leaves its MnesiaCore dump
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
