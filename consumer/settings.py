@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     http_port: int | None = Field(None, ge=0, le=65535)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    prefetch: int = Field(100, ge=1, le=10_000)
+    prefetch: int = Field(32, ge=1, le=10_000)
     max_attempts: int = Field(8, ge=1, le=100)
     retry_base_delay: float = Field(30.0, gt=0)
     retry_max_delay: float = Field(3600.0, gt=0)

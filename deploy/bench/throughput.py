@@ -66,6 +66,12 @@ async def register_outbox(settings: Settings, url: str) -> None:
         await OutboxStore(jobs.database).put(doc, replace=True)
 
 
+async def drop_database(settings: Settings) -> None:
+    """Drop a run's database: the test server slows down as its collections grow."""
+    async with JobStore.connect(settings) as jobs:
+        await jobs.client.drop_database(settings.mongo_db)
+
+
 async def publish_backlog(settings: Settings, jobs: Sequence[dict[str, Any]]) -> float:
     """Declare the topology and publish ``jobs`` with confirms; seconds it took."""
     names = topology.Names(settings.prefix)
@@ -207,6 +213,7 @@ async def run(
     finally:
         done.set()
         await running.stop()
+        await drop_database(settings)
     seconds = finished - started
     return {
         "workers": workers,
@@ -279,6 +286,7 @@ async def soak(stack: Stack, mails: int, rounds: int, size: int) -> dict[str, An
         cpu = running.cpu_seconds() - cpu
     finally:
         await running.stop()
+        await drop_database(settings)
     return {
         "mails": per_round * rounds,
         "rounds": rounds,
