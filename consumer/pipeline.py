@@ -168,7 +168,9 @@ class Pipeline:
                 if DUE_HEADER in headers:  # a copy back early: its record was written before
                     return Later(ctx, due, "waiting")
                 return await self._schedule(ctx, job_id, job, body, due)
-            return await self._claim_and_send(ctx, job_id, job, body, now)
+            # A copy back from the ladder (due, or a retry) has a record already.
+            recorded = DUE_HEADER in headers
+            return await self._claim_and_send(ctx, job_id, job, body, now, recorded)
         except StoreUnavailableError as exc:
             log.warning("job.store_unavailable", error=str(exc))
             return Later(ctx, self.clock() + STORE_RETRY, "store")
@@ -188,14 +190,14 @@ class Pipeline:
         return _not_claimed(ctx, claim)
 
     async def _claim_and_send(
-        self, ctx: Context, job_id: str, job: Job, body: bytes, now: datetime
+        self, ctx: Context, job_id: str, job: Job, body: bytes, now: datetime, recorded: bool
     ) -> Outcome:
         if job.expires_at is not None and job.expires_at <= now:
             error = f"expired at {job.expires_at.isoformat()}"
             if not await self.store.record_dead(job_id, "expired", error):
                 return Skip(ctx, "already handled")
             return Dead(ctx, "expired", error)
-        claim = await self.store.claim(job_id, job, self.worker_id)
+        claim = await self.store.claim(job_id, job, self.worker_id, recorded)
         if claim.state is not ClaimState.CLAIMED:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)

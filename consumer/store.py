@@ -188,12 +188,15 @@ class JobStore:
         async with answering():
             await self.client.admin.command("ping")
 
-    async def claim(self, job_id: str, job: Job, worker_id: str) -> Claim:
+    async def claim(self, job_id: str, job: Job, worker_id: str, recorded: bool = False) -> Claim:
         """Take the job for sending if its record allows it, creating the record on first sight.
 
         A new job (the common case) is claimed by inserting its record, in a batch with
-        other new jobs; a job that has a record already is claimed by a conditional update.
+        other new jobs; a job that has a record already is claimed by a conditional update,
+        at once when the caller knows it is ``recorded`` (no insert is tried first).
         """
+        if recorded:
+            return await self._claim_existing(job_id, job, worker_id)
         now = utcnow()
         lease_until = now + self._lease
         record = {

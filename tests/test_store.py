@@ -117,3 +117,21 @@ async def test_new_jobs_are_claimed_and_recorded_in_batches(store: JobStore) -> 
     # the takeover above, and a find of which records the lost lease left unwritten).
     assert after["insert"] - before.get("insert", 0) == 1
     assert after["update"] - before.get("update", 0) == 2
+
+
+async def test_a_job_known_to_have_a_record_is_claimed_without_an_insert(
+    store: JobStore,
+) -> None:
+    body = Job.model_validate(job())
+    await store.schedule("known", body, b"{}", utcnow())
+    before = store.commands.counts().get("insert", 0)
+    claim = await store.claim("known", body, "w1", recorded=True)
+    assert (claim.state, claim.attempts) == (ClaimState.CLAIMED, 1)
+    assert store.commands.counts().get("insert", 0) == before
+    # Its record was never written after all (MongoDB was down when it was scheduled):
+    # the claim creates it.
+    missing = await store.claim("never-recorded", body, "w1", recorded=True)
+    assert missing.state is ClaimState.CLAIMED
+    record = await store.get("never-recorded")
+    assert record is not None
+    assert (record["status"], record["worker"]) == ("sending", "w1")
