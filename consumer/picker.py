@@ -4,27 +4,34 @@ Among the domain's active outboxes, the least used one whose provider has a toke
 sends (round robin under the providers' limits). When no provider has a token, the job
 queues at the provider whose token comes first and waits for its wake-up slot in the
 delay ladder; it then takes that provider's token, ahead of jobs that have not queued,
-and sends through the outbox it queued for.
+and sends through the outbox it queued for. A token or wake-up slot due within
+:data:`CLOSE_WAIT` is waited for in place instead, and the jobs of one process asking a
+provider at the same time share one command (a block of tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from consumer.batches import Batcher
 from consumer.outbox_store import OutboxStore, outbox_from_document
 from consumer.outboxes import Outbox
 from consumer.provider_store import ProviderStore
-from consumer.ratelimit import Grant, Reservation
+from consumer.ratelimit import MICROS, Grant, Mode, Reservation
 from consumer.sendmail import SendmailPipe
 from consumer.store import Document, utcnow
 from consumer.transport import Sender, SMTPPool
 from consumer.vault import Vault
 
-# Seconds a woken job waits for its token in place before going back to the queue.
+# Seconds a job waits for its token in place, holding its claim, rather than going round
+# the delay ladder: tokens due this soon are taken ahead, in blocks.
 CLOSE_WAIT = 2.0
+_CLOSE_WAIT_US = round(CLOSE_WAIT * MICROS)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class OutboxPicker:
         self.idle_seconds = idle_seconds
         self._pools: dict[str, Sender] = {}
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._takes: dict[tuple[str, Mode], Batcher[None, Grant | None]] = {}
 
     def connections(self) -> dict[str, int]:
         """Open connections per outbox, for metrics (read from the HTTP thread: the pools
@@ -93,19 +101,19 @@ class OutboxPicker:
                 return Choice(await self._counted(doc, avoid, sharing[provider]))
             if provider in refused:
                 continue
-            grant = await self.providers.take(provider, "try")
+            grant = await self._token(provider, "try")
             if grant is None or grant.granted:
                 return Choice(await self._counted(doc, avoid, sharing[provider]))
             refused[provider] = (grant, doc)
         # Nobody may send now: queue for the provider whose token comes first.
         provider = min(refused, key=lambda name: refused[name][0].slot_us)
-        grant = await self.providers.take(provider, "enqueue")
         doc = refused[provider][1]
-        if grant is None or grant.granted:
-            return Choice(await self._counted(doc, avoid, sharing[provider]))
+        refusal = await self._wait_for_token(provider, await self._token(provider, "enqueue"))
         answered = utcnow()
         pool = await self._counted(doc, avoid, sharing[provider])
-        return Choice(pool, _throttle(pool.outbox.name, provider, grant, answered))
+        if refusal is None:
+            return Choice(pool)
+        return Choice(pool, _throttle(pool.outbox.name, provider, refusal, answered))
 
     async def _one_provider(self, doc: Document, avoid: str | None, outboxes: int) -> Choice:
         """Every candidate shares one provider (or none): the turn is counted first, so
@@ -115,10 +123,10 @@ class OutboxPicker:
         provider: str | None = doc.get("provider")
         if provider is None:  # no provider, no limit
             return Choice(pool)
-        grant = await self.providers.take(provider, "enqueue")
-        if grant is None or grant.granted:
+        refusal = await self._wait_for_token(provider, await self._token(provider, "enqueue"))
+        if refusal is None:
             return Choice(pool)
-        return Choice(pool, _throttle(pool.outbox.name, provider, grant, utcnow()))
+        return Choice(pool, _throttle(pool.outbox.name, provider, refusal, utcnow()))
 
     async def reserved(self, reservation: Reservation) -> Choice | None:
         """The outbox a queued job waited for, once its provider gives it a token (a
@@ -129,18 +137,44 @@ class OutboxPicker:
         if doc is None or not doc.get("active", True):
             return None
         pool = await self._pool(outbox_from_document(doc, self.vault))
-        waited = 0.0
-        while True:
-            grant = await self.providers.take(reservation.provider, "queued")
-            if grant is None or grant.granted:
-                return Choice(pool)
-            if waited + grant.wait > CLOSE_WAIT:
-                until = utcnow() + timedelta(seconds=grant.wait)
-                return Choice(pool, Throttle(reservation, until))
-            # The token is moments away (the job before woke late): wait here, holding the
-            # claim, rather than going round the whole pipeline again.
+        provider = reservation.provider
+        refusal = await self._wait_for_token(provider, await self._token(provider, "queued"))
+        if refusal is None:
+            return Choice(pool)
+        return Choice(pool, Throttle(reservation, utcnow() + timedelta(seconds=refusal.wait)))
+
+    async def _token(self, provider: str, mode: Mode) -> Grant | None:
+        """``provider``'s answer for one job, taken in one command with the other jobs of
+        this process asking meanwhile; None when ``provider`` is not defined.
+        """
+        batcher = self._takes.get((provider, mode))
+        if batcher is None:
+            batcher = Batcher(functools.partial(self._take, provider, mode))
+            self._takes[provider, mode] = batcher
+        return await batcher.submit(None)
+
+    async def _take(self, provider: str, mode: Mode, jobs: Sequence[None]) -> list[Grant | None]:
+        # A job only trying its luck wants a token now; the others take one due soon.
+        horizon = 0 if mode == "try" else _CLOSE_WAIT_US
+        grants = await self.providers.take(provider, mode, len(jobs), horizon)
+        return [None] * len(jobs) if grants is None else list(grants)
+
+    async def _wait_for_token(self, provider: str, grant: Grant | None) -> Grant | None:
+        """Wait in place for a token due within :data:`CLOSE_WAIT`, or for a wake-up slot
+        that close and then the token; None once the job may send, else the refusal that
+        says how much longer it is.
+        """
+        while grant is not None and grant.queued and grant.wait <= CLOSE_WAIT:
             await asyncio.sleep(grant.wait)
-            waited += grant.wait
+            grant = await self._token(provider, "queued")
+        if grant is None:
+            return None
+        if grant.granted:
+            # The slot is on the server's clock, measured from its answer: sleeping the
+            # wait from here never sends early, whatever this machine's clock says.
+            await asyncio.sleep(grant.wait)
+            return None
+        return grant
 
     async def _counted(self, doc: Document, avoid: str | None, sharing: int) -> Sender:
         """The pool of the outbox whose turn it is among the ``sharing`` outboxes of

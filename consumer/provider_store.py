@@ -27,88 +27,163 @@ _NOW_US = {
 }
 
 
-def _take_update(mode: Mode) -> list[Document]:
-    """:func:`consumer.ratelimit.take`, as an update pipeline the server runs atomically.
-
-    The outcome is left in ``last_take`` (``now``, ``granted``, ``slot``, ``queued``) for
-    the caller.
+def _earliest(limits: object, field: str) -> Document:
+    """The expression for ratelimit.take's ``earliest``: when ``field`` (``tat`` or
+    ``queue``) of every limit in ``limits`` allows a send, and not before now.
     """
-    spare = {"$multiply": [{"$subtract": ["$burst", 1]}, "$$this.interval"]}
-
-    def earliest(field: str) -> Document:
-        starts = {"$map": {"input": "$limits", "in": {"$subtract": [f"$$this.{field}", spare]}}}
-        return {"$max": ["$last_take.now", {"$max": starts}]}
-
-    taken = {"$add": [{"$max": ["$$this.tat", "$last_take.now"]}, "$$this.interval"]}
-    take_now = {
+    starts = {
         "$map": {
-            "input": "$limits",
+            "input": limits,
+            "as": "limit",
             "in": {
-                "$let": {
-                    "vars": {"tat": taken},
-                    "in": {
-                        "$mergeObjects": [
-                            "$$this",
-                            {"tat": "$$tat", "queue": {"$max": ["$$this.queue", "$$tat"]}},
-                        ]
-                    },
-                }
-            },
-        }
-    }
-    enqueue = {
-        "$map": {
-            "input": "$limits",
-            "in": {
-                "$mergeObjects": [
-                    "$$this",
-                    {
-                        "queue": {
-                            "$add": [
-                                {"$max": ["$$this.queue", "$last_take.queue"]},
-                                "$$this.interval",
-                            ]
-                        }
-                    },
+                "$subtract": [
+                    f"$$limit.{field}",
+                    {"$multiply": [{"$subtract": ["$burst", 1]}, "$$limit.interval"]},
                 ]
             },
         }
     }
-    real_now = {"$lte": ["$last_take.real", "$last_take.now"]}
-    allowed = (
-        real_now
-        if mode == "queued"
-        else {"$and": [real_now, {"$lte": ["$last_take.queue", "$last_take.now"]}]}
+    return {"$max": ["$last_take.now", {"$max": starts}]}
+
+
+def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
+    """:func:`consumer.ratelimit.take`, as an update pipeline the server runs atomically.
+
+    The outcome is left in ``last_take`` for the caller: ``now``, the ``granted`` tokens'
+    slots, the ``queued`` wake-up slots handed out, and ``next``, when a refused job may
+    come back.
+    """
+    granting = {
+        "$let": {
+            "vars": {"start": _earliest("$$value.limits", "tat")},
+            "in": {
+                "$cond": [
+                    {"$lte": ["$$start", {"$add": ["$last_take.now", horizon_us]}]},
+                    {
+                        "limits": {
+                            "$map": {
+                                "input": "$$value.limits",
+                                "as": "limit",
+                                "in": {
+                                    "$let": {
+                                        "vars": {
+                                            "tat": {
+                                                "$add": [
+                                                    {"$max": ["$$limit.tat", "$$start"]},
+                                                    "$$limit.interval",
+                                                ]
+                                            }
+                                        },
+                                        "in": {
+                                            "$mergeObjects": [
+                                                "$$limit",
+                                                {
+                                                    "tat": "$$tat",
+                                                    "queue": {"$max": ["$$limit.queue", "$$tat"]},
+                                                },
+                                            ]
+                                        },
+                                    }
+                                },
+                            }
+                        },
+                        "slots": {"$concatArrays": ["$$value.slots", ["$$start"]]},
+                    },
+                    "$$value",
+                ]
+            },
+        }
+    }
+    queueing = {
+        "$let": {
+            "vars": {"slot": _earliest("$$value.limits", "queue")},
+            "in": {
+                "limits": {
+                    "$map": {
+                        "input": "$$value.limits",
+                        "as": "limit",
+                        "in": {
+                            "$mergeObjects": [
+                                "$$limit",
+                                {
+                                    "queue": {
+                                        "$add": [
+                                            {"$max": ["$$limit.queue", "$$slot"]},
+                                            "$$limit.interval",
+                                        ]
+                                    }
+                                },
+                            ]
+                        },
+                    }
+                },
+                "slots": {"$concatArrays": ["$$value.slots", ["$$slot"]]},
+            },
+        }
+    }
+    may_take = (
+        True if mode == "queued" else {"$lte": [_earliest("$limits", "queue"), "$last_take.now"]}
     )
-    return [
+    stages: list[Document] = [
         {"$set": {"last_take": {"now": _NOW_US}}},
-        {"$set": {"last_take.real": earliest("tat"), "last_take.queue": earliest("queue")}},
-        {"$set": {"last_take.granted": allowed}},
+        {"$set": {"last_take.open": may_take}},
         {
             "$set": {
-                "limits": {
+                "last_take.taken": {
                     "$cond": [
-                        "$last_take.granted",
-                        take_now,
-                        enqueue if mode == "enqueue" else "$limits",
+                        "$last_take.open",
+                        {
+                            "$reduce": {
+                                "input": {"$range": [0, count]},
+                                "initialValue": {"limits": "$limits", "slots": []},
+                                "in": granting,
+                            }
+                        },
+                        {"limits": "$limits", "slots": []},
                     ]
-                },
-                "last_take.slot": {
-                    "$cond": [
-                        "$last_take.granted",
-                        "$last_take.now",
-                        "$last_take.real" if mode == "queued" else "$last_take.queue",
-                    ]
-                },
-                "last_take.queued": {"$and": [mode == "enqueue", {"$not": ["$last_take.granted"]}]},
+                }
+            }
+        },
+        {
+            "$set": {
+                "limits": "$last_take.taken.limits",
+                "last_take.granted": "$last_take.taken.slots",
             }
         },
     ]
-
-
-_UPDATES: dict[Mode, list[Document]] = {
-    mode: _take_update(mode) for mode in ("try", "enqueue", "queued")
-}
+    if mode == "enqueue":
+        stages.append(
+            {
+                "$set": {
+                    "last_take.waits": {
+                        "$reduce": {
+                            "input": {"$range": [{"$size": "$last_take.granted"}, count]},
+                            "initialValue": {"limits": "$limits", "slots": []},
+                            "in": queueing,
+                        }
+                    }
+                }
+            }
+        )
+        stages.append(
+            {
+                "$set": {
+                    "limits": "$last_take.waits.limits",
+                    "last_take.queued": "$last_take.waits.slots",
+                }
+            }
+        )
+    else:
+        stages.append(
+            {
+                "$set": {
+                    "last_take.queued": [],
+                    "last_take.next": _earliest("$limits", "tat" if mode == "queued" else "queue"),
+                }
+            }
+        )
+    stages.append({"$unset": ["last_take.open", "last_take.taken", "last_take.waits"]})
+    return stages
 
 
 def provider_document(name: str, limits: Sequence[Limit], burst: int) -> Document:
@@ -180,21 +255,31 @@ class ProviderStore:
             result = await self.providers.delete_one({"_id": name})
         return result.deleted_count == 1
 
-    async def take(self, name: str, mode: Mode) -> Grant | None:
-        """:func:`consumer.ratelimit.take` on ``name``'s buckets, at the server's clock.
+    async def take(
+        self, name: str, mode: Mode, count: int = 1, horizon_us: int = 0
+    ) -> list[Grant] | None:
+        """:func:`consumer.ratelimit.take` on ``name``'s buckets, at the server's clock, in
+        one atomic command: one grant per job, in order.
 
         None when no such provider is defined: its outboxes send without a limit.
         """
         async with answering():
             doc = await self.providers.find_one_and_update(
-                {"_id": name}, _UPDATES[mode], return_document=ReturnDocument.AFTER
+                {"_id": name},
+                _take_update(mode, count, horizon_us),
+                return_document=ReturnDocument.AFTER,
             )
         if doc is None:
             return None
-        return _grant(doc["last_take"])
+        return _grants(doc["last_take"], count)
 
 
-def _grant(taken: dict[str, Any]) -> Grant:
-    return Grant(
-        bool(taken["granted"]), int(taken["slot"]), int(taken["now"]), bool(taken["queued"])
-    )
+def _grants(taken: dict[str, Any], count: int) -> list[Grant]:
+    """The grants a take left in ``last_take``: the tokens, then the wake-up slots, then
+    refusals until the next token.
+    """
+    now = int(taken["now"])
+    grants = [Grant(True, int(slot), now) for slot in taken["granted"]]
+    grants += [Grant(False, int(slot), now, queued=True) for slot in taken["queued"]]
+    grants += [Grant(False, int(taken.get("next", now)), now)] * (count - len(grants))
+    return grants

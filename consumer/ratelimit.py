@@ -14,9 +14,12 @@ every limit, with ``interval = P / N``, and then moves each ``tat`` to
 A job that finds no token does not race for the next one: it *queues*. A second set of
 counters, shaped like the first, hands out wake-up slots one interval apart; the job waits
 for its slot and then takes a real token like any other send, ahead of jobs that have not
-queued. Tokens are only ever taken at the moment of sending, so a job that wakes late
-never crowds the sends after it, and the caps hold at the server's clock whatever the
-workers' clocks or delays. Times are integer microseconds since the epoch, so the
+queued. Tokens are taken at the moment of sending, or at most a short *horizon* ahead
+for a slot the job then waits for in place; a job waking late from the queue takes
+whatever token is next, so it never crowds the sends after it, and the caps hold at the
+server's clock whatever the workers' clocks or delays. Several jobs may take a block of
+tokens at once: the slots are those the same tokens taken one by one would have had.
+Times are integer microseconds since the epoch, so the
 arithmetic is exact; intervals are rounded up, never allowing more than the limit.
 """
 
@@ -95,8 +98,9 @@ class Bucket:
 class Grant:
     """The answer of one :func:`take`.
 
-    ``granted``: a token was taken now. Otherwise ``slot_us`` is when to come back: a new
-    wake-up slot when ``queued`` (the job is now in the queue), else the next token.
+    ``granted``: a token was taken for ``slot_us``, now or moments later. Otherwise
+    ``slot_us`` is when to come back: a new wake-up slot when ``queued`` (the job is now in
+    the queue), else the next token.
     """
 
     granted: bool
@@ -116,27 +120,42 @@ def take(
     buckets: Sequence[Bucket],
     now_us: int,
     mode: Mode,
-) -> tuple[Grant, list[Bucket]]:
-    """Take a token at ``now_us`` if every limit allows it, for a job that is new
-    (``try``, ``enqueue``) or waking for its wake-up slot (``queued``).
+    count: int = 1,
+    horizon_us: int = 0,
+) -> tuple[list[Grant], list[Bucket]]:
+    """Take tokens for ``count`` jobs at ``now_us``, each due within ``horizon_us``, for
+    jobs that are new (``try``, ``enqueue``) or waking for their wake-up slot (``queued``).
 
-    A new job may not pass jobs already queued: it is granted only while the queue is
-    empty. Refused with ``enqueue``, it gets the next wake-up slot. Refused otherwise,
-    nothing changes and the slot says when the next token comes.
+    A granted token's ``slot_us`` is the moment it conforms: now, or up to the horizon
+    later, the job then sending no earlier. A block of tokens is handed out as the same
+    tokens taken one by one at their slots would be, so a block never exceeds a limit.
+    New jobs may not pass jobs already queued: they are granted only while the queue is
+    empty. Jobs refused with ``enqueue`` get the next wake-up slots; refused otherwise,
+    nothing changes for them and the slot says when the next token comes.
     """
-    pairs = list(zip(limits, buckets, strict=True))
-    real = max([now_us, *(b.tat - (burst - 1) * lim.interval_us for lim, b in pairs)])
-    queue = max([now_us, *(b.queue - (burst - 1) * lim.interval_us for lim, b in pairs)])
-    if real <= now_us and (mode == "queued" or queue <= now_us):
-        taken = []
-        for lim, bucket in pairs:
-            tat = max(bucket.tat, now_us) + lim.interval_us
-            taken.append(Bucket(tat, max(bucket.queue, tat)))
-        return Grant(True, now_us, now_us), taken
-    if mode != "enqueue":
-        return Grant(False, real if mode == "queued" else queue, now_us), list(buckets)
-    queued = [Bucket(b.tat, max(b.queue, queue) + lim.interval_us) for lim, b in pairs]
-    return Grant(False, queue, now_us, queued=True), queued
+    spares = [(burst - 1) * lim.interval_us for lim in limits]
+    tats = [b.tat for b in buckets]
+    queues = [b.queue for b in buckets]
+
+    def earliest(marks: Sequence[int]) -> int:
+        return max([now_us, *(mark - spare for mark, spare in zip(marks, spares, strict=True))])
+
+    grants: list[Grant] = []
+    if mode == "queued" or earliest(queues) <= now_us:
+        while len(grants) < count and (start := earliest(tats)) <= now_us + horizon_us:
+            tats = [
+                max(tat, start) + lim.interval_us for lim, tat in zip(limits, tats, strict=True)
+            ]
+            queues = [max(queue, tat) for queue, tat in zip(queues, tats, strict=True)]
+            grants.append(Grant(True, start, now_us))
+    while len(grants) < count:
+        if mode == "enqueue":
+            slot = earliest(queues)
+            queues = [max(q, slot) + lim.interval_us for lim, q in zip(limits, queues, strict=True)]
+            grants.append(Grant(False, slot, now_us, queued=True))
+        else:
+            grants.append(Grant(False, earliest(tats if mode == "queued" else queues), now_us))
+    return grants, [Bucket(tat, queue) for tat, queue in zip(tats, queues, strict=True)]
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def simulate(
     granted = []
     while pending:
         now, job, mode = heapq.heappop(pending)
-        grant, buckets = take(limits, burst, buckets, now, mode)
+        [grant], buckets = take(limits, burst, buckets, now, mode)
         if grant.granted:
             granted.append(now)
         else:
@@ -118,27 +118,79 @@ def test_a_backlog_drains_at_the_limit_in_arrival_order() -> None:
 
 def test_queued_jobs_go_before_new_ones() -> None:
     limits, now = [Limit(1, 1)], 10**12
-    first, buckets = take(limits, 1, [Bucket()], now, "enqueue")
-    second, buckets = take(limits, 1, buckets, now, "enqueue")
+    [first], buckets = take(limits, 1, [Bucket()], now, "enqueue")
+    [second], buckets = take(limits, 1, buckets, now, "enqueue")
     assert first.granted
     assert (second.granted, second.queued, second.slot_us - now) == (False, True, MICROS)
-    newcomer, after = take(limits, 1, buckets, now + MICROS, "try")
+    [newcomer], after = take(limits, 1, buckets, now + MICROS, "try")
     assert not newcomer.granted  # the queued job's slot
     assert after == buckets
-    woken, buckets = take(limits, 1, buckets, now + MICROS, "queued")
+    [woken], buckets = take(limits, 1, buckets, now + MICROS, "queued")
     assert woken.granted
 
 
 def test_a_late_wake_up_takes_the_token_when_it_comes() -> None:
     limits, now = [Limit(2, 1)], 10**12
     _, buckets = take(limits, 1, [Bucket()], now, "enqueue")
-    queued, buckets = take(limits, 1, buckets, now, "enqueue")
+    [queued], buckets = take(limits, 1, buckets, now, "enqueue")
     assert queued.slot_us == now + 500_000
-    early, same = take(limits, 1, buckets, now + 100_000, "queued")  # a clock ahead
+    [early], same = take(limits, 1, buckets, now + 100_000, "queued")  # a clock ahead
     assert (early.granted, early.slot_us) == (False, now + 500_000)
     assert same == buckets
-    late, _ = take(limits, 1, buckets, now + 900_000, "queued")
+    [late], _ = take(limits, 1, buckets, now + 900_000, "queued")
     assert late.granted
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limits=st.lists(limit_strategy, min_size=1, max_size=3),
+    burst=st.integers(min_value=1, max_value=6),
+    before=st.integers(min_value=0, max_value=20),
+    count=st.integers(min_value=1, max_value=40),
+    horizon=st.integers(min_value=0, max_value=3 * MICROS),
+    mode=st.sampled_from(["try", "enqueue", "queued"]),
+)
+def test_a_block_is_the_tokens_taken_one_by_one_at_their_slots(
+    limits: list[Limit], burst: int, before: int, count: int, horizon: int, mode: Mode
+) -> None:
+    """Taking ``count`` tokens at once hands out exactly the slots, and leaves exactly
+    the buckets, that taking them one at a time at those slots would: a block never
+    lets more through than single sends.
+    """
+    now = 10**12
+    buckets = [Bucket()] * len(limits)
+    for _ in range(before):
+        _, buckets = take(limits, burst, buckets, now, "enqueue")
+    grants, after = take(limits, burst, buckets, now, mode, count, horizon)
+    assert len(grants) == count
+    tokens = [g for g in grants if g.granted]
+    assert grants[: len(tokens)] == tokens  # the tokens first, then the refusals
+    one_by_one = buckets
+    for token in tokens:
+        assert now <= token.slot_us <= now + horizon
+        [single], one_by_one = take(limits, burst, one_by_one, token.slot_us, "queued")
+        assert (single.granted, single.slot_us) == (True, token.slot_us)
+    refused = grants[len(tokens) :]
+    if mode == "enqueue":
+        slots = [g.slot_us for g in refused]
+        assert all(g.queued for g in refused)
+        assert slots == sorted(slots)
+    else:
+        assert after == one_by_one
+        assert not any(g.queued for g in refused)
+
+
+def test_new_jobs_take_a_block_only_while_nobody_queues() -> None:
+    limits, now, horizon = [Limit(50, 1)], 10**12, 2 * MICROS
+    grants, buckets = take(limits, 1, [Bucket()], now, "enqueue", 120, horizon)
+    offsets = [(g.granted, g.slot_us - now) for g in grants]
+    # Two seconds of tokens at 50/s, the first one now; the rest queue behind them.
+    assert offsets[:101] == [(True, i * 20_000) for i in range(101)]
+    assert offsets[101:] == [(False, (101 + i) * 20_000) for i in range(19)]
+    newcomers, _ = take(limits, 1, buckets, now + MICROS, "enqueue", 3, horizon)
+    assert not any(g.granted for g in newcomers)
+    [woken], _ = take(limits, 1, buckets, now + 2 * MICROS, "queued", 1, horizon)
+    assert (woken.granted, woken.slot_us) == (True, now + 101 * 20_000)
 
 
 def test_every_limit_must_allow() -> None:
@@ -176,7 +228,7 @@ def test_tokens_left_counts_the_sends_a_bucket_allows(
     now = start + later
     left = tokens_left(limit, burst, buckets[0], now)
     allowed = 0
-    while take([limit], burst, buckets, now, "try")[0].granted:
+    while take([limit], burst, buckets, now, "try")[0][0].granted:
         _, buckets = take([limit], burst, buckets, now, "try")
         allowed += 1
     assert left == allowed

@@ -121,4 +121,8 @@ async def measure(
         "seconds_first_to_last": round(span, 2),
         "achieved_per_second": round((count - 1) / span, 2) if span else None,
         "utilization": round(fastest / span, 4) if span else None,
+        "sends_each_second": [
+            sum(1 for t in times if second <= t - times[0] < second + 1)
+            for second in range(int(span) + 1)
+        ],
     }
