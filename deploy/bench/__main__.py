@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,29 @@ async def _throughput(
         await sink.stop()
 
 
+class Report:
+    """The results so far, written to ``out`` after each scenario, so a scenario that
+    fails (recorded under ``failed``) loses nothing the others measured.
+    """
+
+    def __init__(self, results: dict[str, Any], out: Path | None) -> None:
+        self.results = results
+        self.out = out
+
+    def run(
+        self, name: str, scenario: Coroutine[Any, Any, dict[str, Any]], key: str | None = None
+    ) -> None:
+        """Run ``scenario``; its result goes under ``key``, or is merged in without one."""
+        try:
+            result = asyncio.run(scenario)
+        except Exception as exc:  # one broken scenario must not cost the others' figures
+            self.results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            self.results.update({key: result} if key else result)
+        if self.out is not None:
+            self.out.write_text(json.dumps(self.results, indent=2) + "\n")
+
+
 def main() -> int:
     """Run the benchmarks and print one JSON document."""
     parser = argparse.ArgumentParser(prog="python -m deploy.bench", description=__doc__)
@@ -175,28 +199,26 @@ def main() -> int:
                 _env_file=None,
             )
             only = set(args.only)
-            results = asyncio.run(
+            results: dict[str, Any] = {}
+            report = Report(results, args.out)
+            report.run(
+                "throughput",
                 _throughput(
                     args, settings, rabbit, mongo, base, only & {"throughput", "attachment"}
-                )
+                ),
             )
             if "lateness" in only:
-                results["lateness"] = asyncio.run(_lateness(args, settings, smtp, base))
+                report.run("lateness", _lateness(args, settings, smtp, base), key="lateness")
             if "rate_limit" in only:
-                results["rate_limit"] = asyncio.run(_rate_limit(args, settings, smtp, base))
+                report.run("rate_limit", _rate_limit(args, settings, smtp, base), key="rate_limit")
             # Last: a big database slows the test server down for whatever comes after.
-            results.update(
-                asyncio.run(_throughput(args, settings, rabbit, mongo, base, only & {"soak"}))
-            )
+            report.run("soak", _throughput(args, settings, rabbit, mongo, base, only & {"soak"}))
         finally:
             smtp.stop()
             mongo.stop()
             rabbit.close()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    print(json.dumps(results, indent=2))
+    return 1 if "failed" in results else 0
 
 
 if __name__ == "__main__":
