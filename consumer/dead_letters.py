@@ -58,7 +58,7 @@ def _text(value: Any) -> str | None:
 def _body(message: AbstractIncomingMessage) -> dict[str, Any] | None:
     try:
         body = json.loads(message.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 

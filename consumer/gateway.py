@@ -152,7 +152,7 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             reply = legacy.rest_reply("failed", f"request larger than {self.limit} bytes")
             return web.json_response(reply, status=413)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting
             return web.json_response(legacy.rest_reply("failed", "body is not valid JSON"))
         texts = {k: v for k, v in fields.items() if isinstance(v, str)}
         try:

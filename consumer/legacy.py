@@ -173,7 +173,7 @@ def daemon_request(line: bytes) -> DaemonRequest:
     """Parse one request; the request is the object's first key other than ``auth``."""
     try:
         raw = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise GatewayRequestError("invalid payload") from None
     if not isinstance(raw, dict) or not raw:
         raise GatewayRequestError("payload cannot be empty")
@@ -197,7 +197,7 @@ def complete_request(buffer: bytes) -> bytes | None:
         return None
     try:
         json.loads(buffer)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return buffer
 

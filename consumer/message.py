@@ -221,6 +221,8 @@ def json_object(body: bytes, what: str) -> dict[str, Any]:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJobError(f"{what} is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # hostile nesting: the decoder gives up before memory does
+        raise InvalidJobError(f"{what} is nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidJobError(f"{what} must be a JSON object")
     return raw

@@ -204,6 +204,10 @@ def test_daemon_requests_and_framing() -> None:
             legacy.daemon_request(bad)
     with pytest.raises(GatewayRequestError, match="invalid payload"):
         legacy.daemon_request(b'{"auth": "pw"}')
+    deep = b'{"ping": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(GatewayRequestError, match="invalid payload"):
+        legacy.daemon_request(deep)  # nesting the JSON decoder gives up on
+    assert legacy.complete_request(deep) is None
 
     assert legacy.complete_request(b'{"ping": null}\n{"next"') == b'{"ping": null}'
     assert legacy.complete_request(b'{"ping": null}') == b'{"ping": null}'
