@@ -4,12 +4,17 @@ The broker user of a producer's message is its AMQP ``user_id``, which RabbitMQ 
 against the connection's login. The copies a worker publishes (retries, the delay ladder)
 cannot re-assert it, so they carry it in a header signed with ``MAILBUS_SECRET_KEY`` over
 the user and the body; a header a producer forges fails the check and is ignored.
+
+A dead letter never keeps the job's domain key: that secret would sit in the dead-letter
+queue for anyone who reads it. In its place, a job that was authorized carries its
+domain signed the same way, so a replay of it is still authorized.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +27,8 @@ from consumer.vault import Vault
 
 USER_HEADER = "x-mailbus-user"
 USER_SIGNATURE_HEADER = "x-mailbus-user-signature"
+DOMAIN_HEADER = "x-mailbus-authorized-domain"
+DOMAIN_SIGNATURE_HEADER = "x-mailbus-authorized-domain-signature"
 # How long a worker trusts what it read of a domain: changes apply within this time.
 CACHE_SECONDS = 5.0
 _MAX_REMEMBERED = 10_000
@@ -68,6 +75,57 @@ def carry_user(
     return carried
 
 
+def _vouched(domain: str, body: bytes) -> bytes:
+    return b"domain\0" + domain.lower().encode() + b"\0" + hashlib.sha256(body).digest()
+
+
+def vouched_domain(headers: Mapping[str, Any], body: bytes, vault: Vault | None) -> str | None:
+    """The domain a dead letter's replay was authorized for, if its signature holds."""
+    domain = _text(headers.get(DOMAIN_HEADER))
+    signature = _text(headers.get(DOMAIN_SIGNATURE_HEADER))
+    if vault is None or not domain or not signature:
+        return None
+    return domain.lower() if vault.verify(_vouched(domain, body), signature) else None
+
+
+def without_domain_key(body: bytes) -> bytes | None:
+    """The job ``body`` without its ``domain_key``; None when it has none to remove."""
+    try:
+        job = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(job, dict) or "domain_key" not in job:
+        return None
+    del job["domain_key"]
+    return json.dumps(job, ensure_ascii=False).encode()
+
+
+def dead_letter_parts(
+    body: bytes,
+    headers: Mapping[str, Any],
+    user: str | None,
+    authorized: str | None,
+    vault: Vault | None,
+) -> tuple[bytes, dict[str, Any]]:
+    """The body and headers of a job's dead letter: the body without its domain key, the
+    broker user signed over that body, and ``authorized`` (the domain the job was
+    authorized for, if it was) signed in place of the key. Without ``MAILBUS_SECRET_KEY``
+    nothing can be signed: a replay of a registered domain's job is then refused.
+    """
+    stripped = without_domain_key(body)
+    carried = {
+        k: v for k, v in headers.items() if k not in (DOMAIN_HEADER, DOMAIN_SIGNATURE_HEADER)
+    }
+    if stripped is None:
+        # Nothing to strip: what the letter already carries stays valid.
+        return body, dict(headers)
+    carried = carry_user(carried, user, stripped, vault)
+    if authorized is not None and vault is not None:
+        carried[DOMAIN_HEADER] = authorized.lower()
+        carried[DOMAIN_SIGNATURE_HEADER] = vault.sign(_vouched(authorized, stripped))
+    return stripped, carried
+
+
 class VerifiedKeys:
     """Checks keys against stored hashes, remembering the pairs that matched: a key hash is
     slow to compute on purpose, and the same key comes with every job.
@@ -100,10 +158,12 @@ class Authorizer:
         self._domains: dict[str, tuple[float, Document | None]] = {}
         self._keys = VerifiedKeys()
 
-    async def refusal(self, job: Job, user: str | None) -> str | None:
-        """Why the job may not send for its domain, or None when it may."""
+    async def refusal(self, job: Job, user: str | None, vouched: str | None = None) -> str | None:
+        """Why the job may not send for its domain, or None when it may; ``vouched`` is
+        the domain a replayed dead letter was signed as authorized for.
+        """
         doc = await self.domain(job.domain)
-        if doc is None:
+        if doc is None or vouched == job.domain.lower():
             return None
         key = job.domain_key.get_secret_value() if job.domain_key is not None else None
         stored = doc.get("key_hash")

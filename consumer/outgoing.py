@@ -25,10 +25,14 @@ CODE_HEADER = "x-mailbus-smtp-code"
 DEAD_AT_HEADER = "x-mailbus-dead-at"  # epoch milliseconds, for `mailbus dead purge`
 
 
-def copy_of(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
-    """A persistent copy of ``message`` with new headers (``user_id`` cannot be re-asserted)."""
+def copy_of(
+    message: AbstractIncomingMessage, headers: Mapping[str, Any], body: bytes | None = None
+) -> aio_pika.Message:
+    """A persistent copy of ``message`` with new headers, and a new body if given
+    (``user_id`` cannot be re-asserted).
+    """
     return aio_pika.Message(
-        message.body,
+        message.body if body is None else body,
         headers=dict(headers),
         content_type=message.content_type,
         content_encoding=message.content_encoding,
@@ -91,14 +95,18 @@ class Outgoing:
     async def dead_letter(
         self,
         message: AbstractIncomingMessage,
+        body: bytes,
+        headers: Mapping[str, Any],
         reason: str,
         error: str,
         attempts: int,
         code: int | None,
     ) -> None:
-        """Publish a copy of ``message`` to the dead-letter exchange, saying why."""
+        """Publish ``body`` with ``headers`` (what is left of ``message`` once its secrets
+        are out) to the dead-letter exchange, saying why.
+        """
         marked = {
-            **own_headers(message.headers or {}),
+            **own_headers(headers),
             REASON_HEADER: reason,
             ERROR_HEADER: error[:1000],
             ATTEMPTS_HEADER: attempts,
@@ -106,7 +114,7 @@ class Outgoing:
         }
         if code is not None:
             marked[CODE_HEADER] = code
-        letter = copy_of(message, marked)
+        letter = copy_of(message, marked, body)
         if self.dead_letter_days > 0:
             # Per-message TTL: retention without a cron, and without queue arguments that
             # could never change on an existing queue. A replayed copy does not keep it.

@@ -148,9 +148,11 @@ class Pipeline:
         message_id: str | None,
         headers: Mapping[str, Any],
         user: str | None = None,
+        vouched: str | None = None,
     ) -> Outcome:
         """Run the job in ``body`` as far as it can go now; ``user`` is the broker user it
-        was published by (see :mod:`consumer.authorization`).
+        was published by, ``vouched`` the domain a replayed dead letter was signed as
+        authorized for (see :mod:`consumer.authorization`).
         """
         now = self.clock()
         try:
@@ -161,7 +163,7 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
         ctx = Context(job_id, job)
         try:
-            refusal = await self.authorizer.refusal(job, user)
+            refusal = await self.authorizer.refusal(job, user, vouched)
             if refusal is not None:  # nothing is recorded for a job nobody may send
                 return Dead(ctx, "unauthorized", refusal)
             if due is not None and due > now + DUE_TOLERANCE:

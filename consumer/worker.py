@@ -21,7 +21,14 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from consumer import control, ladder, topology
 from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
 from consumer.attachments import AttachmentLoader
-from consumer.authorization import Authorizer, broker_login, broker_user, carry_user
+from consumer.authorization import (
+    Authorizer,
+    broker_login,
+    broker_user,
+    carry_user,
+    dead_letter_parts,
+    vouched_domain,
+)
 from consumer.content import Composer
 from consumer.domain_store import DomainStore
 from consumer.errors import InvalidJobError, StoreUnavailableError
@@ -239,24 +246,34 @@ class Worker:
         started = time.perf_counter()
         body, received = message.body, message.headers or {}
         user = broker_user(message.user_id, received, body, self.vault)
+        vouched = vouched_domain(received, body, self.vault)
         # Copies carry the user, signed, as they cannot re-assert user_id.
         headers: Mapping[str, Any] = carry_user(received, user, body, self.vault)
         events: list[Event] = []
-        outcome = await self._process(message, headers, user)
+        outcome = await self._process(message, headers, user, vouched)
         holds = 0
         while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
             holds += 1
+            # A held attempt (a quick retry through another outbox, say) is an outcome of
+            # its own: logged and counted like one that went through the ladder.
+            self._record(outcome, headers, message, started)
             events.extend(_events_of(outcome))
             headers = carried_headers(headers, outcome.due_at)
-            outcome = await self._process(message, headers, user)
+            outcome = await self._process(message, headers, user, vouched)
         events.extend(_events_of(outcome))
         await self._settle(message, outcome, key, headers, events, started)
 
     async def _process(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], user: str | None
+        self,
+        message: AbstractIncomingMessage,
+        headers: Mapping[str, Any],
+        user: str | None,
+        vouched: str | None,
     ) -> Outcome:
         try:
-            return await self.pipeline.process(message.body, message.message_id, headers, user)
+            return await self.pipeline.process(
+                message.body, message.message_id, headers, user, vouched
+            )
         except Exception as exc:
             log.exception("job.crashed")
             return Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
@@ -328,9 +345,16 @@ class Worker:
                 ctx = outcome.ctx
                 if self.digests is not None and not is_digest(ctx.job_id):
                     publishes.append(self._note_alert(outcome))
+                body, letter_headers = self._dead_letter_parts(message, headers, outcome)
                 publishes.append(
                     out.dead_letter(
-                        message, outcome.reason, outcome.error, ctx.attempts, outcome.code
+                        message,
+                        body,
+                        letter_headers,
+                        outcome.reason,
+                        outcome.error,
+                        ctx.attempts,
+                        outcome.code,
                     )
                 )
             elif isinstance(outcome, Later):
@@ -345,9 +369,27 @@ class Worker:
             # Unacked, the delivery comes back; the job's record keeps it from going out twice.
             log.warning("job.settle_failed", error=f"{type(exc).__name__}: {exc}")
             return
+        self._record(outcome, headers, message, started)
+
+    def _dead_letter_parts(
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], dead: Dead
+    ) -> tuple[bytes, dict[str, Any]]:
+        """The body and headers of ``dead``'s letter, without the job's domain key."""
+        user = broker_user(message.user_id, headers, message.body, self.vault)
+        job = dead.ctx.job
+        authorized = job.domain if job is not None and dead.reason != "unauthorized" else None
+        return dead_letter_parts(message.body, headers, user, authorized, self.vault)
+
+    def _record(
+        self,
+        outcome: Outcome,
+        headers: Mapping[str, Any],
+        message: AbstractIncomingMessage,
+        started: float,
+    ) -> None:
+        """A job outcome's log line and metrics."""
         _log_outcome(outcome, time.perf_counter() - started)
-        if not isinstance(outcome, control.Result):
-            self.metrics.observe(outcome, headers, message.timestamp, utcnow())
+        self.metrics.observe(outcome, headers, message.timestamp, utcnow())
 
     async def _note_alert(self, dead: Dead) -> None:
         """Note a dead letter for the admin digest; best effort, as the letter itself is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
@@ -11,7 +12,16 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.authorization import USER_HEADER, USER_SIGNATURE_HEADER, broker_user, carry_user
+from consumer.authorization import (
+    DOMAIN_HEADER,
+    DOMAIN_SIGNATURE_HEADER,
+    USER_HEADER,
+    USER_SIGNATURE_HEADER,
+    broker_user,
+    carry_user,
+    dead_letter_parts,
+    vouched_domain,
+)
 from consumer.domain_store import hash_key, key_matches
 from consumer.settings import Settings
 from consumer.store import JobStore
@@ -19,7 +29,7 @@ from consumer.topology import Names
 from consumer.vault import Vault, new_key
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import depth, encode, job, take
+from tests.broker import depth, encode, job, take, until
 from tests.conftest import RunningWorker
 
 DOMAIN_KEY = "dk-correct-horse-0042"
@@ -49,6 +59,30 @@ def test_a_carried_user_must_be_signed_over_the_same_body() -> None:
     forged = {USER_HEADER: "app1", USER_SIGNATURE_HEADER: "0" * 64}
     assert broker_user(None, forged, body, vault) is None
     assert USER_HEADER not in carry_user(headers, None, body, vault)
+
+
+def test_a_dead_letter_keeps_no_domain_key_but_a_signed_authorization() -> None:
+    vault, other = Vault([new_key()]), Vault([new_key()])
+    body = encode(job(domain_key=DOMAIN_KEY, subject="s"))
+    headers = carry_user({"x-keep": 1}, "app1", body, vault)
+    letter, marked = dead_letter_parts(body, headers, "app1", "Example.com", vault)
+    assert DOMAIN_KEY.encode() not in letter
+    assert json.loads(letter) == {k: v for k, v in json.loads(body).items() if k != "domain_key"}
+    assert marked["x-keep"] == 1
+    assert broker_user(None, marked, letter, vault) == "app1"  # signed over the new body
+    assert vouched_domain(marked, letter, vault) == "example.com"
+    assert vouched_domain(marked, letter + b" ", vault) is None
+    assert vouched_domain(marked, letter, other) is None
+    forged = {DOMAIN_HEADER: "example.com", DOMAIN_SIGNATURE_HEADER: "0" * 64}
+    assert vouched_domain(forged, letter, vault) is None
+    # Refused jobs and workers without a secret key sign nothing; the key goes all the same.
+    refused, unmarked = dead_letter_parts(body, {}, None, None, vault)
+    assert DOMAIN_HEADER not in unmarked
+    assert DOMAIN_KEY.encode() not in refused
+    keyless, unsigned = dead_letter_parts(body, {}, "app1", "example.com", None)
+    assert DOMAIN_KEY.encode() not in keyless
+    assert unsigned == {}
+    assert dead_letter_parts(b"not json", {"a": 1}, None, None, vault) == (b"not json", {"a": 1})
 
 
 @pytest.fixture
@@ -161,3 +195,31 @@ async def test_domain_commands(signed: Settings) -> None:
     gone = await mailbus(signed, "domain", "show", "a.example")
     assert gone.returncode == 1
     assert "not registered" in gone.stderr
+
+
+async def test_a_replayed_dead_letter_is_still_authorized(
+    signed: Settings, channel: AbstractChannel, smtp: CaptureServer, as_guest: RunningWorker
+) -> None:
+    """The dead letter lost its domain key but carries the signed authorization: once the
+    cause is fixed, its replay sends.
+    """
+    names = Names(signed.prefix)
+    added = await mailbus(signed, "domain", "add", "example.com", "--key-stdin", input=DOMAIN_KEY)
+    assert added.returncode == 0, added.stderr
+    smtp.faults.refuse_data("554 5.7.1 rejected for now")
+    await publish(channel, names, job(id="keyed", subject="replay me", domain_key=DOMAIN_KEY))
+
+    async def one_dead() -> bool:
+        return await depth(channel, names.dead) == 1
+
+    await until(one_dead, seconds=20)
+    dead = await mailbus(signed, "dead", "show", "keyed")
+    assert dead.returncode == 0, dead.stderr
+    letter = json.loads(dead.stdout)
+    assert "domain_key" not in letter["body"]
+    assert letter["headers"][DOMAIN_HEADER] == "example.com"
+    replayed = await mailbus(signed, "dead", "replay", "keyed")
+    assert "keyed: replayed (permanent)" in replayed.stdout
+    async with asyncio.timeout(20):
+        [mail] = await smtp.wait_for(1)
+    assert mail.message()["Subject"] == "replay me"
