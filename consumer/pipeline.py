@@ -26,6 +26,7 @@ from consumer.errors import (
     InvalidJobError,
     StoreUnavailableError,
 )
+from consumer.leases import Release, released
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import Mail, build_message, serialize
@@ -104,6 +105,8 @@ class Later:
     due_at: datetime
     why: str
     failure: Failure | None = None
+    # ``store`` only: the lease this delivery let go of, for its copy to take over.
+    release: Release | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class Pipeline:
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
+        self._sending: set[str] = set()
 
     async def process(
         self,
@@ -170,12 +174,9 @@ class Pipeline:
                 if DUE_HEADER in headers:  # a copy back early: its record was written before
                     return Later(ctx, due, "waiting")
                 return await self._schedule(ctx, job_id, job, body, due)
-            # A copy back from the ladder (due, or a retry) has a record already.
-            recorded = DUE_HEADER in headers
-            return await self._claim_and_send(ctx, job_id, job, body, now, recorded)
+            return await self._claim_and_send(ctx, job_id, job, body, now, headers)
         except StoreUnavailableError as exc:
-            log.warning("job.store_unavailable", error=str(exc))
-            return Later(ctx, self.clock() + STORE_RETRY, "store")
+            return _store_failed(ctx, exc, self.clock())
 
     async def _schedule(
         self, ctx: Context, job_id: str, job: Job, body: bytes, due: datetime
@@ -192,14 +193,47 @@ class Pipeline:
         return _not_claimed(ctx, claim)
 
     async def _claim_and_send(
-        self, ctx: Context, job_id: str, job: Job, body: bytes, now: datetime, recorded: bool
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        now: datetime,
+        headers: Mapping[str, Any],
     ) -> Outcome:
         if job.expires_at is not None and job.expires_at <= now:
             error = f"expired at {job.expires_at.isoformat()}"
             if not await self.store.record_dead(job_id, "expired", error):
                 return Skip(ctx, "already handled")
             return Dead(ctx, "expired", error)
-        claim = await self.store.claim(job_id, job, self.worker_id, recorded)
+        # Only the delivery that is this worker's one sending the job may let go of its
+        # lease when MongoDB fails; a duplicate delivery meanwhile never does.
+        own = job_id not in self._sending
+        if own:
+            self._sending.add(job_id)
+        try:
+            return await self._send_claimed(ctx, job_id, job, body, now, headers)
+        except StoreUnavailableError as exc:
+            if not own:
+                raise
+            # On the store's clock, which stamps the record's updated_at.
+            return _store_failed(ctx, exc, self.clock(), Release(self.worker_id, utcnow()))
+        finally:
+            if own:
+                self._sending.discard(job_id)
+
+    async def _send_claimed(
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        now: datetime,
+        headers: Mapping[str, Any],
+    ) -> Outcome:
+        # A copy back from the ladder (due, or a retry) has a record already.
+        recorded = DUE_HEADER in headers
+        claim = await self.store.claim(job_id, job, self.worker_id, recorded, released(headers))
         if claim.state is not ClaimState.CLAIMED:
             return _not_claimed(ctx, claim)
         ctx = Context(job_id, job, claim.attempts)
@@ -390,6 +424,14 @@ class Pipeline:
 def _as_documents(refused: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
     """Refusals as stored on the job: ``{address: {code, message}}``."""
     return {rcpt: {"code": code, "message": text} for rcpt, (code, text) in refused.items()}
+
+
+def _store_failed(
+    ctx: Context, exc: StoreUnavailableError, now: datetime, release: Release | None = None
+) -> Later:
+    """MongoDB did not answer: the job comes round again shortly."""
+    log.warning("job.store_unavailable", error=str(exc))
+    return Later(ctx, now + STORE_RETRY, "store", release=release)
 
 
 def _not_claimed(ctx: Context, claim: Claim) -> Outcome:

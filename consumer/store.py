@@ -28,6 +28,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 
 from consumer.batches import Batcher
 from consumer.errors import StoreUnavailableError
+from consumer.leases import Release
 from consumer.message import Job
 from consumer.ratelimit import Reservation
 from consumer.settings import Settings
@@ -188,15 +189,23 @@ class JobStore:
         async with answering():
             await self.client.admin.command("ping")
 
-    async def claim(self, job_id: str, job: Job, worker_id: str, recorded: bool = False) -> Claim:
+    async def claim(
+        self,
+        job_id: str,
+        job: Job,
+        worker_id: str,
+        recorded: bool = False,
+        release: Release | None = None,
+    ) -> Claim:
         """Take the job for sending if its record allows it, creating the record on first sight.
 
         A new job (the common case) is claimed by inserting its record, in a batch with
         other new jobs; a job that has a record already is claimed by a conditional update,
-        at once when the caller knows it is ``recorded`` (no insert is tried first).
+        at once when the caller knows it is ``recorded`` (no insert is tried first). A lease
+        let go of by ``release`` (see :mod:`consumer.leases`) is taken over at once.
         """
         if recorded:
-            return await self._claim_existing(job_id, job, worker_id)
+            return await self._claim_existing(job_id, job, worker_id, release)
         now = utcnow()
         lease_until = now + self._lease
         record = {
@@ -212,7 +221,7 @@ class JobStore:
         }
         if await self._new_claims.submit(record):
             return Claim(ClaimState.CLAIMED, "sending", 1)
-        return await self._claim_existing(job_id, job, worker_id)
+        return await self._claim_existing(job_id, job, worker_id, release)
 
     async def _insert_new(self, records: Sequence[Document]) -> list[bool]:
         """Insert ``records``; for each, False when its job has a record already."""
@@ -227,9 +236,19 @@ class JobStore:
                 return [index not in existing for index in range(len(records))]
         return [True] * len(records)
 
-    async def _claim_existing(self, job_id: str, job: Job, worker_id: str) -> Claim:
+    async def _claim_existing(
+        self, job_id: str, job: Job, worker_id: str, release: Release | None
+    ) -> Claim:
         now = utcnow()
-        query = {"_id": job_id, "ready_at": {"$lte": now + DUE_TOLERANCE}}
+        query: Document = {"_id": job_id, "ready_at": {"$lte": now + DUE_TOLERANCE}}
+        if release is not None:
+            # Still the releasing worker's lease, untouched by it since it let go.
+            let_go = {
+                "status": "sending",
+                "worker": release.worker,
+                "updated_at": {"$lte": release.at},
+            }
+            query = {"_id": job_id, "$or": [{"ready_at": query["ready_at"]}, let_go]}
         lease_until = now + self._lease
         update = {
             "$set": {
@@ -270,7 +289,7 @@ class JobStore:
                 )
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
-            return await self._claim_existing(job_id, job, worker_id)
+            return await self._claim_existing(job_id, job, worker_id, release)
         return _found(found)
 
     async def schedule(self, job_id: str, job: Job, body: bytes, due_at: datetime) -> Claim:

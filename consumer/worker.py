@@ -358,7 +358,10 @@ class Worker:
                     )
                 )
             elif isinstance(outcome, Later):
-                copy = copy_of(message, carried_headers(headers, outcome.due_at))
+                carried = carried_headers(headers, outcome.due_at)
+                if outcome.release is not None:
+                    carried |= outcome.release.headers()
+                copy = copy_of(message, carried)
                 publishes.append(out.delay(copy, outcome.due_at, key, utcnow()))
             reply = reply_for(outcome)
             if reply is not None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+from consumer.leases import RELEASED_AT_HEADER, RELEASED_BY_HEADER, Release, released
 from consumer.message import Job
 from consumer.settings import Settings
 from consumer.store import ClaimState, JobStore, utcnow
@@ -25,6 +26,34 @@ async def test_sent_job_is_never_claimed_again(store: JobStore) -> None:
     assert await store.mark_sent("j2", "w1", {"code": 250, "message": "ok"}, {})
     again = await store.claim("j2", body, "w2")
     assert (again.state, again.status) == (ClaimState.DONE, "sent")
+
+
+async def test_a_released_lease_is_taken_over_at_once(store: JobStore) -> None:
+    """A delivery whose MongoDB failed mid-job lets go of the lease it may hold: its copy
+    takes the lease over at once, whoever receives it; a release from another worker, or
+    older than the holder's last move, does not.
+    """
+    body = Job.model_validate(job())
+    assert (await store.claim("j5", body, "w1")).state is ClaimState.CLAIMED
+    let_go = Release("w1", utcnow())
+    assert (await store.claim("j5", body, "w2")).state is ClaimState.LEASED
+    stale = Release("w1", let_go.at - timedelta(seconds=5))
+    assert (await store.claim("j5", body, "w2", release=stale)).state is ClaimState.LEASED
+    other = Release("w3", let_go.at)
+    assert (await store.claim("j5", body, "w2", release=other)).state is ClaimState.LEASED
+    taken = await store.claim("j5", body, "w2", release=let_go)
+    assert (taken.state, taken.attempts) == (ClaimState.CLAIMED, 2)
+    # The same release again finds w2's newer claim: it is not taken twice.
+    assert (await store.claim("j5", body, "w1", release=let_go)).state is ClaimState.LEASED
+    assert not await store.mark_sent("j5", "w1", {"code": 250}, {})
+    assert await store.mark_sent("j5", "w2", {"code": 250}, {})
+
+
+def test_a_release_travels_in_headers() -> None:
+    at = datetime(2026, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
+    assert released(Release("w1", at).headers()) == Release("w1", at)
+    assert released({}) is None
+    assert released({RELEASED_BY_HEADER: "w1", RELEASED_AT_HEADER: "soon"}) is None
 
 
 async def test_expired_lease_can_be_claimed_and_old_holder_cannot_record(
