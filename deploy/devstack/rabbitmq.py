@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from deploy.devstack.ports import free_port, wait_for_port
+from deploy.devstack.ports import free_ports, wait_for_port
 
 START_TIMEOUT = 60.0
 
@@ -40,10 +40,7 @@ class PrivateRabbit:
         self.base = base
         self.user = user
         self.password = password
-        self.port = free_port()
-        self.management_port = free_port()
-        self.dist_port = free_port()
-        self.epmd_port = free_port()
+        self.port, self.management_port, self.dist_port, self.epmd_port = free_ports(4)
         self.nodename = f"mailbus{self.port}@localhost"
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
@@ -112,6 +109,14 @@ class PrivateRabbit:
                 stderr=out,
                 start_new_session=True,
             )
+        try:
+            self._wait_until_up(env)
+        except BaseException:
+            self.close()  # nothing of a node that never came up is left running
+            raise
+
+    def _wait_until_up(self, env: dict[str, str]) -> None:
+        assert self._server is not None
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self._server.poll() is not None:
@@ -128,7 +133,6 @@ class PrivateRabbit:
             if check.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                self.stop()
                 raise TimeoutError(f"RabbitMQ did not start within {START_TIMEOUT} s")
             time.sleep(0.5)
         wait_for_port(self.management_port, START_TIMEOUT)
