@@ -1,7 +1,8 @@
 """An SMTP server that keeps what it receives (aiosmtpd), with fault injection.
 
 Faults are scripted per recipient (RCPT replies) and per message (DATA replies, slow
-replies, dropped connections), so tests can make a server that is unhappy on cue.
+replies, dropped connections, silence after DATA), so tests can make a server that is
+unhappy on cue.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Faults:
     data: deque[str] = field(default_factory=deque)
     drop_on_data: int = 0
     data_delay: float = 0.0
+    # Messages after whose DATA the server says nothing for hang_seconds, then hangs up
+    # without keeping them (a client's timeout must fire first).
+    hang_on_data: int = 0
+    hang_seconds: float = 0.0
 
     def refuse_rcpt(self, address: str, *replies: str) -> None:
         """Answer RCPT TO for ``address`` with these replies, one per attempt."""
@@ -97,12 +102,20 @@ class _Handler:
         faults = self.server.faults
         if faults.data_delay:
             await asyncio.sleep(faults.data_delay)
+        hang = drop = False
+        reply = None
         with self.server.lock:
-            drop = faults.drop_on_data > 0
-            if drop:
+            if faults.hang_on_data > 0:
+                faults.hang_on_data -= 1
+                hang = True
+            elif faults.drop_on_data > 0:
                 faults.drop_on_data -= 1
-            reply = faults.data.popleft() if faults.data else None
-        if drop:
+                drop = True
+            elif faults.data:
+                reply = faults.data.popleft()
+        if hang:
+            await asyncio.sleep(faults.hang_seconds)
+        if hang or drop:
             assert smtp.transport is not None
             smtp.transport.close()
             return "421 closing"
