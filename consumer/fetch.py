@@ -5,7 +5,8 @@ The host is resolved here and every address it has is checked before connecting;
 request then goes to the checked address (``Host`` and TLS SNI keep the name), so a DNS
 answer that changes between check and connect cannot reach a private address. Each
 redirect is checked the same way. The body streams into an anonymous temporary file, so
-nothing is left on disk whatever happens.
+nothing is left on disk whatever happens; a compressed body is inflated a piece at a
+time, so the size cap holds for what it inflates to.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import ipaddress
 import socket
 import tempfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +28,14 @@ from consumer.settings import Settings
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SCHEMES = ("http", "https")
 _CHUNK = 64 * 1024
+# The encodings a download may come in, as zlib's wbits (None: as is). Requested as
+# "gzip, deflate" so that a server does not pick one mailbus cannot bound.
+_WBITS: dict[str, int | None] = {
+    "identity": None,
+    "gzip": zlib.MAX_WBITS | 16,
+    "x-gzip": zlib.MAX_WBITS | 16,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class FetchLimits:
     max_bytes: int
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
+    fetch_timeout: float = 120.0
     max_redirects: int = 5
     allow_private: bool = False
     tmp_dir: Path | None = None
@@ -45,6 +57,7 @@ def fetch_limits(settings: Settings) -> FetchLimits:
         max_bytes=settings.max_attachment_bytes,
         connect_timeout=settings.attachment_connect_timeout,
         read_timeout=settings.attachment_read_timeout,
+        fetch_timeout=settings.attachment_fetch_timeout,
         max_redirects=settings.attachment_max_redirects,
         allow_private=settings.attachment_allow_private,
         tmp_dir=settings.attachment_tmp_dir,
@@ -81,6 +94,49 @@ def filename_of(url: httpx.URL) -> str | None:
     return PurePosixPath(url.path).name or None
 
 
+class Inflater:
+    """Undoes a response's ``Content-Encoding`` a piece at a time, never more than 64 KiB
+    at once: a small body that inflates to gigabytes (a bomb) meets the size cap without
+    ever being held whole.
+    """
+
+    def __init__(self, wbits: int | None) -> None:
+        """``wbits`` as :func:`zlib.decompressobj` takes it; None: no encoding."""
+        self._wbits = wbits
+        self._zlib = zlib.decompressobj(wbits) if wbits is not None else None
+        self._started = False
+
+    @classmethod
+    def for_encoding(cls, url: httpx.URL, encoding: str | None) -> Inflater:
+        """The inflater for ``encoding``; AttachmentError for one it does not know."""
+        name = (encoding or "identity").strip().lower()
+        if name not in _WBITS:
+            raise AttachmentError(f"{url}: content-encoding {name!r} is not supported")
+        return cls(_WBITS[name])
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The decoded bytes ``data`` holds, in pieces of at most 64 KiB."""
+        if self._zlib is None:
+            if data:
+                yield data
+            return
+        if not self._started and self._wbits == zlib.MAX_WBITS and data:
+            self._started = True
+            # "deflate" is meant to be zlib-wrapped; some servers send it raw.
+            if data[0] & 0x0F != 8:
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            while True:
+                out = self._zlib.decompress(data, _CHUNK)
+                data = self._zlib.unconsumed_tail
+                if out:
+                    yield out
+                if not data and len(out) < _CHUNK:
+                    return
+        except zlib.error as exc:
+            raise AttachmentError(f"the attachment's encoded body is corrupt: {exc}") from None
+
+
 class Fetcher:
     """Fetches attachment URLs within :class:`FetchLimits`; one per worker."""
 
@@ -88,7 +144,12 @@ class Fetcher:
         self.limits = limits
         timeout = httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout)
         # trust_env off: a proxy from the environment would bypass the address check.
-        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        self._client = httpx.AsyncClient(
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            headers={"Accept-Encoding": "gzip, deflate"},
+        )
 
     async def close(self) -> None:
         """Close pooled connections."""
@@ -99,12 +160,22 @@ class Fetcher:
 
         Raises :class:`AttachmentError` for what can never work (scheme, address, size,
         redirect loops) and :class:`AttachmentUnavailableError` for what may work later
-        (HTTP errors, timeouts, refused connections, DNS failures).
+        (HTTP errors, timeouts, refused connections, DNS failures). The whole fetch may
+        take ``fetch_timeout`` seconds at most.
         """
         try:
             url = httpx.URL(raw_url)
         except httpx.InvalidURL as exc:
             raise AttachmentError(f"invalid attachment URL: {exc}") from None
+        try:
+            async with asyncio.timeout(self.limits.fetch_timeout):
+                return await self._fetch(url, raw_url)
+        except TimeoutError:
+            raise AttachmentUnavailableError(
+                f"{raw_url}: not fetched within {self.limits.fetch_timeout:g} s"
+            ) from None
+
+    async def _fetch(self, url: httpx.URL, raw_url: str) -> Fetched:
         for _ in range(self.limits.max_redirects + 1):
             request = await self._pinned_request(url)
             try:
@@ -158,20 +229,25 @@ class Fetcher:
         return addresses[0]
 
     async def _read_capped(self, url: httpx.URL, response: httpx.Response) -> bytes:
-        """The body, refused as soon as it is known to exceed ``max_bytes``."""
+        """The body, decoded, refused as soon as it is known to exceed ``max_bytes``."""
         cap = self.limits.max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise AttachmentError(f"{url}: {declared} bytes is more than the limit of {cap}")
-        with tempfile.TemporaryFile(dir=self.limits.tmp_dir) as spool:
-            size = 0
-            try:
-                async for chunk in response.aiter_bytes(_CHUNK):
-                    size += len(chunk)
-                    if size > cap:
-                        raise AttachmentError(f"{url}: more than the limit of {cap} bytes")
-                    spool.write(chunk)
-            except httpx.TransportError as exc:
-                raise AttachmentUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from None
-            spool.seek(0)
-            return spool.read()
+        inflater = Inflater.for_encoding(url, response.headers.get("content-encoding"))
+        try:
+            # Unlinked as soon as it is made: nothing is left behind, even by a crash.
+            with tempfile.TemporaryFile(dir=self.limits.tmp_dir) as spool:
+                size = 0
+                async for raw in response.aiter_raw(_CHUNK):
+                    for chunk in inflater.feed(raw):
+                        size += len(chunk)
+                        if size > cap:
+                            raise AttachmentError(f"{url}: more than the limit of {cap} bytes")
+                        spool.write(chunk)
+                spool.seek(0)
+                return spool.read()
+        except httpx.TransportError as exc:
+            raise AttachmentUnavailableError(f"{url}: {type(exc).__name__}: {exc}") from None
+        except OSError as exc:  # a full disk or a missing directory: may well pass later
+            raise AttachmentUnavailableError(f"{url}: cannot spool the download: {exc}") from None

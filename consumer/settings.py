@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     attachment_allow_private: bool = False
     attachment_connect_timeout: float = Field(10.0, gt=0)
     attachment_read_timeout: float = Field(30.0, gt=0)
+    # A whole URL fetch, redirects included: a server dripping a byte at a time would
+    # otherwise never reach the read timeout.
+    attachment_fetch_timeout: float = Field(120.0, gt=0)
     attachment_max_redirects: int = Field(5, ge=0, le=20)
     max_attachment_bytes: int = Field(10 * MiB, ge=1)
     max_message_bytes: int = Field(25 * MiB, ge=1024)

@@ -19,6 +19,8 @@ class Route:
     location: str | None = None
     declare_length: bool = True  # without it the body ends when the connection closes
     delay: float = 0.0
+    encoding: str | None = None  # a Content-Encoding header, the body already encoded
+    drip: float = 0.0  # seconds between bytes of the body (a server that never finishes)
 
 
 class _Server(ThreadingHTTPServer):
@@ -41,12 +43,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", route.content_type)
         if route.location:
             self.send_header("Location", route.location)
+        if route.encoding:
+            self.send_header("Content-Encoding", route.encoding)
         if route.declare_length:
             self.send_header("Content-Length", str(len(route.body)))
         self.end_headers()
         # The client may give up on purpose (size cap, timeout).
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(route.body)
+            if not route.drip:
+                self.wfile.write(route.body)
+            for byte in route.body if route.drip else b"":
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(route.drip)
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: tests read ``hits`` instead."""

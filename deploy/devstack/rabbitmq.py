@@ -28,6 +28,11 @@ def _sbin() -> Path:
     return Path(found[-1])
 
 
+# The largest message the private broker takes (RabbitMQ's own default is 128 MiB): above
+# mailbus's 25 MiB message limit, so that both limits can be tested.
+MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+
 class PrivateRabbit:
     """One RabbitMQ node; :meth:`start`/:meth:`stop` may be called repeatedly (restarts)."""
 
@@ -54,6 +59,7 @@ class PrivateRabbit:
             "loopback_users = none\n"
             # Management figures every second rather than five: tests compare them.
             "collect_statistics_interval = 1000\n"
+            f"max_message_size = {MAX_MESSAGE_BYTES}\n"
             "log.console = false\n"
             "log.file.level = warning\n"
         )
