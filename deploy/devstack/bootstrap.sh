@@ -22,6 +22,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v amqp-publish >/dev/null || need_apt+=(amqp-tools)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v nc >/dev/null || need_apt+=(netcat-openbsd)
+# libfaketime: the reliability suite runs workers whose clocks are skewed.
+dpkg -s libfaketime >/dev/null 2>&1 || need_apt+=(faketime)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 if [ "${1:-}" = bench ] && [ ! -x /usr/sbin/smtp-sink ]; then

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -27,12 +28,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def spawn_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``mailbus worker`` with ``settings``; its output goes to ``log``."""
+def spawn_worker(
+    settings: Settings, log: Path, extra_env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``mailbus worker`` with ``settings`` (and ``extra_env``, for a test that
+    fakes its clock, say); its output goes to ``log``.
+    """
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "consumer", "--env-file", os.devnull, "worker"],
-            env=settings_env(settings),
+            env={**settings_env(settings), **(extra_env or {})},
             stdout=out,
             stderr=out,
         )

@@ -1,0 +1,103 @@
+"""Workers whose clocks disagree by seconds share one provider limit exactly: the buckets
+run on the MongoDB server's clock, and a worker only ever waits relative times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+from aio_pika.abc import AbstractChannel
+
+from consumer.publish import job_message
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.topology import Names
+from deploy.bench.rate_limit import consumers, most_in_a_window
+from deploy.devstack.processes import mailbus, spawn_worker
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import job, until
+from tests.reliability.accounts import Account, dead_ids, settle
+from tests.test_rate_limits import add_capped_outbox
+
+# Debian's libfaketime, under the machine's multiarch directory.
+LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), None)
+SKEWS = ("+4s", "-4s")
+SKEW_SPAN = 8.0  # seconds between the two workers' clocks
+PER_SECOND, BURST, JOBS = 5, 2, 40
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """Environment that shifts a process's wall clock by ``offset`` (libfaketime); its
+    monotonic clock, which asyncio runs on, stays true.
+    """
+    assert LIBFAKETIME is not None, "libfaketime is missing: apt-get install faketime"
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_NO_CACHE": "1",
+    }
+
+
+async def test_skewed_workers_share_one_limit(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    tmp_path: Path,
+    ledger: list[Account],
+) -> None:
+    """Two workers, one 4 s ahead and one 4 s behind, drain 40 jobs through 5/s burst 2:
+    never more than 5 + 2 in any second by the SMTP server's clock. The pace suffers a
+    little: a job one worker put in the ladder is due by that worker's clock, so the
+    other may hold it up to the skew longer.
+    """
+    names = Names(settings.prefix)
+    made = await mailbus(
+        settings, "provider", "set", "skewed", "--limit", f"{PER_SECOND}/s",
+        "--burst", str(BURST),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    await add_capped_outbox(settings, smtp.url, "skewed")
+    workers: list[subprocess.Popen[bytes]] = [
+        spawn_worker(settings, tmp_path / f"worker{n}.log", skewed(offset))
+        for n, offset in enumerate(SKEWS)
+    ]
+
+    async def both_consume() -> bool:
+        return await consumers(channel, names.send_queue) == len(SKEWS)
+
+    ids = [f"skew-{i:02d}" for i in range(JOBS)]
+    try:
+        await until(both_consume, seconds=60)
+        exchange = await channel.get_exchange(names.exchange)
+        started = asyncio.get_running_loop().time()
+        for job_id in ids:
+            body = job(subject=job_id)
+            await exchange.publish(job_message(body, job_id=job_id), routing_key="send")
+        async with asyncio.timeout(90):
+            await smtp.wait_for(JOBS)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            await asyncio.to_thread(process.wait, 30)
+    received = smtp.received()
+    account = await settle(
+        "clock skew of ±4 s", ids, received, await dead_ids(channel, names), store
+    )
+    most = most_in_a_window([round(m.received_at * 1e6) for m in received], 1_000_000)
+    account.notes = {"max_received_in_any_1s": most, "granted_per_1s": PER_SECOND + BURST - 1}
+    ledger.append(account)
+    assert (account.sent, account.dead, account.duplicated) == (JOBS, 0, 0)
+    # The buckets grant 5 + 2 - 1 a second; the spare one absorbs the time to hand over.
+    assert most <= PER_SECOND + BURST, most
+    fastest = (JOBS - BURST) / PER_SECOND
+    account.notes["seconds"] = round(elapsed, 1)
+    account.notes["fastest_seconds"] = fastest
+    assert fastest - 0.1 < elapsed < fastest * 1.25 + SKEW_SPAN + 2, elapsed
+    logs = [(tmp_path / f"worker{n}.log").read_text() for n in range(len(SKEWS))]
+    assert all('"job.sent"' in log for log in logs), "a skewed worker sent nothing"
