@@ -52,3 +52,11 @@ def usage(pid: int) -> Usage:
     ticks = int(fields[11]) + int(fields[12])  # utime, stime
     pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
     return Usage(ticks / os.sysconf("SC_CLK_TCK"), pages * os.sysconf("SC_PAGE_SIZE"))
+
+
+def peak_rss(pid: int) -> int:
+    """The most resident memory ``pid`` has held, in bytes (the kernel's high-water mark)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no VmHWM for process {pid}")

@@ -21,7 +21,7 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
 
-NOW, LATER = 1000, 60
+NOW, LATER = 600, 40
 
 
 async def publish(
@@ -66,7 +66,7 @@ async def test_broker_killed_and_restarted_mid_run(
     ]
     faults = []
     try:
-        for threshold, kill in ((150, True), (600, False)):
+        for threshold, kill in ((100, True), (350, False)):
             async with asyncio.timeout(60):
                 await sent_at_least(smtp, threshold)
             faults.append(("SIGKILL" if kill else "stop", len(smtp.received())))

@@ -25,7 +25,7 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
 
-JOBS = 1000
+JOBS = 600
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ async def test_store_stopped_and_failing_mid_run(
     notes: dict[str, object] = {}
     try:
         async with asyncio.timeout(60):
-            while len(smtp.received()) < 200:  # noqa: ASYNC110
+            while len(smtp.received()) < 120:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         await asyncio.to_thread(durable_mongo.stop)
         stopped_at = len(smtp.received())
@@ -81,7 +81,7 @@ async def test_store_stopped_and_failing_mid_run(
         await asyncio.to_thread(durable_mongo.start)
 
         async with asyncio.timeout(60):
-            while len(smtp.received()) < 600:  # noqa: ASYNC110
+            while len(smtp.received()) < 350:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         # Writes and reads fail on purpose: errors, then dropped connections.
         await asyncio.to_thread(
