@@ -1,6 +1,6 @@
 """A flood: tens of thousands of jobs published at once. Each worker holds only its
 prefetch, so its memory stays flat whatever the backlog; the broker keeps the rest;
-nothing is lost. ``RELIABILITY_FLOOD_JOBS`` sets the size (5,000 by default, to keep
+nothing is lost. ``RELIABILITY_FLOOD_JOBS`` sets the size (3,000 by default, to keep
 the suite short; the README reports a 50,000 run).
 """
 
@@ -31,7 +31,7 @@ RSS_LIMIT_MB = 150
 
 
 def flood_size() -> int:
-    return int(os.environ.get("RELIABILITY_FLOOD_JOBS", "5000"))
+    return int(os.environ.get("RELIABILITY_FLOOD_JOBS", "3000"))
 
 
 async def publish_flood(settings: Settings, ids: list[str]) -> None:
