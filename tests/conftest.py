@@ -25,6 +25,7 @@ from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
+from deploy.devstack.tls import self_signed, server_context
 from tests.http_files import FileServer
 
 
@@ -50,6 +51,20 @@ def mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateMongo]:
 def smtp_server() -> Iterator[CaptureServer]:
     """The session's SMTP capture server."""
     server = CaptureServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+# The one login the STARTTLS server below accepts; distinctive, so a leak would show.
+SMTP_USER, SMTP_PASSWORD = "mailer", "pw-Kx7uQ2-correct-horse"
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[CaptureServer]:
+    """An SMTP server that requires STARTTLS (self-signed certificate) and AUTH."""
+    cert, key = self_signed(tmp_path)
+    server = CaptureServer(tls=server_context(cert, key), logins={SMTP_USER: SMTP_PASSWORD})
     server.start()
     yield server
     server.stop()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractChannel
@@ -16,21 +14,10 @@ from consumer.topology import Names
 from consumer.vault import new_key
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
-from deploy.devstack.tls import self_signed, server_context
 from tests.broker import job
-from tests.conftest import RunningWorker
+from tests.conftest import SMTP_PASSWORD, SMTP_USER, RunningWorker
 
-USER, PASSWORD = "mailer", "correct horse battery"
-
-
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[CaptureServer]:
-    """A server that requires STARTTLS (self-signed certificate) and AUTH."""
-    cert, key = self_signed(tmp_path)
-    server = CaptureServer(tls=server_context(cert, key), logins={USER: PASSWORD})
-    server.start()
-    yield server
-    server.stop()
+USER, PASSWORD = SMTP_USER, SMTP_PASSWORD
 
 
 @pytest.fixture

@@ -70,3 +70,11 @@ async def mailbus(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``mailbus ARGS`` with ``settings`` in its environment (and ``input`` on stdin)."""
     return await run_with(settings, sys.executable, "-m", "consumer", *args, input=input)
+
+
+async def stop_workers(*workers: subprocess.Popen[bytes]) -> None:
+    """SIGTERM every worker at once (each drains), then wait for all of them."""
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        await asyncio.to_thread(process.wait, 30)

@@ -22,7 +22,7 @@ from consumer.publish import job_message
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
-from deploy.devstack.processes import spawn_worker
+from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
@@ -96,10 +96,7 @@ async def test_broker_killed_and_restarted_mid_run(
                 await asyncio.sleep(0.2)
         alive = [process.poll() is None for process in workers]
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            await asyncio.to_thread(process.wait, 30)
+        await stop_workers(*workers)
 
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         dead = await dead_ids(await connection.channel(), names)

@@ -15,7 +15,7 @@ from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.bench.rate_limit import consumers, most_in_a_window
-from deploy.devstack.processes import mailbus, spawn_worker
+from deploy.devstack.processes import mailbus, spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, until
 from tests.reliability.accounts import Account, dead_ids, settle
@@ -81,10 +81,7 @@ async def test_skewed_workers_share_one_limit(
             await smtp.wait_for(JOBS)
         elapsed = asyncio.get_running_loop().time() - started
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            await asyncio.to_thread(process.wait, 30)
+        await stop_workers(*workers)
     received = smtp.received()
     account = await settle(
         "clock skew of ±4 s", ids, received, await dead_ids(channel, names), store

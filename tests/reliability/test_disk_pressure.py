@@ -16,7 +16,7 @@ from consumer.publish import job_message
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
-from deploy.devstack.processes import spawn_worker
+from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.http_files import FileServer, Route
@@ -62,8 +62,7 @@ async def test_a_full_disk_is_a_transient_failure_and_leaks_nothing(
         async with asyncio.timeout(60):
             await smtp.wait_for(JOBS)
     finally:
-        worker.terminate()
-        await asyncio.to_thread(worker.wait, 30)
+        await stop_workers(worker)
     log = (tmp_path / "worker.log").read_text()
     account = await settle(
         "attachment spool on a full disk", ids, smtp.received(),

@@ -19,7 +19,7 @@ from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.bench.process_stats import MB, peak_rss
-from deploy.devstack.processes import spawn_worker
+from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
@@ -79,10 +79,7 @@ async def test_a_flood_is_drained_with_flat_memory(
         drained_in = loop.time() - started - published_in
         peaks = [peak_rss(process.pid) / MB for process in workers]
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            await asyncio.to_thread(process.wait, 30)
+        await stop_workers(*workers)
     account = await settle(
         f"flood of {len(ids)}", ids, smtp.received(), await dead_ids(channel, names), store
     )

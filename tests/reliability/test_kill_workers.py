@@ -15,7 +15,7 @@ from consumer.publish import job_message
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
-from deploy.devstack.processes import spawn_worker
+from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
@@ -69,10 +69,7 @@ async def test_kill_9_while_three_workers_drain_a_backlog(
             while len(subjects(smtp.received())) < JOBS:  # noqa: ASYNC110
                 await asyncio.sleep(0.2)
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            await asyncio.to_thread(process.wait, 30)
+        await stop_workers(*workers)
 
     account = await settle(
         "kill -9 of workers", ids, smtp.received(), await dead_ids(channel, names), store

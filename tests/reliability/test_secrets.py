@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
@@ -20,27 +18,16 @@ from consumer.store import JobStore
 from consumer.topology import Names
 from consumer.vault import new_key
 from deploy.devstack.ports import free_port
-from deploy.devstack.processes import mailbus, spawn_worker
+from deploy.devstack.processes import mailbus, spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
-from deploy.devstack.tls import self_signed, server_context
 from tests.broker import depth, drain_events, job, listen_events, until
+from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.reliability.accounts import Account, settle
 
-USER = "mailer"
-PASSWORD = "pw-Kx7uQ2-right-one"
+USER, PASSWORD = SMTP_USER, SMTP_PASSWORD
 WRONG_PASSWORD = "pw-Zr9vB4-wrong-one"
 DOMAIN_KEY = "dk-Hq3nT8-the-domain-key"
 STRANGER_KEY = "dk-Wd5mJ1-a-stranger-key"
-
-
-@pytest.fixture
-def secure(tmp_path: Path) -> Iterator[CaptureServer]:
-    """A server that requires STARTTLS (self-signed certificate) and AUTH."""
-    cert, key = self_signed(tmp_path)
-    server = CaptureServer(tls=server_context(cert, key), logins={USER: PASSWORD})
-    server.start()
-    yield server
-    server.stop()
 
 
 async def add_outbox(
@@ -105,8 +92,7 @@ async def test_secrets_never_show(
         url = f"http://127.0.0.1:{settings.http_port}/metrics"
         metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
     finally:
-        process.terminate()
-        await asyncio.to_thread(process.wait, 30)
+        await stop_workers(process)
 
     outputs = {"log": log.read_text(), "metrics": metrics.decode()}
     commands = {

@@ -20,7 +20,7 @@ from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.mongo import PrivateMongo
-from deploy.devstack.processes import spawn_worker
+from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
@@ -95,10 +95,7 @@ async def test_store_stopped_and_failing_mid_run(
                 await asyncio.sleep(0.2)
         alive = [process.poll() is None for process in workers]
     finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            await asyncio.to_thread(process.wait, 30)
+        await stop_workers(*workers)
 
     async with JobStore.connect(settings) as store:
         account = await settle(
