@@ -11,6 +11,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -131,6 +132,19 @@ async def store(settings: Settings) -> AsyncIterator[JobStore]:
     await jobs.ensure_indexes()
     yield jobs
     await jobs.close()
+
+
+async def settled_record(store: JobStore, job_id: str) -> dict[str, Any]:
+    """The job's record once it says how the delivery ended: the "sent" record is
+    written just after the SMTP server accepted the mail, so a test that saw the mail
+    arrive may read the record a moment too early.
+    """
+    async with asyncio.timeout(10):
+        while True:
+            record = await store.get(job_id)
+            if record is not None and record.get("status") != "sending":
+                return record
+            await asyncio.sleep(0.05)
 
 
 class RunningWorker:

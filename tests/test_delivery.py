@@ -15,7 +15,7 @@ from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, publish_raw
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, settled_record
 
 
 async def test_published_job_is_delivered_with_correct_headers_and_parts(
@@ -67,9 +67,8 @@ async def test_published_job_is_delivered_with_correct_headers_and_parts(
     assert all(line.isascii() for line in mail.data.splitlines())  # 7-bit on the wire
 
     store = JobStore.connect(settings)
-    record = await store.get(job_id)
+    record = await settled_record(store, job_id)
     await store.close()
-    assert record is not None
     assert record["status"] == "sent"
     assert record["attempts"] == 1
     assert record["smtp"]["code"] == 250

@@ -20,7 +20,7 @@ from consumer.store import JobStore
 from deploy.devstack.processes import run_with
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, settled_record
 
 
 async def run(settings: Settings, *command: str, cwd: Path | None = None) -> str:
@@ -40,10 +40,9 @@ async def arrived(smtp: CaptureServer, subject: str) -> float:
             await asyncio.sleep(0.05)
 
 
-async def status_of(store: JobStore, job_id: str) -> str | None:
-    """The status the job's record says, by the id the example printed."""
-    record = await store.get(job_id)
-    return None if record is None else str(record["status"])
+async def status_of(store: JobStore, job_id: str) -> str:
+    """The status the job's record ends with, by the id the example printed."""
+    return str((await settled_record(store, job_id))["status"])
 
 
 @pytest.fixture
