@@ -207,12 +207,17 @@ def main() -> int:
                     args, settings, rabbit, mongo, base, only & {"throughput", "attachment"}
                 ),
             )
+            # Each scenario below starts on a fresh (in-memory) test server: SecantusDB
+            # slows down as it accumulates, which would measure its history, not mailbus.
             if "lateness" in only:
+                mongo.restart()
                 report.run("lateness", _lateness(args, settings, smtp, base), key="lateness")
             if "rate_limit" in only:
+                mongo.restart()
                 report.run("rate_limit", _rate_limit(args, settings, smtp, base), key="rate_limit")
-            # Last: a big database slows the test server down for whatever comes after.
-            report.run("soak", _throughput(args, settings, rabbit, mongo, base, only & {"soak"}))
+            if "soak" in only:
+                mongo.restart()
+                report.run("soak", _throughput(args, settings, rabbit, mongo, base, {"soak"}))
         finally:
             smtp.stop()
             mongo.stop()

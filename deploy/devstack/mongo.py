@@ -88,3 +88,8 @@ class PrivateMongo:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (in memory: empty again)."""
+        self.stop()
+        self.start()
