@@ -30,7 +30,12 @@ from consumer import (
     ladder,
     topology,
 )
-from consumer.errors import ConfigurationError, ManagementError, StoreUnavailableError
+from consumer.errors import (
+    ConfigurationError,
+    ManagementError,
+    StoreUnavailableError,
+    connection_failure,
+)
 from consumer.logging import configure_logging, get_logger
 from consumer.message import Job
 from consumer.publish import job_message, jobs_exchange, publish_and_wait
@@ -262,5 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ConnectionError as exc:
         url = redact_url(settings.amqp_url.get_secret_value())
-        print(f"mailbus: cannot reach RabbitMQ at {url}: {type(exc).__name__}", file=sys.stderr)
+        print(
+            f"mailbus: cannot reach RabbitMQ at {url}: {connection_failure(exc)}", file=sys.stderr
+        )
         return 1

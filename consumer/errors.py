@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class MailbusError(Exception):
     """Base of every error mailbus raises on purpose."""
@@ -71,3 +73,28 @@ class SendmailError(MailbusError):
     def transient(self) -> bool:
         """Whether the same message may be accepted later (or was killed by a signal)."""
         return self.code in self.TRANSIENT or self.code < 0
+
+
+# OpenSSL's errors read "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ...
+# (_ssl.c:1006)"; the drivers copy that text into their own errors, beside addresses.
+_TLS_FAILURE = re.compile(r"\[SSL: [A-Z0-9_]+\] ([^(\]]+?)\s*(?:\(_ssl\.c:\d+\)|$)")
+
+
+def connection_failure(exc: BaseException) -> str:
+    """``exc`` said safely for logs and operators: its type, and, when a TLS handshake is
+    what failed, OpenSSL's reason ("AMQPConnectionError (TLS: certificate verify failed:
+    self-signed certificate in certificate chain)"). Never the driver's full text, which
+    may carry a URL.
+    """
+    reason = _tls_reason(exc)
+    return type(exc).__name__ + (f" (TLS: {reason})" if reason else "")
+
+
+def _tls_reason(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        found = _TLS_FAILURE.search(str(seen))
+        if found:
+            return found.group(1)
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -12,6 +13,10 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 2**20
+
+# URL query keys whose values are secrets: MongoDB's tlsCertificateKeyFilePassword and
+# authMechanismProperties (AWS session tokens), and any password, token or secret.
+_SECRET_QUERY = re.compile(r"password|token|secret|authmechanismproperties", re.IGNORECASE)
 
 
 def _path_list(value: Any) -> Any:
@@ -87,12 +92,18 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced, fit for logs and error messages."""
+    """Return ``url`` with its password, and any query value that is a secret (a key file's
+    password, an auth token), replaced: fit for logs and error messages. MongoDB's lists of
+    hosts (``h1:27017,h2:27017``) are kept as they are.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = "&".join(
+        f"{key}=***" if _SECRET_QUERY.search(key) else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

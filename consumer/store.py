@@ -27,7 +27,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from consumer.batches import Batcher
-from consumer.errors import StoreUnavailableError
+from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.leases import Release
 from consumer.message import Job
 from consumer.ratelimit import Reservation
@@ -96,10 +96,10 @@ async def answering() -> AsyncIterator[None]:
     try:
         yield
     except ConnectionFailure as exc:
-        raise StoreUnavailableError(f"MongoDB unavailable: {type(exc).__name__}") from exc
+        raise StoreUnavailableError(f"MongoDB unavailable: {connection_failure(exc)}") from exc
     except PyMongoError as exc:
         if exc.timeout:
-            raise StoreUnavailableError(f"MongoDB timed out: {type(exc).__name__}") from exc
+            raise StoreUnavailableError(f"MongoDB timed out: {connection_failure(exc)}") from exc
         raise
 
 

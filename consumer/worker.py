@@ -31,7 +31,7 @@ from consumer.authorization import (
 )
 from consumer.content import Composer
 from consumer.domain_store import DomainStore
-from consumer.errors import InvalidJobError, StoreUnavailableError
+from consumer.errors import InvalidJobError, StoreUnavailableError, connection_failure
 from consumer.events import Event, event_for, reply_for
 from consumer.fetch import Fetcher, fetch_limits
 from consumer.health import Readiness, on_loop, serving
@@ -208,7 +208,9 @@ class Worker:
                 )
             except (AMQPError, OSError) as exc:
                 log.warning(
-                    "worker.broker_unreachable", url=redact_url(url), error=type(exc).__name__
+                    "worker.broker_unreachable",
+                    url=redact_url(url),
+                    error=connection_failure(exc),
                 )
                 await _wait(stop, RECONNECT_INTERVAL)
         return None

@@ -161,6 +161,18 @@ def test_outbox_urls() -> None:
 def test_redact_url() -> None:
     assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
     assert redact_url("mongodb://h:27017/") == "mongodb://h:27017/"
+    assert (
+        redact_url("mongodb://u:p@h1:27017,h2:27017/?replicaSet=rs0")
+        == "mongodb://u:***@h1:27017,h2:27017/?replicaSet=rs0"
+    )
+    assert (
+        redact_url("mongodb://h/?tls=true&tlsCertificateKeyFilePassword=kp&authSource")
+        == "mongodb://h/?tls=true&tlsCertificateKeyFilePassword=***&authSource"
+    )
+    assert (
+        redact_url("amqps://u:p:q@h:5671/?cafile=/etc/ca.pem")
+        == "amqps://u:***@h:5671/?cafile=/etc/ca.pem"
+    )
 
 
 def test_split_refusals_by_code_class() -> None:

@@ -15,21 +15,29 @@ from typing import Any
 from pymongo import MongoClient
 
 from deploy.devstack.ports import free_port, wait_for_port
+from deploy.devstack.tls import ServerCertificate
 
 
 class PrivateMongo:
-    """One SecantusDB server on a free loopback port; in memory unless given a directory."""
+    """One SecantusDB server on a free loopback port; in memory unless given a directory,
+    speaking TLS only if given a certificate.
+    """
 
-    def __init__(self, base: Path, storage: Path | None = None) -> None:
+    def __init__(
+        self, base: Path, storage: Path | None = None, tls: ServerCertificate | None = None
+    ) -> None:
         self.base = base
         self.storage = storage
+        self.tls = tls
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
         base.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
-        """The ``mongodb://`` URL of the server."""
+        """The ``mongodb://`` URL of the server (with TLS: trusting the test CA)."""
+        if self.tls is not None:
+            return f"mongodb://127.0.0.1:{self.port}/?tls=true&tlsCAFile={self.tls.ca}"
         return f"mongodb://127.0.0.1:{self.port}/"
 
     @property
@@ -58,6 +66,7 @@ class PrivateMongo:
                     "--log-level",
                     "WARNING",
                     "--enable-test-commands",
+                    *self._tls_arguments(),
                 ],
                 stdout=out,
                 stderr=out,
@@ -68,6 +77,11 @@ class PrivateMongo:
         except TimeoutError:
             self.stop()
             raise
+
+    def _tls_arguments(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
 
     def prune_ttl(self) -> int:
         """Run the TTL sweep now rather than on its 60 s cadence (a SecantusDB command);

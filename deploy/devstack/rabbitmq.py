@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from deploy.devstack.ports import free_ports, wait_for_port
+from deploy.devstack.tls import ServerCertificate
 
 START_TIMEOUT = 60.0
 
@@ -41,11 +42,15 @@ class PrivateRabbit:
         base: Path,
         user: str = "mailbus",
         password: str = "mailbus",  # noqa: S107  (a private development broker)
+        tls: ServerCertificate | None = None,
     ) -> None:
         self.base = base
         self.user = user
         self.password = password
-        self.port, self.management_port, self.dist_port, self.epmd_port = free_ports(4)
+        self.tls = tls
+        self.port, self.management_port, self.dist_port, self.epmd_port, self.tls_port = free_ports(
+            5
+        )
         self.nodename = f"mailbus{self.port}@localhost"
         self._server: subprocess.Popen[bytes] | None = None
         self._epmd: subprocess.Popen[bytes] | None = None
@@ -61,7 +66,7 @@ class PrivateRabbit:
             "collect_statistics_interval = 1000\n"
             f"max_message_size = {MAX_MESSAGE_BYTES}\n"
             "log.console = false\n"
-            "log.file.level = warning\n"
+            "log.file.level = warning\n" + (self._tls_config(tls) if tls is not None else "")
         )
         (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
 
@@ -69,6 +74,25 @@ class PrivateRabbit:
     def amqp_url(self) -> str:
         """URL of the node's AMQP listener."""
         return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}/"
+
+    @property
+    def amqps_url(self) -> str:
+        """URL of the node's AMQPS listener, trusting the test CA (only with ``tls``)."""
+        if self.tls is None:
+            raise RuntimeError("this node has no TLS listener")
+        return (
+            f"amqps://{self.user}:{self.password}@127.0.0.1:{self.tls_port}/?cafile={self.tls.ca}"
+        )
+
+    def _tls_config(self, tls: ServerCertificate) -> str:
+        return (
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {tls.ca}\n"
+            f"ssl_options.certfile = {tls.cert}\n"
+            f"ssl_options.keyfile = {tls.key}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
 
     @property
     def management_url(self) -> str:
@@ -142,6 +166,8 @@ class PrivateRabbit:
                 raise TimeoutError(f"RabbitMQ did not start within {START_TIMEOUT} s")
             time.sleep(0.5)
         wait_for_port(self.management_port, START_TIMEOUT)
+        if self.tls is not None:
+            wait_for_port(self.tls_port, START_TIMEOUT)
 
     def stop(self, kill: bool = False) -> None:
         """Stop the node (gracefully, or with SIGKILL); its data directory stays."""
