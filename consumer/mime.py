@@ -49,6 +49,12 @@ BUILD_POLICY = policy.default.clone(
 WIRE_POLICY = BUILD_POLICY.clone(linesep="\r\n")
 # For servers and programs that take SMTPUTF8: addresses and headers in raw UTF-8.
 UTF8_POLICY = BUILD_POLICY.clone(utf8=True)
+WIRE_UTF8_POLICY = UTF8_POLICY.clone(linesep="\r\n")
+# The headers that carry addresses. A non-ASCII address (an SMTPUTF8 mailbox) in any of
+# them can only be written in raw UTF-8: in 7 bits it would become encoded words, which
+# RFC 2047 forbids in an address, and which the standard library folds without the
+# leading space, ending the header section early.
+_ADDRESS_HEADERS = ("From", "To", "Cc", "Reply-To")
 
 
 def message_id_for(job_id: str, domain: str) -> str:
@@ -117,21 +123,33 @@ def build_message(
 
 @dataclass(frozen=True)
 class Mail:
-    """A built message and its bytes on the wire (CRLF line ends, 7-bit): serializing a
-    message is a good part of a mail's cost, so it is done once.
+    """A built message and its bytes on the wire (CRLF line ends, 7-bit bodies): serializing
+    a message is a good part of a mail's cost, so it is done once. ``utf8``: its headers
+    hold a non-ASCII address and are raw UTF-8, so it needs a server that takes SMTPUTF8.
     """
 
     message: EmailMessage
     wire: bytes
+    utf8: bool = False
+
+
+def needs_utf8(message: EmailMessage) -> bool:
+    """True when an address header of ``message`` holds a non-ASCII address."""
+    for name in _ADDRESS_HEADERS:
+        header = message[name]
+        if header is not None and any(not a.addr_spec.isascii() for a in header.addresses):
+            return True
+    return False
 
 
 def serialize(message: EmailMessage, limit: int) -> Mail:
-    """``message`` with its bytes on the wire; raises :class:`MessageTooLargeError` when
-    they are more than ``limit``.
+    """``message`` with its bytes on the wire (raw UTF-8 headers when :func:`needs_utf8`);
+    raises :class:`MessageTooLargeError` when they are more than ``limit``.
     """
-    wire = message.as_bytes(policy=WIRE_POLICY)
+    utf8 = needs_utf8(message)
+    wire = message.as_bytes(policy=WIRE_UTF8_POLICY if utf8 else WIRE_POLICY)
     if len(wire) > limit:
         raise MessageTooLargeError(
             f"the message is {len(wire)} bytes, more than the limit of {limit}"
         )
-    return Mail(message, wire)
+    return Mail(message, wire, utf8)

@@ -39,7 +39,7 @@ class SendmailPipe:
         (killed after the outbox's timeout).
         """
         # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
-        utf8 = not (sender + "".join(recipients)).isascii()
+        utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
         data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:
             process = await asyncio.create_subprocess_exec(

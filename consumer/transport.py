@@ -98,20 +98,17 @@ class SMTPPool:
     async def send(self, mail: Mail, sender: str, recipients: list[str]) -> SendResult:
         """Send ``mail`` on a pooled connection; raises aiosmtplib's exceptions on failure.
 
-        Its serialized bytes go as they are, unless an address needs SMTPUTF8: the message
-        is then written again with raw UTF-8 headers.
+        Its serialized bytes go as they are, with SMTPUTF8 when an address in the envelope
+        or the headers is not ASCII (a server without it refuses: ``SMTPNotSupported``).
         """
-        ascii_only = (sender + "".join(recipients)).isascii()
+        options = ["SMTPUTF8"] if mail.utf8 or not (sender + "".join(recipients)).isascii() else []
         async with self._slots:
             smtp = await self._take()
             self._busy += 1
             try:
-                if ascii_only:
-                    refused, reply = await smtp.sendmail(sender, recipients, mail.wire)
-                else:
-                    refused, reply = await smtp.send_message(
-                        mail.message, sender=sender, recipients=recipients
-                    )
+                refused, reply = await smtp.sendmail(
+                    sender, recipients, mail.wire, mail_options=options
+                )
             except BaseException:
                 smtp.close()  # its state is unknown: never reuse it
                 raise

@@ -6,7 +6,7 @@ import hashlib
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +16,7 @@ from consumer.attachments import Part
 from consumer.content import Content
 from consumer.errors import InvalidJobError, MessageTooLargeError
 from consumer.message import Job
-from consumer.mime import build_message, serialize
+from consumer.mime import build_message, needs_utf8, serialize
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
@@ -167,3 +167,21 @@ def test_unicode_round_trip(subject: str, name: str, text: str) -> None:
     plain, html = msg.iter_parts()
     assert plain.get_content().rstrip("\n") == text.rstrip("\n")
     assert html.get_content().rstrip("\n") == f"<p>{text}</p>".rstrip("\n")
+
+
+def test_a_non_ascii_address_in_any_header_makes_the_headers_raw_utf8() -> None:
+    # Found by the atheris run: written in 7 bits, such an address became encoded words,
+    # folded without the leading space, and the header section ended at the fold.
+    address = "ü@bü" + "l" * 30 + "cher.example"
+    parsed = Job.model_validate(job(reply_to={"email": address, "name": "\\" * 16 + "Ü"}))
+    mail = serialize(build_message(parsed, "j1", NOW, Content.of(parsed), "utf-8"), 10**6)
+    assert mail.utf8
+    assert needs_utf8(mail.message)
+    received = Parser(policy=policy.default).parsestr(mail.wire.decode())
+    assert received["Reply-To"].addresses[0].addr_spec == address
+    assert received["Subject"] == "Hello"
+    assert received.get_content().strip() == "Hello there"
+    plain = Job.model_validate(job(reply_to="r@example.com"))
+    ascii_mail = serialize(build_message(plain, "j1", NOW, Content.of(plain), "utf-8"), 10**6)
+    assert not ascii_mail.utf8
+    assert ascii_mail.wire.isascii()

@@ -342,9 +342,17 @@ async def test_smtputf8_is_used_only_when_offered(
 ) -> None:
     names = Names(settings.prefix)
     await publish_job(channel, job(id="utf8", to=["zoë@example.org"]), names=names)
+    # Only a header holds the non-ASCII address: the mail still needs SMTPUTF8.
+    await publish_job(channel, job(id="utf8-reply", reply_to="zoë@bücher.example"), names=names)
     async with asyncio.timeout(20):
-        [mail] = await smtp.wait_for(1)
-    assert mail.rcpt_tos == ("zoë@example.org",)
+        mails = await smtp.wait_for(2)
+    by_id = {str(mail.message()["Subject"]) + mail.rcpt_tos[0]: mail for mail in mails}
+    assert by_id["Hellozoë@example.org"].message()["To"].addresses[0].addr_spec == (
+        "zoë@example.org"
+    )
+    replied = by_id["Hellorcpt@example.org"].message()
+    assert replied["Reply-To"].addresses[0].addr_spec == "zoë@bücher.example"
+    assert replied["Message-ID"] is not None
     plain = CaptureServer(smtputf8=False)
     plain.start()
     try:
@@ -354,14 +362,18 @@ async def test_smtputf8_is_used_only_when_offered(
         running = RunningWorker(ascii_only)
         try:
             await publish_job(channel, job(id="no-utf8", to=["zoë@example.org"]), names=other)
+            await publish_job(
+                channel, job(id="no-utf8-reply", reply_to="zoë@bücher.example"), names=other
+            )
             async with asyncio.timeout(20):
-                [failed] = await take(channel, other.dead, 1)
+                failed = await take(channel, other.dead, 2)
         finally:
             await running.shutdown()
     finally:
         plain.stop()
-    assert failed.headers["x-mailbus-reason"] == "permanent"
-    assert "SMTPUTF8" in str(failed.headers["x-mailbus-error"])
+    for letter in failed:
+        assert letter.headers["x-mailbus-reason"] == "permanent"
+        assert "SMTPUTF8" in str(letter.headers["x-mailbus-error"])
     assert plain.received() == []
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -38,9 +38,16 @@ class Captured:
     def message(self) -> EmailMessage:
         """The message parsed with the standard library (policy ``default``).
 
-        Wire CRLF line ends become ``\n`` first, as the ``email`` parser expects.
+        Wire CRLF line ends become ``\n`` first, as the ``email`` parser expects. Data that
+        is UTF-8 (an SMTPUTF8 mail's raw headers) is read as text: the bytes parser would
+        keep non-ASCII header bytes as surrogates.
         """
-        return BytesParser(policy=policy.default).parsebytes(self.data.replace(b"\r\n", b"\n"))
+        data = self.data.replace(b"\r\n", b"\n")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return BytesParser(policy=policy.default).parsebytes(data)
+        return Parser(policy=policy.default).parsestr(text)
 
 
 @dataclass
