@@ -29,6 +29,13 @@ from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import self_signed, server_context
 from tests.http_files import FileServer
 
+# The watch over the run's output for the test secrets (see tests/secret_watch.py).
+from tests.secret_watch import logs_under as logs_under
+from tests.secret_watch import pytest_runtest_logreport as pytest_runtest_logreport
+from tests.secret_watch import pytest_sessionfinish as pytest_sessionfinish
+from tests.secret_watch import pytest_terminal_summary as pytest_terminal_summary
+from tests.secret_watch import watched
+
 
 @pytest.fixture(scope="session")
 def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
@@ -58,7 +65,7 @@ def smtp_server() -> Iterator[CaptureServer]:
 
 
 # The one login the STARTTLS server below accepts; distinctive, so a leak would show.
-SMTP_USER, SMTP_PASSWORD = "mailer", "pw-Kx7uQ2-correct-horse"
+SMTP_USER, SMTP_PASSWORD = "mailer", watched("pw-Kx7uQ2-correct-horse")
 
 
 @pytest.fixture
@@ -102,7 +109,7 @@ def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) ->
 def keyed(settings: Settings) -> Settings:
     """The test's settings with a secret key for outbox passwords and no default outbox."""
     return settings.model_copy(
-        update={"secret_key": SecretStr(new_key()), "default_smtp_url": None}
+        update={"secret_key": SecretStr(watched(new_key())), "default_smtp_url": None}
     )
 
 

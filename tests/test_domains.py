@@ -31,8 +31,9 @@ from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, encode, job, take, until
 from tests.conftest import RunningWorker
+from tests.secret_watch import watched
 
-DOMAIN_KEY = "dk-correct-horse-0042"
+DOMAIN_KEY = watched("dk-correct-horse-0042")
 
 
 def test_key_hash_is_salted_and_checks_the_key() -> None:

@@ -23,6 +23,7 @@ from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job, take
 from tests.conftest import RunningWorker
+from tests.secret_watch import watched
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ async def test_no_outbox_and_no_default_is_dead_lettered(
 async def test_passwords_are_stored_encrypted_and_never_printed(
     keyed: Settings, smtp: CaptureServer
 ) -> None:
-    secret = "hunter2-outbox-secret"
+    secret = watched("hunter2-outbox-secret")
     add = await mailbus(
         keyed,
         "outbox", "add", "--domain", "Example.com", "--name", "gmail-1", "--provider", "gmail",

@@ -23,11 +23,12 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, drain_events, job, listen_events, until
 from tests.conftest import SMTP_PASSWORD, SMTP_USER
 from tests.reliability.accounts import Account, settle
+from tests.secret_watch import Watch, watched
 
 USER, PASSWORD = SMTP_USER, SMTP_PASSWORD
-WRONG_PASSWORD = "pw-Zr9vB4-wrong-one"
-DOMAIN_KEY = "dk-Hq3nT8-the-domain-key"
-STRANGER_KEY = "dk-Wd5mJ1-a-stranger-key"
+WRONG_PASSWORD = watched("pw-Zr9vB4-wrong-one")
+DOMAIN_KEY = watched("dk-Hq3nT8-the-domain-key")
+STRANGER_KEY = watched("dk-Wd5mJ1-a-stranger-key")
 
 
 async def add_outbox(
@@ -49,7 +50,7 @@ async def test_secrets_never_show(
     tmp_path: Path,
     ledger: list[Account],
 ) -> None:
-    secret_key = new_key()
+    secret_key = watched(new_key())
     settings = settings.model_copy(
         update={
             "secret_key": SecretStr(secret_key),
@@ -135,3 +136,11 @@ async def test_secrets_never_show(
     account = await settle("secrets", list(bodies), received, dict.fromkeys(letters, "dead"), store)
     ledger.append(account)
     assert (account.sent, account.dead, account.duplicated) == (6, 2, 0)
+
+
+def test_the_watch_finds_a_secret_once_and_masks_it() -> None:
+    watch = Watch(secrets={"pw-Ab12-xyz"})
+    watch.read("clean", "nothing here")
+    watch.read("log", "AUTH failed for pw-Ab12-xyz")
+    watch.read("log", "again pw-Ab12-xyz")
+    assert list(watch.found) == [("log", "pw-A…")]

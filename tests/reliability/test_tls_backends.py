@@ -27,9 +27,10 @@ from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import ServerCertificate, signed_by_test_authority
 from tests.broker import job
 from tests.reliability.accounts import Account, dead_ids, settle, subjects
+from tests.secret_watch import watched
 
 JOBS = 30
-BROKER_PASSWORD = "pw-Tq8vL3-amqps-broker"
+BROKER_PASSWORD = watched("pw-Tq8vL3-amqps-broker")
 
 
 @pytest.fixture(scope="module")
