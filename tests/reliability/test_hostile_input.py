@@ -1,12 +1,13 @@
 """Hostile input the worker must refuse in bounded time and memory: compression bombs,
-endless and dripping downloads, broken encodings, bodies over the broker's and mailbus's
-limits.
+endless and dripping downloads, broken encodings, redirects to private addresses, bodies
+over the broker's and mailbus's limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import ipaddress
 import time
 import tracemalloc
 import zlib
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from consumer import dead_letters, fetch
 from consumer.errors import AttachmentError, AttachmentUnavailableError
 from consumer.fetch import Fetcher, FetchLimits, Inflater
 from consumer.publish import job_message
@@ -26,7 +28,7 @@ from consumer.store import JobStore
 from consumer.topology import Names
 from deploy.devstack.rabbitmq import MAX_MESSAGE_BYTES
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import job
+from tests.broker import depth, job
 from tests.conftest import RunningWorker
 from tests.http_files import FileServer, Route
 from tests.reliability.accounts import Account, dead_ids, settle
@@ -150,3 +152,61 @@ async def test_bodies_over_the_broker_and_mailbus_limits(
     ledger.append(account)
     assert (account.sent, account.dead_reasons) == (1, {"too_large": 1})
     assert await store.get("over-broker") is None  # never reached a worker
+
+
+# Where a redirect from a public-looking server may try to send the worker: each is
+# refused at its own hop, before any connection is made to it.
+REDIRECT_TARGETS = {
+    "metadata": ("http://169.254.169.254/latest/meta-data/", "link-local address"),
+    "loopback": ("http://127.0.0.2:8080/admin", "loopback address 127.0.0.2"),
+    "private": ("http://10.1.2.3/internal", "private address 10.1.2.3"),
+    "mapped": ("http://[::ffff:192.168.0.1]/", "private address ::ffff:c0a8:1"),
+    "file": ("file:///etc/passwd", "scheme 'file'"),
+}
+
+
+@pytest.mark.timeout(60)
+async def test_redirects_to_private_addresses_are_refused_at_their_hop(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    files: FileServer,
+    store: JobStore,
+    monkeypatch: pytest.MonkeyPatch,
+    ledger: list[Account],
+) -> None:
+    # The test's file server stands in for a public one: only its own address counts as
+    # public, so the first hop is fetched and every redirect is judged for real.
+    judge = fetch.refused_address
+    monkeypatch.setattr(
+        fetch,
+        "refused_address",
+        lambda ip: None if ip == ipaddress.ip_address("127.0.0.1") else judge(ip),
+    )
+    names = Names(settings.prefix)
+    exchange = await channel.get_exchange(names.exchange)
+    for name, (target, _) in REDIRECT_TARGETS.items():
+        files.route(f"/{name}", Route(status=302, location=target))
+        body = job(subject=name, attachments=[{"url": files.url(f"/{name}")}])
+        await exchange.publish(job_message(body, job_id=name), routing_key="send")
+    running = RunningWorker(settings)
+    try:
+        async with asyncio.timeout(30):
+            while await depth(channel, names.dead) < len(REDIRECT_TARGETS):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        await running.shutdown()
+    queue = await channel.get_queue(names.dead, ensure=False)
+    errors = {}
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        letter = dead_letters.read(message)
+        assert letter.reason == "attachment"
+        errors[letter.job_id] = letter.error
+    for name, (_, refusal) in REDIRECT_TARGETS.items():
+        assert refusal in str(errors[name]), errors[name]
+    assert sorted(files.hits) == sorted(f"/{name}" for name in REDIRECT_TARGETS)
+    dead = dict.fromkeys(errors, "attachment")
+    account = await settle("redirects to private addresses", list(dead), [], dead, store)
+    ledger.append(account)
+    assert smtp.received() == []
+    assert account.dead == len(REDIRECT_TARGETS)
