@@ -90,7 +90,9 @@ async def _throughput(
             "mongodb": descendants(mongo.pid or 0),
             "smtp_sink": descendants(sink.pid or 0),
         }
-        stack = throughput.Stack(worker_settings, rabbit.management_url, sink, base, servers)
+        stack = throughput.Stack(
+            worker_settings, rabbit.management_url, sink, base, servers, mongo.prune_ttl
+        )
         pool = settings.smtp_pool_size
         results: dict[str, Any] = {}
         if "throughput" in scenarios:
