@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,7 +61,12 @@ class OutboxPicker:
         default: Outbox | None,
         pool_size: int,
         idle_seconds: float,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
+        """``clock``: the time a throttled job's wait is counted from (the store's, in a
+        worker: see :mod:`consumer.store_clock`).
+        """
+        self.clock = clock
         self.outboxes = outboxes
         self.providers = providers
         self.vault = vault
@@ -109,7 +114,7 @@ class OutboxPicker:
         provider = min(refused, key=lambda name: refused[name][0].slot_us)
         doc = refused[provider][1]
         refusal = await self._wait_for_token(provider, await self._token(provider, "enqueue"))
-        answered = utcnow()
+        answered = self.clock()
         pool = await self._counted(doc, avoid, sharing[provider])
         if refusal is None:
             return Choice(pool)
@@ -126,7 +131,7 @@ class OutboxPicker:
         refusal = await self._wait_for_token(provider, await self._token(provider, "enqueue"))
         if refusal is None:
             return Choice(pool)
-        return Choice(pool, _throttle(pool.outbox.name, provider, refusal, utcnow()))
+        return Choice(pool, _throttle(pool.outbox.name, provider, refusal, self.clock()))
 
     async def reserved(self, reservation: Reservation) -> Choice | None:
         """The outbox a queued job waited for, once its provider gives it a token (a
@@ -141,7 +146,7 @@ class OutboxPicker:
         refusal = await self._wait_for_token(provider, await self._token(provider, "queued"))
         if refusal is None:
             return Choice(pool)
-        return Choice(pool, Throttle(reservation, utcnow() + timedelta(seconds=refusal.wait)))
+        return Choice(pool, Throttle(reservation, self.clock() + timedelta(seconds=refusal.wait)))
 
     async def _token(self, provider: str, mode: Mode) -> Grant | None:
         """``provider``'s answer for one job, taken in one command with the other jobs of

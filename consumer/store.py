@@ -189,6 +189,16 @@ class JobStore:
         async with answering():
             await self.client.admin.command("ping")
 
+    async def server_time(self) -> datetime:
+        """The server's clock (``hello.localTime``, to the millisecond)."""
+        async with answering():
+            # With the client's codec options: commands default to naive datetimes.
+            hello = await self.client.admin.command(
+                "hello", codec_options=self.client.codec_options
+            )
+        local: datetime = hello["localTime"]
+        return local
+
     async def claim(
         self,
         job_id: str,

@@ -57,6 +57,7 @@ from consumer.publish import job_message
 from consumer.schedule import carried_headers
 from consumer.settings import Settings, redact_url
 from consumer.store import JobStore, utcnow
+from consumer.store_clock import REMEASURE_SECONDS, StoreClock
 from consumer.suppressions import SuppressionStore
 from consumer.template_store import TemplateStore
 from consumer.vault import Vault
@@ -86,6 +87,8 @@ class Worker:
         self.outboxes = OutboxStore(self.store.database)
         self.providers = ProviderStore(self.store.database)
         self.vault = Vault.optional(settings)
+        # Due times are read on MongoDB's clock, which every worker shares.
+        self.clock = StoreClock()
         self.picker = OutboxPicker(
             self.outboxes,
             self.providers,
@@ -93,6 +96,7 @@ class Worker:
             default,
             settings.smtp_pool_size,
             settings.smtp_idle_seconds,
+            self.clock.now,
         )
         authorizer = Authorizer(DomainStore(self.store.database))
         self.fetcher = Fetcher(fetch_limits(settings))
@@ -109,6 +113,7 @@ class Worker:
             composer,
             self.suppressions,
             self.worker_id,
+            self.clock.now,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
@@ -163,6 +168,8 @@ class Worker:
             )
             if not await self._wait_for_store(stop):
                 return
+            await self._measure_clock(announce=True)
+            timing = asyncio.create_task(self._keep_time(stop))
             consumers = []
             for queue, key in objects.consume:
                 tag = await queue.consume(functools.partial(self._on_message, key))
@@ -181,6 +188,7 @@ class Worker:
                 looking = asyncio.create_task(self._look_for_digests(self.digests, stop))
             await stop.wait()
             self._consuming = False
+            await timing
             if looking is not None:
                 await looking
             log.info("worker.draining", in_flight=len(self._tasks))
@@ -284,7 +292,7 @@ class Worker:
         """Keep a job due within the ladder's resolution until its time, without blocking
         other deliveries. False when it is not held (a longer wait, or draining).
         """
-        remaining = (outcome.due_at - utcnow()).total_seconds()
+        remaining = (outcome.due_at - self.clock.now()).total_seconds()
         if self._draining.is_set() or not ladder.route(remaining).hold:
             return False
         await _wait(self._draining, remaining)
@@ -308,7 +316,7 @@ class Worker:
     ) -> control.Result | Crashed:
         while True:
             try:
-                return await control.execute(request, self.store, self._out(), utcnow())
+                return await control.execute(request, self.store, self._out(), self.clock.now())
             except StoreUnavailableError as exc:
                 if self._draining.is_set():
                     return Crashed(Context(message.message_id), str(exc))
@@ -364,7 +372,7 @@ class Worker:
                 if outcome.release is not None:
                     carried |= outcome.release.headers()
                 copy = copy_of(message, carried)
-                publishes.append(out.delay(copy, outcome.due_at, key, utcnow()))
+                publishes.append(out.delay(copy, outcome.due_at, key, self.clock.now()))
             reply = reply_for(outcome)
             if reply is not None:
                 publishes.append(out.reply(message, reply))
@@ -394,7 +402,7 @@ class Worker:
     ) -> None:
         """A job outcome's log line and metrics."""
         _log_outcome(outcome, time.perf_counter() - started)
-        self.metrics.observe(outcome, headers, message.timestamp, utcnow())
+        self.metrics.observe(outcome, headers, message.timestamp, self.clock.now())
 
     async def _note_alert(self, dead: Dead) -> None:
         """Note a dead letter for the admin digest; best effort, as the letter itself is
@@ -414,6 +422,22 @@ class Worker:
         # As its own RabbitMQ user, which a registered domain may allow (--allow-user).
         message.user_id = self._broker_user
         await self._out().job(message)
+
+    async def _measure_clock(self, announce: bool = False) -> None:
+        """Measure the offset to MongoDB's clock; the last one stays if it cannot be read."""
+        try:
+            offset = await self.clock.measure(self.store.server_time)
+        except StoreUnavailableError as exc:
+            log.warning("worker.clock_not_measured", error=str(exc))
+            return
+        say = log.info if announce else log.debug
+        say("worker.clock", offset_ms=round(offset.total_seconds() * 1000, 1))
+
+    async def _keep_time(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await _wait(stop, REMEASURE_SECONDS)
+            if not stop.is_set():
+                await self._measure_clock()
 
     async def _look_for_digests(self, digests: Digests, stop: asyncio.Event) -> None:
         while not stop.is_set():
