@@ -41,11 +41,27 @@ class _CustomHeader(UnstructuredHeader, BaseHeader):
         return policy.linesep.join(lines) + policy.linesep
 
 
+class _Registry(HeaderRegistry):
+    """The standard header registry, except that each kind of header's class is made once:
+    the standard one makes a new class for every header set, some 15% of the cost of
+    building a message. Cached by kind (a finite set), not by name, which jobs choose.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(default_class=_CustomHeader)
+        self._made: dict[object, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(kind)
+        if made is None:
+            made = self._made[kind] = super().__getitem__(name)
+        return made
+
+
 # 7bit transfer encodings only (quoted-printable/base64 where needed): valid on every
 # server, whether or not it offers 8BITMIME.
-BUILD_POLICY = policy.default.clone(
-    cte_type="7bit", header_factory=HeaderRegistry(default_class=_CustomHeader)
-)
+BUILD_POLICY = policy.default.clone(cte_type="7bit", header_factory=_Registry())
 WIRE_POLICY = BUILD_POLICY.clone(linesep="\r\n")
 # For servers and programs that take SMTPUTF8: addresses and headers in raw UTF-8.
 UTF8_POLICY = BUILD_POLICY.clone(utf8=True)
