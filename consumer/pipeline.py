@@ -216,7 +216,7 @@ class Pipeline:
         except StoreUnavailableError as exc:
             if not own:
                 raise
-            # On the store's clock, which stamps the record's updated_at.
+            # On this machine's clock, the one that stamps the record's updated_at.
             return _store_failed(ctx, exc, self.clock(), Release(self.worker_id, utcnow()))
         finally:
             if own:
