@@ -1,13 +1,19 @@
-"""Who may send for a domain: its key in the job, or an allowed broker user.
+"""Who may send for a domain, and what a worker's copy of a job vouches for.
 
-The broker user of a producer's message is its AMQP ``user_id``, which RabbitMQ checks
-against the connection's login. The copies a worker publishes (retries, the delay ladder)
-cannot re-assert it, so they carry it in a header signed with ``MAILBUS_SECRET_KEY`` over
-the user and the body; a header a producer forges fails the check and is ignored.
+A job sends for a registered domain with its key, or when it was published by one of the
+domain's allowed broker users (the AMQP ``user_id``, which RabbitMQ checks against the
+connection's login). An open (unregistered) domain needs neither, unless
+``MAILBUS_OPEN_DOMAINS`` is off. Either way the sender's address must belong to the job's
+domain: a registered domain's own senders list (default: itself and its subdomains), and
+for an open domain any address not under a registered domain.
 
-A dead letter never keeps the job's domain key: that secret would sit in the dead-letter
-queue for anyone who reads it. In its place, a job that was authorized carries its
-domain signed the same way, so a replay of it is still authorized.
+The copies a worker publishes (the delay ladder, retries, dead letters) cannot re-assert
+``user_id``, and they never keep the domain key: that secret would sit in queues and
+records for anyone who reads them. In their place a copy carries an :class:`Authority`
+(the broker user, the domain it was authorized for, a released lease) under a *seal*: an
+HMAC with ``MAILBUS_SECRET_KEY`` over the authority, the message id, the body and an
+expiry. Producers can copy a seal but not move it to another id or body, and every
+``x-mailbus-*`` header a delivery carries without a valid seal is dropped on intake.
 """
 
 from __future__ import annotations
@@ -15,32 +21,40 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from consumer.domain_store import DomainStore, key_matches
+from consumer.leases import RELEASED_AT_HEADER, RELEASED_BY_HEADER, Release, released
 from consumer.message import Job
+from consumer.schedule import DUE_HEADER, to_epoch_ms
 from consumer.store import Document
 from consumer.vault import Vault
 
 USER_HEADER = "x-mailbus-user"
-USER_SIGNATURE_HEADER = "x-mailbus-user-signature"
 DOMAIN_HEADER = "x-mailbus-authorized-domain"
-DOMAIN_SIGNATURE_HEADER = "x-mailbus-authorized-domain-signature"
+SEAL_HEADER = "x-mailbus-seal"
+OWN_PREFIX = "x-mailbus-"
+# What a seal covers; without a valid seal a delivery carries none of these.
+SEALED_HEADERS = (USER_HEADER, DOMAIN_HEADER, RELEASED_BY_HEADER, RELEASED_AT_HEADER)
+# The one x-mailbus-* header a producer may set: an absolute due time gives no authority.
+PRODUCER_HEADERS = frozenset({DUE_HEADER})
 # How long a worker trusts what it read of a domain: changes apply within this time.
 CACHE_SECONDS = 5.0
 _MAX_REMEMBERED = 10_000
+# A domain_key field in a body that is not strict JSON, to redact in the raw bytes.
+_RAW_KEY = re.compile(rb'"domain_key"\s*:\s*"(?:[^"\\]|\\.)*"')
+_REDACTED = b'"domain_key":"***"'
 
 
 def broker_login(amqp_url: str) -> str:
     """The RabbitMQ user ``amqp_url`` logs in as: the only ``user_id`` it may publish with."""
     return unquote(urlsplit(amqp_url).username or "guest")
-
-
-def _signed(user: str, body: bytes) -> bytes:
-    return b"user\0" + user.encode() + b"\0" + hashlib.sha256(body).digest()
 
 
 def _text(value: Any) -> str | None:
@@ -49,81 +63,133 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def broker_user(
-    user_id: str | None, headers: Mapping[str, Any], body: bytes, vault: Vault | None
-) -> str | None:
-    """The broker user a delivery speaks for: the AMQP ``user_id`` of a producer's message,
-    or on a worker's copy the user it carried, if its signature holds.
+@dataclass(frozen=True)
+class Authority:
+    """What a delivery speaks for beyond its body: the broker user it was published by,
+    the domain it was authorized for already, and a lease a worker let go of for it.
     """
-    if user_id:
-        return user_id
-    user = _text(headers.get(USER_HEADER))
-    signature = _text(headers.get(USER_SIGNATURE_HEADER))
-    if vault is None or not user or not signature:
-        return None
-    return user if vault.verify(_signed(user, body), signature) else None
+
+    user: str | None = None
+    domain: str | None = None
+    release: Release | None = None
+
+    def headers(self) -> dict[str, Any]:
+        """The authority as the headers a seal covers."""
+        fields: dict[str, Any] = {}
+        if self.user is not None:
+            fields[USER_HEADER] = self.user
+        if self.domain is not None:
+            fields[DOMAIN_HEADER] = self.domain.lower()
+        if self.release is not None:
+            fields |= self.release.headers()
+        return fields
 
 
-def carry_user(
-    headers: Mapping[str, Any], user: str | None, body: bytes, vault: Vault | None
+def _sealed(message_id: str | None, body: bytes, expires_ms: int, fields: Document) -> bytes:
+    what = ["seal", message_id or "", hashlib.sha256(body).hexdigest(), expires_ms, fields]
+    return json.dumps(what, sort_keys=True, ensure_ascii=True).encode()
+
+
+def seal(
+    headers: Mapping[str, Any],
+    authority: Authority,
+    *,
+    message_id: str | None,
+    body: bytes,
+    vault: Vault | None,
+    expires: datetime,
 ) -> dict[str, Any]:
-    """``headers`` for a copy of a job: the user signed in, anything claimed before out."""
-    carried = {k: v for k, v in headers.items() if k not in (USER_HEADER, USER_SIGNATURE_HEADER)}
-    if user is not None and vault is not None:
-        carried[USER_HEADER] = user
-        carried[USER_SIGNATURE_HEADER] = vault.sign(_signed(user, body))
-    return carried
+    """``headers`` for a worker's copy of a job with ``message_id`` and ``body``: any
+    authority they held replaced by ``authority``, sealed until ``expires``. Without
+    ``MAILBUS_SECRET_KEY`` nothing can be sealed and the copy carries no authority.
+    """
+    carried = {k: v for k, v in headers.items() if k not in SEALED_HEADERS and k != SEAL_HEADER}
+    fields = authority.headers()
+    if vault is None or not fields:
+        return carried
+    expires_ms = to_epoch_ms(expires)
+    signature = vault.sign(_sealed(message_id, body, expires_ms, fields))
+    return carried | fields | {SEAL_HEADER: f"{expires_ms}.{signature}"}
 
 
-def _vouched(domain: str, body: bytes) -> bytes:
-    return b"domain\0" + domain.lower().encode() + b"\0" + hashlib.sha256(body).digest()
+def _unsealed(
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    body: bytes,
+    vault: Vault | None,
+    now: datetime,
+) -> Authority:
+    """The authority ``headers`` carry when their seal holds; else none."""
+    stamp = _text(headers.get(SEAL_HEADER))
+    if vault is None or stamp is None:
+        return Authority()
+    expires, _, signature = stamp.partition(".")
+    if not expires.isdigit() or int(expires) < to_epoch_ms(now):
+        return Authority()
+    user, domain = _text(headers.get(USER_HEADER)), _text(headers.get(DOMAIN_HEADER))
+    release = released(headers)
+    authority = Authority(user or None, domain or None, release)
+    fields = authority.headers()
+    if not fields or not vault.verify(_sealed(message_id, body, int(expires), fields), signature):
+        return Authority()
+    return authority
 
 
-def vouched_domain(headers: Mapping[str, Any], body: bytes, vault: Vault | None) -> str | None:
-    """The domain a dead letter's replay was authorized for, if its signature holds."""
-    domain = _text(headers.get(DOMAIN_HEADER))
-    signature = _text(headers.get(DOMAIN_SIGNATURE_HEADER))
-    if vault is None or not domain or not signature:
-        return None
-    return domain.lower() if vault.verify(_vouched(domain, body), signature) else None
+@dataclass(frozen=True)
+class Intake:
+    """A delivery as a worker takes it in: what it vouches for, and the headers it keeps."""
+
+    authority: Authority
+    headers: dict[str, Any]
 
 
-def without_domain_key(body: bytes) -> bytes | None:
-    """The job ``body`` without its ``domain_key``; None when it has none to remove."""
+def intake(
+    headers: Mapping[str, Any],
+    *,
+    user_id: str | None,
+    message_id: str | None,
+    body: bytes,
+    vault: Vault | None,
+    now: datetime,
+) -> Intake:
+    """Take a delivery in: the AMQP ``user_id`` (checked by RabbitMQ) or else the sealed
+    user, the sealed domain and release; every other ``x-mailbus-*`` header a producer
+    may have set is dropped, so none of them carries anything further.
+    """
+    sealed = _unsealed(headers, message_id, body, vault, now)
+    authority = Authority(user_id or sealed.user, sealed.domain, sealed.release)
+    kept = {
+        k: v
+        for k, v in headers.items()
+        if not k.lower().startswith(OWN_PREFIX) or k in PRODUCER_HEADERS
+    }
+    return Intake(authority, kept | sealed.headers())
+
+
+def without_domain_key(body: bytes) -> bytes:
+    """The job ``body`` without its ``domain_key``: re-encoded when it is a JSON object,
+    else with the field redacted in the raw bytes. A body that is not UTF-8 and may still
+    hold a key in some other encoding is replaced by a note saying it was dropped.
+    """
     try:
         job = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    if not isinstance(job, dict) or "domain_key" not in job:
-        return None
-    del job["domain_key"]
-    return json.dumps(job, ensure_ascii=False).encode()
-
-
-def dead_letter_parts(
-    body: bytes,
-    headers: Mapping[str, Any],
-    user: str | None,
-    authorized: str | None,
-    vault: Vault | None,
-) -> tuple[bytes, dict[str, Any]]:
-    """The body and headers of a job's dead letter: the body without its domain key, the
-    broker user signed over that body, and ``authorized`` (the domain the job was
-    authorized for, if it was) signed in place of the key. Without ``MAILBUS_SECRET_KEY``
-    nothing can be signed: a replay of a registered domain's job is then refused.
-    """
-    stripped = without_domain_key(body)
-    carried = {
-        k: v for k, v in headers.items() if k not in (DOMAIN_HEADER, DOMAIN_SIGNATURE_HEADER)
-    }
-    if stripped is None:
-        # Nothing to strip: what the letter already carries stays valid.
-        return body, dict(headers)
-    carried = carry_user(carried, user, stripped, vault)
-    if authorized is not None and vault is not None:
-        carried[DOMAIN_HEADER] = authorized.lower()
-        carried[DOMAIN_SIGNATURE_HEADER] = vault.sign(_vouched(authorized, stripped))
-    return stripped, carried
+        job = None
+    if isinstance(job, dict):
+        if "domain_key" not in job:
+            return body
+        del job["domain_key"]
+        return json.dumps(job, ensure_ascii=False).encode()
+    redacted = _RAW_KEY.sub(_REDACTED, body)
+    try:
+        text = redacted.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    # A key left anywhere else, or an escape that could spell one, cannot be ruled out.
+    if text is None or text.count("domain_key") != text.count(_REDACTED.decode()) or "\\" in text:
+        note = {"dropped": f"a body of {len(body)} bytes that could hold a domain key"}
+        return json.dumps(note).encode()
+    return redacted
 
 
 class VerifiedKeys:
@@ -147,35 +213,96 @@ class VerifiedKeys:
         return True
 
 
+def _under(name: str, domain: str) -> bool:
+    """Whether ``name`` is ``domain`` or one of its subdomains."""
+    return name == domain or name.endswith("." + domain)
+
+
+def _suffixes(name: str) -> list[str]:
+    """``a.b.example`` -> ``a.b.example``, ``b.example``, ``example``."""
+    labels = name.split(".")
+    return [".".join(labels[i:]) for i in range(len(labels))]
+
+
 class Authorizer:
-    """Decides whether a job may send for its domain, remembering domains for a few
-    seconds and keys it has verified (a key hash is slow to compute on purpose).
+    """Decides whether a job, or a control request, may act for a domain, remembering
+    domains for a few seconds and keys it has verified.
     """
 
-    def __init__(self, domains: DomainStore, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        domains: DomainStore,
+        *,
+        open_domains: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.domains = domains
+        self.open_domains = open_domains
         self.clock = clock
         self._domains: dict[str, tuple[float, Document | None]] = {}
+        self._owners: dict[str, tuple[float, str | None]] = {}
         self._keys = VerifiedKeys()
 
-    async def refusal(self, job: Job, user: str | None, vouched: str | None = None) -> str | None:
-        """Why the job may not send for its domain, or None when it may; ``vouched`` is
-        the domain a replayed dead letter was signed as authorized for.
+    async def refusal(self, job: Job, authority: Authority) -> str | None:
+        """Why the job may not send for its domain, or None when it may. A copy sealed as
+        authorized for the job's domain needs no key again.
         """
-        doc = await self.domain(job.domain)
-        if doc is None or vouched == job.domain.lower():
-            return None
-        key = job.domain_key.get_secret_value() if job.domain_key is not None else None
+        domain = job.domain.lower()
+        doc = await self.domain(domain)
+        if authority.domain != domain:
+            key = job.domain_key.get_secret_value() if job.domain_key is not None else None
+            refused = await self.credential_refusal(domain, doc, key, authority.user)
+            if refused is not None:
+                return refused
+        return await self._sender_refusal(job, domain, doc)
+
+    async def credential_refusal(
+        self, domain: str, doc: Document | None, key: str | None, user: str | None
+    ) -> str | None:
+        """Why ``key`` or broker ``user`` may not act for ``domain`` (registered as ``doc``,
+        None when open), or None when they may.
+        """
+        if doc is None:
+            if self.open_domains:
+                return None
+            return f"domain {domain} is not registered, and open domains are refused"
         stored = doc.get("key_hash")
         if key is not None and stored and await self._keys.matches(key, stored):
             return None
         if user is not None and user in doc.get("allow_users", []):
             return None
         if key is not None:
-            return f"wrong domain key for {job.domain}"
+            return f"wrong domain key for {domain}"
         if user is not None:
-            return f"no domain key, and broker user {user!r} may not send for {job.domain}"
-        return f"no domain key for {job.domain}, and no allowed broker user"
+            return f"no domain key, and broker user {user!r} may not send for {domain}"
+        return f"no domain key for {domain}, and no allowed broker user"
+
+    async def _sender_refusal(self, job: Job, domain: str, doc: Document | None) -> str | None:
+        """Why the job's From may not be used by ``domain``, or None."""
+        sender = job.from_.email.rpartition("@")[2].lower()
+        if doc is not None:
+            allowed = doc.get("senders") or [domain]
+            if any(_under(sender, a) for a in allowed):
+                return None
+            return f"sender domain {sender} is not one {domain} may send as"
+        owner = await self._owner(sender)
+        if owner is None:
+            return None
+        return f"sender domain {sender} belongs to a registered domain, not to {domain}"
+
+    async def _owner(self, name: str) -> str | None:
+        """The registered domain ``name`` is, or is under; None when there is none."""
+        now = self.clock()
+        cached = self._owners.get(name)
+        if cached is not None and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        found = await self.domains.registered(_suffixes(name))
+        # The closest registration is the owner.
+        owner = next((s for s in _suffixes(name) if s in found), None)
+        if len(self._owners) >= _MAX_REMEMBERED:
+            self._owners.clear()
+        self._owners[name] = (now, owner)
+        return owner
 
     async def domain(self, name: str) -> Document | None:
         """The registration of domain ``name`` (None: not registered), at most
@@ -187,5 +314,7 @@ class Authorizer:
         if cached is not None and now - cached[0] < CACHE_SECONDS:
             return cached[1]
         doc = await self.domains.get(domain)
+        if len(self._domains) >= _MAX_REMEMBERED:
+            self._domains.clear()
         self._domains[domain] = (now, doc)
         return doc

@@ -27,7 +27,11 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
     key_hash = hash_key(key) if key is not None else None
     async with JobStore.connect(settings) as jobs:
         stored = await DomainStore(jobs.database).put(
-            args.domain, key_hash, args.allow_user or [], replace=args.replace
+            args.domain,
+            key_hash,
+            args.allow_user or [],
+            replace=args.replace,
+            senders=args.sender or [],
         )
     if not stored:
         print(f"mailbus domain add: {args.domain!r} exists (use --replace)", file=sys.stderr)
@@ -39,12 +43,13 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     async with JobStore.connect(settings) as jobs:
         docs = await DomainStore(jobs.database).find()
-    rows = [("DOMAIN", "KEY", "ALLOWED USERS")]
+    rows = [("DOMAIN", "KEY", "ALLOWED USERS", "SENDERS")]
     rows += [
         (
             str(d["_id"]),
             "set" if d.get("key_hash") else "-",
             ", ".join(d.get("allow_users", [])) or "-",
+            ", ".join(d.get("senders") or [str(d["_id"])]),
         )
         for d in docs
     ]
@@ -77,11 +82,15 @@ def add_parser(verbs: Any) -> None:
     domain = verbs.add_parser(
         "domain",
         help="manage who may send for each domain",
-        description="A domain that is not registered is open to every job. A registered "
-        "domain accepts a job only if its domain_key matches the stored hash, or if it was "
-        "published by an allowed RabbitMQ user (the AMQP user_id property, which RabbitMQ "
-        "checks against the login); any other job is dead-lettered 'unauthorized' without "
-        "sending. Workers read these settings again within 5 seconds of a change.",
+        description="A domain that is not registered is open to every job (unless "
+        "MAILBUS_OPEN_DOMAINS=false), with a From address that is not under a registered "
+        "domain. A registered domain accepts a job only if its domain_key matches the stored "
+        "hash, or if it was published by an allowed RabbitMQ user (the AMQP user_id property, "
+        "which RabbitMQ checks against the login), and only with a From under one of its "
+        "sender domains (default: the domain itself and its subdomains); the same holds for "
+        "cancel and reschedule requests for its jobs. Any other job is dead-lettered "
+        "'unauthorized' without sending. Workers read these settings again within 5 seconds "
+        "of a change.",
     )
     actions = domain.add_subparsers(dest="domain_verb", required=True, metavar="ACTION")
 
@@ -101,6 +110,13 @@ def add_parser(verbs: Any) -> None:
         metavar="USER",
         help="a RabbitMQ user that may send for the domain without a key (repeatable; "
         "needs MAILBUS_SECRET_KEY)",
+    )
+    add.add_argument(
+        "--sender",
+        action="append",
+        metavar="DOMAIN",
+        help="a domain the From address may be under (repeatable; default: the domain "
+        "itself; subdomains are included)",
     )
     add.add_argument("--replace", action="store_true", help="overwrite an existing registration")
     add.set_defaults(handler=_add)

@@ -16,6 +16,7 @@ from consumer.outgoing import Outgoing
 from consumer.settings import Settings
 from consumer.store import STATUSES, Document, JobStore, utcnow
 from consumer.topology import Names
+from consumer.vault import Vault
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 
@@ -80,7 +81,15 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
         if due is None:
             result = await control.cancel(store, outgoing, args.id)
         else:
-            result = await control.reschedule(store, outgoing, args.id, due, utcnow())
+            result = await control.reschedule(
+                store,
+                outgoing,
+                args.id,
+                due,
+                utcnow(),
+                vault=Vault.optional(settings),
+                seal_days=settings.seal_days,
+            )
     print(pretty_json(result.as_dict()))
     return 0 if result.applied else 1
 

@@ -6,34 +6,48 @@ by its old copy, which finds the new due time in the record; a job moved earlier
 copy, published here, and the old one finds the job sent when it arrives.
 
 The CLI (``mailbus jobs cancel|reschedule``) and workers (for control messages published
-with routing key ``control``) run the same functions.
+with routing key ``control``) run the same functions. A control message is authorized like
+a job: for a job of a registered domain it needs that domain's key (``domain_key``) or an
+allowed broker user; a job not seen yet can only be cancelled by naming its ``domain``.
+The CLI is the operator's and needs neither.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 import aio_pika
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from consumer.authorization import Authority, Authorizer, seal
 from consumer.errors import InvalidJobError
 from consumer.events import cancelled_event, rescheduled_event
-from consumer.message import json_object
+from consumer.message import DomainName, json_object
 from consumer.outgoing import Outgoing
 from consumer.schedule import DUE_HEADER, to_epoch_ms
 from consumer.store import JobStore
 from consumer.topology import SEND_KEY
+from consumer.vault import Vault
 
 JobId = Field(min_length=1, max_length=200)
 
 
 class CancelRequest(BaseModel):
-    """``{"cancel": ID}``: never send this job."""
+    """``{"cancel": ID}``: never send this job. ``domain`` names the domain of a job not
+    seen yet (its cancel record then belongs to that domain).
+    """
 
     model_config = ConfigDict(extra="forbid")
     cancel: str = JobId
+    domain: DomainName | None = None
+    domain_key: SecretStr | None = None
+
+    @property
+    def job_id(self) -> str:
+        """The job the request is about."""
+        return self.cancel
 
 
 class RescheduleRequest(BaseModel):
@@ -42,6 +56,12 @@ class RescheduleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reschedule: str = JobId
     send_at: AwareDatetime
+    domain_key: SecretStr | None = None
+
+    @property
+    def job_id(self) -> str:
+        """The job the request is about."""
+        return self.reschedule
 
 
 Request = CancelRequest | RescheduleRequest
@@ -57,14 +77,20 @@ def parse_request(body: bytes) -> Request:
         raise InvalidJobError(f"invalid control message: {exc}") from None
 
 
+Status = Literal["cancelled", "rescheduled", "refused", "unknown"]
+
+
 @dataclass(frozen=True)
 class Result:
-    """What a cancel or reschedule did. ``status``: cancelled, rescheduled, refused, unknown."""
+    """What a cancel or reschedule did. ``unauthorized``: refused because the requester
+    may not act for the job's domain (the request is dead-lettered too).
+    """
 
     job_id: str
-    status: str
+    status: Status
     detail: str
     due_at: datetime | None = None
+    unauthorized: bool = False
 
     @property
     def applied(self) -> bool:
@@ -79,9 +105,43 @@ class Result:
         return answer
 
 
-async def cancel(store: JobStore, outgoing: Outgoing, job_id: str) -> Result:
-    """Stop a scheduled or retrying job from ever being sent, and announce it."""
-    change = await store.cancel(job_id)
+async def refusal(
+    request: Request, store: JobStore, authorizer: Authorizer, user: str | None
+) -> Result | None:
+    """The answer to a control message that may not act on its job, or None when it may:
+    the job's domain (from its record, else the request's ``domain``) must accept the
+    request's ``domain_key`` or broker ``user``, as it would a job's.
+    """
+    job_id = request.job_id
+    record = await store.get(job_id)
+    recorded = record.get("domain") if record is not None else None
+    named = request.domain if isinstance(request, CancelRequest) else None
+    if record is not None and recorded is None:
+        return None  # an operator's cancel record: nothing to act on, nobody's to guard
+    if recorded is None and named is None:
+        if isinstance(request, RescheduleRequest):
+            return None  # unknown: nothing happens
+        detail = "name the job's domain to cancel a job not seen yet"
+        return Result(job_id, "refused", detail, unauthorized=True)
+    domain = recorded or named
+    assert domain is not None
+    if named is not None and named != domain:
+        return Result(job_id, "refused", f"not authorized for job {job_id}", unauthorized=True)
+    key = request.domain_key.get_secret_value() if request.domain_key is not None else None
+    doc = await authorizer.domain(domain)
+    why = await authorizer.credential_refusal(domain, doc, key, user)
+    if why is None:
+        return None
+    return Result(job_id, "refused", why, unauthorized=True)
+
+
+async def cancel(
+    store: JobStore, outgoing: Outgoing, job_id: str, domain: str | None = None
+) -> Result:
+    """Stop a scheduled or retrying job (of ``domain``, when given) from ever being sent,
+    and announce it.
+    """
+    change = await store.cancel(job_id, domain)
     if not change.applied:
         status = change.before["status"] if change.before else "gone"
         return Result(job_id, "refused", f"job is {status}: only a waiting job can be cancelled")
@@ -92,9 +152,19 @@ async def cancel(store: JobStore, outgoing: Outgoing, job_id: str) -> Result:
 
 
 async def reschedule(
-    store: JobStore, outgoing: Outgoing, job_id: str, due_at: datetime, now: datetime
+    store: JobStore,
+    outgoing: Outgoing,
+    job_id: str,
+    due_at: datetime,
+    now: datetime,
+    *,
+    vault: Vault | None,
+    seal_days: float,
 ) -> Result:
-    """Move a scheduled job to ``due_at`` (earlier or later), and announce it."""
+    """Move a scheduled job to ``due_at`` (earlier or later), and announce it. A copy sent
+    for the earlier time carries the job's authorization sealed with ``vault`` (its stored
+    body has no key), valid ``seal_days`` past ``due_at``.
+    """
     change = await store.reschedule(job_id, due_at)
     before = change.before
     if not change.applied or before is None:
@@ -112,9 +182,19 @@ async def reschedule(
     else:
         # The copy in flight would come too late: send a new one for the new time.
         detail = "moved earlier: a new copy was published"
+        # The record was written once the job was authorized for its domain.
+        domain = before.get("domain")
+        headers = seal(
+            {DUE_HEADER: to_epoch_ms(due_at)},
+            Authority(domain=domain if isinstance(domain, str) else None),
+            message_id=job_id,
+            body=bytes(body),
+            vault=vault,
+            expires=due_at + timedelta(days=seal_days),
+        )
         copy = aio_pika.Message(
             bytes(body),
-            headers={DUE_HEADER: to_epoch_ms(due_at)},
+            headers=headers,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=job_id,
@@ -124,8 +204,24 @@ async def reschedule(
     return Result(job_id, "rescheduled", detail, due_at)
 
 
-async def execute(request: Request, store: JobStore, outgoing: Outgoing, now: datetime) -> Result:
-    """Carry out one control request."""
+async def execute(
+    request: Request,
+    store: JobStore,
+    outgoing: Outgoing,
+    now: datetime,
+    *,
+    vault: Vault | None,
+    seal_days: float,
+) -> Result:
+    """Carry out one control request (authorized already, see :func:`refusal`)."""
     if isinstance(request, CancelRequest):
-        return await cancel(store, outgoing, request.cancel)
-    return await reschedule(store, outgoing, request.reschedule, request.send_at, now)
+        return await cancel(store, outgoing, request.cancel, request.domain)
+    return await reschedule(
+        store,
+        outgoing,
+        request.reschedule,
+        request.send_at,
+        now,
+        vault=vault,
+        seal_days=seal_days,
+    )

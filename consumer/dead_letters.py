@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from consumer.authorization import USER_HEADER, USER_SIGNATURE_HEADER
+from consumer.authorization import SEAL_HEADER
 from consumer.outgoing import (
     ATTEMPTS_HEADER,
     CODE_HEADER,
@@ -111,8 +111,7 @@ def shown(message: AbstractIncomingMessage) -> dict[str, Any]:
     else:
         body = message.body.decode("utf-8", "replace")
     headers = {
-        k: "***" if k == USER_SIGNATURE_HEADER else _plain(v)
-        for k, v in (message.headers or {}).items()
+        k: "***" if k == SEAL_HEADER else _plain(v) for k, v in (message.headers or {}).items()
     }
     return {
         "message_id": message.message_id,
@@ -137,14 +136,12 @@ def _plain(value: Any) -> Any:
 
 def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     """The copy of a dead letter that goes back to the send queue: its own headers without
-    the cause of death or any wait, so it is taken now. A signed broker user it carried
-    stays (the signature covers the body, which is unchanged).
+    the cause of death or any wait, so it is taken now. The authorization it carries stays
+    under its seal, which covers the message id and the body, both unchanged.
     """
     headers = own_headers(message.headers or {})
     for name in (*_DEATH_HEADERS, *_WAIT_HEADERS):
         headers.pop(name, None)
-    if USER_SIGNATURE_HEADER not in headers:
-        headers.pop(USER_HEADER, None)
     return copy_of(message, headers)
 
 

@@ -1,8 +1,11 @@
-"""Registered sending domains in MongoDB: a salted hash of the domain key, allowed users.
+"""Registered sending domains in MongoDB: a salted hash of the domain key, allowed users,
+and the sender domains its mail may use.
 
-A domain that is not registered is open: any job may send for it. A registered domain
-requires the job's ``domain_key`` to match, or the message to come from one of its allowed
-broker users (the AMQP ``user_id``, which RabbitMQ validates against the connection).
+A domain that is not registered is open: any job may send for it (unless
+``MAILBUS_OPEN_DOMAINS`` is off), with a From that is not under a registered domain. A
+registered domain requires the job's ``domain_key`` to match, or the message to come from
+one of its allowed broker users (the AMQP ``user_id``, which RabbitMQ validates against the
+connection); its From must be under one of its sender domains (default: itself).
 """
 
 from __future__ import annotations
@@ -57,15 +60,22 @@ class DomainStore:
         self.domains = database["domains"]
 
     async def put(
-        self, domain: str, key_hash: str | None, users: Sequence[str], replace: bool
+        self,
+        domain: str,
+        key_hash: str | None,
+        users: Sequence[str],
+        replace: bool,
+        senders: Sequence[str] = (),
     ) -> bool:
         """Register ``domain``; an existing one is replaced only with ``replace``. False when
-        it exists and ``replace`` is off.
+        it exists and ``replace`` is off. ``senders``: the domains its From may be under
+        (empty: the domain itself).
         """
         doc = {
             "_id": domain.lower(),
             "key_hash": key_hash,
             "allow_users": sorted(set(users)),
+            "senders": sorted({s.lower() for s in senders}),
             "updated_at": utcnow(),
         }
         async with answering():
@@ -87,6 +97,12 @@ class DomainStore:
         """One registered domain, or None when it is open."""
         async with answering():
             return await self.domains.find_one({"_id": domain.lower()})
+
+    async def registered(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` (lower case) are registered: one query for all."""
+        async with answering():
+            cursor = self.domains.find({"_id": {"$in": list(names)}}, {"_id": 1})
+            return {doc["_id"] async for doc in cursor}
 
     async def remove(self, domain: str) -> bool:
         """Unregister (the domain is open again); False if it was not registered."""

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 
 from consumer import legacy, topology
-from consumer.authorization import Authorizer, VerifiedKeys, broker_login
+from consumer.authorization import Authority, Authorizer, VerifiedKeys, broker_login
 from consumer.domain_store import DomainStore
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
@@ -90,7 +90,7 @@ class Gateway:
         self.exchange = exchange
         self.replies = replies
         self.jobs = jobs
-        self.authorizer = Authorizer(DomainStore(jobs.database))
+        self.authorizer = Authorizer(DomainStore(jobs.database), open_domains=settings.open_domains)
         self.user = broker_login(settings.amqp_url.get_secret_value())
         self.limit = settings.gateway_max_request_bytes
         self.waited = settings.gateway_wait_seconds
@@ -172,7 +172,7 @@ class Gateway:
             return legacy.rest_reply("failed", str(exc))
         if await self.authorizer.domain(job.domain) is None:
             return legacy.rest_reply("failed", "Invalid Domain")
-        if await self.authorizer.refusal(job, None) is not None:
+        if await self.authorizer.refusal(job, Authority()) is not None:
             return legacy.rest_reply("failed", "invalid domain key")
         job_id, answer = await self.publish(mail.job, now=mail.send_now)
         if mail.send_now:
@@ -256,7 +256,7 @@ class Gateway:
             job = legacy.checked_job(raw)
         except GatewayRequestError as exc:
             return legacy.daemon_reply("error", str(exc), failed)
-        refusal = await self.authorizer.refusal(job, self.user)
+        refusal = await self.authorizer.refusal(job, Authority(self.user))
         if refusal is not None:
             return legacy.daemon_reply("error", refusal, failed)
         job_id, answer = await self.publish(raw, now=not queued)

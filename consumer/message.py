@@ -154,6 +154,12 @@ class Attachment(BaseModel):
 
 
 HeaderName = Annotated[str, Field(pattern=r"^[!-9;-~]{1,76}$")]
+# Lower case from here on: records, outboxes and registrations compare domains exactly.
+DomainName = Annotated[
+    str,
+    Field(max_length=253, pattern=r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$"),
+    AfterValidator(str.lower),
+]
 
 
 class Job(BaseModel):
@@ -162,7 +168,7 @@ class Job(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, title="mailbus job v1")
 
     id: Annotated[str, Field(pattern=r"^[!-~]{1,200}$")] | None = None
-    domain: Annotated[str, Field(max_length=253, pattern=r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")]
+    domain: DomainName
     domain_key: SecretStr | None = None
     from_: Annotated[Mailbox, Field(alias="from")]
     reply_to: Mailbox | None = None

@@ -13,11 +13,13 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from consumer import ladder
+from consumer.logging import get_logger
 from consumer.publish import json_body
 from consumer.schedule import own_headers, to_epoch_ms
 from consumer.store import utcnow
-from consumer.topology import SEND_KEY, Names
+from consumer.topology import SEND_KEY, Names, is_reply_queue
 
+log = get_logger(__name__)
 REASON_HEADER = "x-mailbus-reason"
 ERROR_HEADER = "x-mailbus-error"
 ATTEMPTS_HEADER = "x-mailbus-attempts"
@@ -26,10 +28,14 @@ DEAD_AT_HEADER = "x-mailbus-dead-at"  # epoch milliseconds, for `mailbus dead pu
 
 
 def copy_of(
-    message: AbstractIncomingMessage, headers: Mapping[str, Any], body: bytes | None = None
+    message: AbstractIncomingMessage,
+    headers: Mapping[str, Any],
+    body: bytes | None = None,
+    message_id: str | None = None,
 ) -> aio_pika.Message:
-    """A persistent copy of ``message`` with new headers, and a new body if given
-    (``user_id`` cannot be re-asserted).
+    """A persistent copy of ``message`` with new headers, and a new body and message id if
+    given (``user_id`` cannot be re-asserted). A copy whose body changed names its job
+    by ``message_id``: an id derived from the body would change with it.
     """
     return aio_pika.Message(
         message.body if body is None else body,
@@ -37,7 +43,7 @@ def copy_of(
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
+        message_id=message_id or message.message_id,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         timestamp=message.timestamp,
@@ -56,7 +62,9 @@ class Outgoing:
         ladder_top: AbstractExchange,
         dead: AbstractExchange,
         events: AbstractExchange,
+        *,
         dead_letter_days: float = 0,
+        reply_prefix: str | None = None,
     ) -> None:
         self.channel = channel
         self.jobs = jobs
@@ -64,13 +72,20 @@ class Outgoing:
         self.dead = dead
         self.events = events
         self.dead_letter_days = dead_letter_days
+        self.reply_prefix = reply_prefix
 
     @classmethod
     async def open(
-        cls, channel: AbstractChannel, names: Names, dead_letter_days: float = 0
+        cls,
+        channel: AbstractChannel,
+        names: Names,
+        *,
+        dead_letter_days: float = 0,
+        reply_prefix: str | None = None,
     ) -> Outgoing:
         """Bind to the exchanges of ``names`` on ``channel`` (declared elsewhere); dead
-        letters published expire after ``dead_letter_days`` (0: never).
+        letters published expire after ``dead_letter_days`` (0: never); replies go to
+        RabbitMQ's direct reply-to or to queues named with ``reply_prefix``.
         """
         return cls(
             channel,
@@ -78,7 +93,8 @@ class Outgoing:
             await channel.get_exchange(names.delay(ladder.TOP), ensure=False),
             await channel.get_exchange(names.dead, ensure=False),
             await channel.get_exchange(names.events, ensure=False),
-            dead_letter_days,
+            dead_letter_days=dead_letter_days,
+            reply_prefix=reply_prefix,
         )
 
     async def delay(
@@ -101,9 +117,10 @@ class Outgoing:
         error: str,
         attempts: int,
         code: int | None,
+        message_id: str | None = None,
     ) -> None:
         """Publish ``body`` with ``headers`` (what is left of ``message`` once its secrets
-        are out) to the dead-letter exchange, saying why.
+        are out) to the dead-letter exchange, saying why; ``message_id`` names its job.
         """
         marked = {
             **own_headers(headers),
@@ -114,7 +131,7 @@ class Outgoing:
         }
         if code is not None:
             marked[CODE_HEADER] = code
-        letter = copy_of(message, marked, body)
+        letter = copy_of(message, marked, body, message_id)
         if self.dead_letter_days > 0:
             # Per-message TTL: retention without a cron, and without queue arguments that
             # could never change on an existing queue. A replayed copy does not keep it.
@@ -137,8 +154,13 @@ class Outgoing:
         await self.events.publish(event, routing_key=key)
 
     async def reply(self, message: AbstractIncomingMessage, body: Mapping[str, Any]) -> None:
-        """Answer the ``reply_to`` of ``message`` (a no-op when it has none)."""
+        """Answer the ``reply_to`` of ``message`` (a no-op when it has none). Only a reply
+        queue is answered: any other name would let a producer write into any queue.
+        """
         if not message.reply_to:
+            return
+        if not is_reply_queue(message.reply_to, self.reply_prefix):
+            log.warning("reply.refused", reply_to=message.reply_to[:200])
             return
         answer = aio_pika.Message(
             json_body(body),

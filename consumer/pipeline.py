@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from consumer.authorization import Authorizer
+from consumer.authorization import Authority, Authorizer, without_domain_key
 from consumer.content import Composer, Content
 from consumer.errors import (
     AttachmentUnavailableError,
@@ -26,7 +26,7 @@ from consumer.errors import (
     InvalidJobError,
     StoreUnavailableError,
 )
-from consumer.leases import Release, released
+from consumer.leases import Release
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
 from consumer.mime import Mail, build_message, serialize
@@ -60,6 +60,8 @@ class Context:
     # The stored template the mail was rendered from, as (name, version).
     template: tuple[str, int] | None = None
     provider: str | None = None
+    # The job may send for its domain: its copies carry that, sealed, instead of its key.
+    authorized: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,13 +153,14 @@ class Pipeline:
         body: bytes,
         message_id: str | None,
         headers: Mapping[str, Any],
-        user: str | None = None,
-        vouched: str | None = None,
+        authority: Authority | None = None,
     ) -> Outcome:
-        """Run the job in ``body`` as far as it can go now; ``user`` is the broker user it
-        was published by, ``vouched`` the domain a replayed dead letter was signed as
-        authorized for (see :mod:`consumer.authorization`).
+        """Run the job in ``body`` as far as it can go now; ``authority`` is what the
+        delivery speaks for beyond its body: the broker user that published it, and on a
+        worker's copy the domain it was authorized for and a released lease (see
+        :mod:`consumer.authorization`).
         """
+        authority = authority or Authority()
         now = self.clock()
         try:
             job, job_id = parse_job(body, message_id)
@@ -167,14 +170,19 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
         ctx = Context(job_id, job)
         try:
-            refusal = await self.authorizer.refusal(job, user, vouched)
+            refusal = await self.authorizer.refusal(job, authority)
             if refusal is not None:  # nothing is recorded for a job nobody may send
                 return Dead(ctx, "unauthorized", refusal)
+            ctx = dataclasses.replace(ctx, authorized=True)
+            # What is kept of the body from here on (records, copies): never its key,
+            # once a seal can carry its authorization instead.
+            if self.settings.secret_key is not None:
+                body = without_domain_key(body)
             if due is not None and due > now + DUE_TOLERANCE:
                 if DUE_HEADER in headers:  # a copy back early: its record was written before
                     return Later(ctx, due, "waiting")
                 return await self._schedule(ctx, job_id, job, body, due)
-            return await self._claim_and_send(ctx, job_id, job, body, now, headers)
+            return await self._claim_and_send(ctx, job_id, job, body, now, headers, authority)
         except StoreUnavailableError as exc:
             return _store_failed(ctx, exc, self.clock())
 
@@ -200,11 +208,13 @@ class Pipeline:
         body: bytes,
         now: datetime,
         headers: Mapping[str, Any],
+        authority: Authority,
     ) -> Outcome:
         if job.expires_at is not None and job.expires_at <= now:
             error = f"expired at {job.expires_at.isoformat()}"
-            if not await self.store.record_dead(job_id, "expired", error):
-                return Skip(ctx, "already handled")
+            found = await self.store.record_dead(job_id, job.domain, "expired", error)
+            if found is not None:
+                return _not_claimed(ctx, found)
             return Dead(ctx, "expired", error)
         # Only the delivery that is this worker's one sending the job may let go of its
         # lease when MongoDB fails; a duplicate delivery meanwhile never does.
@@ -212,7 +222,7 @@ class Pipeline:
         if own:
             self._sending.add(job_id)
         try:
-            return await self._send_claimed(ctx, job_id, job, body, now, headers)
+            return await self._send_claimed(ctx, job_id, job, body, now, headers, authority)
         except StoreUnavailableError as exc:
             if not own:
                 raise
@@ -230,13 +240,14 @@ class Pipeline:
         body: bytes,
         now: datetime,
         headers: Mapping[str, Any],
+        authority: Authority,
     ) -> Outcome:
         # A copy back from the ladder (due, or a retry) has a record already.
         recorded = DUE_HEADER in headers
-        claim = await self.store.claim(job_id, job, self.worker_id, recorded, released(headers))
+        claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
         if claim.state is not ClaimState.CLAIMED:
             return _not_claimed(ctx, claim)
-        ctx = Context(job_id, job, claim.attempts)
+        ctx = dataclasses.replace(ctx, attempts=claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
         # After a partial delivery, only the recipients still owed the mail.
         owed = list(claim.pending) if claim.pending is not None else job.recipients()
@@ -441,5 +452,8 @@ def _not_claimed(ctx: Context, claim: Claim) -> Outcome:
             return Later(ctx, claim.lease_until, "leased")
         case ClaimState.WAITING if claim.due_at is not None:
             return Later(ctx, claim.due_at, "waiting")
+        case ClaimState.CONFLICT:
+            # Which domain holds the id is that domain's business.
+            return Dead(ctx, "conflict", f"job id {ctx.job_id} is taken by another domain's job")
         case _:
             return Skip(ctx, f"already {claim.status}")

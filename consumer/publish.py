@@ -13,9 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from consumer.schedule import DELAY_HEADER
-from consumer.topology import SEND_KEY, Names
-
-DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+from consumer.topology import DIRECT_REPLY_TO, SEND_KEY, Names
 
 
 def json_body(value: Mapping[str, Any]) -> bytes:

@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     prefix: str = Field("mailbus", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     default_smtp_url: SecretStr | None = None
     secret_key: SecretStr | None = None
+    # Multi-tenant installs turn this off: a job (or control request) for a domain that is
+    # not registered (`mailbus domain add`) is then refused 'unauthorized'.
+    open_domains: bool = True
+    # A worker's copy of a job (ladder, retry, dead letter) carries its authorization sealed
+    # with MAILBUS_SECRET_KEY, valid this many days past the copy's due time.
+    seal_days: float = Field(30.0, gt=0)
+    # Replies (reply_to) go to RabbitMQ's direct reply-to, or to queues named with this
+    # prefix; any other reply_to is not answered.
+    reply_queue_prefix: str | None = Field(None, min_length=1)
     # Attachments: local paths must resolve inside ``attachment_dirs``; URLs are fetched
     # (into ``attachment_tmp_dir``, removed at once) and may not reach private addresses.
     attachment_dirs: Annotated[list[Path], NoDecode, BeforeValidator(_path_list)] = []

@@ -54,6 +54,7 @@ class ClaimState(enum.Enum):
     WAITING = "waiting"  # the record says the job is due later (``due_at``)
     LEASED = "leased"  # another worker is sending it (``lease_until``)
     DONE = "done"  # sent, failed, dead or cancelled: nothing more to do
+    CONFLICT = "conflict"  # the id is taken by a job of another domain: never this one's
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,19 @@ def _summary(job: Job, now: datetime) -> Document:
     }
 
 
-def _found(doc: Document) -> Claim:
+def _same_domain(domain: str) -> Document:
+    """A filter for records of ``domain``'s jobs, and those no domain has taken (a cancel
+    of a job not seen yet, made by an operator).
+    """
+    return {"$in": [domain, None]}
+
+
+def _found(doc: Document, domain: str) -> Claim:
     """Translate an existing record that could not be claimed into a :class:`Claim`."""
     status = doc["status"]
     attempts = int(doc.get("attempts", 0))
+    if doc.get("domain") not in (None, domain):
+        return Claim(ClaimState.CONFLICT, status, attempts)
     if status == "sending":
         return Claim(ClaimState.LEASED, status, attempts, lease_until=doc.get("lease_until"))
     if status in WAITING:
@@ -250,7 +260,9 @@ class JobStore:
         self, job_id: str, job: Job, worker_id: str, release: Release | None
     ) -> Claim:
         now = utcnow()
-        query: Document = {"_id": job_id, "ready_at": {"$lte": now + DUE_TOLERANCE}}
+        ready = {"ready_at": {"$lte": now + DUE_TOLERANCE}}
+        # A record of another domain's job never matches: the upsert then fails on the id.
+        query: Document = {"_id": job_id, "domain": _same_domain(job.domain), **ready}
         if release is not None:
             # Still the releasing worker's lease, untouched by it since it let go.
             let_go = {
@@ -258,7 +270,7 @@ class JobStore:
                 "worker": release.worker,
                 "updated_at": {"$lte": release.at},
             }
-            query = {"_id": job_id, "$or": [{"ready_at": query["ready_at"]}, let_go]}
+            query = {"_id": job_id, "domain": query["domain"], "$or": [ready, let_go]}
         lease_until = now + self._lease
         update = {
             "$set": {
@@ -300,7 +312,7 @@ class JobStore:
             found = await self._lookup(job_id)
         if found is None:  # removed by retention between the two calls: claim anew
             return await self._claim_existing(job_id, job, worker_id, release)
-        return _found(found)
+        return _found(found, job.domain)
 
     async def schedule(self, job_id: str, job: Job, body: bytes, due_at: datetime) -> Claim:
         """Record a job first seen before its due time, keeping its body for a reschedule.
@@ -332,11 +344,12 @@ class JobStore:
             found = await self._lookup(job_id)
         if found is None:
             return await self.schedule(job_id, job, body, due_at)
-        return _found(found)
+        return _found(found, job.domain)
 
     async def _lookup(self, job_id: str) -> Document | None:
         return await self.jobs.find_one(
-            {"_id": job_id}, {"status": 1, "attempts": 1, "lease_until": 1, "due_at": 1}
+            {"_id": job_id},
+            {"status": 1, "attempts": 1, "lease_until": 1, "due_at": 1, "domain": 1},
         )
 
     async def mark_sent(
@@ -506,17 +519,22 @@ class JobStore:
                 },
             )
 
-    async def record_dead(self, job_id: str, reason: str, error: str) -> bool:
-        """Record a job dead-lettered before any claim (for example, expired).
+    async def record_dead(self, job_id: str, domain: str, reason: str, error: str) -> Claim | None:
+        """Record a job of ``domain`` dead-lettered before any claim (for example, expired);
+        None when it is recorded so.
 
-        False when its record already says otherwise (sent, sending, cancelled…): that
-        record stays the truth and the message is only a stale copy.
+        Otherwise its record stays the truth and the claim says why: already sent,
+        cancelled… (the message is only a stale copy), or taken by another domain's job.
         """
         now = utcnow()
         async with answering():
             try:
                 await self.jobs.update_one(
-                    {"_id": job_id, "status": {"$in": list(WAITING)}},
+                    {
+                        "_id": job_id,
+                        "domain": _same_domain(domain),
+                        "status": {"$in": list(WAITING)},
+                    },
                     {
                         "$set": {
                             "status": "dead",
@@ -526,14 +544,17 @@ class JobStore:
                             "expire_at": now + self._retention,
                         },
                         "$unset": {"ready_at": "", "body": ""},
-                        "$setOnInsert": {"created_at": now, "attempts": 0},
+                        "$setOnInsert": {"created_at": now, "attempts": 0, "domain": domain},
                         "$push": {"history": _history("dead", now, reason=reason)},
                     },
                     upsert=True,
                 )
             except DuplicateKeyError:
-                return False
-        return True
+                found = await self._lookup(job_id)
+                if found is None:
+                    return await self.record_dead(job_id, domain, reason, error)
+                return _found(found, domain)
+        return None
 
     async def reopen(self, job_id: str) -> Change:
         """Make a ``failed`` or ``dead`` job claimable again with fresh attempts, for a replay.
@@ -557,14 +578,18 @@ class JobStore:
                 return Change(True, before)
             return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
 
-    async def cancel(self, job_id: str) -> Change:
-        """Cancel a waiting job. A job never seen yet gets a ``cancelled`` record, so that
-        it is not sent if it arrives; a job being sent or done is left alone.
+    async def cancel(self, job_id: str, domain: str | None = None) -> Change:
+        """Cancel a waiting job (of ``domain``, when given). A job never seen yet gets a
+        ``cancelled`` record of ``domain``, so that it is not sent if it arrives; a job
+        being sent or done is left alone.
         """
         now = utcnow()
+        query: Document = {"_id": job_id, "status": {"$in": list(WAITING)}}
+        if domain is not None:
+            query["domain"] = _same_domain(domain)
         async with answering():
             before = await self.jobs.find_one_and_update(
-                {"_id": job_id, "status": {"$in": list(WAITING)}},
+                query,
                 {
                     "$set": {
                         "status": "cancelled",
@@ -588,6 +613,8 @@ class JobStore:
                 "expire_at": now + self._retention,
                 "history": [{"at": now, "event": "cancelled", "before_seen": True}],
             }
+            if domain is not None:
+                tombstone["domain"] = domain
             try:
                 await self.jobs.insert_one(tombstone)
             except DuplicateKeyError:

@@ -70,6 +70,18 @@ class Names:
 SEND_KEY = "send"
 SEND_NOW_KEY = "send.now"
 CONTROL_KEY = "control"
+# RabbitMQ's direct reply-to: a caller publishes with this reply_to, and the broker hands
+# the worker a name under it that reaches only that caller's channel.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def is_reply_queue(name: str, prefix: str | None = None) -> bool:
+    """Whether ``name`` may receive replies: the direct reply-to pseudo-queue, or a queue
+    named with the operator's ``prefix`` (``MAILBUS_REPLY_QUEUE_PREFIX``).
+    """
+    if name == DIRECT_REPLY_TO or name.startswith(DIRECT_REPLY_TO + "."):
+        return True
+    return prefix is not None and name.startswith(prefix)
 
 
 def consumed_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:

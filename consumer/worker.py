@@ -22,12 +22,12 @@ from consumer import control, ladder, topology
 from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
 from consumer.attachments import AttachmentLoader
 from consumer.authorization import (
+    Authority,
     Authorizer,
     broker_login,
-    broker_user,
-    carry_user,
-    dead_letter_parts,
-    vouched_domain,
+    intake,
+    seal,
+    without_domain_key,
 )
 from consumer.content import Composer
 from consumer.domain_store import DomainStore
@@ -98,7 +98,9 @@ class Worker:
             settings.smtp_idle_seconds,
             self.clock.now,
         )
-        authorizer = Authorizer(DomainStore(self.store.database))
+        self.authorizer = Authorizer(
+            DomainStore(self.store.database), open_domains=settings.open_domains
+        )
         self.fetcher = Fetcher(fetch_limits(settings))
         loader = AttachmentLoader(
             settings.attachment_dirs, settings.max_attachment_bytes, self.fetcher
@@ -109,7 +111,7 @@ class Worker:
             settings,
             self.store,
             self.picker,
-            authorizer,
+            self.authorizer,
             composer,
             self.suppressions,
             self.worker_id,
@@ -164,7 +166,10 @@ class Worker:
             await channel.set_qos(prefetch_count=self.settings.prefetch)
             objects = await topology.declare(channel, self.names, self.settings.delivery_limit)
             self._outgoing = await Outgoing.open(
-                channel, self.names, self.settings.dead_letter_days
+                channel,
+                self.names,
+                dead_letter_days=self.settings.dead_letter_days,
+                reply_prefix=self.settings.reply_queue_prefix,
             )
             if not await self._wait_for_store(stop):
                 return
@@ -254,13 +259,17 @@ class Worker:
         """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
         started = time.perf_counter()
-        body, received = message.body, message.headers or {}
-        user = broker_user(message.user_id, received, body, self.vault)
-        vouched = vouched_domain(received, body, self.vault)
-        # Copies carry the user, signed, as they cannot re-assert user_id.
-        headers: Mapping[str, Any] = carry_user(received, user, body, self.vault)
+        taken = intake(
+            message.headers or {},
+            user_id=message.user_id,
+            message_id=message.message_id,
+            body=message.body,
+            vault=self.vault,
+            now=self.clock.now(),
+        )
+        authority, headers = taken.authority, taken.headers
         events: list[Event] = []
-        outcome = await self._process(message, headers, user, vouched)
+        outcome = await self._process(message, headers, authority)
         holds = 0
         while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
             holds += 1
@@ -269,21 +278,15 @@ class Worker:
             self._record(outcome, headers, message, started)
             events.extend(_events_of(outcome))
             headers = carried_headers(headers, outcome.due_at)
-            outcome = await self._process(message, headers, user, vouched)
+            outcome = await self._process(message, headers, authority)
         events.extend(_events_of(outcome))
-        await self._settle(message, outcome, key, headers, events, started)
+        await self._settle(message, outcome, key, headers, events, started, authority)
 
     async def _process(
-        self,
-        message: AbstractIncomingMessage,
-        headers: Mapping[str, Any],
-        user: str | None,
-        vouched: str | None,
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], authority: Authority
     ) -> Outcome:
         try:
-            return await self.pipeline.process(
-                message.body, message.message_id, headers, user, vouched
-            )
+            return await self.pipeline.process(message.body, message.message_id, headers, authority)
         except Exception as exc:
             log.exception("job.crashed")
             return Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
@@ -309,14 +312,27 @@ class Worker:
         else:
             result = await self._execute(request, message)
         headers = message.headers or {}
-        await self._settle(message, result, topology.CONTROL_KEY, headers, [], started)
+        authority = Authority(message.user_id)
+        await self._settle(message, result, topology.CONTROL_KEY, headers, [], started, authority)
 
     async def _execute(
         self, request: control.Request, message: AbstractIncomingMessage
     ) -> control.Result | Crashed:
         while True:
             try:
-                return await control.execute(request, self.store, self._out(), self.clock.now())
+                refused = await control.refusal(
+                    request, self.store, self.authorizer, message.user_id
+                )
+                if refused is not None:
+                    return refused
+                return await control.execute(
+                    request,
+                    self.store,
+                    self._out(),
+                    self.clock.now(),
+                    vault=self.vault,
+                    seal_days=self.settings.seal_days,
+                )
             except StoreUnavailableError as exc:
                 if self._draining.is_set():
                     return Crashed(Context(message.message_id), str(exc))
@@ -331,13 +347,14 @@ class Worker:
         headers: Mapping[str, Any],
         events: list[Event],
         started: float,
+        authority: Authority,
     ) -> None:
         """The one place a delivery is acked or nacked: after everything it caused is durable.
 
         A job that must wait goes back by way of the ladder to the queue of ``key``, with
-        ``headers`` (its due time made absolute); ``events`` are published before the ack.
-        The outcome's log line says how long the delivery took since ``started``
-        (``time.perf_counter``).
+        ``headers`` (its due time made absolute) and its ``authority`` sealed on;
+        ``events`` are published before the ack. The outcome's log line says how long the
+        delivery took since ``started`` (``time.perf_counter``).
         """
         out = self._out()
         try:
@@ -345,7 +362,20 @@ class Worker:
                 await message.nack(requeue=True)
                 return
             if isinstance(outcome, control.Result):
-                await out.reply(message, outcome.as_dict())
+                publishes = [out.reply(message, outcome.as_dict())]
+                if outcome.unauthorized:
+                    publishes.append(
+                        out.dead_letter(
+                            message,
+                            without_domain_key(message.body),
+                            headers,
+                            "unauthorized",
+                            outcome.detail,
+                            0,
+                            None,
+                        )
+                    )
+                await asyncio.gather(*publishes)
                 await message.ack()
                 log.info("control.done", **outcome.as_dict())
                 return
@@ -355,7 +385,7 @@ class Worker:
                 ctx = outcome.ctx
                 if self.digests is not None and not is_digest(ctx.job_id):
                     publishes.append(self._note_alert(outcome))
-                body, letter_headers = self._dead_letter_parts(message, headers, outcome)
+                body, letter_headers = self._copy_parts(message, headers, outcome, authority)
                 publishes.append(
                     out.dead_letter(
                         message,
@@ -365,13 +395,13 @@ class Worker:
                         outcome.error,
                         ctx.attempts,
                         outcome.code,
+                        ctx.job_id,
                     )
                 )
             elif isinstance(outcome, Later):
                 carried = carried_headers(headers, outcome.due_at)
-                if outcome.release is not None:
-                    carried |= outcome.release.headers()
-                copy = copy_of(message, carried)
+                body, carried = self._copy_parts(message, carried, outcome, authority)
+                copy = copy_of(message, carried, body, outcome.ctx.job_id)
                 publishes.append(out.delay(copy, outcome.due_at, key, self.clock.now()))
             reply = reply_for(outcome)
             if reply is not None:
@@ -384,14 +414,39 @@ class Worker:
             return
         self._record(outcome, headers, message, started)
 
-    def _dead_letter_parts(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], dead: Dead
+    def _copy_parts(
+        self,
+        message: AbstractIncomingMessage,
+        headers: Mapping[str, Any],
+        outcome: Later | Dead,
+        authority: Authority,
     ) -> tuple[bytes, dict[str, Any]]:
-        """The body and headers of ``dead``'s letter, without the job's domain key."""
-        user = broker_user(message.user_id, headers, message.body, self.vault)
-        job = dead.ctx.job
-        authorized = job.domain if job is not None and dead.reason != "unauthorized" else None
-        return dead_letter_parts(message.body, headers, user, authorized, self.vault)
+        """The body and headers of the job's next copy (ladder or dead letter): once the
+        job is authorized, its key is out of the body and its domain sealed on, with the
+        broker user and, going back to the ladder, a lease let go of. A dead letter never
+        keeps the key; without ``MAILBUS_SECRET_KEY`` a waiting copy keeps it, as nothing
+        could vouch for it instead.
+        """
+        ctx = outcome.ctx
+        body = message.body
+        if isinstance(outcome, Dead) or (ctx.authorized and self.vault is not None):
+            body = without_domain_key(body)
+        later = outcome if isinstance(outcome, Later) else None
+        sealed = Authority(
+            authority.user,
+            ctx.job.domain if ctx.authorized and ctx.job is not None else None,
+            later.release if later is not None else None,
+        )
+        after = later.due_at if later is not None else self.clock.now()
+        carried = seal(
+            headers,
+            sealed,
+            message_id=ctx.job_id or message.message_id,
+            body=body,
+            vault=self.vault,
+            expires=after + timedelta(days=self.settings.seal_days),
+        )
+        return body, carried
 
     def _record(
         self,

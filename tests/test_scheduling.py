@@ -188,7 +188,13 @@ async def test_reschedule_later_holds_the_mail_until_the_new_time(
 @pytest.mark.parametrize(
     ("request_body", "status"),
     [
-        pytest.param({"cancel": "never-seen"}, "cancelled", id="cancel-before-seen"),
+        pytest.param(
+            {"cancel": "never-seen", "domain": "example.com"},
+            "cancelled",
+            id="cancel-before-seen",
+        ),
+        # Whose job is it? Without a domain, anyone could cancel any domain's next job.
+        pytest.param({"cancel": "never-seen"}, "refused", id="cancel-before-seen-nameless"),
         pytest.param(
             {"reschedule": "never-seen", "send_at": "2030-01-01T00:00:00Z"},
             "unknown",
@@ -211,7 +217,7 @@ async def test_job_cancelled_before_it_arrives_is_not_sent(
     settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
 ) -> None:
     names = Names(settings.prefix)
-    answer = await control(channel, names, {"cancel": "early-bird"})
+    answer = await control(channel, names, {"cancel": "early-bird", "domain": "example.com"})
     assert answer["status"] == "cancelled"
     await publish_job(channel, job(subject="cancelled"), names=names, job_id="early-bird")
     await publish_job(channel, job(subject="control"), names=names)
