@@ -50,6 +50,9 @@ _MAX_REMEMBERED = 10_000
 # A domain_key field in a body that is not strict JSON, to redact in the raw bytes.
 _RAW_KEY = re.compile(rb'"domain_key"\s*:\s*"(?:[^"\\]|\\.)*"')
 _REDACTED = b'"domain_key":"***"'
+_FIELD = "domain_key"
+# The encodings besides UTF-8 that JSON allows (RFC 8259 §8.1 of old, and Python's decoder).
+_WIDE_ENCODINGS = ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
 
 
 def broker_login(amqp_url: str) -> str:
@@ -168,8 +171,9 @@ def intake(
 
 def without_domain_key(body: bytes) -> bytes:
     """The job ``body`` without its ``domain_key``: re-encoded when it is a JSON object,
-    else with the field redacted in the raw bytes. A body that is not UTF-8 and may still
-    hold a key in some other encoding is replaced by a note saying it was dropped.
+    else with the field redacted in the raw bytes. A body that may still hold a key past
+    that (the field's name in UTF-16 or UTF-32, or an escape that could spell it) is
+    replaced by a note saying it was dropped.
     """
     try:
         job = json.loads(body)
@@ -181,15 +185,16 @@ def without_domain_key(body: bytes) -> bytes:
         del job["domain_key"]
         return json.dumps(job, ensure_ascii=False).encode()
     redacted = _RAW_KEY.sub(_REDACTED, body)
-    try:
-        text = redacted.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    # A key left anywhere else, or an escape that could spell one, cannot be ruled out.
-    if text is None or text.count("domain_key") != text.count(_REDACTED.decode()) or "\\" in text:
+    if _could_hold_key(redacted):
         note = {"dropped": f"a body of {len(body)} bytes that could hold a domain key"}
         return json.dumps(note).encode()
     return redacted
+
+
+def _could_hold_key(raw: bytes) -> bool:
+    if b"\\" in raw or raw.count(_FIELD.encode()) != raw.count(_REDACTED):
+        return True
+    return any(_FIELD.encode(wide) in raw for wide in _WIDE_ENCODINGS)
 
 
 class VerifiedKeys:

@@ -2,6 +2,8 @@
 
 The first call goes at once; calls made while it is on its way wait and go together in
 the next, so a lone job pays no delay and a busy worker pays one command per batch.
+A batch refused for what one of its items holds is tried again item by item, so only
+that item's caller sees the error.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ class Batcher(Generic[Item, Result]):
         self,
         flush: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
         max_batch: int = MAX_BATCH,
+        *,
+        split: Callable[[Exception], bool] = lambda exc: True,
     ) -> None:
+        """``split`` says whether a batch's error may lie with one item (try each alone)
+        rather than with the server (fail the whole batch at once).
+        """
         self._flush = flush
         self._max_batch = max_batch
+        self._split = split
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -45,6 +53,9 @@ class Batcher(Generic[Item, Result]):
                 try:
                     results = await self._flush([item for item, _ in batch])
                 except Exception as exc:
+                    if len(batch) > 1 and self._split(exc):
+                        await self._one_by_one(batch)
+                        continue
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -58,3 +69,14 @@ class Batcher(Generic[Item, Result]):
             for _, future in [*batch, *self._waiting]:
                 future.cancel()
             self._waiting.clear()
+
+    async def _one_by_one(self, batch: Sequence[tuple[Item, asyncio.Future[Result]]]) -> None:
+        for item, future in batch:
+            try:
+                (result,) = await self._flush([item])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            if not future.done():
+                future.set_result(result)

@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from consumer.cli_output import pretty_json, table
+from consumer.cli_output import pretty_json, table, terminal_safe
 from consumer.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
 from consumer.settings import Settings
 from consumer.store import JobStore, utcnow
@@ -86,12 +86,13 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 status = change.before.get("status") if change.before else None
                 if not change.applied and status is not None:
                     # A sent (or cancelled, or live) job is never sent again by a replay.
-                    print(f"{letter.job_id}: {status}, not replayed (left in the queue)")
+                    shown_id = terminal_safe(letter.job_id)
+                    print(f"{shown_id}: {status}, not replayed (left in the queue)")
                     continue
             await exchange.publish(replay_copy(message), routing_key=SEND_KEY, mandatory=True)
             await message.ack()
             replayed += 1
-            print(f"{letter.job_id}: replayed ({letter.reason})")
+            print(f"{terminal_safe(str(letter.job_id))}: replayed ({letter.reason})")
     for job_id in sorted(wanted):
         print(f"mailbus dead replay: no dead letter for job {job_id!r}", file=sys.stderr)
     print(f"{replayed} replayed")

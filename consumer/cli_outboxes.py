@@ -12,7 +12,7 @@ from typing import Any
 import aiosmtplib
 from pydantic import SecretStr
 
-from consumer.cli_output import pretty_json, table
+from consumer.cli_output import pretty_json, table, terminal_safe
 from consumer.errors import ConfigurationError
 from consumer.message import charset_name
 from consumer.outbox_store import (
@@ -137,7 +137,7 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
         await smtp.connect()
         await smtp.quit()
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        print(f"FAILED {args.name} ({steps}): {type(exc).__name__}: {exc}")
+        print(f"FAILED {args.name} ({steps}): {type(exc).__name__}: {terminal_safe(str(exc))}")
         return 1
     print(f"OK {args.name} ({steps})")
     return 0

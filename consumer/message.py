@@ -32,6 +32,10 @@ SCHEMA_VERSION = 1
 # 998 characters RFC 5322 allows on a line.
 MAX_HEADER_WORD = 900
 TEMPLATE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
+# ``tags`` and ``metadata`` are stored with the job and echoed in every event: small by
+# contract, so one job can never make a record (or a batch of records) too large to write.
+MAX_TAGS = 50
+MAX_METADATA_BYTES = 16 * 1024
 _FORBIDDEN_HEADER_CHARS = ("\r", "\n", "\0")
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
@@ -83,6 +87,23 @@ def charset_name(value: str) -> str:
 
 Charset = Annotated[str, Field(max_length=40), AfterValidator(charset_name)]
 EmailText = Annotated[str, Field(max_length=320), AfterValidator(_check_email)]
+
+
+def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse metadata too large to echo, or with keys MongoDB cannot store (NUL, ``$``)."""
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON, over the {MAX_METADATA_BYTES} allowed")
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any("\0" in key or key.startswith("$") for key in item):
+                raise ValueError("metadata keys cannot hold NUL or start with '$'")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
 
 
 def _split_name_addr(value: Any) -> Any:
@@ -185,8 +206,8 @@ class Job(BaseModel):
     send_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
-    tags: list[Annotated[str, Field(max_length=100)]] = []
-    metadata: dict[str, Any] = {}
+    tags: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=MAX_TAGS)] = []
+    metadata: Annotated[dict[str, Any], AfterValidator(_bounded_metadata)] = {}
     version: Literal[1] = 1
 
     @model_validator(mode="after")

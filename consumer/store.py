@@ -104,6 +104,11 @@ async def answering() -> AsyncIterator[None]:
         raise
 
 
+def _not_unavailable(exc: Exception) -> bool:
+    """A batch not refused for MongoDB being away may have failed for one record's sake."""
+    return not isinstance(exc, StoreUnavailableError)
+
+
 def _history(event: str, now: datetime, **fields: Any) -> Document:
     return {"$each": [{"at": now, "event": event, **fields}], "$slice": -HISTORY_LENGTH}
 
@@ -158,8 +163,8 @@ class JobStore:
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._retention = timedelta(days=settings.retention_days)
         # Claims of new jobs and "sent" records go to MongoDB in batches (group commit).
-        self._new_claims = Batcher(self._insert_new)
-        self._sent_records = Batcher(self._write_sent)
+        self._new_claims = Batcher(self._insert_new, split=_not_unavailable)
+        self._sent_records = Batcher(self._write_sent, split=_not_unavailable)
 
     @classmethod
     def connect(cls, settings: Settings) -> JobStore:

@@ -63,3 +63,23 @@ async def test_a_failed_batch_fails_its_callers_only() -> None:
     # Nothing is left running: a later call starts a new batch.
     assert await batcher.submit(5) == 10
     assert recorder.batches == [[0], [1, 2], [5]]
+
+
+async def test_a_batch_refused_for_one_item_fails_that_item_only() -> None:
+    recorder = Recorder(fail_on=3)
+    batcher = Batcher(recorder.flush)
+    calls = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[:3] == [0, 2, 4]
+    assert results[4] == 8
+    assert isinstance(results[3], ConnectionError)
+    assert recorder.batches == [[0, 1, 2, 3, 4], [0], [1], [2], [3], [4]]
+
+
+async def test_a_batch_refused_by_the_server_is_not_split() -> None:
+    recorder = Recorder(fail_on=3)
+    batcher = Batcher(recorder.flush, split=lambda exc: not isinstance(exc, ConnectionError))
+    calls = [asyncio.ensure_future(batcher.submit(i)) for i in range(5)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(result, ConnectionError) for result in results)
+    assert recorder.batches == [[0, 1, 2, 3, 4]]

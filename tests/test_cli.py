@@ -12,8 +12,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.settings import Settings
+from consumer.topology import Names
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import encode, job, publish_raw
 from tests.conftest import RunningWorker
 
 SEND = ("send", "--domain", "example.com", "--from", "a@example.com")
@@ -247,3 +249,27 @@ async def test_jobs_ls_show_cancel_and_reschedule(
     naive = await mailbus(settings, "jobs", "reschedule", kept_id, "--at", "2030-01-01T09:00")
     assert naive.returncode == 2
     assert "timezone" in naive.stderr
+
+
+async def test_listings_escape_what_a_terminal_would_act_on(
+    settings: Settings, channel: AbstractChannel, worker: RunningWorker
+) -> None:
+    """A job id (the AMQP message id) and a subject are the producer's: printed, their
+    terminal escapes and bidirectional overrides show as escapes, never act.
+    """
+    hostile_id = "evil\x1b]0;owned\x07\x9b2J"
+    subject = "invoice \u202egpj.exe"
+    body = job(subject=subject, send_at="2099-01-01T00:00:00+00:00")
+    await publish_raw(channel, Names(settings.prefix), encode(body), message_id=hostile_id)
+    for _ in range(100):
+        listing = await mailbus(settings, "jobs", "ls", "--status", "scheduled")
+        if "evil" in listing.stdout:
+            break
+        await asyncio.sleep(0.1)
+    shown = await mailbus(settings, "jobs", "show", hostile_id)
+    for output in (listing.stdout, shown.stdout):
+        assert not any(c in output for c in "\x1b\x07\x9b\u202e")
+    assert "evil\\x1b]0;owned\\x07\\x9b2J" in listing.stdout
+    assert "invoice \\u202egpj.exe" in listing.stdout
+    record = json.loads(shown.stdout)  # still JSON, with the same values
+    assert (record["_id"], record["subject"]) == (hostile_id, subject)

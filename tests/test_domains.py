@@ -114,8 +114,11 @@ def test_a_body_loses_its_domain_key_whatever_its_shape() -> None:
     assert without_domain_key(keyless) is keyless
     broken = b'{"domain_key": "' + DOMAIN_KEY.encode() + b'", "subject": "cut'
     assert without_domain_key(broken) == b'{"domain_key":"***", "subject": "cut'
+    latin = broken.replace(b"cut", "coupé".encode("latin-1"))  # not UTF-8, yet redacted
+    assert without_domain_key(latin) == b'{"domain_key":"***", "subject": "coup\xe9'
+    assert without_domain_key(b"\xff\xfe not utf-8") == b"\xff\xfe not utf-8"
     for hidden in (
-        broken.decode().encode("utf-16"),  # not UTF-8: the key could be in any encoding
+        broken.decode().encode("utf-16"),  # the field's name in another encoding JSON allows
         b'{"domain\\u005fkey": "' + DOMAIN_KEY.encode() + b'", ',  # an escaped field name
     ):
         dropped = without_domain_key(hidden)

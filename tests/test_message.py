@@ -76,12 +76,24 @@ def test_id_precedence_body_then_message_id_then_content_hash() -> None:
         {"charset": "utf-16"},  # writes ASCII as two bytes: not a mail charset
         {"template": {"name": "welcome"}, "text": "both"},
         {"template": {"name": "../etc"}, "text": None},
+        # What is stored with the record and echoed in every event stays small and storable.
+        {"metadata": {"blob": "x" * 16 * 1024}},
+        {"metadata": {"nested": [{"bad\0key": 1}]}},
+        {"metadata": {"$where": "1"}},
+        {"tags": [f"t{i}" for i in range(51)]},
     ],
 )
 def test_refused(fields: dict[str, object]) -> None:
     body = {k: v for k, v in job(**fields).items() if v is not None}
     with pytest.raises(InvalidJobError):
         parse_job(encode(body), None)
+
+
+def test_metadata_up_to_its_bound_is_kept() -> None:
+    fields = {"metadata": {"blob": "é" * 8000, "order": {"id": 42}}, "tags": ["t"] * 50}
+    parsed, _ = parse_job(encode(job(**fields)), None)
+    assert parsed.metadata == fields["metadata"]
+    assert len(parsed.tags) == 50
 
 
 def test_list_unsubscribe_and_other_custom_headers_are_accepted() -> None:

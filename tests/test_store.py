@@ -148,6 +148,23 @@ async def test_new_jobs_are_claimed_and_recorded_in_batches(store: JobStore) -> 
     assert after["update"] - before.get("update", 0) == 2
 
 
+async def test_a_record_the_server_refuses_fails_its_own_claim_only(store: JobStore) -> None:
+    body = Job.model_validate(job())
+    # A record MongoDB cannot store (a key with NUL), as a job built past validation
+    # would make: the batch it went in is tried again record by record.
+    unstorable = body.model_copy(update={"metadata": {"bad\0key": 1}})
+    ids = [f"split-{i}" for i in range(6)]
+    claims = await asyncio.gather(
+        *(store.claim(i, unstorable if i == "split-3" else body, "w1") for i in ids),
+        return_exceptions=True,
+    )
+    refused = {i for i, claim in zip(ids, claims, strict=True) if isinstance(claim, Exception)}
+    assert refused == {"split-3"}
+    assert all(c.state is ClaimState.CLAIMED for c in claims if not isinstance(c, Exception))
+    stored = {doc["_id"] async for doc in store.jobs.find({"_id": {"$in": ids}})}
+    assert stored == set(ids) - {"split-3"}
+
+
 async def test_a_job_known_to_have_a_record_is_claimed_without_an_insert(
     store: JobStore,
 ) -> None:
