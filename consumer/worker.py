@@ -78,8 +78,8 @@ class Worker:
     """Consumes the send and control queues and carries each outcome out on the broker."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
-        """``store``: the job store to use, else one on ``settings`` that reads the time
-        on the worker's clock of MongoDB's.
+        """``store``: the job store to use; by default one on ``settings`` that reads the
+        time on MongoDB's clock, as this worker measures it.
         """
         self.settings = settings
         self.names = topology.Names(settings.prefix)
