@@ -41,7 +41,15 @@ from consumer.retry import (
 )
 from consumer.schedule import DUE_HEADER, due_time
 from consumer.settings import Settings
-from consumer.store import DUE_TOLERANCE, Claim, ClaimState, Document, JobStore, utcnow
+from consumer.store import (
+    DUE_TOLERANCE,
+    Claim,
+    ClaimState,
+    Document,
+    JobStore,
+    exhausted_error,
+    utcnow,
+)
 from consumer.suppressions import SuppressionStore
 from consumer.transport import SendResult
 
@@ -148,6 +156,10 @@ class Pipeline:
         self.jitter = jitter
         self._sending: set[str] = set()
 
+    def leases_held(self) -> frozenset[str]:
+        """The jobs this worker is sending now: their leases must not run out meanwhile."""
+        return frozenset(self._sending)
+
     async def process(
         self,
         body: bytes,
@@ -226,8 +238,9 @@ class Pipeline:
         except StoreUnavailableError as exc:
             if not own:
                 raise
-            # On this machine's clock, the one that stamps the record's updated_at.
-            return _store_failed(ctx, exc, self.clock(), Release(self.worker_id, utcnow()))
+            # On the store's clock, the one that stamps the record's updated_at.
+            release = Release(self.worker_id, self.store.now())
+            return _store_failed(ctx, exc, self.clock(), release)
         finally:
             if own:
                 self._sending.discard(job_id)
@@ -384,7 +397,7 @@ class Pipeline:
         return decide(
             failure,
             attempt,
-            job.max_attempts or settings.max_attempts,
+            self.store.attempt_limit(job),
             settings.retry_base_delay,
             settings.retry_max_delay,
             self.jitter(),
@@ -452,6 +465,9 @@ def _not_claimed(ctx: Context, claim: Claim) -> Outcome:
             return Later(ctx, claim.lease_until, "leased")
         case ClaimState.WAITING if claim.due_at is not None:
             return Later(ctx, claim.due_at, "waiting")
+        case ClaimState.EXHAUSTED:
+            spent = dataclasses.replace(ctx, attempts=claim.attempts)
+            return Dead(spent, "delivery_limit", exhausted_error(claim.attempts))
         case ClaimState.CONFLICT:
             # Which domain holds the id is that domain's business.
             return Dead(ctx, "conflict", f"job id {ctx.job_id} is taken by another domain's job")

@@ -94,7 +94,9 @@ class Settings(BaseSettings):
     smtp_pool_size: int = Field(8, ge=1, le=1000)
     smtp_idle_seconds: float = Field(30.0, gt=0)
     drain_timeout: float = Field(30.0, ge=0)
-    lease_seconds: float = Field(300.0, gt=0)
+    # A job being sent is leased to its worker for this long, the lease renewed while the
+    # worker lives: a worker that died has its jobs taken over within about a lease.
+    lease_seconds: float = Field(20.0, ge=1)
     delivery_limit: int = Field(5, ge=1)
     retention_days: float = Field(30.0, gt=0)
     store_timeout: float = Field(10.0, gt=0)

@@ -9,13 +9,22 @@ has come, so a copy of a cancelled or rescheduled job is dropped or carried on.
 ``ready_at`` says when a record may next be claimed: its due time while scheduled, its
 lease's end while sending, absent once final. The claim filter is then the job id and one
 range, which every MongoDB-compatible server answers from the ``_id`` index.
+
+Every time a record holds is read on one clock, the store's (see
+:mod:`consumer.store_clock`): a worker whose clock runs behind MongoDB's still claims a
+due job on time, and takes a lease over when it has run out for everyone. A lease is
+short (``MAILBUS_LEASE_SECONDS``) and renewed while its worker holds the job
+(:meth:`JobStore.renew`), so a dead worker's jobs move on within seconds. A claim is also
+where a job's attempts are counted and bounded: past its last one, whatever brought it
+back (a worker that died mid-send, a crash, a lease let go), it is recorded ``dead``
+(``delivery_limit``) instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -55,6 +64,7 @@ class ClaimState(enum.Enum):
     LEASED = "leased"  # another worker is sending it (``lease_until``)
     DONE = "done"  # sent, failed, dead or cancelled: nothing more to do
     CONFLICT = "conflict"  # the id is taken by a job of another domain: never this one's
+    EXHAUSTED = "exhausted"  # due again after its last attempt: now recorded dead
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,11 @@ class Change:
 
     applied: bool
     before: Document | None
+
+
+def exhausted_error(attempts: int) -> str:
+    """Why a job was recorded dead at its claim: its last attempt never finished."""
+    return f"{attempts} attempts made, the last never finished (its worker stopped mid-job)"
 
 
 def utcnow() -> datetime:
@@ -154,21 +169,32 @@ class JobStore:
         client: AsyncMongoClient[Document],
         settings: Settings,
         commands: CommandCounter | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """``clock`` tells the store's time (a worker's :class:`~consumer.store_clock.StoreClock`);
+        without one, this machine's clock is taken for it.
+        """
         self.client = client
+        self.now = clock or utcnow
         # What the client sends, when it was made with this counter as a listener.
         self.commands = commands or CommandCounter()
         self.database: AsyncDatabase[Document] = client[settings.mongo_db]
         self.jobs: AsyncCollection[Document] = self.database["jobs"]
         self._lease = timedelta(seconds=settings.lease_seconds)
+        self._max_attempts = settings.max_attempts
         self._retention = timedelta(days=settings.retention_days)
         # Claims of new jobs and "sent" records go to MongoDB in batches (group commit).
         self._new_claims = Batcher(self._insert_new, split=_not_unavailable)
         self._sent_records = Batcher(self._write_sent, split=_not_unavailable)
 
     @classmethod
-    def connect(cls, settings: Settings) -> JobStore:
-        """Create the client (it connects lazily and reconnects by itself)."""
+    def connect(
+        cls, settings: Settings, *, clock: Callable[[], datetime] | None = None
+    ) -> JobStore:
+        """Create the client (it connects lazily and reconnects by itself); ``clock`` as
+        for the constructor.
+        """
         timeout_ms = int(settings.store_timeout * 1000)
         commands = CommandCounter()
         client: AsyncMongoClient[Document] = AsyncMongoClient(
@@ -179,7 +205,7 @@ class JobStore:
             appname="mailbus",
             event_listeners=[commands],
         )
-        return cls(client, settings, commands)
+        return cls(client, settings, commands, clock=clock)
 
     async def close(self) -> None:
         """Close the client's connections."""
@@ -227,11 +253,13 @@ class JobStore:
         A new job (the common case) is claimed by inserting its record, in a batch with
         other new jobs; a job that has a record already is claimed by a conditional update,
         at once when the caller knows it is ``recorded`` (no insert is tried first). A lease
-        let go of by ``release`` (see :mod:`consumer.leases`) is taken over at once.
+        let go of by ``release`` (see :mod:`consumer.leases`) is taken over at once. A job
+        that has had its :meth:`attempt_limit` of claims is not claimed again: it is
+        recorded dead (:attr:`ClaimState.EXHAUSTED`).
         """
         if recorded:
             return await self._claim_existing(job_id, job, worker_id, release)
-        now = utcnow()
+        now = self.now()
         lease_until = now + self._lease
         record = {
             "_id": job_id,
@@ -264,7 +292,7 @@ class JobStore:
     async def _claim_existing(
         self, job_id: str, job: Job, worker_id: str, release: Release | None
     ) -> Claim:
-        now = utcnow()
+        now = self.now()
         ready = {"ready_at": {"$lte": now + DUE_TOLERANCE}}
         # A record of another domain's job never matches: the upsert then fails on the id.
         query: Document = {"_id": job_id, "domain": _same_domain(job.domain), **ready}
@@ -276,6 +304,7 @@ class JobStore:
                 "updated_at": {"$lte": release.at},
             }
             query = {"_id": job_id, "domain": query["domain"], "$or": [ready, let_go]}
+        limit = self.attempt_limit(job)
         lease_until = now + self._lease
         update = {
             "$set": {
@@ -293,7 +322,9 @@ class JobStore:
             # update_one rather than find_one_and_update: some MongoDB-compatible servers
             # scan on findAndModify. The upsert covers a record removed since the insert.
             try:
-                result = await self.jobs.update_one(query, update, upsert=True)
+                result = await self.jobs.update_one(
+                    {**query, "attempts": {"$lt": limit}}, update, upsert=True
+                )
             except DuplicateKeyError:
                 result = None
             if result is not None and result.upserted_id is not None:
@@ -315,16 +346,62 @@ class JobStore:
                     reserved=Reservation(**reserved) if reserved is not None else None,
                 )
             found = await self._lookup(job_id)
+            attempts = int(found.get("attempts", 0)) if found is not None else 0
+            spent = found is not None and found["status"] not in FINAL and attempts >= limit
+            if spent and await self._exhaust(query, limit, attempts, now):
+                return Claim(ClaimState.EXHAUSTED, "dead", attempts)
         if found is None:  # removed by retention between the two calls: claim anew
             return await self._claim_existing(job_id, job, worker_id, release)
         return _found(found, job.domain)
+
+    def attempt_limit(self, job: Job) -> int:
+        """How many times ``job`` may be claimed: its own ``max_attempts``, else
+        ``MAILBUS_MAX_ATTEMPTS``.
+        """
+        return job.max_attempts or self._max_attempts
+
+    async def _exhaust(self, claimable: Document, limit: int, attempts: int, now: datetime) -> bool:
+        """Record dead the job ``claimable`` matches if it has had ``limit`` claims (its
+        record said ``attempts``); True if this call did.
+        """
+        error = exhausted_error(attempts)
+        result = await self.jobs.update_one(
+            {**claimable, "attempts": {"$gte": limit}},
+            {
+                "$set": {
+                    "status": "dead",
+                    "reason": "delivery_limit",
+                    "last_error": error,
+                    "updated_at": now,
+                    "expire_at": now + self._retention,
+                },
+                "$unset": {"lease_until": "", "ready_at": "", "body": "", "reserved": ""},
+                "$push": {"history": _history("dead", now, reason="delivery_limit")},
+            },
+        )
+        return result.modified_count == 1
+
+    async def renew(self, job_ids: Collection[str], worker_id: str) -> int:
+        """Extend the leases ``worker_id`` holds on ``job_ids`` to a whole lease from now,
+        in one update; how many it still held. ``updated_at`` stays: a renewal changes
+        nothing a reader of the record cares about, nor whether a release still holds.
+        """
+        if not job_ids:
+            return 0
+        lease_until = self.now() + self._lease
+        async with answering():
+            result = await self.jobs.update_many(
+                {"_id": {"$in": list(job_ids)}, "worker": worker_id, "status": "sending"},
+                {"$set": {"lease_until": lease_until, "ready_at": lease_until}},
+            )
+        return result.modified_count
 
     async def schedule(self, job_id: str, job: Job, body: bytes, due_at: datetime) -> Claim:
         """Record a job first seen before its due time, keeping its body for a reschedule.
 
         An existing record wins (a duplicate or redelivered message follows it).
         """
-        now = utcnow()
+        now = self.now()
         record = {
             **_summary(job, now),
             "status": "scheduled",
@@ -370,7 +447,7 @@ class JobStore:
 
         ``details`` are more fields to set (the template used, suppressed recipients).
         """
-        now = utcnow()
+        now = self.now()
         return await self._sent_records.submit(
             (
                 job_id,
@@ -435,7 +512,7 @@ class JobStore:
         ``partial``, after a delivery some recipients accepted: the recipients still owed
         the mail, and every refusal so far.
         """
-        now = utcnow()
+        now = self.now()
         changes: Document = {
             "status": "scheduled",
             "due_at": due_at,
@@ -468,7 +545,7 @@ class JobStore:
         """No outbox may send now: the job waits for its place in the provider's queue, and
         the attempt it was claimed for is given back (rate-limit waits never count).
         """
-        now = utcnow()
+        now = self.now()
         async with answering():
             await self.jobs.update_one(
                 {"_id": job_id, "worker": worker_id, "status": "sending"},
@@ -504,7 +581,7 @@ class JobStore:
         """The claimed job will never be sent: record ``failed`` or ``dead`` and why, and
         the outbox that refused it when one was chosen (else the last attempt's stays).
         """
-        now = utcnow()
+        now = self.now()
         if outbox is not None:
             details = {**(details or {}), "outbox": outbox}
         async with answering():
@@ -531,7 +608,7 @@ class JobStore:
         Otherwise its record stays the truth and the claim says why: already sent,
         cancelled… (the message is only a stale copy), or taken by another domain's job.
         """
-        now = utcnow()
+        now = self.now()
         async with answering():
             try:
                 await self.jobs.update_one(
@@ -567,7 +644,7 @@ class JobStore:
         Any other record is left alone (a sent job stays sent: a replayed copy is skipped);
         ``before`` is the record as it was, None when there was none.
         """
-        now = utcnow()
+        now = self.now()
         async with answering():
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": {"$in": ["failed", "dead"]}},
@@ -588,7 +665,7 @@ class JobStore:
         ``cancelled`` record of ``domain``, so that it is not sent if it arrives; a job
         being sent or done is left alone.
         """
-        now = utcnow()
+        now = self.now()
         query: Document = {"_id": job_id, "status": {"$in": list(WAITING)}}
         if domain is not None:
             query["domain"] = _same_domain(domain)
@@ -631,7 +708,7 @@ class JobStore:
 
         A place the job held in a provider's queue is let go: at its new time it is new.
         """
-        now = utcnow()
+        now = self.now()
         async with answering():
             before = await self.jobs.find_one_and_update(
                 {"_id": job_id, "status": "scheduled"},

@@ -67,6 +67,9 @@ RECONNECT_INTERVAL = 2.0
 # A job held to its due time is processed again in the same task; bounded, in case its
 # record keeps answering "a moment later".
 MAX_HOLDS = 3
+# A held job's lease is renewed this many times in a lease: a renewal may be late, or
+# fail while MongoDB blips, a few times before the lease could run out.
+RENEWALS_PER_LEASE = 4
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
 Settled = Outcome | control.Result
 
@@ -75,10 +78,15 @@ class Worker:
     """Consumes the send and control queues and carries each outcome out on the broker."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
+        """``store``: the job store to use; by default one on ``settings`` that reads the
+        time on MongoDB's clock, as this worker measures it.
+        """
         self.settings = settings
         self.names = topology.Names(settings.prefix)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.store = store or JobStore.connect(settings)
+        # Due times and leases are read on MongoDB's clock, which every worker shares.
+        self.clock = StoreClock()
+        self.store = store or JobStore.connect(settings, clock=self.clock.now)
         default = None
         if settings.default_smtp_url is not None:
             default = outbox_from_url(
@@ -87,8 +95,6 @@ class Worker:
         self.outboxes = OutboxStore(self.store.database)
         self.providers = ProviderStore(self.store.database)
         self.vault = Vault.optional(settings)
-        # Due times are read on MongoDB's clock, which every worker shares.
-        self.clock = StoreClock()
         self.picker = OutboxPicker(
             self.outboxes,
             self.providers,
@@ -175,6 +181,9 @@ class Worker:
                 return
             await self._measure_clock(announce=True)
             timing = asyncio.create_task(self._keep_time(stop))
+            # Renewed until the drain is over: jobs still being sent keep their leases.
+            drained = asyncio.Event()
+            renewing = asyncio.create_task(self._keep_leases(drained))
             consumers = []
             for queue, key in objects.consume:
                 tag = await queue.consume(functools.partial(self._on_message, key))
@@ -203,6 +212,8 @@ class Worker:
                 except _BROKER_ERRORS as exc:
                     log.warning("worker.cancel_failed", error=str(exc))
             await self._drain()
+            drained.set()
+            await renewing
         finally:
             await self.picker.close()
             await self.fetcher.close()
@@ -493,6 +504,24 @@ class Worker:
             await _wait(stop, REMEASURE_SECONDS)
             if not stop.is_set():
                 await self._measure_clock()
+
+    async def _keep_leases(self, drained: asyncio.Event) -> None:
+        """Renew the leases of the jobs being sent, in one update, until ``drained``: a
+        live worker's job is never taken over, while a dead one's is within a lease.
+        """
+        pause = self.settings.lease_seconds / RENEWALS_PER_LEASE
+        while not drained.is_set():
+            await _wait(drained, pause)
+            held = self.pipeline.leases_held()
+            if drained.is_set() or not held:
+                continue
+            try:
+                await self.store.renew(held, self.worker_id)
+            except StoreUnavailableError as exc:
+                log.warning("worker.leases_not_renewed", error=str(exc), jobs=len(held))
+            except Exception:
+                # A side task: whatever it hits must not stop the renewals to come.
+                log.exception("worker.leases_renewal_crashed")
 
     async def _look_for_digests(self, digests: Digests, stop: asyncio.Event) -> None:
         while not stop.is_set():

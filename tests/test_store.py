@@ -73,6 +73,75 @@ async def test_expired_lease_can_be_claimed_and_old_holder_cannot_record(
         await short.close()
 
 
+async def test_a_renewed_lease_is_not_taken_over(settings: Settings) -> None:
+    """A worker that renews its lease keeps the job past the lease's first end; only the
+    leases it still holds are renewed.
+    """
+    short = JobStore.connect(settings.model_copy(update={"lease_seconds": 0.3}))
+    body = Job.model_validate(job())
+    try:
+        assert (await short.claim("r1", body, "w1")).state is ClaimState.CLAIMED
+        assert (await short.claim("r2", body, "w2")).state is ClaimState.CLAIMED
+        for _ in range(4):
+            await asyncio.sleep(0.15)
+            assert await short.renew({"r1", "r2", "unknown"}, "w1") == 1
+        assert (await short.claim("r1", body, "w3")).state is ClaimState.LEASED
+        assert (await short.claim("r2", body, "w3")).state is ClaimState.CLAIMED
+        assert await short.renew(set(), "w1") == 0
+    finally:
+        await short.close()
+
+
+async def test_claims_read_due_times_on_the_store_clock(settings: Settings) -> None:
+    """A store whose clock is behind this machine's (a worker that measured MongoDB's
+    clock ahead of its own) claims a job due by MongoDB's time, though not yet by its own.
+    """
+    ahead = timedelta(seconds=30)
+    lagging = JobStore.connect(settings, clock=lambda: utcnow() + ahead)
+    body = Job.model_validate(job())
+    try:
+        await lagging.schedule("c1", body, b"{}", utcnow() + ahead / 2)
+        assert (await lagging.claim("c1", body, "w1")).state is ClaimState.CLAIMED
+        record = await lagging.get("c1")
+        assert record is not None
+        # The lease, too, runs on the store's clock.
+        assert record["lease_until"] > utcnow() + ahead
+    finally:
+        await lagging.close()
+
+
+async def test_a_job_past_its_last_attempt_is_dead_at_its_claim(settings: Settings) -> None:
+    """However a job comes back after its last attempt (here: a lease run out, as after
+    a worker died mid-send), the claim records it dead with ``delivery_limit``.
+    """
+    short = JobStore.connect(settings.model_copy(update={"lease_seconds": 0.1, "max_attempts": 2}))
+    body = Job.model_validate(job())
+    try:
+        for attempt in (1, 2):
+            taken = await short.claim("x1", body, f"w{attempt}", recorded=attempt > 1)
+            assert (taken.state, taken.attempts) == (ClaimState.CLAIMED, attempt)
+            await asyncio.sleep(0.15)
+        spent = await short.claim("x1", body, "w3", recorded=True)
+        assert (spent.state, spent.attempts) == (ClaimState.EXHAUSTED, 2)
+        record = await short.get("x1")
+        assert record is not None
+        assert (record["status"], record["reason"], record["attempts"]) == (
+            "dead",
+            "delivery_limit",
+            2,
+        )
+        assert "lease_until" not in record
+        again = await short.claim("x1", body, "w4", recorded=True)
+        assert (again.state, again.status) == (ClaimState.DONE, "dead")
+        # A job's own max_attempts bounds it the same way.
+        once = Job.model_validate(job(max_attempts=1))
+        assert (await short.claim("x2", once, "w1")).state is ClaimState.CLAIMED
+        await asyncio.sleep(0.15)
+        assert (await short.claim("x2", once, "w2")).state is ClaimState.EXHAUSTED
+    finally:
+        await short.close()
+
+
 async def test_scheduled_job_is_claimable_only_from_its_due_time(store: JobStore) -> None:
     body = Job.model_validate(job())
     due = utcnow() + timedelta(seconds=0.5)

@@ -1,7 +1,8 @@
 """Workers whose clocks disagree by seconds share one provider limit exactly, and hold
 no job back: the buckets run on the MongoDB server's clock, and due times are read on it
 too (each worker measures its offset to it), so a job one worker put in the delay
-ladder is due for the other at the same moment.
+ladder is due for the other at the same moment; and a worker whose clock is behind
+MongoDB's claims a scheduled job on time, as the claim compares on MongoDB's clock.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
@@ -112,3 +114,55 @@ async def test_skewed_workers_share_one_limit(
     offsets = [clock_offset(log) for log in logs]
     assert sorted(round(seconds) for seconds in offsets) == [-4, 4], offsets
     assert all('"job.sent"' in log for log in logs), "a skewed worker sent nothing"
+
+
+LAGGING_JOBS = 5
+LAG = "-4s"
+ON_TIME_SECONDS = 1.0
+
+
+async def test_a_lagging_worker_claims_a_scheduled_job_on_time(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    tmp_path: Path,
+    ledger: list[Account],
+) -> None:
+    """The only worker's clock is 4 s behind MongoDB's: jobs scheduled 3 to 5 s ahead
+    still go out on time, not 4 s late, as its claims read due times on MongoDB's clock.
+    """
+    names = Names(settings.prefix)
+    worker = spawn_worker(settings, tmp_path / "worker.log", skewed(LAG))
+
+    async def consuming() -> bool:
+        return await consumers(channel, names.send_queue) == 1
+
+    ids = [f"lag-{i}" for i in range(LAGGING_JOBS)]
+    due: dict[str, float] = {}
+    try:
+        await until(consuming, seconds=60)
+        exchange = await channel.get_exchange(names.exchange)
+        now = datetime.now(UTC)  # this machine's clock, MongoDB's too: it runs here
+        for n, job_id in enumerate(ids):
+            send_at = now + timedelta(seconds=3 + n / 2)
+            due[job_id] = send_at.timestamp()
+            body = job(subject=job_id, send_at=send_at.isoformat())
+            await exchange.publish(job_message(body, job_id=job_id), routing_key="send")
+        async with asyncio.timeout(30):
+            await smtp.wait_for(LAGGING_JOBS)
+    finally:
+        await stop_workers(worker)
+    received = smtp.received()
+    account = await settle(
+        "a worker 4 s behind MongoDB", ids, received, await dead_ids(channel, names), store
+    )
+    late = [mail.received_at - due[str(mail.message()["Subject"])] for mail in received]
+    account.notes = {
+        "worker_clock_offset_s": round(clock_offset((tmp_path / "worker.log").read_text()), 1),
+        "max_seconds_late": round(max(late), 2),
+    }
+    ledger.append(account)
+    assert (account.sent, account.dead, account.duplicated) == (LAGGING_JOBS, 0, 0)
+    assert round(account.notes["worker_clock_offset_s"]) == 4
+    assert all(0 <= seconds < ON_TIME_SECONDS for seconds in late), late
