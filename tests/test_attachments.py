@@ -8,15 +8,23 @@ import base64
 import hashlib
 import ipaddress
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from consumer.attachments import AttachmentLoader, allowed_path, decode_inline, mime_type
+from consumer.attachments import (
+    AttachmentLoader,
+    allowed_path,
+    decode_inline,
+    mime_type,
+    read_local,
+)
 from consumer.errors import AttachmentError, AttachmentUnavailableError
-from consumer.fetch import Fetcher, FetchLimits, refused_address
+from consumer.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
 from consumer.message import Attachment
+from deploy.devstack.tls import server_context, signed_by_test_authority
 from tests.http_files import FileServer, Route
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64
@@ -91,6 +99,22 @@ async def test_loader_reads_a_local_file_within_the_size_cap(allowed: Path) -> N
     await fetcher.close()
 
 
+def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(
+    allowed: Path,
+) -> None:
+    checked = allowed_path("invoices/2030-05.pdf", [allowed])
+    outside = allowed.parent / "outside"
+    outside.mkdir()
+    (outside / "2030-05.pdf").write_text("do not read")
+    (allowed / "invoices").rename(allowed / "moved")
+    (allowed / "invoices").symlink_to(outside)
+    with pytest.raises(AttachmentError, match="changed after it was checked"):
+        read_local(checked, [allowed], len(PDF))
+    # A real path inside, symlinks resolved by the check, still reads.
+    (allowed / "latest.pdf").symlink_to(allowed / "moved" / "2030-05.pdf")
+    assert read_local(allowed_path("latest.pdf", [allowed]), [allowed], len(PDF)) == PDF
+
+
 def test_inline_data_is_decoded_and_capped() -> None:
     att = Attachment(filename="a.bin", content_b64=base64.b64encode(b"x" * 100).decode())
     assert decode_inline(att, 100) == b"x" * 100
@@ -124,6 +148,12 @@ def test_content_types_are_declared_served_or_guessed() -> None:
         ("fd00::1", "private"),
         ("ff02::1", "multicast"),
         ("::ffff:127.0.0.1", "loopback"),
+        # 6to4 and Teredo addresses lead on to the IPv4 address they carry.
+        ("2002:7f00:1::1", "loopback"),
+        ("2002:a00:8::1", "private"),
+        ("2002:a9fe:a9fe::1", "link-local"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo client 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fff7", "private"),  # Teredo client 10.0.0.8
     ],
 )
 def test_non_public_addresses_are_refused(address: str, kind: str) -> None:
@@ -202,3 +232,58 @@ async def test_private_addresses_are_refused_by_default_before_connecting(
     finally:
         await fetcher.close()
     assert files.hits == []  # refused before connecting
+
+
+async def test_a_host_that_does_not_exist_can_never_be_fetched() -> None:
+    fetcher = Fetcher(FetchLimits(max_bytes=1000))
+    try:
+        with pytest.raises(AttachmentError, match=r"nowhere\.invalid: no such host"):
+            await fetcher.fetch("https://nowhere.invalid/report.pdf")
+    finally:
+        await fetcher.close()
+
+
+def test_urls_are_shown_without_userinfo_query_and_fragment() -> None:
+    presigned = "https://key:s3cr3t@bucket.example:8443/a/b.pdf?X-Amz-Signature=abc&x=1#top"
+    assert shown_url(presigned) == "https://bucket.example:8443/a/b.pdf"
+    assert shown_url("http://[::1/x?token=t") == "(unreadable URL)"
+
+
+async def _loopback(host: str, port: int) -> list[IPAddress]:
+    """Every name is this machine (as a.test and b.test are in the TLS test)."""
+    return [ipaddress.ip_address("127.0.0.1")]
+
+
+@pytest.fixture
+def a_test_server(tmp_path: Path) -> Iterator[tuple[FileServer, ssl.SSLContext]]:
+    """An HTTPS server with a certificate for a.test only, keeping connections open, and
+    a client context that trusts its authority.
+    """
+    made = signed_by_test_authority(tmp_path / "tls", "a.test")
+    server = FileServer(tls=server_context(made.cert, made.key), keep_alive=True)
+    server.start()
+    yield server, ssl.create_default_context(cafile=made.ca)
+    server.stop()
+
+
+async def test_tls_checks_each_host_even_when_they_share_an_address(
+    a_test_server: tuple[FileServer, ssl.SSLContext],
+) -> None:
+    """a.test and b.test both resolve to 127.0.0.1; the certificate is for a.test only. A
+    connection opened for a.test is never reused for b.test: b.test gets its own, whose
+    certificate check fails, and the server is never asked for b.test's file.
+    """
+    server, trusted = a_test_server
+    server.route("/report.pdf", Route(body=PDF, content_type="application/pdf"))
+    limits = FetchLimits(max_bytes=len(PDF), allow_private=True)
+    fetcher = Fetcher(limits, ssl_context=trusted, resolver=_loopback)
+    try:
+        for _ in range(2):  # the second over the first's pooled connection
+            fetched = await fetcher.fetch(server.url("/report.pdf", host="a.test"))
+            assert sha(fetched.data) == sha(PDF)
+        with pytest.raises(AttachmentUnavailableError, match="certificate verify failed"):
+            await fetcher.fetch(server.url("/report.pdf", host="b.test"))
+    finally:
+        await fetcher.close()
+    port = server.url("/").rsplit(":", 1)[1].rstrip("/")
+    assert server.hosts == [f"a.test:{port}"] * 2
