@@ -4,16 +4,21 @@ from a real loopback HTTP server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ipaddress
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from consumer import dead_letters
 from consumer.attachments import (
     AttachmentLoader,
     allowed_path,
@@ -24,8 +29,15 @@ from consumer.attachments import (
 from consumer.errors import AttachmentError, AttachmentUnavailableError
 from consumer.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
 from consumer.message import Attachment
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.topology import Names
+from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import server_context, signed_by_test_authority
+from tests.broker import depth, drain_events, encode, job, listen_events, until
+from tests.conftest import RunningWorker
 from tests.http_files import FileServer, Route
+from tests.secret_watch import watched
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64
 
@@ -287,3 +299,79 @@ async def test_tls_checks_each_host_even_when_they_share_an_address(
         await fetcher.close()
     port = server.url("/").rsplit(":", 1)[1].rstrip("/")
     assert server.hosts == [f"a.test:{port}"] * 2
+
+
+# A presigned URL's signature and a URL's password are credentials: watched over the whole
+# run's output too.
+SIGNATURE = watched("sig-5d41402abc4b2a76b9719d911017c592")
+URL_PASSWORD = watched("pw-urlinfo-Q9v7")
+
+
+async def test_attachment_urls_are_shown_without_credentials(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    files: FileServer,
+) -> None:
+    """A URL attachment that fails now and again (HTTP 404, retried until the attempts run
+    out) and one that can never work (an encoding mailbus cannot bound): neither URL's
+    password nor query reaches the dead letter, the events, the job record, the reply or
+    the admin digest, while the host and path still say which attachment it was.
+    """
+    names = Names(settings.prefix)
+    replies_prefix = f"{settings.prefix}.replies."
+    running_settings = settings.model_copy(
+        update={
+            "attachment_allow_private": True,
+            "max_attempts": 2,
+            "reply_queue_prefix": replies_prefix,
+            "admin_email": "ops@example.net",
+            "admin_digest_seconds": 1.0,
+        }
+    )
+    query = f"?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature={SIGNATURE}"
+    files.route(f"/never.pdf{query}", Route(body=b"x", encoding="br"))
+    base = files.url("/").removeprefix("http://").rstrip("/")
+    urls = {
+        "url-missing": f"http://reader:{URL_PASSWORD}@{base}/missing.pdf{query}#page=2",
+        "url-never": f"http://reader:{URL_PASSWORD}@{base}/never.pdf{query}",
+    }
+    replies = await channel.declare_queue(f"{replies_prefix}app", auto_delete=True)
+    events = await listen_events(channel, names)
+    exchange = await channel.get_exchange(names.exchange)
+    for job_id, url in urls.items():
+        body = job(id=job_id, subject=job_id, attachments=[{"url": url}])
+        message = aio_pika.Message(encode(body), reply_to=replies.name, correlation_id=job_id)
+        await exchange.publish(message, routing_key="send")
+    running = RunningWorker(running_settings)
+    try:
+        await until(lambda: _depth_is(channel, names.dead, 2), 30)
+        [digest] = await asyncio.wait_for(smtp.wait_for(1), 30)
+        answers = [await replies.get(timeout=10) for _ in urls]
+    finally:
+        await running.shutdown()
+    letters = [m async for m in _taken(channel, names.dead)]
+    shown: dict[str, str] = {
+        "dead letters": repr([(m.headers, dead_letters.read(m)) for m in letters]),
+        "events": repr(await drain_events(channel, events)),
+        "records": repr([await store.get(job_id) for job_id in urls]),
+        "replies": repr([json.loads(answer.body) for answer in answers]),
+        "digest": digest.message().get_content(),
+    }
+    for where, text in shown.items():
+        for secret in (SIGNATURE, URL_PASSWORD, "X-Amz-Credential", "reader", "page=2"):
+            assert secret not in text, f"{secret} in the {where}"
+        for what in ("/missing.pdf: HTTP 404", "/never.pdf: content-encoding 'br'"):
+            assert f"{base}{what}" in text, f"{what} not in the {where}"
+
+
+async def _depth_is(channel: AbstractChannel, queue: str, count: int) -> bool:
+    return await depth(channel, queue) >= count
+
+
+async def _taken(channel: AbstractChannel, name: str) -> AsyncIterator[AbstractIncomingMessage]:
+    """Every message of the queue, taken off it."""
+    queue = await channel.get_queue(name, ensure=False)
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        yield message
