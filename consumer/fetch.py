@@ -33,7 +33,7 @@ from consumer.errors import AttachmentError, AttachmentUnavailableError
 from consumer.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# Every address a host has, as (host, port) resolve to them.
+# Gives every address a host (and port) has: the system resolver, or a test's.
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 _SCHEMES = ("http", "https")
 _CHUNK = 64 * 1024

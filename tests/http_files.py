@@ -30,10 +30,16 @@ class _Server(ThreadingHTTPServer):
     routes: dict[str, Route]
     hits: list[str]
     hosts: list[str]
+    connections: int
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        """One handler serves one connection (one TLS handshake that succeeded)."""
+        super().setup()
+        self.server.connections += 1
 
     def do_GET(self) -> None:
         self.server.hits.append(self.path)
@@ -86,6 +92,7 @@ class FileServer:
         self._server.routes = {}
         self._server.hits = []
         self._server.hosts = []
+        self._server.connections = 0
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -97,6 +104,11 @@ class FileServer:
     def hosts(self) -> list[str]:
         """The Host header of each request so far, in order."""
         return list(self._server.hosts)
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far (over TLS: their handshakes succeeded)."""
+        return self._server.connections
 
     def route(self, path: str, route: Route) -> str:
         """Answer ``path`` with ``route``; returns its URL."""

@@ -299,6 +299,7 @@ async def test_tls_checks_each_host_even_when_they_share_an_address(
         await fetcher.close()
     port = server.url("/").rsplit(":", 1)[1].rstrip("/")
     assert server.hosts == [f"a.test:{port}"] * 2
+    assert server.connections == 1
 
 
 # A presigned URL's signature and a URL's password are credentials: watched over the whole
