@@ -8,18 +8,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import mimetypes
 import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from consumer.errors import AttachmentError
-from consumer.fetch import Fetcher
+from consumer.fetch import Fetcher, shown_url
 from consumer.message import Attachment
 
 OCTET_STREAM = "application/octet-stream"
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# Non-blocking: a FIFO swapped in must not hang the open (it is refused after fstat).
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# What opening beneath a directory meets where a symlink or a file replaced a directory.
+_SWAPPED = frozenset({errno.ELOOP, errno.ENOTDIR})
 
 
 @dataclass(frozen=True)
@@ -70,11 +76,11 @@ def allowed_path(raw: str, dirs: Sequence[Path]) -> Path:
     roots = [d.resolve() for d in dirs]
     given = Path(raw)
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
-    inside = [
-        real
-        for real in (candidate.resolve() for candidate in candidates)
-        if any(real.is_relative_to(root) for root in roots)
-    ]
+    try:
+        reals = [candidate.resolve() for candidate in candidates]
+    except OSError as exc:  # a symlink removed while it was being resolved
+        raise AttachmentError(f"path {raw!r}: {exc.strerror} (it changed while checked)") from None
+    inside = [real for real in reals if any(real.is_relative_to(root) for root in roots)]
     if not inside:
         raise AttachmentError(f"path {raw!r} is outside MAILBUS_ATTACHMENT_DIRS")
     for real in inside:
@@ -83,12 +89,39 @@ def allowed_path(raw: str, dirs: Sequence[Path]) -> Path:
     raise AttachmentError(f"path {raw!r}: no such file")
 
 
-def read_local(path: Path, max_bytes: int) -> bytes:
-    """Read a regular file, refusing a symlink swapped in since the check and oversize files."""
+def open_beneath(root: Path, relative: PurePath) -> int:
+    """A read-only descriptor for ``relative`` beneath the directory ``root``, opened one
+    component at a time from the directory before it and following no symlink: a
+    directory or file swapped for a symlink after the path was checked makes the open
+    fail rather than lead outside (what Linux's ``openat2`` with ``RESOLVE_BENEATH`` does;
+    Python does not offer it). ``root`` itself, the operator's, may be a symlink.
+    Raises OSError.
+    """
+    if ".." in relative.parts:
+        raise ValueError(f"{relative} leads upwards")
+    *directories, name = relative.parts or (".",)
+    dir_fd = os.open(root, _DIRECTORY)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        for part in directories:
+            inner = os.open(part, _DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            os.close(dir_fd)
+            dir_fd = inner
+        return os.open(name, _FILE, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_local(path: Path, dirs: Sequence[Path], max_bytes: int) -> bytes:
+    """Read the regular file at ``path``, a real path :func:`allowed_path` found inside
+    one of ``dirs``, opened beneath that directory (see :func:`open_beneath`); oversize
+    files are refused.
+    """
+    root = next(real for real in (d.resolve() for d in dirs) if path.is_relative_to(real))
+    try:
+        fd = open_beneath(root, path.relative_to(root))
     except OSError as exc:
-        raise AttachmentError(f"path {str(path)!r}: {exc.strerror}") from None
+        changed = " (it changed after it was checked)" if exc.errno in _SWAPPED else ""
+        raise AttachmentError(f"path {str(path)!r}: {exc.strerror}{changed}") from None
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(file.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -104,7 +137,7 @@ def read_local(path: Path, max_bytes: int) -> bytes:
 
 
 def _label(att: Attachment) -> str:
-    return repr(att.filename or att.cid or att.url or att.path or "")
+    return repr(att.filename or att.cid or (att.url and shown_url(att.url)) or att.path or "")
 
 
 class AttachmentLoader:
@@ -124,7 +157,7 @@ class AttachmentLoader:
             data, filename = decode_inline(att, self.max_bytes), att.filename
         elif att.path is not None:
             path = allowed_path(att.path, self.dirs)
-            data = await asyncio.to_thread(read_local, path, self.max_bytes)
+            data = await asyncio.to_thread(read_local, path, self.dirs, self.max_bytes)
             filename = att.filename or path.name
         else:
             assert att.url is not None  # the model requires exactly one source

@@ -1,8 +1,9 @@
-"""A loopback HTTP server with scripted routes, for URL attachments."""
+"""A loopback HTTP(S) server with scripted routes, for URL attachments."""
 
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -28,13 +29,21 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     routes: dict[str, Route]
     hits: list[str]
+    hosts: list[str]
+    connections: int
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
+    def setup(self) -> None:
+        """One handler serves one connection (one TLS handshake that succeeded)."""
+        super().setup()
+        self.server.connections += 1
+
     def do_GET(self) -> None:
         self.server.hits.append(self.path)
+        self.server.hosts.append(self.headers.get("Host", ""))
         route = self.server.routes.get(self.path, Route(status=404, body=b"not found"))
         if route.delay:
             time.sleep(route.delay)
@@ -47,6 +56,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", route.encoding)
         if route.declare_length:
             self.send_header("Content-Length", str(len(route.body)))
+        elif self.protocol_version == "HTTP/1.1":  # the body ends when the connection does
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         # The client may give up on purpose (size cap, timeout).
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -61,13 +73,26 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: tests read ``hits`` instead."""
 
 
-class FileServer:
-    """Serves scripted routes on a free loopback port from a background thread."""
+class _KeepAliveHandler(_Handler):
+    """HTTP/1.1: a connection serves one request after another."""
 
-    def __init__(self) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+    protocol_version = "HTTP/1.1"
+
+
+class FileServer:
+    """Serves scripted routes on a free loopback port from a background thread; with
+    ``tls``, over HTTPS; with ``keep_alive``, many requests on one connection.
+    """
+
+    def __init__(self, *, tls: ssl.SSLContext | None = None, keep_alive: bool = False) -> None:
+        self._server = _Server(("127.0.0.1", 0), _KeepAliveHandler if keep_alive else _Handler)
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self._scheme = "https" if tls is not None else "http"
         self._server.routes = {}
         self._server.hits = []
+        self._server.hosts = []
+        self._server.connections = 0
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -75,15 +100,25 @@ class FileServer:
         """Paths requested so far, in order."""
         return list(self._server.hits)
 
+    @property
+    def hosts(self) -> list[str]:
+        """The Host header of each request so far, in order."""
+        return list(self._server.hosts)
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted so far (over TLS: their handshakes succeeded)."""
+        return self._server.connections
+
     def route(self, path: str, route: Route) -> str:
         """Answer ``path`` with ``route``; returns its URL."""
         self._server.routes[path] = route
         return self.url(path)
 
-    def url(self, path: str) -> str:
-        """The URL of ``path`` on this server."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        """The URL of ``path`` on this server, named by its address or by ``host``."""
+        address, port = self._server.server_address[:2]
+        return f"{self._scheme}://{host or address!s}:{port}{path}"
 
     def start(self) -> None:
         """Start serving."""

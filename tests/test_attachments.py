@@ -4,20 +4,40 @@ from a real loopback HTTP server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ipaddress
+import json
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from consumer.attachments import AttachmentLoader, allowed_path, decode_inline, mime_type
+from consumer import dead_letters
+from consumer.attachments import (
+    AttachmentLoader,
+    allowed_path,
+    decode_inline,
+    mime_type,
+    read_local,
+)
 from consumer.errors import AttachmentError, AttachmentUnavailableError
-from consumer.fetch import Fetcher, FetchLimits, refused_address
+from consumer.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
 from consumer.message import Attachment
+from consumer.settings import Settings
+from consumer.store import JobStore
+from consumer.topology import Names
+from deploy.devstack.smtp_capture import CaptureServer
+from deploy.devstack.tls import server_context, signed_by_test_authority
+from tests.broker import depth, drain_events, encode, job, listen_events, until
+from tests.conftest import RunningWorker
 from tests.http_files import FileServer, Route
+from tests.secret_watch import watched
 
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 64
 
@@ -91,6 +111,22 @@ async def test_loader_reads_a_local_file_within_the_size_cap(allowed: Path) -> N
     await fetcher.close()
 
 
+def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(
+    allowed: Path,
+) -> None:
+    checked = allowed_path("invoices/2030-05.pdf", [allowed])
+    outside = allowed.parent / "outside"
+    outside.mkdir()
+    (outside / "2030-05.pdf").write_text("do not read")
+    (allowed / "invoices").rename(allowed / "moved")
+    (allowed / "invoices").symlink_to(outside)
+    with pytest.raises(AttachmentError, match="changed after it was checked"):
+        read_local(checked, [allowed], len(PDF))
+    # A real path inside, symlinks resolved by the check, still reads.
+    (allowed / "latest.pdf").symlink_to(allowed / "moved" / "2030-05.pdf")
+    assert read_local(allowed_path("latest.pdf", [allowed]), [allowed], len(PDF)) == PDF
+
+
 def test_inline_data_is_decoded_and_capped() -> None:
     att = Attachment(filename="a.bin", content_b64=base64.b64encode(b"x" * 100).decode())
     assert decode_inline(att, 100) == b"x" * 100
@@ -124,6 +160,12 @@ def test_content_types_are_declared_served_or_guessed() -> None:
         ("fd00::1", "private"),
         ("ff02::1", "multicast"),
         ("::ffff:127.0.0.1", "loopback"),
+        # 6to4 and Teredo addresses lead on to the IPv4 address they carry.
+        ("2002:7f00:1::1", "loopback"),
+        ("2002:a00:8::1", "private"),
+        ("2002:a9fe:a9fe::1", "link-local"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo client 127.0.0.1
+        ("2001:0:4136:e378:8000:63bf:f5ff:fff7", "private"),  # Teredo client 10.0.0.8
     ],
 )
 def test_non_public_addresses_are_refused(address: str, kind: str) -> None:
@@ -202,3 +244,135 @@ async def test_private_addresses_are_refused_by_default_before_connecting(
     finally:
         await fetcher.close()
     assert files.hits == []  # refused before connecting
+
+
+async def test_a_host_that_does_not_exist_can_never_be_fetched() -> None:
+    fetcher = Fetcher(FetchLimits(max_bytes=1000))
+    try:
+        with pytest.raises(AttachmentError, match=r"nowhere\.invalid: no such host"):
+            await fetcher.fetch("https://nowhere.invalid/report.pdf")
+    finally:
+        await fetcher.close()
+
+
+def test_urls_are_shown_without_userinfo_query_and_fragment() -> None:
+    presigned = "https://key:s3cr3t@bucket.example:8443/a/b.pdf?X-Amz-Signature=abc&x=1#top"
+    assert shown_url(presigned) == "https://bucket.example:8443/a/b.pdf"
+    assert shown_url("http://[::1/x?token=t") == "(unreadable URL)"
+
+
+async def _loopback(host: str, port: int) -> list[IPAddress]:
+    """Every name is this machine (as a.test and b.test are in the TLS test)."""
+    return [ipaddress.ip_address("127.0.0.1")]
+
+
+@pytest.fixture
+def a_test_server(tmp_path: Path) -> Iterator[tuple[FileServer, ssl.SSLContext]]:
+    """An HTTPS server with a certificate for a.test only, keeping connections open, and
+    a client context that trusts its authority.
+    """
+    made = signed_by_test_authority(tmp_path / "tls", "a.test")
+    server = FileServer(tls=server_context(made.cert, made.key), keep_alive=True)
+    server.start()
+    yield server, ssl.create_default_context(cafile=made.ca)
+    server.stop()
+
+
+async def test_tls_checks_each_host_even_when_they_share_an_address(
+    a_test_server: tuple[FileServer, ssl.SSLContext],
+) -> None:
+    """a.test and b.test both resolve to 127.0.0.1; the certificate is for a.test only. A
+    connection opened for a.test is never reused for b.test: b.test gets its own, whose
+    certificate check fails, and the server is never asked for b.test's file.
+    """
+    server, trusted = a_test_server
+    server.route("/report.pdf", Route(body=PDF, content_type="application/pdf"))
+    limits = FetchLimits(max_bytes=len(PDF), allow_private=True)
+    fetcher = Fetcher(limits, ssl_context=trusted, resolver=_loopback)
+    try:
+        for _ in range(2):  # the second over the first's pooled connection
+            fetched = await fetcher.fetch(server.url("/report.pdf", host="a.test"))
+            assert sha(fetched.data) == sha(PDF)
+        with pytest.raises(AttachmentUnavailableError, match="certificate verify failed"):
+            await fetcher.fetch(server.url("/report.pdf", host="b.test"))
+    finally:
+        await fetcher.close()
+    port = server.url("/").rsplit(":", 1)[1].rstrip("/")
+    assert server.hosts == [f"a.test:{port}"] * 2
+    assert server.connections == 1
+
+
+# A presigned URL's signature and a URL's password are credentials: watched over the whole
+# run's output too.
+SIGNATURE = watched("sig-5d41402abc4b2a76b9719d911017c592")
+URL_PASSWORD = watched("pw-urlinfo-Q9v7")
+
+
+async def test_attachment_urls_are_shown_without_credentials(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    files: FileServer,
+) -> None:
+    """A URL attachment that fails now and again (HTTP 404, retried until the attempts run
+    out) and one that can never work (an encoding mailbus cannot bound): neither URL's
+    password nor query reaches the dead letter, the events, the job record, the reply or
+    the admin digest, while the host and path still say which attachment it was.
+    """
+    names = Names(settings.prefix)
+    replies_prefix = f"{settings.prefix}.replies."
+    running_settings = settings.model_copy(
+        update={
+            "attachment_allow_private": True,
+            "max_attempts": 2,
+            "reply_queue_prefix": replies_prefix,
+            "admin_email": "ops@example.net",
+            "admin_digest_seconds": 1.0,
+        }
+    )
+    query = f"?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature={SIGNATURE}"
+    files.route(f"/never.pdf{query}", Route(body=b"x", encoding="br"))
+    base = files.url("/").removeprefix("http://").rstrip("/")
+    urls = {
+        "url-missing": f"http://reader:{URL_PASSWORD}@{base}/missing.pdf{query}#page=2",
+        "url-never": f"http://reader:{URL_PASSWORD}@{base}/never.pdf{query}",
+    }
+    replies = await channel.declare_queue(f"{replies_prefix}app", auto_delete=True)
+    events = await listen_events(channel, names)
+    exchange = await channel.get_exchange(names.exchange)
+    for job_id, url in urls.items():
+        body = job(id=job_id, subject=job_id, attachments=[{"url": url}])
+        message = aio_pika.Message(encode(body), reply_to=replies.name, correlation_id=job_id)
+        await exchange.publish(message, routing_key="send")
+    running = RunningWorker(running_settings)
+    try:
+        await until(lambda: _depth_is(channel, names.dead, 2), 30)
+        [digest] = await asyncio.wait_for(smtp.wait_for(1), 30)
+        answers = [await replies.get(timeout=10) for _ in urls]
+    finally:
+        await running.shutdown()
+    letters = [m async for m in _taken(channel, names.dead)]
+    shown: dict[str, str] = {
+        "dead letters": repr([(m.headers, dead_letters.read(m)) for m in letters]),
+        "events": repr(await drain_events(channel, events)),
+        "records": repr([await store.get(job_id) for job_id in urls]),
+        "replies": repr([json.loads(answer.body) for answer in answers]),
+        "digest": digest.message().get_content(),
+    }
+    for where, text in shown.items():
+        for secret in (SIGNATURE, URL_PASSWORD, "X-Amz-Credential", "reader", "page=2"):
+            assert secret not in text, f"{secret} in the {where}"
+        for what in ("/missing.pdf: HTTP 404", "/never.pdf: content-encoding 'br'"):
+            assert f"{base}{what}" in text, f"{what} not in the {where}"
+
+
+async def _depth_is(channel: AbstractChannel, queue: str, count: int) -> bool:
+    return await depth(channel, queue) >= count
+
+
+async def _taken(channel: AbstractChannel, name: str) -> AsyncIterator[AbstractIncomingMessage]:
+    """Every message of the queue, taken off it."""
+    queue = await channel.get_queue(name, ensure=False)
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        yield message

@@ -46,9 +46,12 @@ def _builder(
 
 
 def _server_names(host: str) -> x509.SubjectAlternativeName:
-    return x509.SubjectAlternativeName(
-        [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
-    )
+    name: x509.GeneralName
+    try:
+        name = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:  # a host name
+        name = x509.DNSName(host)
+    return x509.SubjectAlternativeName([name, x509.DNSName("localhost")])
 
 
 def _write_certificate(path: Path, certificate: x509.Certificate) -> Path:
@@ -82,8 +85,9 @@ def self_signed(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
 
 
 def signed_by_test_authority(directory: Path, host: str = "127.0.0.1") -> ServerCertificate:
-    """Write a test CA's certificate and a certificate for ``host`` (and localhost) that
-    the CA signed, with its key: what a client trusts by naming the CA file.
+    """Write a test CA's certificate and a certificate for ``host`` (an address or a name,
+    and localhost) that the CA signed, with its key: what a client trusts by naming the
+    CA file.
     """
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("mailbus test CA")

@@ -155,13 +155,16 @@ async def test_bodies_over_the_broker_and_mailbus_limits(
 
 
 # Where a redirect from a public-looking server may try to send the worker: each is
-# refused at its own hop, before any connection is made to it.
+# refused at its own hop, before any connection is made to it (a host that does not
+# exist is no more worth a retry).
 REDIRECT_TARGETS = {
     "metadata": ("http://169.254.169.254/latest/meta-data/", "link-local address"),
     "loopback": ("http://127.0.0.2:8080/admin", "loopback address 127.0.0.2"),
     "private": ("http://10.1.2.3/internal", "private address 10.1.2.3"),
     "mapped": ("http://[::ffff:192.168.0.1]/", "private address ::ffff:c0a8:1"),
     "file": ("file:///etc/passwd", "scheme 'file'"),
+    "6to4": ("http://[2002:a9fe:a9fe::1]/", "link-local address 2002:a9fe:a9fe::1"),
+    "unknown": ("http://nowhere.invalid/a.pdf", "nowhere.invalid: no such host"),
 }
 
 
