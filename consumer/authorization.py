@@ -19,6 +19,7 @@ expiry. Producers can copy a seal but not move it to another id or body, and eve
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hashlib
 import json
 import re
@@ -50,6 +51,7 @@ _MAX_REMEMBERED = 10_000
 # A domain_key field in a body that is not strict JSON, to redact in the raw bytes.
 _RAW_KEY = re.compile(rb'"domain_key"\s*:\s*"(?:[^"\\]|\\.)*"')
 _REDACTED = b'"domain_key":"***"'
+_CHECK_PIECE = 1 << 20
 
 
 def broker_login(amqp_url: str) -> str:
@@ -166,30 +168,47 @@ def intake(
     return Intake(authority, kept | sealed.headers())
 
 
-def without_domain_key(body: bytes) -> bytes:
+def without_domain_key(body: bytes, *, parse: bool = True) -> bytes:
     """The job ``body`` without its ``domain_key``: re-encoded when it is a JSON object,
     else with the field redacted in the raw bytes. A body that is not UTF-8 and may still
     hold a key in some other encoding is replaced by a note saying it was dropped.
+    ``parse`` False: a body too large to decode (``MAILBUS_MAX_JOB_BYTES``) is only ever
+    redacted in its raw bytes, which costs no more than a copy of it.
     """
-    try:
-        job = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        job = None
+    job = None
+    if parse:
+        try:
+            job = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            job = None
     if isinstance(job, dict):
         if "domain_key" not in job:
             return body
         del job["domain_key"]
         return json.dumps(job, ensure_ascii=False).encode()
     redacted = _RAW_KEY.sub(_REDACTED, body)
-    try:
-        text = redacted.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
     # A key left anywhere else, or an escape that could spell one, cannot be ruled out.
-    if text is None or text.count("domain_key") != text.count(_REDACTED.decode()) or "\\" in text:
+    if (
+        not _is_utf8(redacted)
+        or redacted.count(b"domain_key") != redacted.count(_REDACTED)
+        or b"\\" in redacted
+    ):
         note = {"dropped": f"a body of {len(body)} bytes that could hold a domain key"}
         return json.dumps(note).encode()
     return redacted
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8, checked a piece at a time (never decoded whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), _CHECK_PIECE):
+            decoder.decode(view[start : start + _CHECK_PIECE])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class VerifiedKeys:

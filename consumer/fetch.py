@@ -18,6 +18,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path, PurePosixPath
 
 import httpx
@@ -89,8 +90,17 @@ def refused_address(ip: IPAddress) -> str | None:
     return None
 
 
-def filename_of(url: httpx.URL) -> str | None:
-    """The last segment of the URL's path, if it has one."""
+def filename_of(url: httpx.URL, disposition: str | None = None) -> str | None:
+    """The name the server gives the body: its ``Content-Disposition`` filename, else the
+    last segment of the URL's (decoded) path. Raw: a server may put anything in either,
+    so it is cleaned before use (:func:`consumer.attachments.clean_filename`).
+    """
+    if disposition:
+        header = Message()
+        header["Content-Disposition"] = disposition
+        named = header.get_filename()
+        if named:
+            return str(named)
     return PurePosixPath(url.path).name or None
 
 
@@ -155,8 +165,9 @@ class Fetcher:
         """Close pooled connections."""
         await self._client.aclose()
 
-    async def fetch(self, raw_url: str) -> Fetched:
-        """The body at ``raw_url``, following at most ``max_redirects`` redirects.
+    async def fetch(self, raw_url: str, max_bytes: int | None = None) -> Fetched:
+        """The body at ``raw_url``, following at most ``max_redirects`` redirects, refused
+        beyond ``max_bytes`` (at most the limits' own).
 
         Raises :class:`AttachmentError` for what can never work (scheme, address, size,
         redirect loops) and :class:`AttachmentUnavailableError` for what may work later
@@ -167,15 +178,16 @@ class Fetcher:
             url = httpx.URL(raw_url)
         except httpx.InvalidURL as exc:
             raise AttachmentError(f"invalid attachment URL: {exc}") from None
+        cap = min(self.limits.max_bytes, max_bytes or self.limits.max_bytes)
         try:
             async with asyncio.timeout(self.limits.fetch_timeout):
-                return await self._fetch(url, raw_url)
+                return await self._fetch(url, raw_url, cap)
         except TimeoutError:
             raise AttachmentUnavailableError(
                 f"{raw_url}: not fetched within {self.limits.fetch_timeout:g} s"
             ) from None
 
-    async def _fetch(self, url: httpx.URL, raw_url: str) -> Fetched:
+    async def _fetch(self, url: httpx.URL, raw_url: str, cap: int) -> Fetched:
         for _ in range(self.limits.max_redirects + 1):
             request = await self._pinned_request(url)
             try:
@@ -188,10 +200,11 @@ class Fetcher:
                     continue
                 if response.status_code != 200:
                     raise AttachmentUnavailableError(f"{url}: HTTP {response.status_code}")
-                data = await self._read_capped(url, response)
+                data = await self._read_capped(url, response, cap)
             finally:
                 await response.aclose()
-            return Fetched(data, response.headers.get("content-type"), filename_of(url))
+            name = filename_of(url, response.headers.get("content-disposition"))
+            return Fetched(data, response.headers.get("content-type"), name)
         raise AttachmentError(f"{raw_url}: more than {self.limits.max_redirects} redirects")
 
     async def _pinned_request(self, url: httpx.URL) -> httpx.Request:
@@ -228,9 +241,8 @@ class Fetcher:
             raise AttachmentUnavailableError(f"{url.host}: no address")
         return addresses[0]
 
-    async def _read_capped(self, url: httpx.URL, response: httpx.Response) -> bytes:
-        """The body, decoded, refused as soon as it is known to exceed ``max_bytes``."""
-        cap = self.limits.max_bytes
+    async def _read_capped(self, url: httpx.URL, response: httpx.Response, cap: int) -> bytes:
+        """The body, decoded, refused as soon as it is known to exceed ``cap`` bytes."""
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise AttachmentError(f"{url}: {declared} bytes is more than the limit of {cap}")

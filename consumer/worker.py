@@ -103,9 +103,19 @@ class Worker:
         )
         self.fetcher = Fetcher(fetch_limits(settings))
         loader = AttachmentLoader(
-            settings.attachment_dirs, settings.max_attachment_bytes, self.fetcher
+            settings.attachment_dirs,
+            settings.max_attachment_bytes,
+            self.fetcher,
+            max_count=settings.max_attachments,
+            max_total=settings.max_message_bytes,
+            concurrency=settings.attachment_concurrency,
         )
-        composer = Composer(TemplateStore(self.store.database), loader, settings.max_message_bytes)
+        composer = Composer(
+            TemplateStore(self.store.database),
+            loader,
+            settings.max_message_bytes,
+            timeout=settings.compose_timeout,
+        )
         self.suppressions = SuppressionStore(self.store.database)
         self.pipeline = Pipeline(
             settings,
@@ -430,7 +440,8 @@ class Worker:
         ctx = outcome.ctx
         body = message.body
         if isinstance(outcome, Dead) or (ctx.authorized and self.vault is not None):
-            body = without_domain_key(body)
+            # A body over the job limit was never decoded, and is not decoded now either.
+            body = without_domain_key(body, parse=len(body) <= self.settings.max_job_bytes)
         later = outcome if isinstance(outcome, Later) else None
         sealed = Authority(
             authority.user,
