@@ -9,7 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from consumer.attachments import AttachmentLoader, Part
-from consumer.errors import AttachmentUnavailableError, TemplateError
+from consumer.errors import (
+    AttachmentUnavailableError,
+    DeadLetterError,
+    StoreUnavailableError,
+    TemplateError,
+)
 from consumer.message import Job
 from consumer.template_store import TemplateStore
 from consumer.templates import render
@@ -69,7 +74,12 @@ class Composer:
         ref = job.template
         if ref is None:
             return Content.of(job, await self.loader.load_all(job.attachments))
-        template = await self.templates.get(ref.name, ref.version)
+        try:
+            template = await self.templates.get(ref.name, ref.version)
+        except (DeadLetterError, StoreUnavailableError):
+            raise
+        except Exception as exc:  # a stored document that is not a template
+            raise TemplateError(f"template {ref.name!r}: {type(exc).__name__}: {exc}") from None
         if template is None:
             version = f" version {ref.version}" if ref.version is not None else ""
             raise TemplateError(f"no template named {ref.name!r}{version}")

@@ -12,12 +12,17 @@ from pathlib import Path
 import pytest
 
 from consumer import templates
+from consumer.attachments import AttachmentLoader
+from consumer.content import Composer
 from consumer.errors import TemplateError
+from consumer.fetch import Fetcher, FetchLimits
+from consumer.message import Job
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.template_store import TemplateStore
 from consumer.templates import Template, render
 from deploy.devstack.processes import mailbus
+from tests.broker import job as job_body
 
 WELCOME = Template(
     "welcome",
@@ -214,3 +219,16 @@ def test_what_templates_ordinarily_do_is_untouched() -> None:
 
 
 WELCOME_DATA = {"name": "abcd", "order": 12345, "items": ["a", "b", "c"]}
+
+
+async def test_a_stored_document_that_is_not_a_template_is_a_template_error(
+    store: JobStore,
+) -> None:
+    templates = TemplateStore(store.database)
+    await templates.latest.insert_one({"_id": "broken", "name": "broken", "version": 1})
+    fetcher = Fetcher(FetchLimits(max_bytes=1024))
+    composer = Composer(templates, AttachmentLoader([], 1024, fetcher), 10_000)
+    job = Job.model_validate(job_body(text=None, template={"name": "broken"}))
+    with pytest.raises(TemplateError, match="template 'broken': KeyError: 'subject'"):
+        await composer.compose(job)
+    await fetcher.close()
