@@ -238,10 +238,16 @@ class Job(BaseModel):
         return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
 
 
-def json_object(body: bytes, what: str) -> dict[str, Any]:
+def json_object(body: bytes, what: str, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Decode a message body that must be a UTF-8 JSON object, or raise
-    :class:`InvalidJobError` naming ``what`` it is.
+    :class:`InvalidJobError` naming ``what`` it is; a body over ``max_bytes`` is a
+    :class:`JobTooLargeError` before it is decoded (a JSON document costs several times
+    its size in memory once decoded).
     """
+    if max_bytes is not None and len(body) > max_bytes:
+        raise JobTooLargeError(
+            f"the {what} is {len(body)} bytes, more than the limit of {max_bytes}"
+        )
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -262,12 +268,9 @@ def parse_job(
     publishing the same bytes twice without an id is still one job. The body wins because
     some clients fill ``message_id`` with a random value of their own.
     Raises :class:`InvalidJobError` with a readable reason; a body over ``max_bytes`` is
-    a :class:`JobTooLargeError` before it is decoded (a JSON document costs several
-    times its size in memory once decoded).
+    a :class:`JobTooLargeError` before it is decoded.
     """
-    if max_bytes is not None and len(body) > max_bytes:
-        raise JobTooLargeError(f"the job is {len(body)} bytes, more than the limit of {max_bytes}")
-    raw = json_object(body, "body")
+    raw = json_object(body, "body", max_bytes=max_bytes)
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:

@@ -316,7 +316,7 @@ class Worker:
         started = time.perf_counter()
         result: Settled
         try:
-            request = control.parse_request(message.body)
+            request = control.parse_request(message.body, max_bytes=self.settings.max_job_bytes)
         except InvalidJobError as exc:
             result = Dead(Context(message.message_id), exc.reason, str(exc))
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from consumer.control import parse_request
 from consumer.errors import InvalidJobError, JobTooLargeError
 from consumer.message import header_problem, job_json_schema, parse_job
 from tests.broker import encode, job
@@ -135,3 +136,5 @@ def test_a_body_over_the_job_limit_is_refused_before_it_is_decoded() -> None:
     assert err.value.reason == "too_large"
     with pytest.raises(JobTooLargeError):  # not even JSON: never looked at
         parse_job(b"\xff" * 4096, None, max_bytes=1024)
+    with pytest.raises(JobTooLargeError, match="the control message is 4096 bytes"):
+        parse_request(b"{}" + b" " * 4094, max_bytes=1024)
