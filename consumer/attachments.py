@@ -30,6 +30,9 @@ from consumer.fetch import Fetcher
 from consumer.message import Attachment
 
 OCTET_STREAM = "application/octet-stream"
+# Base64 writes 3 bytes as 4: attachments beyond this share of the message limit can
+# never make a message that fits in it.
+BASE64_SHARE = (3, 4)
 # The longest file name most file systems take, in bytes of UTF-8.
 MAX_FILENAME_BYTES = 255
 # Control and format characters, line and paragraph separators, surrogates: none belongs
@@ -58,6 +61,15 @@ def mime_type(declared: str | None, filename: str | None, served: str | None = N
         return served_type
     guessed = mimetypes.guess_type(filename or "", strict=False)[0]
     return guessed or OCTET_STREAM
+
+
+def attachment_budget(max_message_bytes: int) -> int:
+    """The most bytes a job's attachments may hold together: what base64 can fit in a
+    message of ``max_message_bytes``. Checked before reading (a message built from more
+    would be refused ``too_large`` only after costing several times its size).
+    """
+    kept, written = BASE64_SHARE
+    return max_message_bytes * kept // written
 
 
 def clean_filename(raw: str | None) -> str | None:
@@ -175,7 +187,7 @@ class _Tally:
         if self.used > self.limit:
             raise AttachmentError(
                 f"attachment {label}: the attachments are more than the limit of {self.limit}"
-                " bytes together (MAILBUS_MAX_MESSAGE_BYTES)"
+                " bytes together (their base64 must fit in MAILBUS_MAX_MESSAGE_BYTES)"
             )
 
 
@@ -264,7 +276,7 @@ class AttachmentLoader:
         if total > self.max_total:
             raise AttachmentError(
                 f"the attachments declare {total} bytes, more than the limit of"
-                f" {self.max_total} together (MAILBUS_MAX_MESSAGE_BYTES)"
+                f" {self.max_total} together (their base64 must fit in MAILBUS_MAX_MESSAGE_BYTES)"
             )
         tally = _Tally(self.max_total)
         tasks = [

@@ -20,7 +20,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer import control, ladder, topology
 from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
-from consumer.attachments import AttachmentLoader
+from consumer.attachments import AttachmentLoader, attachment_budget
 from consumer.authorization import (
     Authority,
     Authorizer,
@@ -107,7 +107,7 @@ class Worker:
             settings.max_attachment_bytes,
             self.fetcher,
             max_count=settings.max_attachments,
-            max_total=settings.max_message_bytes,
+            max_total=attachment_budget(settings.max_message_bytes),
             concurrency=settings.attachment_concurrency,
         )
         composer = Composer(
