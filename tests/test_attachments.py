@@ -17,6 +17,7 @@ import pytest
 from consumer.attachments import (
     AttachmentLoader,
     allowed_path,
+    attachment_budget,
     clean_filename,
     decode_inline,
     mime_type,
@@ -313,6 +314,11 @@ async def test_count_and_declared_sizes_are_checked_before_anything_is_read(
         await loader.load_all([on_disk, Attachment(url=url), Attachment(url=url)])
     parts = await loader.load_all([on_disk, Attachment(url=url)])
     assert [sha(p.data) for p in parts] == [sha(PDF)] * 2
+
+
+def test_attachments_may_hold_what_base64_fits_in_a_message() -> None:
+    assert attachment_budget(4000) == 3000
+    assert attachment_budget(25 * 2**20) == 19_660_800  # 18.75 MiB
 
 
 async def test_url_fetches_run_a_few_at_a_time(files: FileServer, open_fetcher: Fetcher) -> None:
