@@ -219,7 +219,7 @@ class AttachmentLoader:
         a URL's is not known before it is fetched.
         """
         if att.content_b64 is not None:
-            return None, min(inline_size(att), self.max_bytes + 3)
+            return None, inline_size(att)
         if att.path is not None:
             path = allowed_path(att.path, self.dirs)
             return path, file_size(path)
@@ -250,7 +250,7 @@ class AttachmentLoader:
             data, filename = decode_inline(att, self.max_bytes), att.filename
         elif att.path is not None:
             path = path or allowed_path(att.path, self.dirs)
-            # At most what the total still allows, plus a byte to tell that it is over.
+            # Refused when larger than what the total still allows; read to its size only.
             data = await asyncio.to_thread(read_local, path, cap)
             filename = att.filename or clean_filename(path.name)
         else:
