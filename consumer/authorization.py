@@ -169,16 +169,20 @@ def intake(
     return Intake(authority, kept | sealed.headers())
 
 
-def without_domain_key(body: bytes) -> bytes:
+def without_domain_key(body: bytes, *, parse: bool = True) -> bytes:
     """The job ``body`` without its ``domain_key``: re-encoded when it is a JSON object,
     else with the field redacted in the raw bytes. A body that may still hold a key past
     that (the field's name in UTF-16 or UTF-32, or an escape that could spell it) is
-    replaced by a note saying it was dropped.
+    replaced by a note saying it was dropped. ``parse`` False: a body too large to decode
+    (``MAILBUS_MAX_JOB_BYTES``) is only ever redacted in its raw bytes, which costs no
+    more than a copy of it.
     """
-    try:
-        job = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        job = None
+    job = None
+    if parse:
+        try:
+            job = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            job = None
     if isinstance(job, dict):
         if "domain_key" not in job:
             return body

@@ -67,9 +67,11 @@ class RescheduleRequest(BaseModel):
 Request = CancelRequest | RescheduleRequest
 
 
-def parse_request(body: bytes) -> Request:
-    """Decode a control message; anything else is an :class:`InvalidJobError`."""
-    data = json_object(body, "control message")
+def parse_request(body: bytes, *, max_bytes: int | None = None) -> Request:
+    """Decode a control message; anything else is an :class:`InvalidJobError` (one over
+    ``max_bytes`` a :class:`~consumer.errors.JobTooLargeError`, before it is decoded).
+    """
+    data = json_object(body, "control message", max_bytes=max_bytes)
     model: type[Request] = CancelRequest if "cancel" in data else RescheduleRequest
     try:
         return model.model_validate(data)

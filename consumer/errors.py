@@ -21,6 +21,12 @@ class InvalidJobError(DeadLetterError, ValueError):
     reason = "invalid"
 
 
+class JobTooLargeError(InvalidJobError):
+    """The job's body is bigger than ``MAILBUS_MAX_JOB_BYTES``; refused before decoding."""
+
+    reason = "too_large"
+
+
 class AttachmentError(DeadLetterError):
     """An attachment that can never be read: a refused path, scheme or address, or too big."""
 

@@ -23,6 +23,7 @@ import tempfile
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -204,8 +205,17 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def filename_of(url: httpx.URL) -> str | None:
-    """The last segment of the URL's path, if it has one."""
+def filename_of(url: httpx.URL, disposition: str | None = None) -> str | None:
+    """The name the server gives the body: its ``Content-Disposition`` filename, else the
+    last segment of the URL's (decoded) path. Raw: a server may put anything in either,
+    so it is cleaned before use (:func:`consumer.attachments.clean_filename`).
+    """
+    if disposition:
+        header = Message()
+        header["Content-Disposition"] = disposition
+        named = header.get_filename()
+        if named:
+            return str(named)
     return PurePosixPath(url.path).name or None
 
 
@@ -283,8 +293,9 @@ class Fetcher:
         """Close pooled connections."""
         await self._client.aclose()
 
-    async def fetch(self, raw_url: str) -> Fetched:
-        """The body at ``raw_url``, following at most ``max_redirects`` redirects.
+    async def fetch(self, raw_url: str, max_bytes: int | None = None) -> Fetched:
+        """The body at ``raw_url``, following at most ``max_redirects`` redirects, refused
+        beyond ``max_bytes`` (at most the limits' own).
 
         Raises :class:`AttachmentError` for what can never work (scheme, address, unknown
         host, size, redirect loops) and :class:`AttachmentUnavailableError` for what may
@@ -296,15 +307,16 @@ class Fetcher:
             url = httpx.URL(raw_url)
         except httpx.InvalidURL as exc:
             raise AttachmentError(f"invalid attachment URL {shown_url(raw_url)}: {exc}") from None
+        cap = min(self.limits.max_bytes, max_bytes or self.limits.max_bytes)
         try:
             async with asyncio.timeout(self.limits.fetch_timeout):
-                return await self._fetch(url)
+                return await self._fetch(url, cap)
         except TimeoutError:
             raise AttachmentUnavailableError(
                 f"{shown_url(url)}: not fetched within {self.limits.fetch_timeout:g} s"
             ) from None
 
-    async def _fetch(self, url: httpx.URL) -> Fetched:
+    async def _fetch(self, url: httpx.URL, cap: int) -> Fetched:
         first = url
         for _ in range(self.limits.max_redirects + 1):
             if url.scheme not in _SCHEMES:
@@ -327,10 +339,11 @@ class Fetcher:
                     raise AttachmentUnavailableError(
                         f"{shown_url(url)}: HTTP {response.status_code}"
                     )
-                data = await self._read_capped(url, response)
+                data = await self._read_capped(url, response, cap)
             finally:
                 await response.aclose()
-            return Fetched(data, response.headers.get("content-type"), filename_of(url))
+            name = filename_of(url, response.headers.get("content-disposition"))
+            return Fetched(data, response.headers.get("content-type"), name)
         raise AttachmentError(
             f"{shown_url(first)}: more than {self.limits.max_redirects} redirects"
         )
@@ -340,9 +353,9 @@ class Fetcher:
             host, port, resolver=self._resolver, allow_private=self.limits.allow_private
         )
 
-    async def _read_capped(self, url: httpx.URL, response: httpx.Response) -> bytes:
-        """The body, decoded, refused as soon as it is known to exceed ``max_bytes``."""
-        cap, shown = self.limits.max_bytes, shown_url(url)
+    async def _read_capped(self, url: httpx.URL, response: httpx.Response, cap: int) -> bytes:
+        """The body, decoded, refused as soon as it is known to exceed ``cap`` bytes."""
+        shown = shown_url(url)
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             raise AttachmentError(f"{shown}: {declared} bytes is more than the limit of {cap}")

@@ -1,7 +1,8 @@
 """The v1 job contract: the JSON body producers publish, validated strictly.
 
-Unknown fields are an error, every value that ends up in a header refuses CR/LF,
-and addresses are checked with ``email-validator``.
+Unknown fields are an error, every value that ends up in a header must be one line by
+the ``email`` package's own rule (:func:`header_problem`), and addresses are checked with
+``email-validator``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from consumer.errors import InvalidJobError
+from consumer.errors import InvalidJobError, JobTooLargeError
 
 SCHEMA_VERSION = 1
 # A custom header is folded at its own white space only; a longer word would not fit in the
@@ -36,7 +37,6 @@ TEMPLATE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 # contract, so one job can never make a record (or a batch of records) too large to write.
 MAX_TAGS = 50
 MAX_METADATA_BYTES = 16 * 1024
-_FORBIDDEN_HEADER_CHARS = ("\r", "\n", "\0")
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
     {
@@ -56,9 +56,28 @@ RESERVED_HEADERS = frozenset(
 )
 
 
+def header_problem(value: str) -> str | None:
+    """Why ``value`` cannot go into a header, or None when it can.
+
+    The rule is the ``email`` package's own: a header value is one line as
+    :meth:`str.splitlines` sees it, so besides CR and LF it refuses VT, FF, FS, GS, RS,
+    NEL and the Unicode line and paragraph separators, which would otherwise pass here
+    and make building the message fail. NUL and lone surrogates (which JSON can spell
+    but no charset can write) are refused as well.
+    """
+    if value.splitlines() not in ([], [value]) or "\0" in value:
+        return "line breaks and NUL are not allowed in header values"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone surrogates are not allowed in header values"
+    return None
+
+
 def _no_crlf(value: str) -> str:
-    if any(c in value for c in _FORBIDDEN_HEADER_CHARS):
-        raise ValueError("line breaks and NUL are not allowed in header values")
+    problem = header_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -240,10 +259,16 @@ class Job(BaseModel):
         return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
 
 
-def json_object(body: bytes, what: str) -> dict[str, Any]:
+def json_object(body: bytes, what: str, *, max_bytes: int | None = None) -> dict[str, Any]:
     """Decode a message body that must be a UTF-8 JSON object, or raise
-    :class:`InvalidJobError` naming ``what`` it is.
+    :class:`InvalidJobError` naming ``what`` it is; a body over ``max_bytes`` is a
+    :class:`JobTooLargeError` before it is decoded (a JSON document costs several times
+    its size in memory once decoded).
     """
+    if max_bytes is not None and len(body) > max_bytes:
+        raise JobTooLargeError(
+            f"the {what} is {len(body)} bytes, more than the limit of {max_bytes}"
+        )
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -255,15 +280,18 @@ def json_object(body: bytes, what: str) -> dict[str, Any]:
     return raw
 
 
-def parse_job(body: bytes, message_id: str | None) -> tuple[Job, str]:
+def parse_job(
+    body: bytes, message_id: str | None, *, max_bytes: int | None = None
+) -> tuple[Job, str]:
     """Validate a message body and return the job with its id.
 
     The id is the body's ``id``, else the AMQP ``message_id``, else a hash of the body:
     publishing the same bytes twice without an id is still one job. The body wins because
     some clients fill ``message_id`` with a random value of their own.
-    Raises :class:`InvalidJobError` with a readable reason.
+    Raises :class:`InvalidJobError` with a readable reason; a body over ``max_bytes`` is
+    a :class:`JobTooLargeError` before it is decoded.
     """
-    raw = json_object(body, "body")
+    raw = json_object(body, "body", max_bytes=max_bytes)
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:

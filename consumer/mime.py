@@ -13,7 +13,7 @@ from email.policy import Policy
 from email.utils import format_datetime
 
 from consumer.content import Content
-from consumer.errors import InvalidJobError, MessageTooLargeError
+from consumer.errors import DeadLetterError, InvalidJobError, MessageTooLargeError
 from consumer.message import Job
 
 
@@ -169,3 +169,20 @@ def serialize(message: EmailMessage, limit: int) -> Mail:
             f"the message is {len(wire)} bytes, more than the limit of {limit}"
         )
     return Mail(message, wire, utf8)
+
+
+def build_mail(
+    job: Job, job_id: str, now: datetime, content: Content, *, charset: str, limit: int
+) -> Mail:
+    """The mail of ``job`` built and serialized (:func:`build_message`, :func:`serialize`).
+
+    Whatever building it raises is the job's doing (the ``email`` package refuses what
+    it cannot write in its own ways), so it is an :class:`InvalidJobError`: the job is
+    dead-lettered once rather than redelivered to fail again.
+    """
+    try:
+        return serialize(build_message(job, job_id, now, content, charset), limit)
+    except DeadLetterError:
+        raise
+    except Exception as exc:
+        raise InvalidJobError(f"the message cannot be built: {type(exc).__name__}: {exc}") from None

@@ -29,7 +29,7 @@ from consumer.errors import (
 from consumer.leases import Release
 from consumer.logging import get_logger
 from consumer.message import Job, parse_job
-from consumer.mime import Mail, build_message, serialize
+from consumer.mime import Mail, build_mail
 from consumer.picker import Choice, OutboxPicker
 from consumer.retry import (
     Decision,
@@ -175,7 +175,7 @@ class Pipeline:
         authority = authority or Authority()
         now = self.clock()
         try:
-            job, job_id = parse_job(body, message_id)
+            job, job_id = parse_job(body, message_id, max_bytes=self.settings.max_job_bytes)
             due = due_time(job, headers, now)
         except InvalidJobError as exc:
             return Dead(Context(message_id), exc.reason, str(exc))
@@ -317,8 +317,8 @@ class Pipeline:
         return await self._accepted(ctx, job_id, job, body, result, earlier, details, seconds)
 
     def _build(self, job: Job, job_id: str, now: datetime, content: Content, charset: str) -> Mail:
-        message = build_message(job, job_id, now, content, charset)
-        return serialize(message, self.settings.max_message_bytes)
+        limit = self.settings.max_message_bytes
+        return build_mail(job, job_id, now, content, charset=charset, limit=limit)
 
     async def _dead(
         self, ctx: Context, job_id: str, reason: str, error: str, details: Document

@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     attachment_max_redirects: int = Field(5, ge=0, le=20)
     max_attachment_bytes: int = Field(10 * MiB, ge=1)
     max_message_bytes: int = Field(25 * MiB, ge=1024)
+    # Bounds on what one job may make a worker hold: its body (checked before it is
+    # decoded), its attachments (counted, and their sizes together held to
+    # max_message_bytes, before any is read), URL fetches at once, and the time to gather
+    # a whole message's content. A waiting job's record holds its body, and a MongoDB
+    # document holds at most 16 MiB: a larger body could never be scheduled.
+    max_job_bytes: int = Field(15 * MiB, ge=1024, le=15 * MiB)
+    max_attachments: int = Field(100, ge=0)
+    attachment_concurrency: int = Field(4, ge=1, le=64)
+    compose_timeout: float = Field(180.0, gt=0)
     # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;

@@ -20,7 +20,7 @@ from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer import control, ladder, topology
 from consumer.alerts import AlertStore, Digests, alert_document, check_addresses, is_digest
-from consumer.attachments import AttachmentLoader
+from consumer.attachments import AttachmentLoader, attachment_budget
 from consumer.authorization import (
     Authority,
     Authorizer,
@@ -109,9 +109,19 @@ class Worker:
         )
         self.fetcher = Fetcher(fetch_limits(settings))
         loader = AttachmentLoader(
-            settings.attachment_dirs, settings.max_attachment_bytes, self.fetcher
+            settings.attachment_dirs,
+            settings.max_attachment_bytes,
+            self.fetcher,
+            max_count=settings.max_attachments,
+            max_total=attachment_budget(settings.max_message_bytes),
+            concurrency=settings.attachment_concurrency,
         )
-        composer = Composer(TemplateStore(self.store.database), loader, settings.max_message_bytes)
+        composer = Composer(
+            TemplateStore(self.store.database),
+            loader,
+            settings.max_message_bytes,
+            timeout=settings.compose_timeout,
+        )
         self.suppressions = SuppressionStore(self.store.database)
         self.pipeline = Pipeline(
             settings,
@@ -317,7 +327,7 @@ class Worker:
         started = time.perf_counter()
         result: Settled
         try:
-            request = control.parse_request(message.body)
+            request = control.parse_request(message.body, max_bytes=self.settings.max_job_bytes)
         except InvalidJobError as exc:
             result = Dead(Context(message.message_id), exc.reason, str(exc))
         else:
@@ -441,7 +451,8 @@ class Worker:
         ctx = outcome.ctx
         body = message.body
         if isinstance(outcome, Dead) or (ctx.authorized and self.vault is not None):
-            body = without_domain_key(body)
+            # A body over the job limit was never decoded, and is not decoded now either.
+            body = without_domain_key(body, parse=len(body) <= self.settings.max_job_bytes)
         later = outcome if isinstance(outcome, Later) else None
         sealed = Authority(
             authority.user,

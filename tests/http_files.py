@@ -22,6 +22,7 @@ class Route:
     delay: float = 0.0
     encoding: str | None = None  # a Content-Encoding header, the body already encoded
     drip: float = 0.0  # seconds between bytes of the body (a server that never finishes)
+    disposition: str | None = None  # a Content-Disposition header, sent as is (latin-1)
 
 
 class _Server(ThreadingHTTPServer):
@@ -54,6 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", route.location)
         if route.encoding:
             self.send_header("Content-Encoding", route.encoding)
+        if route.disposition:
+            self.send_header("Content-Disposition", route.disposition)
         if route.declare_length:
             self.send_header("Content-Length", str(len(route.body)))
         elif self.protocol_version == "HTTP/1.1":  # the body ends when the connection does

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -22,15 +23,19 @@ from consumer import dead_letters
 from consumer.attachments import (
     AttachmentLoader,
     allowed_path,
+    attachment_budget,
+    clean_filename,
     decode_inline,
     mime_type,
     read_local,
 )
+from consumer.content import Composer
 from consumer.errors import AttachmentError, AttachmentUnavailableError
 from consumer.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
-from consumer.message import Attachment
+from consumer.message import Attachment, Job, header_problem
 from consumer.settings import Settings
 from consumer.store import JobStore
+from consumer.template_store import TemplateStore
 from consumer.topology import Names
 from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import server_context, signed_by_test_authority
@@ -376,3 +381,132 @@ async def _taken(channel: AbstractChannel, name: str) -> AsyncIterator[AbstractI
     queue = await channel.get_queue(name, ensure=False)
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
         yield message
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("re\x0bport\x00.pdf", "re_port_.pdf"),
+        ("a\x0c\x1c\x1d\x1e\x85b.pdf", "a_____b.pdf"),
+        ("line\u2028para\u2029.txt", "line_para_.txt"),
+        ("right\u202eto-left.pdf", "right_to-left.pdf"),  # a format character
+        ("lone\udc80.txt", "lone_.txt"),
+        ("../../etc/passwd", "_.._etc_passwd"),
+        ("dir\\name.txt", "dir_name.txt"),
+        ("Grüße ☀.pdf", "Grüße ☀.pdf"),
+        ("  . ", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_names_from_servers_and_disks_are_cleaned(raw: str | None, clean: str | None) -> None:
+    assert clean_filename(raw) == clean
+    if clean is not None:
+        assert header_problem(clean) is None
+
+
+def test_long_names_are_cut_to_255_bytes_keeping_the_extension() -> None:
+    cut = clean_filename("ü" * 300 + ".pdf")
+    assert cut is not None
+    assert cut.endswith(".pdf")
+    assert len(cut.encode()) <= 255
+    assert cut == "ü" * 125 + ".pdf"
+
+
+async def test_url_names_come_from_the_server_and_are_cleaned(
+    files: FileServer, open_fetcher: Fetcher
+) -> None:
+    """A name a server chooses (its Content-Disposition, raw or RFC 2231 encoded, or the
+    path it redirects to) labels the part only once cleaned.
+    """
+    loader = AttachmentLoader([], len(PDF), open_fetcher)
+    routes = {
+        "/files/re%0Bport%00.pdf": (Route(body=PDF), "re_port_.pdf"),
+        "/d1": (Route(body=PDF, disposition='attachment; filename="a\x85b.pdf"'), "a_b.pdf"),
+        "/d2": (
+            Route(body=PDF, disposition="attachment; filename*=UTF-8''x%E2%80%A8y%00.pdf"),
+            "x_y_.pdf",
+        ),
+        "/d3": (Route(body=PDF, disposition="attachment; filename*=UTF-8''" + "a" * 400), None),
+        "/go": (Route(status=302, location="/files/re%0Bport%00.pdf"), "re_port_.pdf"),
+    }
+    for path, (route, _) in routes.items():
+        files.route(path, route)
+    for path, (_, name) in routes.items():
+        part = await loader.load(Attachment(url=files.url(path)))
+        if name is None:
+            assert part.filename is not None
+            assert len(part.filename.encode()) == 255
+        else:
+            assert part.filename == name, path
+        assert sha(part.data) == sha(PDF)
+    # The job's own name wins, and was checked when the job was.
+    named = await loader.load(Attachment(url=files.url("/d1"), filename="mine.pdf"))
+    assert named.filename == "mine.pdf"
+
+
+async def test_disk_names_are_cleaned_and_long_components_refused(allowed: Path) -> None:
+    # The job names a link; the part is labelled with the name of the file it leads to.
+    (allowed / "re\x0bport\x1c.pdf").write_bytes(PDF)
+    (allowed / "latest.pdf").symlink_to(allowed / "re\x0bport\x1c.pdf")
+    fetcher = Fetcher(FetchLimits(max_bytes=len(PDF)))
+    loader = AttachmentLoader([allowed], len(PDF), fetcher)
+    part = await loader.load(Attachment(path="latest.pdf"))
+    assert (part.filename, sha(part.data)) == ("re_port_.pdf", sha(PDF))
+    with pytest.raises(AttachmentError, match="File name too long"):
+        await loader.load(Attachment(path="a" * 300))
+    with pytest.raises(AttachmentError, match="File name too long"):
+        await loader.load_all([Attachment(path=f"invoices/{'b' * 256}/x.pdf")])
+    await fetcher.close()
+
+
+async def test_count_and_declared_sizes_are_checked_before_anything_is_read(
+    allowed: Path, files: FileServer, open_fetcher: Fetcher
+) -> None:
+    url = files.route("/one.pdf", Route(body=PDF))
+    loader = AttachmentLoader(
+        [allowed], len(PDF), open_fetcher, max_count=3, max_total=2 * len(PDF)
+    )
+    with pytest.raises(AttachmentError, match="4 attachments, more than the limit of 3"):
+        await loader.load_all([Attachment(url=url)] * 4)
+    # Three files on disk declare more than two files' worth: refused from their sizes.
+    on_disk = Attachment(path="invoices/2030-05.pdf")
+    over = f"declare {3 * len(PDF)} bytes, more than the limit of {2 * len(PDF)}"
+    with pytest.raises(AttachmentError, match=over):
+        await loader.load_all([on_disk, on_disk, on_disk])
+    assert files.hits == []
+    # Within the declared total, a running total still holds: URLs declare nothing.
+    with pytest.raises(AttachmentError, match=f"more than the limit of {2 * len(PDF)} bytes"):
+        await loader.load_all([on_disk, Attachment(url=url), Attachment(url=url)])
+    parts = await loader.load_all([on_disk, Attachment(url=url)])
+    assert [sha(p.data) for p in parts] == [sha(PDF)] * 2
+
+
+def test_attachments_may_hold_what_base64_fits_in_a_message() -> None:
+    assert attachment_budget(4000) == 3000
+    assert attachment_budget(25 * 2**20) == 19_660_800  # 18.75 MiB
+
+
+async def test_url_fetches_run_a_few_at_a_time(files: FileServer, open_fetcher: Fetcher) -> None:
+    url = files.route("/slow.pdf", Route(body=PDF, delay=0.4))
+    loader = AttachmentLoader([], len(PDF), open_fetcher, concurrency=4)
+    started = time.monotonic()
+    parts = await loader.load_all([Attachment(url=url)] * 8)
+    took = time.monotonic() - started
+    assert len(parts) == 8
+    # Two rounds of four: not one of eight, not eight of one.
+    assert 0.8 <= took < 2.4, took
+
+
+async def test_a_message_has_one_deadline_for_all_its_content(
+    files: FileServer, open_fetcher: Fetcher, store: JobStore
+) -> None:
+    url = files.route("/drip.pdf", Route(body=PDF[:200], drip=0.02))
+    loader = AttachmentLoader([], len(PDF), open_fetcher, concurrency=1)
+    composer = Composer(TemplateStore(store.database), loader, 10_000, timeout=1.0)
+    slow = Job.model_validate(job(attachments=[{"url": url}] * 3))
+    started = time.monotonic()
+    with pytest.raises(AttachmentUnavailableError, match="not gathered within 1 s"):
+        await composer.compose(slow)
+    assert time.monotonic() - started < 2

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from consumer.errors import InvalidJobError
-from consumer.message import job_json_schema, parse_job
+from consumer.control import parse_request
+from consumer.errors import InvalidJobError, JobTooLargeError
+from consumer.message import header_problem, job_json_schema, parse_job
 from tests.broker import encode, job
 
 
@@ -110,3 +111,42 @@ def test_list_unsubscribe_and_other_custom_headers_are_accepted() -> None:
 def test_body_must_be_an_object() -> None:
     with pytest.raises(InvalidJobError, match="JSON object"):
         parse_job(b"[1, 2]", None)
+
+
+# Everything str.splitlines() breaks a line at, which the email package refuses in a
+# header, and a lone surrogate, which no charset can write.
+LINE_BREAKERS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("char", [*LINE_BREAKERS, "\ud800"], ids=ascii)
+@pytest.mark.parametrize("where", ["subject", "header", "name", "filename"])
+def test_header_bound_text_is_one_line_by_the_email_packages_rule(where: str, char: str) -> None:
+    value = f"a{char}b"
+    fields: dict[str, object] = {
+        "subject": {"subject": value},
+        "header": {"headers": {"X-Note": value}},
+        "name": {"from": {"email": "sender@example.com", "name": value}},
+        "filename": {"attachments": [{"content_b64": "aGk=", "filename": value}]},
+    }[where]
+    # ensure_ascii: JSON spells the lone surrogate as an escape, as producers send it.
+    body = json.dumps(job(**fields)).encode()
+    with pytest.raises(InvalidJobError, match=r"not allowed in header values|unicode string"):
+        parse_job(body, None)
+    assert header_problem(value) is not None
+
+
+def test_header_problem_takes_one_line_of_anything_else() -> None:
+    for fine in ("", "Hello", "Grüße ☀ \t tab", "\x1f\x7f unit separator and DEL"):
+        assert header_problem(fine) is None, fine
+
+
+def test_a_body_over_the_job_limit_is_refused_before_it_is_decoded() -> None:
+    body = encode(job(text="x" * 2000))
+    assert parse_job(body, None, max_bytes=len(body))[0].text == "x" * 2000
+    with pytest.raises(JobTooLargeError, match=f"{len(body)} bytes, more than the limit") as err:
+        parse_job(body, None, max_bytes=len(body) - 1)
+    assert err.value.reason == "too_large"
+    with pytest.raises(JobTooLargeError):  # not even JSON: never looked at
+        parse_job(b"\xff" * 4096, None, max_bytes=1024)
+    with pytest.raises(JobTooLargeError, match="the control message is 4096 bytes"):
+        parse_request(b"{}" + b" " * 4094, max_bytes=1024)

@@ -16,7 +16,7 @@ from consumer.attachments import Part
 from consumer.content import Content
 from consumer.errors import InvalidJobError, MessageTooLargeError
 from consumer.message import Job
-from consumer.mime import build_message, needs_utf8, serialize
+from consumer.mime import build_mail, build_message, needs_utf8, serialize
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)
@@ -134,6 +134,25 @@ def test_size_limit_counts_the_encoded_message() -> None:
     assert mail.wire.count(b"\r\n") == mail.wire.count(b"\n")  # SMTP line ends throughout
     with pytest.raises(MessageTooLargeError, match="limit of 40000"):
         serialize(message, 40_000)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # What the email package refuses, should anything let it through validation.
+        Content("vertical\x0btab", "t", None),
+        Content("s", "t", None, (Part(b"x", "text/plain", "form\x0cfeed.txt"),)),
+        Content("s", "t", None, (Part(b"x", "text/plain", "surrogate\udc80.txt"),)),
+    ],
+    ids=["subject", "filename", "surrogate"],
+)
+def test_whatever_building_a_mail_raises_is_an_invalid_job(content: Content) -> None:
+    parsed = Job.model_validate(job())
+    with pytest.raises(InvalidJobError, match="the message cannot be built") as err:
+        build_mail(parsed, "j", NOW, content, charset="utf-8", limit=1_000_000)
+    assert err.value.reason == "invalid"
+    with pytest.raises(MessageTooLargeError):  # the job's own refusals keep their reason
+        build_mail(parsed, "j", NOW, Content.of(parsed), charset="utf-8", limit=10)
 
 
 OCTET = "application/octet-stream"

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
 from email import policy
 from email.parser import Parser
 from pathlib import Path
 
 import pytest
 
+from consumer import templates
+from consumer.attachments import AttachmentLoader
+from consumer.content import Composer
 from consumer.errors import TemplateError
+from consumer.fetch import Fetcher, FetchLimits
+from consumer.message import Job
 from consumer.settings import Settings
 from consumer.store import JobStore
 from consumer.template_store import TemplateStore
 from consumer.templates import Template, render
 from deploy.devstack.processes import mailbus
+from tests.broker import job as job_body
 
 WELCOME = Template(
     "welcome",
@@ -141,3 +149,86 @@ async def test_template_commands(settings: Settings, tmp_path: Path) -> None:
     gone = await mailbus(settings, "template", "show", "welcome")
     assert gone.returncode == 1
     assert "no template 'welcome'" in gone.stderr
+
+
+@pytest.mark.parametrize("char", ["\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029", "\ud800"])
+def test_a_rendered_subject_must_be_one_header_line(char: str) -> None:
+    template = Template("subject", 1, "Hi {{ s }}", "t", None)
+    with pytest.raises(TemplateError, match="the rendered subject"):
+        render(template, {"s": f"a{char}b"}, 5_000)
+
+
+@pytest.mark.parametrize(
+    ("source", "refusal"),
+    [
+        ("{{ name * 400000000 }}", "a repeated value"),
+        ("{{ [name] * 400000000 }}", "a repeated value"),
+        (
+            "{% set ns = namespace(s=name) %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "a joined string",
+        ),
+        (
+            "{% set ns = namespace(s=name) %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "a joined value",
+        ),
+        ("{{ name|center(1000000000) }}", "the center filter"),
+        ("{{ name.ljust(1000000000) }}", "str.ljust"),
+        ("{{ '%999999999s' % name }}", "a % format"),
+        ("{{ '%999999999s'|format(name) }}", "the format filter"),
+        ("{{ '{:>999999999}'.format(name) }}", "a format field"),
+        ("{{ (name * 1000).replace('', name * 1000) }}", "a replaced string"),
+        ("{{ 7 ** 1000000000 }}", "bits is not allowed"),
+    ],
+)
+def test_values_beyond_the_limit_are_refused_before_they_are_made(
+    source: str, refusal: str
+) -> None:
+    template = Template("growth", 1, "s", source, None)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError, match=refusal):
+            render(template, {"name": "abcd"}, 1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"{peak} bytes held to refuse it"
+
+
+def test_rendering_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 0.3)
+    # Nested loops over the job's data, and calls: nothing is output, nothing grows.
+    loops = "{% for a in items %}{% for b in items %}{% endfor %}{% endfor %}"
+    calls = "{% for a in items %}{{ a|string|length * 0 }}{% endfor %}"
+    for source in (loops, calls):
+        started = time.monotonic()
+        with pytest.raises(TemplateError, match=r"rendering took more than 0\.3 s"):
+            render(Template("slow", 1, "s", source, None), {"items": [0] * 10_000_000}, 10**9)
+        assert time.monotonic() - started < 2
+
+
+def test_what_templates_ordinarily_do_is_untouched() -> None:
+    source = (
+        "{{ '%05d'|format(order) }} {{ '{:>8}'.format(name) }} {{ name|center(12) }}"
+        " {{ 'x' * 3 ~ name + '!' }} {{ 2 ** 10 }} {{ name.replace('a', 'A') }}"
+        "{% for i in items %}{{ loop.index }}{% endfor %}"
+    )
+    rendered = render(Template("fine", 1, "s", source, None), WELCOME_DATA, 10_000)
+    assert rendered.text == "12345     abcd     abcd     xxxabcd! 1024 Abcd123"
+
+
+WELCOME_DATA = {"name": "abcd", "order": 12345, "items": ["a", "b", "c"]}
+
+
+async def test_a_stored_document_that_is_not_a_template_is_a_template_error(
+    store: JobStore,
+) -> None:
+    templates = TemplateStore(store.database)
+    await templates.latest.insert_one({"_id": "broken", "name": "broken", "version": 1})
+    fetcher = Fetcher(FetchLimits(max_bytes=1024))
+    composer = Composer(templates, AttachmentLoader([], 1024, fetcher), 10_000)
+    job = Job.model_validate(job_body(text=None, template={"name": "broken"}))
+    with pytest.raises(TemplateError, match="template 'broken': KeyError: 'subject'"):
+        await composer.compose(job)
+    await fetcher.close()
