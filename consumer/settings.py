@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
+    # Connections they hold at once (a thread each), and how long each may take to send
+    # its request: a silent client must not hold up the liveness probe.
+    http_max_connections: int = Field(16, ge=1, le=10_000)
+    http_read_timeout: float = Field(5.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     prefetch: int = Field(32, ge=1, le=10_000)
