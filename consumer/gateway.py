@@ -34,6 +34,9 @@ from consumer.topology import SEND_KEY, SEND_NOW_KEY, Names
 log = get_logger(__name__)
 REST_PATHS = ("/api/mail", "/api/mail/new")
 _READ_SIZE = 64 * 1024
+# After answering before the whole body came (413, 408), the rest is read and dropped
+# this long so that the client sees the answer, not a reset (aiohttp's default is 10 s).
+_LINGER_SECONDS = 2.0
 # What a REST client gets when every connection is busy answering.
 _REST_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -445,7 +448,9 @@ async def serve(
         server: asyncio.Server | None = None
         try:
             if rest is not None:
-                runner = web.AppRunner(gateway.rest_app(), access_log=None)
+                runner = web.AppRunner(
+                    gateway.rest_app(), access_log=None, lingering_time=_LINGER_SECONDS
+                )
                 await runner.setup()
                 aiohttp_server = runner.server
                 assert aiohttp_server is not None  # set up
