@@ -6,10 +6,12 @@ Shared by the HTTP endpoints (threads) and the gateways (one event loop), hence 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Generic, TypeVar
 
 C = TypeVar("C", bound=Hashable)
@@ -73,6 +75,26 @@ class FailedLogins:
         self.window = window
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
+        # Per address: its lock and how many requests hold or wait for it.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, address: str) -> AsyncIterator[None]:
+        """One authentication at a time for ``address`` (on one event loop), so that a
+        burst of guesses sent at once is counted guess by guess and no more than
+        ``limit`` are hashed. A key already verified takes its turn in a moment.
+        """
+        lock, users = self._turns.get(address, (asyncio.Lock(), 0))
+        self._turns[address] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[address]
+            if users == 1:
+                del self._turns[address]
+            else:
+                self._turns[address] = (lock, users - 1)
 
     def blocked(self, address: str) -> bool:
         """Whether ``address`` has failed too often lately."""

@@ -286,12 +286,13 @@ class Gateway:
             return legacy.rest_reply("failed", str(exc))
         if await self.authorizer.domain(job.domain) is None:
             return legacy.rest_reply("failed", "Invalid Domain")
-        if self.failures.blocked(address):
-            log.warning("gateway.throttled", gateway="rest", address=address)
-            return legacy.rest_reply("failed", TOO_MANY_FAILURES)
-        if await self.authorizer.refusal(job, Authority()) is not None:
-            self.failures.failed(address)
-            return legacy.rest_reply("failed", "invalid domain key")
+        async with self.failures.turn(address):
+            if self.failures.blocked(address):
+                log.warning("gateway.throttled", gateway="rest", address=address)
+                return legacy.rest_reply("failed", TOO_MANY_FAILURES)
+            if await self.authorizer.refusal(job, Authority()) is not None:
+                self.failures.failed(address)
+                return legacy.rest_reply("failed", "invalid domain key")
         self.trusted.add(address)
         job_id, answer = await self.publish(mail.job, now=mail.send_now)
         if mail.send_now:
@@ -349,13 +350,14 @@ class Gateway:
             request = legacy.daemon_request(line)
         except GatewayRequestError as exc:
             return legacy.daemon_reply("error", None, str(exc))
-        if self.failures.blocked(address):
-            log.warning("gateway.throttled", gateway="daemon", address=address)
-            return legacy.daemon_reply("error", TOO_MANY_FAILURES, "unauthorized request")
-        if not await self._authenticated(request.auth):
-            self.failures.failed(address)
-            log.warning("gateway.unauthorized", gateway="daemon", request=request.name)
-            return legacy.daemon_reply("error", None, "unauthorized request")
+        async with self.failures.turn(address):
+            if self.failures.blocked(address):
+                log.warning("gateway.throttled", gateway="daemon", address=address)
+                return legacy.daemon_reply("error", TOO_MANY_FAILURES, "unauthorized request")
+            if not await self._authenticated(request.auth):
+                self.failures.failed(address)
+                log.warning("gateway.unauthorized", gateway="daemon", request=request.name)
+                return legacy.daemon_reply("error", None, "unauthorized request")
         self.trusted.add(address)
         try:
             reply = await self._daemon_request(request)
