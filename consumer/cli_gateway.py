@@ -81,8 +81,14 @@ def add_parser(verbs: Any) -> None:
         "password whose hash is MAILBUS_GATEWAY_PASSWORD_HASH; its mail is sent for "
         "MAILBUS_GATEWAY_DOMAIN from MAILBUS_GATEWAY_FROM unless a request names fromEmail. "
         "Requests over MAILBUS_GATEWAY_MAX_REQUEST_BYTES are refused; a send-now waits up to "
-        "MAILBUS_GATEWAY_WAIT_SECONDS for the outcome. SIGTERM lets requests in progress "
-        "finish.",
+        "MAILBUS_GATEWAY_WAIT_SECONDS for the outcome. Clients that do not behave are let go: "
+        "past MAILBUS_GATEWAY_MAX_CONNECTIONS the one waiting longest for its request makes "
+        "room; headers (the daemon: first bytes) must come within "
+        "MAILBUS_GATEWAY_HEADER_TIMEOUT and the rest within MAILBUS_GATEWAY_READ_TIMEOUT; an "
+        "address none of whose requests has authenticated may send "
+        "MAILBUS_GATEWAY_UNAUTHENTICATED_BYTES at most; past MAILBUS_GATEWAY_AUTH_FAILURES "
+        "wrong passwords or keys within MAILBUS_GATEWAY_AUTH_WINDOW it is refused unhashed. "
+        "SIGTERM lets requests in progress finish.",
     )
     run.add_argument(
         "--rest",

@@ -1,31 +1,102 @@
 """The worker's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
 
-Served by the standard library's WSGI server on a thread of its own, so a scrape never
-waits on the event loop; readiness asks the loop to ping MongoDB, with a short bound.
+Served by the standard library's WSGI server on threads of their own, so a scrape never
+waits on the event loop; readiness asks the loop to ping MongoDB, with a short bound. Each
+connection has its own thread, at most ``MAILBUS_HTTP_MAX_CONNECTIONS`` of them, and must
+send its request within ``MAILBUS_HTTP_READ_TIMEOUT``: a silent or dripping client cannot
+hold up the liveness probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from io import BytesIO
+from socketserver import ThreadingMixIn
 from typing import Any, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from consumer.admission import ConnectionSlots
 from consumer.errors import MailbusError
 from consumer.logging import get_logger
 
 log = get_logger(__name__)
 PING_SECONDS = 2.0
+# A GET's request line and headers; a longer head is refused unread.
+MAX_HEAD_BYTES = 16 * 1024
 T = TypeVar("T")
 
 
-class _Quiet(WSGIRequestHandler):
+def read_head(connection: socket.socket, *, seconds: float) -> bytes | None:
+    """A request's line and headers, read within ``seconds`` in all (a client dripping a
+    byte at a time gets no longer); None when they do not come in time, the client goes,
+    or they pass ``MAX_HEAD_BYTES``.
+    """
+    deadline = time.monotonic() + seconds
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        left = deadline - time.monotonic()
+        if left <= 0 or len(head) > MAX_HEAD_BYTES:
+            return None
+        connection.settimeout(left)
+        try:
+            chunk = connection.recv(4096)
+        except OSError:  # the timeout, a reset, or shut down to make room
+            return None
+        if not chunk:
+            return None
+        head += chunk
+    return head
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per connection, bounded by ``slots``; requests read within ``read_timeout``."""
+
+    daemon_threads = True
+    slots: ConnectionSlots[socket.socket]
+    read_timeout: float
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread, or close it when every slot is answering."""
+        if self.slots.admit(request, lambda: _shut(request)):
+            super().process_request(request, client_address)
+        else:
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close the connection and free its slot."""
+        self.slots.release(request)
+        super().shutdown_request(request)
+
+
+def _shut(connection: socket.socket) -> None:
+    """Wake the thread reading ``connection``: its recv returns at once."""
+    with contextlib.suppress(OSError):  # already gone
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(WSGIRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        """Read the head within the timeout, then answer as the WSGI handler does."""
+        head = read_head(self.connection, seconds=self.server.read_timeout)
+        if head is None:
+            return
+        self.server.slots.answering(self.connection)
+        self.connection.settimeout(self.server.read_timeout)  # for writing the answer
+        self.rfile.close()  # the head is read: the request is answered from it
+        self.rfile = BytesIO(head)
+        super().handle()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Probes every few seconds would drown the logs."""
 
@@ -99,12 +170,24 @@ def application(
     return app
 
 
-@contextmanager
+@contextlib.contextmanager
 def serving(
-    host: str, port: int, registry: CollectorRegistry, readiness: Readiness
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    *,
+    max_connections: int,
+    read_timeout: float,
 ) -> Iterator[WSGIServer]:
-    """Serve the endpoints on ``host:port`` (port 0: any free one) until the block ends."""
-    server = make_server(host, port, application(registry, readiness), handler_class=_Quiet)
+    """Serve the endpoints on ``host:port`` (port 0: any free one) until the block ends,
+    holding at most ``max_connections`` connections, each given ``read_timeout`` seconds
+    to send its request.
+    """
+    server = _Server((host, port), _Handler)
+    server.slots = ConnectionSlots(max_connections)
+    server.read_timeout = read_timeout
+    server.set_app(application(registry, readiness))
     thread = threading.Thread(target=server.serve_forever, name="mailbus-http", daemon=True)
     thread.start()
     log.info("http.serving", address=f"http://{host}:{server.server_port}")

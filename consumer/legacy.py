@@ -67,6 +67,8 @@ DAEMON_ELSEWHERE = {
     "removeTemplate": "mailbus template rm",
     "clearTemplate": "mailbus template rm",
 }
+# The bytes that frame a daemon request: a newline, and JSON's strings and nesting.
+_FRAMING = re.compile(rb'[\n"\\{}\[\]]')
 _HTML_TAG = re.compile(r"<(?:!doctype|!--|/?[a-z][a-z0-9]*)[\s/>]", re.IGNORECASE)
 
 
@@ -184,22 +186,55 @@ def daemon_request(line: bytes) -> DaemonRequest:
     return DaemonRequest(name, raw[name], auth if isinstance(auth, str) else None)
 
 
-def complete_request(buffer: bytes) -> bytes | None:
-    """The request ``buffer`` holds in full, or None while more must be read.
-
-    A request ends at a newline; the old clients also wrote one JSON object with no newline
-    and waited for the answer, so a buffer that parses as a whole object is complete too.
+class DaemonFrame:
+    """One daemon request as its bytes come in, each byte looked at once: it ends at a
+    newline, or where the JSON object it starts with closes (the old clients also wrote
+    one object with no newline and waited for the answer).
     """
-    line, newline, _ = buffer.partition(b"\n")
-    if newline:
-        return line
-    if not buffer.rstrip().endswith(b"}"):
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self._object: bool | None = None  # starts with "{"; None while only blanks came
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False  # the last byte was a backslash inside a string
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Add ``data``: the whole request once it is complete, else None."""
+        start = len(self.buffer)
+        self.buffer += data
+        if self._object is None and self.buffer.strip():
+            self._object = self.buffer.lstrip()[:1] == b"{"
+        if not self._object:
+            end = self.buffer.find(b"\n", start)
+            return bytes(self.buffer[:end]) if end >= 0 else None
+        skip = start + 1 if self._escaped else start  # the byte the backslash escapes
+        self._escaped = False
+        for match in _FRAMING.finditer(self.buffer, start):
+            at = match.start()
+            if at < skip:
+                continue
+            byte = match.group()
+            if byte == b"\n":
+                return bytes(self.buffer[:at])
+            if self._in_string:
+                if byte == b"\\":
+                    skip = at + 2
+                    self._escaped = skip > len(self.buffer)
+                elif byte == b'"':
+                    self._in_string = False
+            elif byte == b'"':
+                self._in_string = True
+            elif byte in (b"{", b"["):
+                self._depth += 1
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    return bytes(self.buffer[: at + 1])
         return None
-    try:
-        json.loads(buffer)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return buffer
 
 
 def daemon_reply(status: str, data: Any, message: Any) -> bytes:

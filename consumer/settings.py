@@ -90,9 +90,23 @@ class Settings(BaseSettings):
     gateway_from: str | None = None
     gateway_max_request_bytes: int = Field(4 * MiB, ge=1024)
     gateway_wait_seconds: float = Field(30.0, gt=0)
+    # What a client may cost before it has proved who it is: the connections held at once,
+    # the largest request from an address none of whose requests has authenticated yet,
+    # seconds to send a request's headers (the daemon: its first bytes) and all of it, and
+    # failed authentications (each a slow scrypt) an address may make within the window.
+    gateway_max_connections: int = Field(256, ge=1, le=100_000)
+    gateway_unauthenticated_bytes: int = Field(64 * 1024, ge=1024)
+    gateway_header_timeout: float = Field(10.0, gt=0)
+    gateway_read_timeout: float = Field(30.0, gt=0)
+    gateway_auth_failures: int = Field(10, ge=1)
+    gateway_auth_window: float = Field(60.0, gt=0)
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
+    # Connections they hold at once (a thread each), and how long each may take to send
+    # its request: a silent client must not hold up the liveness probe.
+    http_max_connections: int = Field(16, ge=1, le=10_000)
+    http_read_timeout: float = Field(5.0, gt=0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     prefetch: int = Field(32, ge=1, le=10_000)

@@ -163,7 +163,14 @@ class Worker:
         loop = asyncio.get_running_loop()
         readiness = Readiness(loop, self._ready, self.store.ping)
         self.metrics.watch_providers(lambda: on_loop(loop, self.providers.find))
-        with serving(self.settings.http_host, port, self.metrics.registry, readiness) as server:
+        with serving(
+            self.settings.http_host,
+            port,
+            self.metrics.registry,
+            readiness,
+            max_connections=self.settings.http_max_connections,
+            read_timeout=self.settings.http_read_timeout,
+        ) as server:
             self.http_port = server.server_port
             await self._run(stop)
 

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
 from consumer.domain_store import DomainStore, hash_key, key_matches
-from consumer.gateway import Listen, serve
+from consumer.gateway import TOO_MANY_FAILURES, Listen, serve
 from consumer.settings import Settings
 from consumer.store import JobStore
 from deploy.devstack.processes import mailbus, run_with, settings_env
@@ -44,7 +45,12 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
             "gateway_domain": "daemon.example",
             "gateway_from": "Old Daemon <daemon@daemon.example>",
             "gateway_max_request_bytes": 64 * 1024,
+            "gateway_unauthenticated_bytes": 16 * 1024,
             "gateway_wait_seconds": 20.0,
+            "gateway_max_connections": 8,
+            "gateway_header_timeout": 1.0,
+            "gateway_read_timeout": 2.0,
+            "gateway_auth_failures": 5,
             "attachment_dirs": [tmp_path],
         }
     )
@@ -281,6 +287,138 @@ async def test_daemon_refuses_what_it_should(
     assert (answer["status"], answer["message"]) == ("error", "invalid payload")
     await asyncio.sleep(0.5)
     assert smtp.received() == []
+    assert await store.find(limit=10) == []
+
+
+async def ask(port: int, request: str, *, source: str = "127.0.0.1") -> dict[str, Any]:
+    """One daemon request from the loopback address ``source``; the JSON answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        writer.write(request.encode() + b"\n")
+        await writer.drain()
+        async with asyncio.timeout(20):
+            answer: dict[str, Any] = json.loads(await reader.read())
+        return answer
+    finally:
+        writer.close()
+
+
+async def drip(port: int, at_once: bytes, dripped: bytes) -> tuple[bytes, float]:
+    """Send ``at_once``, then ``dripped`` a byte every 50 ms until the server answers or
+    closes; its answer and how many seconds after connecting it came.
+    """
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = loop.time()
+    answer = b""
+    try:
+        writer.write(at_once)
+        for byte in dripped:
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                answer = await asyncio.wait_for(reader.read(65536), 0.05)
+                break  # answered, or closed (b"")
+            writer.write(bytes([byte]))
+    except ConnectionError:  # closed while we were still sending
+        pass
+    finally:
+        writer.close()
+    return answer, loop.time() - started
+
+
+async def test_rest_lets_go_of_idle_and_dripping_clients(
+    settings: Settings, smtp: CaptureServer, ports: dict[str, int]
+) -> None:
+    port = ports["rest"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    idle_reader, idle = await asyncio.open_connection("127.0.0.1", port)
+    head = b"PUT /api/mail HTTP/1.1\r\nHost: x\r\n"
+    form = b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 400\r\n\r\n"
+    headers = asyncio.create_task(drip(port, head, b"X-Slow: " + b"a" * 200))
+    body = asyncio.create_task(drip(port, head + form, b"body=" + b"a" * 395))
+    answer = await curl_put(settings, port)  # meanwhile, a client that behaves
+    assert answer["status"] == "success"
+    async with asyncio.timeout(10):
+        assert await idle_reader.read() == b""
+    idle_for = loop.time() - started
+    idle.close()
+    assert idle_for < settings.gateway_header_timeout + 1.0
+    answer, dripped_for = await headers
+    assert answer == b""  # closed before its headers were whole
+    assert dripped_for < settings.gateway_header_timeout + 1.0
+    answer, dripped_for = await body
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["status"] == "failed"
+    assert dripped_for < settings.gateway_read_timeout + 1.0
+    await asyncio.sleep(0.5)
+    assert len(smtp.received()) == 1
+
+
+async def test_daemon_lets_go_of_silent_clients_and_serves_the_others(
+    settings: Settings, ports: dict[str, int]
+) -> None:
+    port = ports["daemon"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # More than the 8 connections the gateway holds: the oldest make room.
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+    answer = await ask(port, json.dumps({"ping": None, "auth": PASSWORD}))
+    assert answer["message"] == "pong"
+    async with asyncio.timeout(10):
+        for reader, writer in silent:
+            assert await reader.read() == b""
+            writer.close()
+    assert loop.time() - started < settings.gateway_header_timeout + 1.0
+
+
+async def test_daemon_holds_small_requests_until_an_address_has_authenticated(
+    settings: Settings, smtp: CaptureServer, ports: dict[str, int]
+) -> None:
+    port = ports["daemon"]
+    mail = {"to": ["big@example.org"], "subject": "big", "body": "x" * (20 * 1024)}
+    big = daemon_request("queueMail", mail)
+    for source in ("127.0.0.2", "127.0.0.3"):
+        refused = await ask(port, big, source=source)
+        assert (refused["status"], refused["message"]) == ("error", "invalid payload")
+        assert "until a request from this address has authenticated" in refused["data"]
+    ping = await ask(port, json.dumps({"ping": None, "auth": PASSWORD}), source="127.0.0.2")
+    assert ping["message"] == "pong"
+    queued = await ask(port, big, source="127.0.0.2")
+    assert queued["message"] == "mail added to queue"
+    refused = await ask(port, big, source="127.0.0.3")  # still unknown
+    assert refused["message"] == "invalid payload"
+    async with asyncio.timeout(30):
+        [received] = await smtp.wait_for(1)
+    assert received.message()["Subject"] == "big"
+
+
+async def test_failed_authentications_are_limited_per_address(
+    settings: Settings, store: JobStore, ports: dict[str, int]
+) -> None:
+    ping, wrong = ({"ping": None, "auth": auth} for auth in (PASSWORD, "wrong password"))
+    for _ in range(settings.gateway_auth_failures):
+        refused = await ask(ports["daemon"], json.dumps(wrong), source="127.0.0.3")
+        assert refused == {"status": "error", "data": None, "message": "unauthorized request"}
+    for request in (wrong, ping):  # the right password too: it is not even looked at
+        throttled = await ask(ports["daemon"], json.dumps(request), source="127.0.0.3")
+        assert (throttled["message"], throttled["data"]) == (
+            "unauthorized request",
+            TOO_MANY_FAILURES,
+        )
+    other = await ask(ports["daemon"], json.dumps(ping), source="127.0.0.4")
+    assert other["message"] == "pong"
+
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.5")
+    url = f"http://127.0.0.1:{ports['rest']}/api/mail"
+    async with httpx.AsyncClient(transport=transport, timeout=20) as client:
+        for _ in range(settings.gateway_auth_failures):
+            answer = await client.put(url, data={**REST_MAIL, "domain_key": "good horse"})
+            assert answer.json() == {"status": "failed", "message": "invalid domain key"}
+        throttled = await client.put(url, data=REST_MAIL)
+        assert throttled.status_code == 429
+        assert throttled.json() == {"status": "failed", "message": TOO_MANY_FAILURES}
     assert await store.find(limit=10) == []
 
 

@@ -207,12 +207,30 @@ def test_daemon_requests_and_framing() -> None:
     deep = b'{"ping": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(GatewayRequestError, match="invalid payload"):
         legacy.daemon_request(deep)  # nesting the JSON decoder gives up on
-    assert legacy.complete_request(deep) is None
+    assert frame(deep) == deep  # framed all the same, and answered "invalid payload"
 
-    assert legacy.complete_request(b'{"ping": null}\n{"next"') == b'{"ping": null}'
-    assert legacy.complete_request(b'{"ping": null}') == b'{"ping": null}'
-    assert legacy.complete_request(b'{"sendMail": {"body": "}"}') is None
-    assert legacy.complete_request(b'{"ping": nu') is None
+    assert frame(b'{"ping": null}\n{"next"') == b'{"ping": null}'
+    assert frame(b'{"ping": null}') == b'{"ping": null}'
+    assert frame(b'{"ping": null} {"next"') == b'{"ping": null}'
+    assert frame(b'{"sendMail": {"body": "}"}') is None
+    assert frame(b'{"sendMail": {"body": "\\"}"}') is None
+    assert frame(b'{"sendMail": {"body": "\\\\"}}') == b'{"sendMail": {"body": "\\\\"}}'
+    assert frame(b'{"ping": nu') is None
+    assert frame(b'  ["not", "an object"]') is None  # a newline ends it
+    assert frame(b'  ["not", "an object"]\n') == b'  ["not", "an object"]'
+
+
+def frame(data: bytes) -> bytes | None:
+    """Frame ``data`` fed a byte at a time and whole: both ways must agree."""
+    whole = legacy.DaemonFrame().feed(data)
+    dripped = legacy.DaemonFrame()
+    for i in range(len(data)):
+        done = dripped.feed(data[i : i + 1])
+        if done is not None:
+            assert done == whole
+            return done
+    assert whole is None
+    return None
 
 
 def test_daemon_answers() -> None:

@@ -105,6 +105,53 @@ async def test_health_and_readiness_follow_the_broker(
     await until(lambda: ready(served), 60)
 
 
+async def test_silent_and_dripping_clients_do_not_hold_up_the_probes(
+    settings: Settings, channel: AbstractChannel
+) -> None:
+    running = RunningWorker(settings.model_copy(update={"http_port": 0, "http_read_timeout": 1}))
+    try:
+        async with asyncio.timeout(20):
+            while running.worker.http_port is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        port = running.worker.http_port
+        loop = asyncio.get_running_loop()
+        # As many silent connections as the server holds (16), and one dripping its
+        # request a byte at a time, faster than any per-read timeout.
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+        dripper = asyncio.create_task(drip(port, b"GET /healthz HTTP/1.1\r\n" + b"X" * 100))
+        started = loop.time()
+        for path in ("/healthz", "/metrics", "/healthz"):
+            assert (await get(running, path)).status_code == 200
+        assert loop.time() - started < 1.0  # answered at once, not after the timeout
+        async with asyncio.timeout(5):
+            for reader, _ in silent:
+                assert await reader.read() == b""  # closed by the server
+            assert await dripper == b""
+        assert loop.time() - started < 3.0
+        for _, writer in silent:
+            writer.close()
+        assert (await get(running, "/healthz")).status_code == 200
+    finally:
+        await running.shutdown()
+
+
+async def drip(port: int, data: bytes) -> bytes:
+    """Send ``data`` a byte every 50 ms; what the server answered before it closed the
+    connection.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        return await reader.read()
+    except ConnectionError:  # closed while we were still sending
+        return b""
+    finally:
+        writer.close()
+
+
 async def ready(worker: RunningWorker) -> bool:
     """Whether ``/readyz`` says so."""
     return (await get(worker, "/readyz")).status_code == 200
