@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aio_pika
 import pytest
@@ -329,10 +330,10 @@ async def test_message_that_crashes_workers_is_dead_lettered_by_the_delivery_lim
 
     parse = pipeline.parse_job
 
-    def crash_on_poison(body: bytes, message_id: str | None) -> object:
+    def crash_on_poison(body: bytes, message_id: str | None, **limits: Any) -> object:
         if b"poison" in body:
             raise RuntimeError("a bug this job triggers")
-        return parse(body, message_id)
+        return parse(body, message_id, **limits)
 
     monkeypatch.setattr(pipeline, "parse_job", crash_on_poison)
     names = Names(settings.prefix)
