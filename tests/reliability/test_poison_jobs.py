@@ -1,7 +1,7 @@
 """Poison jobs: input that once crashed the MIME build (and was redelivered for ever) or
 made a worker hold a gigabyte. Each must end once, as a dead letter with its reason or a
-mail with its file names cleaned, while a real worker process stays under the 256 MiB the
-Kubernetes manifest gives it.
+mail with its file names cleaned, while a real worker process stays under 256 MiB, half
+what the Kubernetes manifest gives it (the other half is for legitimate large mail).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.http_files import FileServer, Route
 from tests.reliability.accounts import Account, settle
 
 MiB = 2**20
-# What the deploy/kubernetes worker is allowed.
+# Half what the deploy/k8s worker is allowed.
 MEMORY_LIMIT = 256 * MiB
 # Each breaks a line for str.splitlines(), or (the surrogate) cannot be written at all.
 POISON_CHARS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\ud800"]
