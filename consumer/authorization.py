@@ -51,6 +51,9 @@ _MAX_REMEMBERED = 10_000
 _RAW_KEY = re.compile(rb'"domain_key"\s*:\s*"(?:[^"\\]|\\.)*"')
 _REDACTED = b'"domain_key":"***"'
 _FIELD = "domain_key"
+# A seal as workers write it: epoch milliseconds (13 digits until the year 2286), a dot,
+# and an HMAC-SHA256 in hex.
+_SEAL_SHAPE = re.compile(r"[0-9]{1,15}\.[0-9a-f]{64}")
 # The encodings besides UTF-8 that JSON allows (RFC 8259 §8.1 of old, and Python's decoder).
 _WIDE_ENCODINGS = ("utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be")
 
@@ -127,10 +130,14 @@ def _unsealed(
     if vault is None or stamp is None:
         return Authority()
     expires, _, signature = stamp.partition(".")
-    if not expires.isdigit() or int(expires) < to_epoch_ms(now):
+    # The producer's text: only a stamp of the shape workers write is looked at further.
+    if not _SEAL_SHAPE.fullmatch(stamp) or int(expires) < to_epoch_ms(now):
         return Authority()
     user, domain = _text(headers.get(USER_HEADER)), _text(headers.get(DOMAIN_HEADER))
-    release = released(headers)
+    try:
+        release = released(headers)
+    except (ValueError, OverflowError, OSError):  # a release time no clock can hold
+        return Authority()
     authority = Authority(user or None, domain or None, release)
     fields = authority.headers()
     if not fields or not vault.verify(_sealed(message_id, body, int(expires), fields), signature):

@@ -19,12 +19,12 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import aio_pika
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from consumer.authorization import Authority, Authorizer, seal
 from consumer.errors import InvalidJobError
 from consumer.events import cancelled_event, rescheduled_event
-from consumer.message import DomainName, json_object
+from consumer.message import DomainName, SendTime, json_object
 from consumer.outgoing import Outgoing
 from consumer.schedule import DUE_HEADER, to_epoch_ms
 from consumer.store import JobStore
@@ -55,7 +55,7 @@ class RescheduleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     reschedule: str = JobId
-    send_at: AwareDatetime
+    send_at: SendTime
     domain_key: SecretStr | None = None
 
     @property
@@ -122,7 +122,9 @@ async def refusal(
         return None  # an operator's cancel record: nothing to act on, nobody's to guard
     if recorded is None and named is None:
         if isinstance(request, RescheduleRequest):
-            return None  # unknown: nothing happens
+            # Answered here, not by the store: a record written meanwhile (another
+            # domain's job arriving) is never touched by a request nobody authorized.
+            return Result(job_id, "unknown", "no such job")
         detail = "name the job's domain to cancel a job not seen yet"
         return Result(job_id, "refused", detail, unauthorized=True)
     domain = recorded or named

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.utils import getaddresses
 from typing import Annotated, Any, Literal
@@ -36,6 +37,9 @@ TEMPLATE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
 # ``tags`` and ``metadata`` are stored with the job and echoed in every event: small by
 # contract, so one job can never make a record (or a batch of records) too large to write.
 MAX_TAGS = 50
+# No send time later than this is taken: far enough for any schedule, near enough that a
+# waiting copy's seal (its due time plus MAILBUS_SEAL_DAYS) is still a date.
+LATEST_SEND_AT = datetime(3000, 1, 1, tzinfo=UTC)
 MAX_METADATA_BYTES = 16 * 1024
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
@@ -106,6 +110,15 @@ def charset_name(value: str) -> str:
 
 Charset = Annotated[str, Field(max_length=40), AfterValidator(charset_name)]
 EmailText = Annotated[str, Field(max_length=320), AfterValidator(_check_email)]
+
+
+def _reachable(value: datetime) -> datetime:
+    if value >= LATEST_SEND_AT:
+        raise ValueError(f"send times from {LATEST_SEND_AT:%Y} on are not accepted")
+    return value
+
+
+SendTime = Annotated[AwareDatetime, AfterValidator(_reachable)]
 
 
 def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +235,7 @@ class Job(BaseModel):
     attachments: list[Attachment] = []
     headers: dict[HeaderName, HeaderText] = {}
     charset: Charset | None = None
-    send_at: AwareDatetime | None = None
+    send_at: SendTime | None = None
     expires_at: AwareDatetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
     tags: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=MAX_TAGS)] = []

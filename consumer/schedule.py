@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from consumer.errors import InvalidJobError
-from consumer.message import Job
+from consumer.message import LATEST_SEND_AT, Job
 
 DELAY_HEADER = "x-delay"
 # Set by workers when a job first passes through: absolute due time in epoch milliseconds,
@@ -49,6 +49,8 @@ def due_time(job: Job, headers: Mapping[str, Any], received_at: datetime) -> dat
     """The absolute time the job may be sent, or None for "now"."""
     due_ms = _milliseconds(headers, DUE_HEADER)
     if due_ms is not None:
+        if due_ms >= to_epoch_ms(LATEST_SEND_AT):
+            raise InvalidJobError(f"header {DUE_HEADER} is later than {LATEST_SEND_AT:%Y}")
         return datetime.fromtimestamp(due_ms / 1000, UTC)
     delay_ms = _milliseconds(headers, DELAY_HEADER)
     if delay_ms is not None:

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     open_domains: bool = True
     # A worker's copy of a job (ladder, retry, dead letter) carries its authorization sealed
     # with MAILBUS_SECRET_KEY, valid this many days past the copy's due time.
-    seal_days: float = Field(30.0, gt=0)
+    seal_days: float = Field(30.0, gt=0, le=3650)
     # Replies (reply_to) go to RabbitMQ's direct reply-to, or to queues named with this
     # prefix; any other reply_to is not answered.
     reply_queue_prefix: str | None = Field(None, min_length=1)

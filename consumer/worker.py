@@ -24,6 +24,7 @@ from consumer.attachments import AttachmentLoader, attachment_budget
 from consumer.authorization import (
     Authority,
     Authorizer,
+    Intake,
     broker_login,
     intake,
     seal,
@@ -287,7 +288,30 @@ class Worker:
         """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
         started = time.perf_counter()
-        taken = intake(
+        taken = self._intake(message)
+        authority, headers = taken.authority, taken.headers
+        events: list[Event] = []
+        outcome: Outcome
+        try:
+            outcome = await self._process(message, headers, authority)
+            holds = 0
+            while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
+                holds += 1
+                # A held attempt (a quick retry through another outbox, say) is an outcome
+                # of its own: logged and counted like one that went through the ladder.
+                self._record(outcome, headers, message, started)
+                events.extend(_events_of(outcome))
+                headers = carried_headers(headers, outcome.due_at)
+                outcome = await self._process(message, headers, authority)
+        except Exception as exc:  # whatever a delivery raises, it is settled, never left held
+            log.exception("job.crashed")
+            outcome = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
+        events.extend(_events_of(outcome))
+        await self._settle(message, outcome, key, headers, events, started, authority)
+
+    def _intake(self, message: AbstractIncomingMessage) -> Intake:
+        """The delivery's authority and the headers kept of it (see :func:`intake`)."""
+        return intake(
             message.headers or {},
             user_id=message.user_id,
             message_id=message.message_id,
@@ -295,29 +319,11 @@ class Worker:
             vault=self.vault,
             now=self.clock.now(),
         )
-        authority, headers = taken.authority, taken.headers
-        events: list[Event] = []
-        outcome = await self._process(message, headers, authority)
-        holds = 0
-        while isinstance(outcome, Later) and holds < MAX_HOLDS and await self._hold(outcome):
-            holds += 1
-            # A held attempt (a quick retry through another outbox, say) is an outcome of
-            # its own: logged and counted like one that went through the ladder.
-            self._record(outcome, headers, message, started)
-            events.extend(_events_of(outcome))
-            headers = carried_headers(headers, outcome.due_at)
-            outcome = await self._process(message, headers, authority)
-        events.extend(_events_of(outcome))
-        await self._settle(message, outcome, key, headers, events, started, authority)
 
     async def _process(
         self, message: AbstractIncomingMessage, headers: Mapping[str, Any], authority: Authority
     ) -> Outcome:
-        try:
-            return await self.pipeline.process(message.body, message.message_id, headers, authority)
-        except Exception as exc:
-            log.exception("job.crashed")
-            return Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
+        return await self.pipeline.process(message.body, message.message_id, headers, authority)
 
     async def _hold(self, outcome: Later) -> bool:
         """Keep a job due within the ladder's resolution until its time, without blocking
@@ -333,14 +339,20 @@ class Worker:
         structlog.contextvars.clear_contextvars()
         started = time.perf_counter()
         result: Settled
+        # A control request's authority is its key or broker user, never a header; what
+        # the producer set under x-mailbus-* is dropped from its answer and dead letter.
+        headers = self._intake(message).headers
+        authority = Authority(message.user_id)
         try:
             request = control.parse_request(message.body, max_bytes=self.settings.max_job_bytes)
         except InvalidJobError as exc:
             result = Dead(Context(message.message_id), exc.reason, str(exc))
         else:
-            result = await self._execute(request, message)
-        headers = message.headers or {}
-        authority = Authority(message.user_id)
+            try:
+                result = await self._execute(request, message)
+            except Exception as exc:  # settled like a job that crashed, never left held
+                log.exception("control.crashed")
+                result = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
         await self._settle(message, result, topology.CONTROL_KEY, headers, [], started, authority)
 
     async def _execute(
@@ -387,8 +399,12 @@ class Worker:
         out = self._out()
         try:
             if isinstance(outcome, Crashed):
-                await message.nack(requeue=True)
-                return
+                if _deliveries(message) < self.settings.delivery_limit:
+                    await message.nack(requeue=True)
+                    return
+                # Returned once more, the broker would dead-letter the delivery as it came,
+                # domain key and all: the worker does it, the way it does every dead letter.
+                outcome = Dead(outcome.ctx, "delivery_limit", outcome.error)
             if isinstance(outcome, control.Result):
                 publishes = [out.reply(message, outcome.as_dict())]
                 if outcome.unauthorized:
@@ -577,6 +593,14 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _deliveries(message: AbstractIncomingMessage) -> int:
+    """How many times the broker has delivered ``message``, this time included (a quorum
+    queue counts the returns in ``x-delivery-count``).
+    """
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return (count if isinstance(count, int) else 0) + 1
 
 
 def _events_of(outcome: Outcome) -> list[Event]:

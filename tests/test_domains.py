@@ -25,7 +25,7 @@ from consumer.authorization import (
     without_domain_key,
 )
 from consumer.domain_store import hash_key, key_matches
-from consumer.leases import Release
+from consumer.leases import RELEASED_AT_HEADER, Release
 from consumer.schedule import DUE_HEADER
 from consumer.settings import Settings
 from consumer.store import JobStore
@@ -93,6 +93,12 @@ def test_a_seal_binds_its_authority_to_the_id_the_body_and_a_time() -> None:
         taken({**headers, USER_HEADER: "root"}),
     ):
         assert moved == Authority()
+    # Seals no worker wrote, shaped to break the parsing of one: nothing, and no error.
+    signature = str(headers[SEAL_HEADER]).partition(".")[2]
+    for stamp in ("99999999999999.é", "².ab", "9" * 5000 + ".ab", f"+1.{signature}", 7):
+        assert taken({**headers, SEAL_HEADER: stamp}) == Authority()
+    far = {**headers, RELEASED_AT_HEADER: 2**62}  # a release no clock can hold
+    assert taken(far) == Authority()
     # A producer's own x-mailbus-* headers carry nothing and are not kept; the due time is.
     forged = {USER_HEADER: "app1", SEAL_HEADER: "9999999999999.00", "x-mailbus-reason": "x"}
     kept = intake(

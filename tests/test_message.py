@@ -82,6 +82,8 @@ def test_id_precedence_body_then_message_id_then_content_hash() -> None:
         {"metadata": {"nested": [{"bad\0key": 1}]}},
         {"metadata": {"$where": "1"}},
         {"tags": [f"t{i}" for i in range(51)]},
+        # A schedule past what a date (and the seal on its waiting copy) can hold.
+        {"send_at": "9999-12-20T00:00:00Z"},
     ],
 )
 def test_refused(fields: dict[str, object]) -> None:

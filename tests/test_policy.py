@@ -135,6 +135,10 @@ def test_due_time_sources() -> None:
     for bad in ("soon", -1, 2**28 * 1000):
         with pytest.raises(InvalidJobError):
             due_time(plain, {"x-delay": bad}, now)
+    # A due time no date can hold, or past any schedule, is the producer's mistake.
+    for far in (10**17, to_epoch_ms(datetime(3000, 1, 1, tzinfo=UTC))):
+        with pytest.raises(InvalidJobError, match="later than 3000"):
+            due_time(plain, {DUE_HEADER: far}, now)
 
 
 def test_outbox_urls() -> None:

@@ -30,6 +30,7 @@ from tests.broker import (
     until,
 )
 from tests.conftest import RunningWorker
+from tests.secret_watch import watched
 
 # Never early, and late by less than one ladder second: a wrong hop or a missed hold would
 # be a second or more. The precision target (p99 under 250 ms) is measured by `make bench`,
@@ -326,26 +327,36 @@ async def test_message_that_crashes_workers_is_dead_lettered_by_the_delivery_lim
     worker: RunningWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A delivery that makes the worker raise is tried again, and at its last delivery
+    the worker dead-letters it itself: with its reason, and without its domain key (the
+    broker, left to it, would dead-letter the body as it came).
+    """
     from consumer import pipeline
 
     parse = pipeline.parse_job
+    crashes = []
 
     def crash_on_poison(body: bytes, message_id: str | None, **limits: Any) -> object:
         if b"poison" in body:
+            crashes.append(message_id)
             raise RuntimeError("a bug this job triggers")
         return parse(body, message_id, **limits)
 
     monkeypatch.setattr(pipeline, "parse_job", crash_on_poison)
     names = Names(settings.prefix)
-    await publish_job(channel, job(subject="poison"), names=names)
+    key = watched("dk-crash-0077")
+    await publish_job(channel, job(subject="poison", domain_key=key), names=names)
     await publish_job(channel, job(subject="healthy"), names=names)
 
     async with asyncio.timeout(20):
         [dead] = await take(channel, names.dead, 1)
         await smtp.wait_for(1)
     assert json.loads(dead.body)["subject"] == "poison"
-    deaths = [(d["reason"], d["queue"]) for d in dead.headers["x-death"]]
-    assert ("delivery_limit", names.send_queue) in deaths
+    assert key.encode() not in dead.body
+    assert dead.headers["x-mailbus-reason"] == "delivery_limit"
+    assert "RuntimeError: a bug this job triggers" in str(dead.headers["x-mailbus-error"])
+    assert len(crashes) == settings.delivery_limit
+    assert "x-death" not in dead.headers  # never dead-lettered by the broker
     assert [m.message()["Subject"] for m in smtp.received()] == ["healthy"]
     assert not worker.task.done()
 
