@@ -10,10 +10,10 @@ import asyncio
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -54,6 +54,7 @@ from consumer.suppressions import SuppressionStore
 from consumer.transport import SendResult
 
 log = get_logger(__name__)
+Written = TypeVar("Written")
 STORE_RETRY = timedelta(seconds=5)
 
 
@@ -352,8 +353,13 @@ class Pipeline:
             if decision.retry_in is not None:
                 due = self.clock() + timedelta(seconds=decision.retry_in)
                 partial = (sorted(deferred), refused)
-                await self.store.mark_retry(
-                    job_id, self.worker_id, failure.describe(), due, body, ctx.outbox, partial
+                # Some recipients have the mail: only this record keeps them from getting
+                # it again, so it is written whatever it takes (never released instead).
+                await _written(
+                    "deferral",
+                    lambda: self.store.mark_retry(
+                        job_id, self.worker_id, failure.describe(), due, body, ctx.outbox, partial
+                    ),
                 )
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
@@ -429,20 +435,26 @@ class Pipeline:
     ) -> None:
         """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
         reply = {"code": result.code, "message": result.message}
-        pause = 0.5
-        while True:
-            try:
-                recorded = await self.store.mark_sent(
-                    job_id, self.worker_id, reply, refused, outbox, details
-                )
-            except StoreUnavailableError as exc:
-                log.warning("job.sent_record_retrying", error=str(exc), pause=pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 10.0)
-                continue
-            if not recorded:
-                log.warning("job.lease_lost_before_sent_record")
-            return
+        recorded = await _written(
+            "sent",
+            lambda: self.store.mark_sent(job_id, self.worker_id, reply, refused, outbox, details),
+        )
+        if not recorded:
+            log.warning("job.lease_lost_before_sent_record")
+
+
+async def _written(what: str, write: Callable[[], Awaitable[Written]]) -> Written:
+    """The answer of ``write``, a record of mail that is out, tried again (backing off up
+    to 10 s) for as long as MongoDB does not answer.
+    """
+    pause = 0.5
+    while True:
+        try:
+            return await write()
+        except StoreUnavailableError as exc:
+            log.warning(f"job.{what}_record_retrying", error=str(exc), pause=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
 
 
 def _as_documents(refused: Mapping[str, tuple[int, str]]) -> dict[str, Any]:

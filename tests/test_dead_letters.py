@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from consumer.errors import StoreUnavailableError
 from consumer.publish import publish_job
 from consumer.settings import Settings
 from consumer.store import JobStore
@@ -219,3 +221,42 @@ async def test_recipient_deferred_with_4xx_alone_gets_the_retry(
     assert record["refused"] == {"gone@example.org": {"code": 550, "message": "5.1.1 user unknown"}}
     [deferral] = [h for h in record["history"] if h["event"] == "deferred"]
     assert deferral["error"] == "451 <busy@example.org> 4.2.1 mailbox busy, try later"
+
+
+async def test_a_partial_delivery_is_recorded_through_a_store_outage(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    store: JobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MongoDB fails just as the worker records which recipients took the mail and which
+    deferred it: the record is written once MongoDB answers, never given up on, so the
+    retry goes to the deferred recipient alone.
+    """
+    mark_retry = JobStore.mark_retry
+    outages: list[str] = []
+
+    async def failing_once(self: JobStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not outages:
+            outages.append(job_id)
+            raise StoreUnavailableError("MongoDB unavailable: injected")
+        return await mark_retry(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "mark_retry", failing_once)
+    smtp.faults.refuse_rcpt("busy@example.org", "451 4.2.1 mailbox busy, try later")
+    names = Names(settings.prefix)
+    job_id = await publish_job(
+        channel, job(to=["rcpt@example.org", "busy@example.org"]), names=names
+    )
+
+    async with asyncio.timeout(20):
+        first, second = await smtp.wait_for(2)
+    await asyncio.sleep(1)
+    assert outages == [job_id]
+    assert [m.rcpt_tos for m in smtp.received()] == [("rcpt@example.org",), ("busy@example.org",)]
+    assert first.message()["Message-ID"] == second.message()["Message-ID"]
+    record = await store.get(job_id)
+    assert record is not None
+    assert (record["status"], record["attempts"]) == ("sent", 2)
