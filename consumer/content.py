@@ -83,7 +83,8 @@ class Composer:
         if template is None:
             version = f" version {ref.version}" if ref.version is not None else ""
             raise TemplateError(f"no template named {ref.name!r}{version}")
-        rendered = render(template, ref.data, self.max_chars)
+        # Off the event loop: a render may take up to its deadline per part.
+        rendered = await asyncio.to_thread(render, template, ref.data, self.max_chars)
         parts = await self.loader.load_all(job.attachments)
         return Content(
             job.subject or rendered.subject,

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from email.message import Message
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
@@ -86,8 +87,8 @@ class Fetched:
 def refused_address(ip: IPAddress) -> str | None:
     """Why ``ip`` may not be fetched from by default (None: it is a public address).
 
-    Loopback, private, link-local, multicast, reserved, unspecified and shared (CGNAT)
-    ranges are refused. An IPv6 address that carries an IPv4 one on to where it leads (an
+    Loopback, private, link-local, site-local, multicast, reserved, unspecified and shared
+    (CGNAT) ranges are refused. An IPv6 address that carries an IPv4 one on to where it leads (an
     IPv4-mapped, a 6to4 ``2002::/16`` or a Teredo ``2001::/32`` address) is refused when
     the IPv4 address it carries would be.
     """
@@ -98,6 +99,8 @@ def refused_address(ip: IPAddress) -> str | None:
         why = refused_address(carried) if carried is not None else None
         if why is not None:
             return why
+        if ip.is_site_local:  # fec0::/10: deprecated, still routed inside some networks
+            return "site-local"
     for kind in ("loopback", "link_local", "multicast", "unspecified", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
@@ -287,6 +290,9 @@ class Fetcher:
             follow_redirects=False,
             trust_env=False,
             headers={"Accept-Encoding": "gzip, deflate"},
+            # One client serves every job: a cookie one attachment server set would go
+            # with another producer's fetches, and a jar would grow without end.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     async def close(self) -> None:

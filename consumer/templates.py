@@ -8,7 +8,12 @@ rendered like text and must be one header line (:func:`consumer.message.header_p
 The sandbox is bounded as well (:class:`BoundedSandbox`): a value that would be larger
 than the output may be is refused before it is made (``{{ name * 400000000 }}`` costs
 nothing), and a render that takes longer than :data:`RENDER_SECONDS` is stopped at its
-next loop step, call or filter. Output is capped while it is produced.
+next loop step, call or filter. Output is capped while it is produced. Rendering runs in a
+thread (:mod:`consumer.content`), so a slow template never holds up the worker's loop.
+
+Templates are the operators': the bounds hold what a job's data can make a template
+spend for what templates do (loops, filters, formats, arithmetic); they are not a jail
+for a hostile template author, who can still build a large value step by step.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ _TICK_EVERY = 256
 _MAX_INT_BITS = 16_384
 # The filters and str methods whose int arguments are widths of what they make.
 _WIDTHS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "indent"})
-# A ``%`` format's field widths and precisions.
-_PERCENT_WIDTHS = re.compile(r"%[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+# The filters whose int arguments count the pieces they make.
+_COUNTS = frozenset({"slice"})
+# A ``%`` format's field widths and precisions, after any ``(key)``.
+_PERCENT_WIDTHS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
 
 
 @dataclass
@@ -97,12 +104,14 @@ def _check_width(what: str, value: Any, args: Iterable[Any]) -> None:
 
 
 def _check_percent(fmt: str, what: str) -> None:
+    """Refuse ``%`` field widths that together exceed the limit, and widths from data."""
+    total = 0
     for width, precision in _PERCENT_WIDTHS.findall(fmt):
         for number in (width, precision):
             if number == "*":
                 raise TemplateError(f"{what}: a '*' width is not allowed")
-            if number:
-                _budget().size(int(number), f"{what} with width {number}")
+            total += int(number or 0)
+    _budget().size(total, f"{what} with widths of {total} together")
 
 
 class _BoundedCode(CodeGenerator):
@@ -129,6 +138,9 @@ def _guarded_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         _budget().tick()
         if name in _WIDTHS and args:
             _check_width(f"the {name} filter", args[0], [*args[1:], *kwargs.values()])
+        for count in (*args[1:], *kwargs.values()) if name in _COUNTS else ():
+            if isinstance(count, int):
+                _budget().size(count, f"the {name} filter with {count} pieces")
         if name == "format" and args and isinstance(args[0], str):
             _check_percent(args[0], "the format filter")
         if name == "replace":
@@ -147,11 +159,12 @@ def _check_bits(bits: int) -> None:
 
 def _check_format(fmt: str) -> None:
     """Refuse ``str.format`` field widths beyond the limit, and widths taken from data."""
+    total = 0
     for _, _, spec, _ in string.Formatter().parse(fmt):
         if spec and "{" in spec:
             raise TemplateError("a nested format field is not allowed")
-        for number in re.findall(r"\d+", spec or ""):
-            _budget().size(int(number), f"a format field with width {number}")
+        total += sum(int(number) for number in re.findall(r"\d+", spec or ""))
+    _budget().size(total, f"format fields with widths of {total} together")
 
 
 def _check_replace(value: str, old: str, new: str) -> None:
@@ -174,6 +187,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters = {name: _guarded_filter(name, f) for name, f in self.filters.items()}
         self.filters["_ticking"] = _ticking
         self.checked_concat = _checked_concat
+        # Placeholder text in any amount, in one call the deadline cannot interrupt.
+        del self.globals["lipsum"]
 
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any

@@ -23,6 +23,7 @@ class Route:
     encoding: str | None = None  # a Content-Encoding header, the body already encoded
     drip: float = 0.0  # seconds between bytes of the body (a server that never finishes)
     disposition: str | None = None  # a Content-Disposition header, sent as is (latin-1)
+    cookie: str | None = None  # a Set-Cookie header
 
 
 class _Server(ThreadingHTTPServer):
@@ -31,6 +32,7 @@ class _Server(ThreadingHTTPServer):
     routes: dict[str, Route]
     hits: list[str]
     hosts: list[str]
+    cookies: list[str | None]
     connections: int
 
 
@@ -45,6 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.hits.append(self.path)
         self.server.hosts.append(self.headers.get("Host", ""))
+        self.server.cookies.append(self.headers.get("Cookie"))
         route = self.server.routes.get(self.path, Route(status=404, body=b"not found"))
         if route.delay:
             time.sleep(route.delay)
@@ -57,6 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", route.encoding)
         if route.disposition:
             self.send_header("Content-Disposition", route.disposition)
+        if route.cookie:
+            self.send_header("Set-Cookie", route.cookie)
         if route.declare_length:
             self.send_header("Content-Length", str(len(route.body)))
         elif self.protocol_version == "HTTP/1.1":  # the body ends when the connection does
@@ -95,6 +100,7 @@ class FileServer:
         self._server.routes = {}
         self._server.hits = []
         self._server.hosts = []
+        self._server.cookies = []
         self._server.connections = 0
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -107,6 +113,11 @@ class FileServer:
     def hosts(self) -> list[str]:
         """The Host header of each request so far, in order."""
         return list(self._server.hosts)
+
+    @property
+    def cookies(self) -> list[str | None]:
+        """The Cookie header of each request so far (None: none sent), in order."""
+        return list(self._server.cookies)
 
     @property
     def connections(self) -> int:

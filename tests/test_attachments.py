@@ -163,6 +163,7 @@ def test_content_types_are_declared_served_or_guessed() -> None:
         ("::1", "loopback"),
         ("fe80::1", "link-local"),
         ("fd00::1", "private"),
+        ("fec0::1", "site-local"),
         ("ff02::1", "multicast"),
         ("::ffff:127.0.0.1", "loopback"),
         # 6to4 and Teredo addresses lead on to the IPv4 address they carry.
@@ -180,6 +181,19 @@ def test_non_public_addresses_are_refused(address: str, kind: str) -> None:
 def test_public_addresses_are_allowed() -> None:
     for address in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8"):
         assert refused_address(ipaddress.ip_address(address)) is None
+
+
+async def test_no_cookie_goes_from_one_fetch_to_another(
+    files: FileServer, open_fetcher: Fetcher
+) -> None:
+    """One client fetches for every job: a cookie an attachment server sets is refused, so
+    it never rides along with another producer's fetch (nor piles up).
+    """
+    first = files.route("/set.pdf", Route(body=PDF, cookie="session=s3cret; Path=/"))
+    second = files.route("/other.pdf", Route(body=PDF))
+    for url in (first, second, first):
+        assert (await open_fetcher.fetch(url)).data == PDF
+    assert files.cookies == [None, None, None]
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import tracemalloc
@@ -177,9 +178,16 @@ def test_a_rendered_subject_must_be_one_header_line(char: str) -> None:
         ("{{ name.ljust(1000000000) }}", "str.ljust"),
         ("{{ '%999999999s' % name }}", "a % format"),
         ("{{ '%999999999s'|format(name) }}", "the format filter"),
-        ("{{ '{:>999999999}'.format(name) }}", "a format field"),
+        ("{{ '{:>999999999}'.format(name) }}", "format fields with widths"),
         ("{{ (name * 1000).replace('', name * 1000) }}", "a replaced string"),
         ("{{ 7 ** 1000000000 }}", "bits is not allowed"),
+        # Widths within the limit one by one, but not together; a width behind a key.
+        ("{{ ('{0:>600000}' * 20).format(name) }}", "format fields with widths"),
+        ("{{ ('%600000s' * 20) % ((name,) * 20) }}", "a % format"),
+        ("{{ '%(a)999999999s' % {'a': name} }}", "a % format"),
+        ("{{ '%(a)999999999s'|format(a=name) }}", "the format filter"),
+        # A billion pieces of nothing, made one by one.
+        ("{{ [name]|slice(1000000000)|list|length }}", "the slice filter"),
     ],
 )
 def test_values_beyond_the_limit_are_refused_before_they_are_made(
@@ -206,6 +214,42 @@ def test_rendering_stops_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> Non
         with pytest.raises(TemplateError, match=r"rendering took more than 0\.3 s"):
             render(Template("slow", 1, "s", source, None), {"items": [0] * 10_000_000}, 10**9)
         assert time.monotonic() - started < 2
+
+
+def test_placeholder_text_is_not_offered() -> None:
+    """``lipsum(n=10**8)`` would run in one call the deadline cannot interrupt."""
+    with pytest.raises(TemplateError, match="lipsum"):
+        render(Template("lorem", 1, "s", "{{ lipsum(n=100000000) }}", None), {}, 10**9)
+
+
+async def test_a_slow_render_does_not_hold_up_the_event_loop(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(templates, "RENDER_SECONDS", 1.0)
+    store_of_templates = TemplateStore(store.database)
+    slow = "{% for a in items %}{% for b in items %}{% endfor %}{% endfor %}"
+    await store_of_templates.put("slow", "s", slow, None)
+    fetcher = Fetcher(FetchLimits(max_bytes=1024))
+    composer = Composer(store_of_templates, AttachmentLoader([], 1024, fetcher), 10_000)
+    data = {"items": list(range(100_000))}
+    job = Job.model_validate(job_body(text=None, template={"name": "slow", "data": data}))
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.05)
+            lags.append(time.monotonic() - before - 0.05)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(TemplateError, match="rendering took more than 1 s"):
+            await composer.compose(job)
+    finally:
+        ticking.cancel()
+        await fetcher.close()
+    assert len(lags) >= 10  # the loop went on while the template rendered
+    assert max(lags) < 0.5
 
 
 def test_what_templates_ordinarily_do_is_untouched() -> None:
