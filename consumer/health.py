@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import threading
 import time
@@ -30,6 +31,9 @@ from consumer.logging import get_logger
 
 log = get_logger(__name__)
 PING_SECONDS = 2.0
+# How long one readiness check answers every /readyz probe.
+READINESS_SECONDS = 1.0
+NOT_CHECKED = "readiness is being checked"
 # A GET's request line and headers; a longer head is refused unread.
 MAX_HEAD_BYTES = 16 * 1024
 T = TypeVar("T")
@@ -121,7 +125,12 @@ def on_loop(
 
 
 class Readiness:
-    """What ``/readyz`` checks: consuming from RabbitMQ, and MongoDB answering."""
+    """What ``/readyz`` checks: consuming from RabbitMQ, and MongoDB answering.
+
+    One check runs at a time and its answer serves every probe for
+    :data:`READINESS_SECONDS`: probes arriving together (or a client sending them over
+    and over) never hold the server's connections waiting on MongoDB.
+    """
 
     def __init__(
         self,
@@ -132,9 +141,28 @@ class Readiness:
         self.loop = loop
         self.consuming = consuming
         self.ping = ping
+        self._lock = threading.Lock()
+        self._checking = False
+        self._last: list[str] = [NOT_CHECKED]
+        self._checked_at = -math.inf
 
     def problems(self) -> list[str]:
-        """Why the worker is not ready; empty when it is. Called from the server thread."""
+        """Why the worker is not ready; empty when it is. Called from the server threads:
+        the last answer while a check is under way or fresh, else a new check's.
+        """
+        with self._lock:
+            if self._checking or time.monotonic() - self._checked_at < READINESS_SECONDS:
+                return list(self._last)
+            self._checking = True
+        found = [NOT_CHECKED]
+        try:
+            found = self._check()
+        finally:
+            with self._lock:
+                self._last, self._checked_at, self._checking = found, time.monotonic(), False
+        return list(found)
+
+    def _check(self) -> list[str]:
         found = []
         if not self.consuming():
             found.append("not consuming from RabbitMQ")

@@ -13,6 +13,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.health import NOT_CHECKED, Readiness
 from consumer.provider_store import ProviderStore
 from consumer.publish import publish_job
 from consumer.ratelimit import parse_limit
@@ -96,6 +97,8 @@ async def test_health_and_readiness_follow_the_broker(
 
     await asyncio.to_thread(rabbit.stop)
     try:
+        # A readiness answer serves probes for a second: the next one sees the broker gone.
+        await until(lambda: not_ready(served), 5)
         down = await get(served, "/readyz")
         assert down.status_code == 503
         assert "not consuming from RabbitMQ" in down.text
@@ -155,6 +158,36 @@ async def drip(port: int, data: bytes) -> bytes:
 async def ready(worker: RunningWorker) -> bool:
     """Whether ``/readyz`` says so."""
     return (await get(worker, "/readyz")).status_code == 200
+
+
+async def not_ready(worker: RunningWorker) -> bool:
+    """Whether ``/readyz`` says the worker is not ready."""
+    return (await get(worker, "/readyz")).status_code == 503
+
+
+async def test_a_storm_of_readiness_probes_runs_one_check_at_a_time() -> None:
+    """Probes arriving together share one check: none waits on MongoDB in its own right,
+    so none holds a connection of the server's while it does.
+    """
+    loop = asyncio.get_running_loop()
+    pings = 0
+
+    async def slow_ping() -> None:
+        nonlocal pings
+        pings += 1
+        await asyncio.sleep(0.5)
+
+    readiness = Readiness(loop, lambda: True, slow_ping)
+    first = asyncio.create_task(asyncio.to_thread(readiness.problems))
+    await asyncio.sleep(0.1)  # the first check is under way
+    started = loop.time()
+    during = await asyncio.gather(*(asyncio.to_thread(readiness.problems) for _ in range(16)))
+    assert loop.time() - started < 0.3  # answered at once, not after the ping
+    assert during == [[NOT_CHECKED]] * 16
+    assert await first == []
+    after = await asyncio.gather(*(asyncio.to_thread(readiness.problems) for _ in range(16)))
+    assert after == [[]] * 16
+    assert pings == 1
 
 
 async def test_one_json_log_line_per_outcome(
