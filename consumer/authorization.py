@@ -23,10 +23,10 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from consumer.domain_store import DomainStore, key_matches
@@ -47,6 +47,7 @@ PRODUCER_HEADERS = frozenset({DUE_HEADER})
 # How long a worker trusts what it read of a domain: changes apply within this time.
 CACHE_SECONDS = 5.0
 _MAX_REMEMBERED = 10_000
+Answer = TypeVar("Answer")
 # A domain_key field in a body that is not strict JSON, to redact in the raw bytes.
 _RAW_KEY = re.compile(rb'"domain_key"\s*:\s*"(?:[^"\\]|\\.)*"')
 _REDACTED = b'"domain_key":"***"'
@@ -240,6 +241,26 @@ def _suffixes(name: str) -> list[str]:
     return [".".join(labels[i:]) for i in range(len(labels))]
 
 
+class _Recent(Generic[Answer]):
+    """Answers by name, each kept for ``CACHE_SECONDS`` (at most ``_MAX_REMEMBERED``)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._kept: dict[str, tuple[float, Answer]] = {}
+
+    async def get(self, name: str, load: Callable[[], Awaitable[Answer]]) -> Answer:
+        """The answer for ``name``: the kept one while fresh, else ``load``'s."""
+        now = self._clock()
+        kept = self._kept.get(name)
+        if kept is not None and now - kept[0] < CACHE_SECONDS:
+            return kept[1]
+        answer = await load()
+        if len(self._kept) >= _MAX_REMEMBERED:
+            self._kept.clear()
+        self._kept[name] = (now, answer)
+        return answer
+
+
 class Authorizer:
     """Decides whether a job, or a control request, may act for a domain, remembering
     domains for a few seconds and keys it has verified.
@@ -255,8 +276,8 @@ class Authorizer:
         self.domains = domains
         self.open_domains = open_domains
         self.clock = clock
-        self._domains: dict[str, tuple[float, Document | None]] = {}
-        self._owners: dict[str, tuple[float, str | None]] = {}
+        self._domains: _Recent[Document | None] = _Recent(clock)
+        self._owners: _Recent[str | None] = _Recent(clock)
         self._keys = VerifiedKeys()
 
     async def refusal(self, job: Job, authority: Authority) -> str | None:
@@ -308,29 +329,16 @@ class Authorizer:
 
     async def _owner(self, name: str) -> str | None:
         """The registered domain ``name`` is, or is under; None when there is none."""
-        now = self.clock()
-        cached = self._owners.get(name)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
-            return cached[1]
-        found = await self.domains.registered(_suffixes(name))
-        # The closest registration is the owner.
-        owner = next((s for s in _suffixes(name) if s in found), None)
-        if len(self._owners) >= _MAX_REMEMBERED:
-            self._owners.clear()
-        self._owners[name] = (now, owner)
-        return owner
+
+        async def closest() -> str | None:
+            found = await self.domains.registered(_suffixes(name))
+            return next((s for s in _suffixes(name) if s in found), None)
+
+        return await self._owners.get(name, closest)
 
     async def domain(self, name: str) -> Document | None:
         """The registration of domain ``name`` (None: not registered), at most
         ``CACHE_SECONDS`` old.
         """
         domain = name.lower()
-        now = self.clock()
-        cached = self._domains.get(domain)
-        if cached is not None and now - cached[0] < CACHE_SECONDS:
-            return cached[1]
-        doc = await self.domains.get(domain)
-        if len(self._domains) >= _MAX_REMEMBERED:
-            self._domains.clear()
-        self._domains[domain] = (now, doc)
-        return doc
+        return await self._domains.get(domain, lambda: self.domains.get(domain))
