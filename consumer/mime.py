@@ -164,11 +164,35 @@ def serialize(message: EmailMessage, limit: int) -> Mail:
     """
     utf8 = needs_utf8(message)
     wire = message.as_bytes(policy=WIRE_UTF8_POLICY if utf8 else WIRE_POLICY)
+    broken = _broken_header(message, wire)
+    if broken is not None:
+        raise InvalidJobError(
+            f"header {broken} cannot be written safely: folded, it would end the header"
+            " section early"
+        )
     if len(wire) > limit:
         raise MessageTooLargeError(
             f"the message is {len(wire)} bytes, more than the limit of {limit}"
         )
     return Mail(message, wire, utf8)
+
+
+def _broken_header(message: EmailMessage, wire: bytes) -> str | None:
+    """The header the ``email`` package folded into an empty or blank line, if any: its
+    folder does so for some display names (parentheses and quotes at a fold), and a
+    receiver then reads every later header as body. None when all are whole.
+    """
+    written = 0  # headers begun before the header section ends (or a blank line breaks it)
+    for line in wire.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if not line.strip():
+            break
+        if line[:1] not in (b" ", b"\t"):
+            written += 1
+    else:
+        if written == len(message):
+            return None
+    names = message.keys()
+    return names[max(written - 1, 0)] if names else "?"
 
 
 def build_mail(

@@ -155,6 +155,30 @@ def test_whatever_building_a_mail_raises_is_an_invalid_job(content: Content) -> 
         build_mail(parsed, "j", NOW, Content.of(parsed), charset="utf-8", limit=10)
 
 
+# The email package folds this display name (found by the coverage-guided fuzz run)
+# with an empty line after "n)", which would end the header section there.
+BREAKING_NAME = (
+    "Sennnnnnnnnnnn                    cccccccccccccccccccccccccccccc  n)   n nnnnnnnnn"
+    + "%" * 30
+    + "n" * 30
+    + ",nnnnnder"
+)
+
+
+def test_a_header_the_email_package_folds_into_a_blank_line_is_refused() -> None:
+    body = job(**{"from": {"email": "sender@example.com", "name": BREAKING_NAME}})
+    parsed = Job.model_validate(body)
+    with pytest.raises(InvalidJobError, match="header From cannot be written safely") as err:
+        build_mail(parsed, "j", NOW, Content.of(parsed), charset="utf-8", limit=1_000_000)
+    assert err.value.reason == "invalid"
+    # Short of the fold, the same characters go out whole, every header in its place.
+    fine = Job.model_validate(job(**{"from": {"email": "a@example.com", "name": "n) n,%"}}))
+    mail = build_mail(fine, "j", NOW, Content.of(fine), charset="utf-8", limit=1_000_000)
+    head = mail.wire.partition(b"\r\n\r\n")[0]
+    assert b"\r\nTo: " in head
+    assert b"\r\nSubject: " in head
+
+
 OCTET = "application/octet-stream"
 header_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=120).map(str.strip)
 
