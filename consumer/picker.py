@@ -16,7 +16,9 @@ import functools
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+import structlog
 
 from consumer.batches import Batcher
 from consumer.outbox_store import OutboxStore, outbox_from_document
@@ -175,6 +177,10 @@ class OutboxPicker:
         if grant is None:
             return None
         if grant.granted:
+            # The job's log lines say which token it sent on, on the server's clock.
+            structlog.contextvars.bind_contextvars(
+                rate_slot=datetime.fromtimestamp(grant.slot_us / MICROS, UTC).isoformat()
+            )
             # The slot is on the server's clock, measured from its answer: sleeping the
             # wait from here never sends early, whatever this machine's clock says.
             await asyncio.sleep(grant.wait)

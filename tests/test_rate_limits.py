@@ -7,6 +7,8 @@ import itertools
 import json
 import signal
 import subprocess
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
@@ -24,6 +26,19 @@ from deploy.devstack.processes import mailbus, spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, drain_events, job, listen_events, until
 from tests.conftest import RunningWorker
+
+
+def token_times(logs: Iterable[Path]) -> list[int]:
+    """The moments (microseconds, MongoDB's clock) of the tokens the sent jobs in these
+    worker logs went out on.
+    """
+    times = []
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if '"job.sent"' in line:
+                slot = datetime.fromisoformat(json.loads(line)["rate_slot"])
+                times.append(round(slot.timestamp() * MICROS))
+    return times
 
 
 async def add_capped_outbox(settings: Settings, url: str, provider: str) -> None:
@@ -123,9 +138,10 @@ async def test_a_throttled_job_waits_without_using_an_attempt(
 async def test_four_workers_share_one_limit(
     settings: Settings, channel: AbstractChannel, smtp: CaptureServer, tmp_path: Path
 ) -> None:
-    """4 worker processes, 5/second with burst 2, 60 jobs at once: never more than 5 + 2 in
-    any second by the SMTP server's clock (the buckets grant 5 + 2 - 1; the spare one absorbs
-    the time from token to SMTP), all delivered, none dead, close to the cap's pace.
+    """4 worker processes, 5/second with burst 2, 60 jobs at once: never more than 5 + 2 - 1
+    tokens in any second of MongoDB's clock, all delivered, none dead, close to the cap's
+    pace by the SMTP server's clock. (Receive times alone can bunch when a loaded machine
+    delays a send after its token: README, "Providers".)
     """
     burst, count = 2, 60
     names = Names(settings.prefix)
@@ -154,7 +170,9 @@ async def test_four_workers_share_one_limit(
             await asyncio.to_thread(process.wait, 30)
     received = smtp.received()
     assert sorted(m.message()["Subject"] for m in received) == sorted(f"n{i}" for i in range(count))
-    assert most_in_a_window([round(m.received_at * 1e6) for m in received], 1_000_000) <= 5 + burst
+    tokens = token_times(tmp_path / f"worker{i}.log" for i in range(4))
+    assert len(tokens) == count
+    assert most_in_a_window(tokens, MICROS) == 5 + burst - 1
     fastest = (count - burst) / 5  # the burst at once, then one token every 0.2 s
     assert fastest - 0.1 < elapsed < fastest * 1.25 + 1, elapsed
     assert await depth(channel, names.dead) == 0
