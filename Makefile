@@ -16,6 +16,7 @@ run: deps
 lint: deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 
 typecheck: deps
 	$(PY) -m mypy
@@ -28,9 +29,9 @@ bench: bench-deps
 	$(PY) -m deploy.bench --out bench-results.json
 
 schema: deps
-	$(PY) -c 'import json; from consumer.message import job_json_schema; \
+	$(PY) -c 'import json; from consumer.core.message import job_json_schema; \
 	print(json.dumps(job_json_schema(), indent=2, ensure_ascii=False))' > consumer/schemas/job-v1.json
-	$(PY) -c 'import json; from consumer.event_contract import events_json_schema; \
+	$(PY) -c 'import json; from consumer.core.event_contract import events_json_schema; \
 	print(json.dumps(events_json_schema(), indent=2, ensure_ascii=False))' > consumer/schemas/events-v1.json
 
 clean:

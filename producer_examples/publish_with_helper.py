@@ -3,7 +3,7 @@
 
     python publish_with_helper.py --to someone@example.org [--delay-ms 60000]
 
-Needs mailbus installed (pip install it from this repository) for ``consumer.publish``.
+Needs mailbus installed (pip install it from this repository) for ``consumer.amqp.publish``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 
 import aio_pika
 
-from consumer.publish import publish_job
-from consumer.topology import Names
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
 
 
 async def main(url: str, prefix: str, to: list[str], delay_ms: int | None) -> None:

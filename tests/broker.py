@@ -10,8 +10,8 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from consumer.publish import publish_and_wait
-from consumer.topology import Names
+from consumer.amqp.publish import publish_and_wait
+from consumer.core.names import Names
 
 
 async def publish_raw(

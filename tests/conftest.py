@@ -18,11 +18,12 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer import topology
+from consumer.amqp import topology
+from consumer.core.names import Names
+from consumer.service.worker import Worker
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.jobs import JobStore
 from consumer.vault import new_key
-from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
@@ -116,7 +117,7 @@ def keyed(settings: Settings) -> Settings:
 @pytest.fixture
 async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
     """A confirming channel on which the test's topology is declared."""
-    names = topology.Names(settings.prefix)
+    names = Names(settings.prefix)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     chan = await connection.channel(publisher_confirms=True)
     await topology.declare(chan, names, settings.delivery_limit)

@@ -10,13 +10,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer.alerts import DIGEST_PREFIX, LISTED, check_addresses, digest_job
+from consumer.core.message import json_body, parse_job
+from consumer.core.names import Names
 from consumer.errors import ConfigurationError
-from consumer.message import parse_job
-from consumer.publish import json_body
+from consumer.service.alerts import DIGEST_PREFIX, LISTED, check_addresses, digest_job
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, publish_raw, until
 from tests.conftest import RunningWorker

@@ -19,8 +19,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from consumer import dead_letters
-from consumer.attachments import (
+from consumer.amqp import dead_letters
+from consumer.core.message import Attachment, Job, header_problem
+from consumer.core.names import Names
+from consumer.errors import AttachmentError, AttachmentUnavailableError
+from consumer.mail.attachments import (
     AttachmentLoader,
     allowed_path,
     attachment_budget,
@@ -29,14 +32,11 @@ from consumer.attachments import (
     mime_type,
     read_local,
 )
-from consumer.content import Composer
-from consumer.errors import AttachmentError, AttachmentUnavailableError
-from consumer.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
-from consumer.message import Attachment, Job, header_problem
+from consumer.mail.fetch import Fetcher, FetchLimits, IPAddress, refused_address, shown_url
+from consumer.service.compose import Composer
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.template_store import TemplateStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.templates import TemplateStore
 from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import server_context, signed_by_test_authority
 from tests.broker import depth, drain_events, encode, job, listen_events, until

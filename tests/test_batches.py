@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from consumer.batches import Batcher
+from consumer.store.batches import Batcher
 
 
 class Recorder:

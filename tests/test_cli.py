@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.topology import Names
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import encode, job, publish_raw

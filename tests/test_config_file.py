@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from consumer.config_file import load, password_variable
-from consumer.domain_store import key_matches
+from consumer.cli.config_file import load, password_variable
 from consumer.errors import ConfigurationError
-from consumer.outbox_store import outbox_from_document
-from consumer.provider_store import ProviderStore
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.domains import key_matches
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import outbox_from_document
+from consumer.store.providers import ProviderStore
 from consumer.vault import Vault
 from deploy.devstack.processes import mailbus
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
 from consumer.errors import StoreUnavailableError
-from consumer.publish import publish_job
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, encode, job, publish_raw, take
 from tests.conftest import RunningWorker

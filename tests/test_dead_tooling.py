@@ -10,13 +10,14 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer.dead_letters import parse_age
-from consumer.outgoing import DEAD_AT_HEADER, REASON_HEADER
-from consumer.publish import publish_job
-from consumer.schedule import to_epoch_ms
+from consumer.amqp.dead_letters import parse_age
+from consumer.amqp.publish import publish_job
+from consumer.clock import utcnow
+from consumer.core.headers import DEAD_AT_HEADER, REASON_HEADER
+from consumer.core.names import Names
+from consumer.core.schedule import to_epoch_ms
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, encode, job, publish_raw, until

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.mime import message_id_for
-from consumer.publish import publish_job
+from consumer.amqp.publish import publish_job
+from consumer.core.mime import message_id_for
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, publish_raw
 from tests.conftest import RunningWorker, settled_record

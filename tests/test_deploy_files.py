@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer.cli import _parser
+from consumer.cli.app import _parser
 from consumer.settings import Settings
 
 SETTING_NAMES = {f"MAILBUS_{name.upper()}" for name in Settings.model_fields}

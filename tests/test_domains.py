@@ -14,22 +14,19 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.authorization import (
+from consumer.core.headers import (
     DOMAIN_HEADER,
+    DUE_HEADER,
+    RELEASED_AT_HEADER,
     SEAL_HEADER,
     USER_HEADER,
-    Authority,
-    Intake,
-    intake,
-    seal,
-    without_domain_key,
 )
-from consumer.domain_store import hash_key, key_matches
-from consumer.leases import RELEASED_AT_HEADER, Release
-from consumer.schedule import DUE_HEADER
+from consumer.core.leases import Release
+from consumer.core.names import Names
+from consumer.service.authorization import Authority, Intake, intake, seal, without_domain_key
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.domains import hash_key, key_matches
+from consumer.store.jobs import JobStore
 from consumer.vault import Vault, new_key
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer

@@ -13,10 +13,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import ValidationError
 
-from consumer.event_contract import EVENTS, MailDeferred, events_json_schema
-from consumer.publish import publish_job
+from consumer.amqp.publish import publish_job
+from consumer.core.event_contract import EVENTS, MailDeferred, events_json_schema
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.topology import Names
 from deploy.devstack.processes import settings_env
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import control, drain_events, job, listen_events, publish_raw, until

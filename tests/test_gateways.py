@@ -21,10 +21,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.domain_store import DomainStore, hash_key, key_matches
-from consumer.gateway import TOO_MANY_FAILURES, Listen, serve
+from consumer.service.gateway import TOO_MANY_FAILURES, Listen, serve
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.domains import DomainStore, hash_key, key_matches
+from consumer.store.jobs import JobStore
 from deploy.devstack.processes import mailbus, run_with, settings_env
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker

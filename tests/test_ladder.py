@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer import ladder
-from consumer.schedule import DELAY_HEADER, DUE_HEADER, carried_headers, to_epoch_ms
-from consumer.topology import SEND_KEY, SEND_NOW_KEY, Names, ladder_queue_arguments
+from consumer.core import ladder
+from consumer.core.headers import DELAY_HEADER, DUE_HEADER
+from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names, ladder_queue_arguments
+from consumer.core.schedule import carried_headers, to_epoch_ms
 
 NAMES = Names("mb")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from consumer import legacy
+from consumer.core import legacy
 from consumer.errors import GatewayRequestError
 
 REST = {

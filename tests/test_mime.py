@@ -12,11 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.attachments import Part
-from consumer.content import Content
+from consumer.core.content import Content, Part
+from consumer.core.message import Job
+from consumer.core.mime import build_mail, build_message, needs_utf8, serialize
 from consumer.errors import InvalidJobError, MessageTooLargeError
-from consumer.message import Job
-from consumer.mime import build_mail, build_message, needs_utf8, serialize
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)

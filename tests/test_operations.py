@@ -13,13 +13,13 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.health import NOT_CHECKED, Readiness
-from consumer.provider_store import ProviderStore
-from consumer.publish import publish_job
-from consumer.ratelimit import parse_limit
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
+from consumer.core.ratelimit import parse_limit
+from consumer.service.health import NOT_CHECKED, Readiness
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.providers import ProviderStore
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer

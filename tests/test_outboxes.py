@@ -10,13 +10,14 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
+from consumer.amqp.publish import publish_job
+from consumer.clock import utcnow
+from consumer.core.names import Names
+from consumer.core.outboxes import outbox_from_url
 from consumer.errors import ConfigurationError
-from consumer.outbox_store import OutboxStore, outbox_document, outbox_from_document
-from consumer.outboxes import outbox_from_url
-from consumer.publish import publish_job
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import OutboxStore, outbox_document, outbox_from_document
 from consumer.vault import Vault, new_key
 from deploy.devstack.ports import free_port
 from deploy.devstack.processes import mailbus

@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.jobs import JobStore
 from deploy.devstack.processes import run_with
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer

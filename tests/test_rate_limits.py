@@ -13,14 +13,15 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.outbox_store import OutboxStore, outbox_document
-from consumer.outboxes import outbox_from_url
-from consumer.provider_store import ProviderStore
-from consumer.publish import publish_job
-from consumer.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take
+from consumer.amqp.publish import publish_job
+from consumer.clock import utcnow
+from consumer.core.names import Names
+from consumer.core.outboxes import outbox_from_url
+from consumer.core.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import OutboxStore, outbox_document
+from consumer.store.providers import ProviderStore
 from deploy.bench.rate_limit import consumers, most_in_a_window
 from deploy.devstack.processes import mailbus, spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from consumer.core.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take, tokens_left
 from consumer.errors import ConfigurationError
-from consumer.ratelimit import MICROS, Bucket, Limit, Mode, parse_limit, take, tokens_left
 from deploy.bench.rate_limit import most_in_a_window
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.cli import _parser
+from consumer.cli.app import _parser
 
 # Commands the README may show that are not mailbus's own, and who answers for them.
 EXTERNAL = {

@@ -10,9 +10,9 @@ from pathlib import Path
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from consumer.publish import job_message
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.topology import Names
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.rabbitmq import PrivateRabbit

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.dead_letters import replay_copy
-from consumer.publish import publish_job
+from consumer.amqp.dead_letters import replay_copy
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job, publish_raw, until

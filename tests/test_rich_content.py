@@ -16,14 +16,15 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import SecretStr
 
-from consumer.outbox_store import OutboxStore, outbox_document
-from consumer.outboxes import outbox_from_url
-from consumer.publish import publish_job
+from consumer.amqp.publish import publish_job
+from consumer.clock import utcnow
+from consumer.core.names import Names
+from consumer.core.outboxes import outbox_from_url
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
-from consumer.suppressions import SuppressionStore
-from consumer.template_store import TemplateStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import OutboxStore, outbox_document
+from consumer.store.suppressions import SuppressionStore
+from consumer.store.templates import TemplateStore
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import drain_events, job, listen_events, take, until

@@ -12,11 +12,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer import ladder
-from consumer.publish import publish_job
+from consumer.amqp.publish import publish_job
+from consumer.core import ladder
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import (
@@ -331,7 +331,7 @@ async def test_message_that_crashes_workers_is_dead_lettered_by_the_delivery_lim
     the worker dead-letters it itself: with its reason, and without its domain key (the
     broker, left to it, would dead-letter the body as it came).
     """
-    from consumer import pipeline
+    from consumer.service import pipeline
 
     parse = pipeline.parse_job
     crashes = []

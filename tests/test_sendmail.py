@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer.content import Content
+from consumer.amqp.publish import publish_job
+from consumer.core.content import Content
+from consumer.core.message import Job
+from consumer.core.mime import build_message, serialize
+from consumer.core.names import Names
+from consumer.core.outboxes import Outbox
 from consumer.errors import SendmailError
-from consumer.message import Job
-from consumer.mime import build_message, serialize
-from consumer.outboxes import Outbox
-from consumer.publish import publish_job
-from consumer.retry import classify
-from consumer.sendmail import SendmailPipe
+from consumer.mail.failures import classify
+from consumer.mail.sendmail import SendmailPipe
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.processes import mailbus
 from tests.broker import job, take, until
 from tests.conftest import RunningWorker

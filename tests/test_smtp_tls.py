@@ -8,9 +8,9 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.publish import publish_job
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.topology import Names
 from consumer.vault import new_key
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer

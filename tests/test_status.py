@@ -12,13 +12,13 @@ import httpx
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer import ladder
-from consumer.provider_store import ProviderStore
-from consumer.publish import publish_job
-from consumer.ratelimit import Limit
+from consumer.amqp.publish import publish_job
+from consumer.core import ladder
+from consumer.core.names import Names, consumed_queue_arguments, ladder_queue_arguments
+from consumer.core.ratelimit import Limit
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names, consumed_queue_arguments, ladder_queue_arguments
+from consumer.store.jobs import JobStore
+from consumer.store.providers import ProviderStore
 from deploy.devstack.processes import mailbus
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from consumer.leases import RELEASED_AT_HEADER, RELEASED_BY_HEADER, Release, released
-from consumer.message import Job
+from consumer.clock import utcnow
+from consumer.core.headers import RELEASED_AT_HEADER, RELEASED_BY_HEADER
+from consumer.core.leases import Release, released
+from consumer.core.message import Job
 from consumer.settings import Settings
-from consumer.store import ClaimState, JobStore, utcnow
+from consumer.store.jobs import ClaimState, JobStore
 from tests.broker import job
 
 

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumer import store_clock
-from consumer.store import JobStore, utcnow
-from consumer.store_clock import StoreClock, offset_from
+from consumer import clock as store_clock
+from consumer.clock import StoreClock, offset_from, utcnow
+from consumer.store.jobs import JobStore
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 

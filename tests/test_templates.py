@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from consumer import templates
-from consumer.attachments import AttachmentLoader
-from consumer.content import Composer
+from consumer.core import templates
+from consumer.core.message import Job
+from consumer.core.templates import Template, render
 from consumer.errors import TemplateError
-from consumer.fetch import Fetcher, FetchLimits
-from consumer.message import Job
+from consumer.mail.attachments import AttachmentLoader
+from consumer.mail.fetch import Fetcher, FetchLimits
+from consumer.service.compose import Composer
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.template_store import TemplateStore
-from consumer.templates import Template, render
+from consumer.store.jobs import JobStore
+from consumer.store.templates import TemplateStore
 from deploy.devstack.processes import mailbus
 from tests.broker import job as job_body
 

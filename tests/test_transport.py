@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import aiosmtplib
 import pytest
 
-from consumer.content import Content
-from consumer.message import Job
-from consumer.mime import build_message, serialize
-from consumer.outboxes import outbox_from_url
-from consumer.transport import PROBE_AFTER, SMTPPool
+from consumer.core.content import Content
+from consumer.core.message import Job
+from consumer.core.mime import build_message, serialize
+from consumer.core.outboxes import outbox_from_url
+from consumer.mail.transport import PROBE_AFTER, SMTPPool
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 

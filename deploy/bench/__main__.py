@@ -22,7 +22,8 @@ from typing import Any
 
 import aio_pika
 
-from consumer import topology
+from consumer.amqp import topology
+from consumer.core.names import Names
 from consumer.settings import Settings
 from deploy.bench import lateness, rate_limit, throughput
 from deploy.bench.process_stats import descendants
@@ -40,7 +41,7 @@ async def _lateness(
 ) -> dict[str, Any]:
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         channel = await connection.channel()
-        await topology.declare(channel, topology.Names(settings.prefix), settings.delivery_limit)
+        await topology.declare(channel, Names(settings.prefix), settings.delivery_limit)
     worker = spawn_worker(settings, base / "worker.log")
     try:
         return await lateness.measure(

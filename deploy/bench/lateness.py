@@ -19,10 +19,10 @@ from typing import Any
 
 import aio_pika
 
-from consumer import topology
-from consumer.publish import job_message, jobs_exchange
+from consumer.amqp.publish import job_message, jobs_exchange
+from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 
 
@@ -61,7 +61,7 @@ async def measure(
     """
     rng = random.Random(7)  # noqa: S311  (spread of test delays, not security)
     due: dict[str, float] = {}
-    names = topology.Names(settings.prefix)
+    names = Names(settings.prefix)
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await jobs_exchange(channel, names)
@@ -79,7 +79,7 @@ async def measure(
             }
             message = job_message(body, delay_ms=round(delay * 1000))
             due[job_id] = time.time() + round(delay * 1000) / 1000
-            await exchange.publish(message, routing_key=topology.SEND_KEY, mandatory=True)
+            await exchange.publish(message, routing_key=SEND_KEY, mandatory=True)
             pause = started + (index + 1) / publish_rate - time.time()
             if pause > 0:
                 await asyncio.sleep(pause)

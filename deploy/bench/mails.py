@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from consumer.attachments import Part
-from consumer.content import Content
-from consumer.message import parse_job
-from consumer.mime import WIRE_POLICY, build_message
-from consumer.store import utcnow
+from consumer.clock import utcnow
+from consumer.core.content import Content, Part
+from consumer.core.message import parse_job
+from consumer.core.mime import WIRE_POLICY, build_message
 
 DOMAIN = "bench.example"
 SENDER = "bench@bench.example"

@@ -15,14 +15,16 @@ from typing import Any
 
 import aio_pika
 
-from consumer import topology
-from consumer.outbox_store import OutboxStore, outbox_document
-from consumer.outboxes import outbox_from_url
-from consumer.provider_store import ProviderStore
-from consumer.publish import job_message, jobs_exchange
-from consumer.ratelimit import Limit
+from consumer.amqp import topology
+from consumer.amqp.publish import job_message, jobs_exchange
+from consumer.clock import utcnow
+from consumer.core.names import SEND_KEY, Names
+from consumer.core.outboxes import outbox_from_url
+from consumer.core.ratelimit import Limit
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import OutboxStore, outbox_document
+from consumer.store.providers import ProviderStore
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 
@@ -68,7 +70,7 @@ async def measure(
     """
     limit = Limit(per_second, 1)
     count = round(per_second * seconds)
-    names = topology.Names(settings.prefix)
+    names = Names(settings.prefix)
     await _configure(settings, smtp, limit, burst)
     smtp.reset()
     processes: list[subprocess.Popen[bytes]] = []
@@ -94,7 +96,7 @@ async def measure(
                     "subject": job_id,
                     "text": "rate limit",
                 }
-                await exchange.publish(job_message(body), routing_key=topology.SEND_KEY)
+                await exchange.publish(job_message(body), routing_key=SEND_KEY)
             published_in = time.time() - started
         async with asyncio.timeout(seconds * 3 + 120):
             received = await smtp.wait_for(count)

@@ -26,13 +26,15 @@ import aio_pika
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer import topology
-from consumer.outbox_store import OutboxStore, outbox_document
-from consumer.outboxes import outbox_from_url
-from consumer.publish import job_message, jobs_exchange
-from consumer.queue_stats import management_request
+from consumer.amqp import topology
+from consumer.amqp.publish import job_message, jobs_exchange
+from consumer.amqp.queue_stats import management_request
+from consumer.clock import utcnow
+from consumer.core.names import SEND_KEY, Names
+from consumer.core.outboxes import outbox_from_url
 from consumer.settings import Settings
-from consumer.store import JobStore, utcnow
+from consumer.store.jobs import JobStore
+from consumer.store.outboxes import OutboxStore, outbox_document
 from deploy.bench.mails import DOMAIN, bench_job, wire_bytes
 from deploy.bench.process_stats import MB, cpu_seconds, usage
 from deploy.bench.smtp_sink import SmtpSink, smtp_source
@@ -83,7 +85,7 @@ async def drop_database(settings: Settings) -> None:
 
 async def publish_backlog(settings: Settings, jobs: Sequence[dict[str, Any]]) -> float:
     """Declare the topology and publish ``jobs`` with confirms; seconds it took."""
-    names = topology.Names(settings.prefix)
+    names = Names(settings.prefix)
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         channel = await connection.channel(publisher_confirms=True)
         await topology.declare(channel, names, settings.delivery_limit)
@@ -92,13 +94,13 @@ async def publish_backlog(settings: Settings, jobs: Sequence[dict[str, Any]]) ->
         for first in range(0, len(jobs), PUBLISH_CHUNK):
             chunk = jobs[first : first + PUBLISH_CHUNK]
             await asyncio.gather(
-                *(exchange.publish(job_message(j), routing_key=topology.SEND_KEY) for j in chunk)
+                *(exchange.publish(job_message(j), routing_key=SEND_KEY) for j in chunk)
             )
         return time.perf_counter() - started
 
 
 async def _consumers(settings: Settings) -> int:
-    names = topology.Names(settings.prefix)
+    names = Names(settings.prefix)
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(names.send_queue, passive=True)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import aio_pika
 
-from consumer import topology
+from consumer.amqp import topology
+from consumer.amqp.publish import publish_job
+from consumer.core.names import Names
 from consumer.logging import configure_logging
-from consumer.publish import publish_job
+from consumer.service.worker import Worker
 from consumer.settings import Settings
-from consumer.worker import Worker
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import Captured, CaptureServer
@@ -70,7 +71,7 @@ async def _run(
     )
     async with await aio_pika.connect(rabbit.amqp_url) as connection:
         channel = await connection.channel()
-        names = topology.Names(settings.prefix)
+        names = Names(settings.prefix)
         await topology.declare(channel, names, settings.delivery_limit)
         job_id = await publish_job(channel, DEMO_JOB, names=names)
     print(

@@ -13,9 +13,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer import dead_letters
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.amqp import dead_letters
+from consumer.core.names import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import Captured
 
 

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
 
-from consumer.content import Content
+from consumer.core.content import Content
+from consumer.core.message import parse_job
+from consumer.core.mime import build_message, serialize
 from consumer.errors import DeadLetterError
-from consumer.message import parse_job
-from consumer.mime import build_message, serialize
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 LIMIT = 10 * 1024 * 1024

@@ -10,9 +10,9 @@ import asyncio
 
 from aio_pika.abc import AbstractChannel
 
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import encode, job, publish_raw
 from tests.conftest import RunningWorker

@@ -17,11 +17,11 @@ import aio_pika
 import pytest
 from pydantic import SecretStr
 
-from consumer import topology
-from consumer.publish import job_message
+from consumer.amqp import topology
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.rabbitmq import PrivateRabbit
 from deploy.devstack.smtp_capture import CaptureServer

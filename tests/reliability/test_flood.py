@@ -14,10 +14,10 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from consumer.publish import job_message
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.bench.process_stats import MB, peak_rss
 from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer

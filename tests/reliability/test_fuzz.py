@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from consumer.message import job_json_schema
+from consumer.core.message import job_json_schema
 from tests.broker import encode, job
 from tests.reliability.fuzz_target import check
 

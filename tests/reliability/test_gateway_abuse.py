@@ -20,10 +20,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.domain_store import DomainStore, hash_key
-from consumer.gateway import TOO_MANY_FAILURES
+from consumer.service.gateway import TOO_MANY_FAILURES
 from consumer.settings import Settings
-from consumer.store import JobStore
+from consumer.store.domains import DomainStore, hash_key
+from consumer.store.jobs import JobStore
 from deploy.bench.process_stats import MB, peak_rss, usage
 from deploy.devstack.processes import settings_env
 from deploy.devstack.smtp_capture import CaptureServer

@@ -19,13 +19,14 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from consumer import dead_letters, fetch
+from consumer.amqp import dead_letters
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.errors import AttachmentError, AttachmentUnavailableError
-from consumer.fetch import Fetcher, FetchLimits, Inflater
-from consumer.publish import job_message
+from consumer.mail import fetch
+from consumer.mail.fetch import Fetcher, FetchLimits, Inflater
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.rabbitmq import MAX_MESSAGE_BYTES
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, job

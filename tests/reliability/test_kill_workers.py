@@ -15,10 +15,10 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
 
-from consumer.publish import job_message
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.bench.rate_limit import consumers
 from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.smtp_capture import CaptureServer

@@ -14,11 +14,11 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from consumer import dead_letters
+from consumer.amqp import dead_letters
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.template_store import TemplateStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
+from consumer.store.templates import TemplateStore
 from deploy.bench.process_stats import peak_rss
 from deploy.devstack.processes import spawn_worker, stop_workers
 from deploy.devstack.rabbitmq import MAX_MESSAGE_BYTES

@@ -11,11 +11,11 @@ from pathlib import Path
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer import dead_letters
-from consumer.publish import job_message
+from consumer.amqp import dead_letters
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from consumer.vault import new_key
 from deploy.devstack.ports import free_port
 from deploy.devstack.processes import mailbus, spawn_worker, stop_workers

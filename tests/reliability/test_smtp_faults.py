@@ -10,10 +10,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.publish import job_message
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job
 from tests.conftest import RunningWorker

@@ -13,12 +13,16 @@ from typing import Any
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.authorization import SEAL_HEADER, USER_HEADER
-from consumer.leases import RELEASED_AT_HEADER, RELEASED_BY_HEADER
-from consumer.schedule import DUE_HEADER
+from consumer.core.headers import (
+    DUE_HEADER,
+    RELEASED_AT_HEADER,
+    RELEASED_BY_HEADER,
+    SEAL_HEADER,
+    USER_HEADER,
+)
+from consumer.core.names import Names
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from consumer.vault import new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import encode, job, publish_raw

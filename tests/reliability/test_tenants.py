@@ -18,16 +18,21 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import SecretStr
 
-from consumer import ladder
-from consumer.authorization import DOMAIN_HEADER, SEAL_HEADER
-from consumer.dead_letters import browse
-from consumer.domain_store import DomainStore, hash_key
-from consumer.leases import RELEASED_AT_HEADER, RELEASED_BY_HEADER
-from consumer.publish import publish_and_wait
-from consumer.schedule import DUE_HEADER, to_epoch_ms
+from consumer.amqp.dead_letters import browse
+from consumer.amqp.publish import publish_and_wait
+from consumer.core import ladder
+from consumer.core.headers import (
+    DOMAIN_HEADER,
+    DUE_HEADER,
+    RELEASED_AT_HEADER,
+    RELEASED_BY_HEADER,
+    SEAL_HEADER,
+)
+from consumer.core.names import Names
+from consumer.core.schedule import to_epoch_ms
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.domains import DomainStore, hash_key
+from consumer.store.jobs import JobStore
 from consumer.vault import new_key
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer

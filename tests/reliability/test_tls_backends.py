@@ -14,12 +14,12 @@ import aio_pika
 import pytest
 from pydantic import SecretStr
 
-from consumer import topology
+from consumer.amqp import topology
+from consumer.amqp.publish import job_message
+from consumer.core.names import Names
 from consumer.errors import connection_failure
-from consumer.publish import job_message
 from consumer.settings import Settings
-from consumer.store import JobStore
-from consumer.topology import Names
+from consumer.store.jobs import JobStore
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.processes import mailbus, spawn_worker, stop_workers
 from deploy.devstack.rabbitmq import PrivateRabbit

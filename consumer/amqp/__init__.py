@@ -1,0 +1,3 @@
+"""RabbitMQ, through aio-pika: topology, publishing, outgoing copies, dead letters,
+queue statistics.
+"""

@@ -1,0 +1,67 @@
+"""AMQP names and their idempotent declaration (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from consumer.core import ladder
+from consumer.core.names import (
+    CONTROL_KEY,
+    SEND_KEY,
+    SEND_NOW_KEY,
+    Names,
+    consumed_queue_arguments,
+    ladder_queue_arguments,
+)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The declared objects a worker publishes to and consumes from.
+
+    ``consume`` pairs each send queue with the routing key that feeds it, ``send.now`` first.
+    """
+
+    exchange: AbstractExchange
+    dead: AbstractExchange
+    events: AbstractExchange
+    ladder: AbstractExchange
+    consume: tuple[tuple[AbstractQueue, str], ...]
+    control: AbstractQueue
+
+
+async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -> Topology:
+    """Declare every exchange, queue and binding; safe to run again with the same arguments."""
+    topic = aio_pika.ExchangeType.TOPIC
+    dead_exchange = await channel.declare_exchange(
+        names.dead, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        names.dead, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead_exchange, routing_key="")
+    events = await channel.declare_exchange(names.events, topic, durable=True)
+    exchange = await channel.declare_exchange(names.exchange, topic, durable=True)
+    deliver = await channel.declare_exchange(names.deliver, topic, durable=True)
+    arguments = consumed_queue_arguments(names, delivery_limit)
+    consume = []
+    for queue_name, key in ((names.send_now_queue, SEND_NOW_KEY), (names.send_queue, SEND_KEY)):
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        await queue.bind(exchange, routing_key=key)
+        await queue.bind(deliver, routing_key=ladder.deliver_pattern(key))
+        consume.append((queue, key))
+    control = await channel.declare_queue(names.control_queue, durable=True, arguments=arguments)
+    await control.bind(exchange, routing_key=CONTROL_KEY)
+    below = deliver
+    for level in range(ladder.LEVELS):
+        level_exchange = await channel.declare_exchange(names.delay(level), topic, durable=True)
+        queue = await channel.declare_queue(
+            names.delay(level), durable=True, arguments=ladder_queue_arguments(names, level)
+        )
+        await queue.bind(level_exchange, routing_key=ladder.parked_pattern(level))
+        await below.bind(level_exchange, routing_key=ladder.passed_pattern(level))
+        below = level_exchange
+    return Topology(exchange, dead_exchange, events, below, tuple(consume), control)

@@ -1,0 +1,112 @@
+"""``mailbus gateway``: the compatibility gateways for the older systems' clients."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import signal
+import sys
+from typing import Any
+
+from consumer.service.gateway import Listen, listen_address, serve
+from consumer.settings import Settings
+from consumer.store.domains import hash_key
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    rest: Listen | None = args.rest
+    daemon: Listen | None = args.daemon
+    if rest is None and daemon is None:
+        print("mailbus gateway serve: give --rest, --daemon or both", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started: asyncio.Future[dict[str, int]] = loop.create_future()
+    started.add_done_callback(lambda done: _announce(rest, daemon, done.result()))
+    await serve(settings, stop, rest=rest, daemon=daemon, started=started)
+    return 0
+
+
+def _announce(rest: Listen | None, daemon: Listen | None, ports: dict[str, int]) -> None:
+    """Say where the gateways listen (the ports bound, when 0 was asked for)."""
+    if rest is not None:
+        print(f"REST gateway: PUT http://{rest.host}:{ports['rest']}/api/mail", flush=True)
+    if daemon is not None:
+        print(f"daemon gateway: tcp://{daemon.host}:{ports['daemon']}", flush=True)
+
+
+def _read_password() -> str:
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("API password: ")
+    if first != getpass.getpass("Again: "):
+        raise ValueError("the two passwords differ")
+    return first
+
+
+async def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        password = _read_password()
+    except ValueError as exc:
+        print(f"mailbus gateway hash-password: {exc}", file=sys.stderr)
+        return 2
+    if not password:
+        print("mailbus gateway hash-password: empty password", file=sys.stderr)
+        return 2
+    print(hash_key(password))
+    return 0
+
+
+def add_parser(verbs: Any) -> None:
+    """Register ``mailbus gateway`` and its actions on the top-level subparsers."""
+    gateway = verbs.add_parser(
+        "gateway",
+        help="serve the old REST server's and the old daemon's APIs",
+        description="Compatibility gateways for teams migrating from the older systems: "
+        "their clients keep their requests and read the answers they used to, while the mail "
+        "goes through mailbus (each request becomes a v1 job on the broker).",
+    )
+    actions = gateway.add_subparsers(dest="gateway_verb", required=True, metavar="ACTION")
+    run = actions.add_parser(
+        "serve",
+        help="listen for old-style requests and publish them as jobs",
+        description="--rest serves the REST mail server's PUT /api/mail (form or JSON fields "
+        "domain, domain_key, to_email, to_name, subject, body, from_email, from_name, cc, bcc, "
+        "attach_list, send_now): the domain must be registered (`mailbus domain add`) and the "
+        "domain key must match. --daemon serves the SMTP mailer daemon's JSON over TCP "
+        '(sendMail, queueMail, ping, status), one request a connection, each carrying "auth": the '
+        "password whose hash is MAILBUS_GATEWAY_PASSWORD_HASH; its mail is sent for "
+        "MAILBUS_GATEWAY_DOMAIN from MAILBUS_GATEWAY_FROM unless a request names fromEmail. "
+        "Requests over MAILBUS_GATEWAY_MAX_REQUEST_BYTES are refused; a send-now waits up to "
+        "MAILBUS_GATEWAY_WAIT_SECONDS for the outcome. Clients that do not behave are let go: "
+        "past MAILBUS_GATEWAY_MAX_CONNECTIONS the one waiting longest for its request makes "
+        "room; headers (the daemon: first bytes) must come within "
+        "MAILBUS_GATEWAY_HEADER_TIMEOUT and the rest within MAILBUS_GATEWAY_READ_TIMEOUT; an "
+        "address none of whose requests has authenticated may send "
+        "MAILBUS_GATEWAY_UNAUTHENTICATED_BYTES at most; past MAILBUS_GATEWAY_AUTH_FAILURES "
+        "wrong passwords or keys within MAILBUS_GATEWAY_AUTH_WINDOW it is refused unhashed. "
+        "SIGTERM lets requests in progress finish.",
+    )
+    run.add_argument(
+        "--rest",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve PUT /api/mail here (host defaults to 127.0.0.1; port 0 picks one)",
+    )
+    run.add_argument(
+        "--daemon",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve the daemon's JSON over TCP here (the old default port was 3000)",
+    )
+    run.set_defaults(handler=_serve)
+    hashing = actions.add_parser(
+        "hash-password",
+        help="print the hash of an API password, for MAILBUS_GATEWAY_PASSWORD_HASH",
+        description="Reads the password from standard input (or asks twice on a terminal) "
+        "and prints its salted scrypt hash; only the hash goes in the settings.",
+    )
+    hashing.set_defaults(handler=_hash_password)

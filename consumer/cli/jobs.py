@@ -1,0 +1,154 @@
+"""``mailbus jobs``: list, show, cancel and reschedule jobs from their MongoDB records."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timedelta
+from typing import Any
+
+import aio_pika
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+
+from consumer.amqp.outgoing import Outgoing
+from consumer.cli.output import pretty_json, table
+from consumer.clock import utcnow
+from consumer.core.names import Names
+from consumer.service import control
+from consumer.settings import Settings
+from consumer.store.jobs import STATUSES, Document, JobStore
+from consumer.vault import Vault
+
+_WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z" if value else "-"
+
+
+def _table(records: list[Document]) -> str:
+    rows = [("ID", "STATUS", "DUE (UTC)", "DOMAIN", "RCPTS", "SUBJECT")]
+    rows += [
+        (
+            str(r["_id"]),
+            str(r.get("status", "")),
+            _when(r.get("due_at")),
+            str(r.get("domain", "-")),
+            str(r.get("recipients", "-")),
+            str(r.get("subject", "")),
+        )
+        for r in records
+    ]
+    return table(rows)
+
+
+async def _ls(args: argparse.Namespace, settings: Settings) -> int:
+    async with JobStore.connect(settings) as store:
+        records = await store.find(args.status, args.domain, args.limit)
+    print(pretty_json(records) if args.json else _table(records))
+    return 0
+
+
+async def _show(args: argparse.Namespace, settings: Settings) -> int:
+    async with JobStore.connect(settings) as store:
+        record = await store.get(args.id)
+    if record is None:
+        print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
+        return 1
+    record.pop("body", None)
+    print(pretty_json(record))
+    return 0
+
+
+async def _change(args: argparse.Namespace, settings: Settings) -> int:
+    """Cancel or reschedule, as a worker does for control messages."""
+    due: datetime | None = None
+    if args.jobs_verb == "reschedule":
+        try:
+            due = _WHEN.validate_python(args.at) if args.at else utcnow() + args.after
+        except ValidationError:
+            print(
+                f"mailbus jobs reschedule: --at {args.at!r} is not an RFC 3339 time with a "
+                "timezone (for example 2030-01-01T09:00:00+01:00)",
+                file=sys.stderr,
+            )
+            return 2
+    async with (
+        JobStore.connect(settings) as store,
+        await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,
+    ):
+        channel = await connection.channel(publisher_confirms=True)
+        outgoing = await Outgoing.open(channel, Names(settings.prefix))
+        if due is None:
+            result = await control.cancel(store, outgoing, args.id)
+        else:
+            result = await control.reschedule(
+                store,
+                outgoing,
+                args.id,
+                due,
+                utcnow(),
+                vault=Vault.optional(settings),
+                seal_days=settings.seal_days,
+            )
+    print(pretty_json(result.as_dict()))
+    return 0 if result.applied else 1
+
+
+def _seconds(value: str) -> timedelta:
+    return timedelta(seconds=float(value))
+
+
+def add_parser(verbs: Any) -> None:
+    """Register ``mailbus jobs`` and its actions on the top-level subparsers."""
+    jobs = verbs.add_parser(
+        "jobs",
+        help="list, show, cancel and reschedule jobs",
+        description="Job records live in MongoDB (MAILBUS_MONGO_URL); they are the truth about "
+        "every job: a cancelled job is never sent, whatever copy of it is still in the broker.",
+    )
+    actions = jobs.add_subparsers(dest="jobs_verb", required=True, metavar="ACTION")
+
+    ls = actions.add_parser(
+        "ls",
+        help="list jobs: scheduled ones soonest first, others most recent first",
+        description="List job records (id, status, due time, domain, recipients, subject).",
+    )
+    ls.add_argument("--status", choices=STATUSES, help="only jobs with this status")
+    ls.add_argument("--domain", help="only jobs of this sending domain")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(handler=_ls)
+
+    show = actions.add_parser(
+        "show",
+        help="print one job's record with its history, as JSON",
+        description="Print a job's record: status, due time, attempts, last SMTP reply or "
+        "error, refused recipients and the last 20 history entries. Exit 1 if unknown.",
+    )
+    show.add_argument("id", help="the job id")
+    show.set_defaults(handler=_show)
+
+    cancel = actions.add_parser(
+        "cancel",
+        help="stop a scheduled or retrying job from ever being sent",
+        description="Cancel a job that waits (scheduled, or retrying after a failure) and "
+        "publish mail.cancelled. A job not seen yet is recorded as cancelled, so it is not "
+        "sent if it arrives. A job being sent or already done cannot be cancelled (exit 1).",
+    )
+    cancel.add_argument("id", help="the job id")
+    cancel.set_defaults(handler=_change)
+
+    move = actions.add_parser(
+        "reschedule",
+        help="move a scheduled job to another time",
+        description="Move a scheduled (or retrying) job, earlier or later, and publish "
+        "mail.scheduled. Exit 1 if the job is not waiting.",
+    )
+    move.add_argument("id", help="the job id")
+    when = move.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="RFC3339", help="the new time, with a timezone")
+    when.add_argument(
+        "--in", dest="after", type=_seconds, metavar="SECONDS", help="the new time, from now"
+    )
+    move.set_defaults(handler=_change)

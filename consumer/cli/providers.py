@@ -1,0 +1,111 @@
+"""``mailbus provider``: the rate limits every outbox of a provider shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from consumer.cli.output import pretty_json, table
+from consumer.core.ratelimit import parse_limit
+from consumer.settings import Settings
+from consumer.store.jobs import JobStore
+from consumer.store.providers import ProviderStore, limits_of
+
+
+async def _set(args: argparse.Namespace, settings: Settings) -> int:
+    limits = [parse_limit(text) for text in args.limit]
+    async with JobStore.connect(settings) as jobs:
+        created = await ProviderStore(jobs.database).put(args.name, limits, args.burst)
+    shown = ", ".join(str(lim) for lim in limits)
+    done = "created" if created else "replaced"
+    print(f"provider {args.name!r} {done}: {shown}, burst {args.burst}")
+    return 0
+
+
+async def _ls(args: argparse.Namespace, settings: Settings) -> int:
+    async with JobStore.connect(settings) as jobs:
+        docs = await ProviderStore(jobs.database).find()
+    rows = [("NAME", "BURST", "LIMITS")]
+    rows += [
+        (str(d["_id"]), str(d.get("burst", 1)), ", ".join(str(x) for x in limits_of(d)))
+        for d in docs
+    ]
+    print(table(rows))
+    return 0
+
+
+async def _show(args: argparse.Namespace, settings: Settings) -> int:
+    async with JobStore.connect(settings) as jobs:
+        doc = await ProviderStore(jobs.database).get(args.name)
+    if doc is None:
+        print(f"mailbus provider show: no provider {args.name!r}", file=sys.stderr)
+        return 1
+    print(pretty_json(doc))
+    return 0
+
+
+async def _rm(args: argparse.Namespace, settings: Settings) -> int:
+    async with JobStore.connect(settings) as jobs:
+        found = await ProviderStore(jobs.database).remove(args.name)
+    if not found:
+        print(f"mailbus provider rm: no provider {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"provider {args.name!r} removed: its outboxes now send without a limit")
+    return 0
+
+
+def _burst(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("the burst is at least 1")
+    return value
+
+
+def add_parser(verbs: Any) -> None:
+    """Register ``mailbus provider`` and its actions on the top-level subparsers."""
+    provider = verbs.add_parser(
+        "provider",
+        help="manage the rate limits of each provider",
+        description="A provider (gmail, ses, a hosting company) caps how fast its accounts "
+        "may send. Outboxes name their provider; every worker takes a token from the "
+        "provider's buckets in MongoDB before sending through one of its outboxes. When "
+        "no outbox of a domain has a token, the job waits in the delay ladder exactly "
+        "until the earliest one, without using an attempt (event mail.deferred, reason "
+        "rate_limited). An outbox whose provider is not defined here sends without a limit.",
+    )
+    actions = provider.add_subparsers(dest="provider_verb", required=True, metavar="ACTION")
+
+    put = actions.add_parser(
+        "set",
+        help="create or replace a provider's limits",
+        description="Create or replace a provider's limits; its buckets start full. Each "
+        "--limit N/PERIOD allows at most N + BURST - 1 sends in any window of PERIOD, and N "
+        "per PERIOD over a long run; every limit must allow a send. With --burst 1 (the "
+        "default) a limit is a strict sliding-window cap: never more than N in any PERIOD.",
+    )
+    put.add_argument("name", help="the provider name outboxes refer to, e.g. gmail")
+    put.add_argument(
+        "--limit",
+        action="append",
+        required=True,
+        metavar="N/PERIOD",
+        help="e.g. 500/day, 20/minute, 5/second, 99/hour, 10/30s (repeatable)",
+    )
+    put.add_argument(
+        "--burst",
+        type=_burst,
+        default=1,
+        help="sends allowed back to back after a quiet spell, the buckets' capacity (default 1)",
+    )
+    put.set_defaults(handler=_set)
+
+    ls = actions.add_parser("ls", help="list providers", description="List providers.")
+    ls.set_defaults(handler=_ls)
+    for verb, text, handler in (
+        ("show", "print one provider as JSON, with its buckets' state", _show),
+        ("rm", "delete a provider (its outboxes then send without a limit)", _rm),
+    ):
+        action = actions.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
+        action.add_argument("name", help="the provider name")
+        action.set_defaults(handler=handler)

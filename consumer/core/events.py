@@ -1,0 +1,124 @@
+"""Events on the ``mailbus.events`` exchange and RPC replies, derived from outcomes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+
+# Dead-letter reasons that mean the SMTP side gave up (``mail.failed``); every other
+# reason is a job mailbus refused itself (``mail.dead``).
+FAILED_REASONS = frozenset({"permanent", "attempts_exhausted"})
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+def event_for(outcome: Outcome) -> Event | None:
+    """The routing key and JSON body of the event an outcome publishes, if any.
+
+    A scheduled mail announces ``mail.scheduled`` once, when first seen. Bodies never carry
+    secrets or message content.
+    """
+    ctx = outcome.ctx
+    body: dict[str, Any] = {"id": ctx.job_id, "attempts": ctx.attempts}
+    if ctx.job is not None:
+        body.update(domain=ctx.job.domain, tags=ctx.job.tags, metadata=ctx.job.metadata)
+    if ctx.outbox is not None:
+        body["outbox"] = ctx.outbox
+    if ctx.template is not None:
+        body["template"] = {"name": ctx.template[0], "version": ctx.template[1]}
+    match outcome:
+        case Sent(result=result, suppressed=suppressed):
+            key = "mail.sent"
+            body["smtp"] = {"code": result.code, "message": result.message}
+            body["refused"] = {r: {"code": c, "message": m} for r, (c, m) in result.refused.items()}
+            body["suppressed"] = list(suppressed)
+        case Dead(reason=reason, error=error, code=code):
+            key = "mail.failed" if reason in FAILED_REASONS else "mail.dead"
+            body.update(reason=reason, error=error, smtp={"code": code} if code else None)
+        case Later(why="scheduled", due_at=due_at):
+            key = "mail.scheduled"
+            body["due_at"] = due_at.isoformat()
+        case Later(why="retry", due_at=due_at, failure=failure):
+            key = "mail.deferred"
+            body.update(
+                due_at=due_at.isoformat(),
+                reason="retry",
+                error=failure.describe() if failure else None,
+                smtp={"code": failure.code} if failure and failure.code else None,
+            )
+        case Later(why="rate_limited", due_at=due_at):
+            key = "mail.deferred"
+            body.update(due_at=due_at.isoformat(), reason="rate_limited")
+        case Later() | Skip() | Crashed():
+            return None
+    body["event"] = key
+    return key, body
+
+
+def cancelled_event(job_id: str, record: dict[str, Any] | None) -> Event:
+    """``mail.cancelled``: the job will never be sent (``record`` is the one before)."""
+    body: dict[str, Any] = {"id": job_id, "event": "mail.cancelled"}
+    if record is not None:
+        body.update(
+            domain=record.get("domain"),
+            tags=record.get("tags", []),
+            metadata=record.get("metadata", {}),
+            previous_status=record.get("status"),
+            due_at=_iso(record.get("due_at")),
+        )
+    return "mail.cancelled", body
+
+
+def rescheduled_event(job_id: str, record: dict[str, Any], due_at: datetime) -> Event:
+    """``mail.scheduled`` again, for a job moved to ``due_at`` (``record`` is the one before)."""
+    return "mail.scheduled", {
+        "id": job_id,
+        "event": "mail.scheduled",
+        "domain": record.get("domain"),
+        "tags": record.get("tags", []),
+        "metadata": record.get("metadata", {}),
+        "attempts": record.get("attempts", 0),
+        "due_at": due_at.isoformat(),
+        "previous_due_at": _iso(record.get("due_at")),
+        "rescheduled": True,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def reply_for(outcome: Outcome) -> dict[str, Any] | None:
+    """The answer to a ``reply_to`` caller ("send now and tell me"), for final outcomes."""
+    ctx = outcome.ctx
+    match outcome:
+        case Sent(result=result, suppressed=suppressed):
+            return {
+                "id": ctx.job_id,
+                "status": "sent",
+                "smtp": {"code": result.code, "message": result.message},
+                "refused": sorted(result.refused),
+                "suppressed": list(suppressed),
+            }
+        case Dead(reason=reason, error=error, code=code):
+            return {
+                "id": ctx.job_id,
+                "status": "dead",
+                "reason": reason,
+                "error": error,
+                "smtp": {"code": code} if code else None,
+            }
+        case Later(why="retry", due_at=due_at, failure=failure):
+            return {
+                "id": ctx.job_id,
+                "status": "deferred",
+                "due_at": due_at.isoformat(),
+                "error": failure.describe() if failure else None,
+            }
+        case Skip(why=why):
+            return {"id": ctx.job_id, "status": "skipped", "reason": why}
+        case _:
+            return None

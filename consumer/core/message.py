@@ -1,0 +1,338 @@
+"""The v1 job contract: the JSON body producers publish, validated strictly.
+
+Unknown fields are an error, every value that ends up in a header must be one line by
+the ``email`` package's own rule (:func:`header_problem`), and addresses are checked with
+``email-validator``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.headerregistry import Address as HeaderAddress
+from email.utils import getaddresses
+from typing import Annotated, Any, Literal
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from consumer.errors import InvalidJobError, JobTooLargeError
+
+SCHEMA_VERSION = 1
+# A custom header is folded at its own white space only; a longer word would not fit in the
+# 998 characters RFC 5322 allows on a line.
+MAX_HEADER_WORD = 900
+TEMPLATE_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
+# ``tags`` and ``metadata`` are stored with the job and echoed in every event: small by
+# contract, so one job can never make a record (or a batch of records) too large to write.
+MAX_TAGS = 50
+# No send time later than this is taken: far enough for any schedule, near enough that a
+# waiting copy's seal (its due time plus MAILBUS_SEAL_DAYS) is still a date.
+LATEST_SEND_AT = datetime(3000, 1, 1, tzinfo=UTC)
+MAX_METADATA_BYTES = 16 * 1024
+# Header names the service writes itself; a job may not set them through ``headers``.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "sender",
+        "return-path",
+        "received",
+    }
+)
+
+
+def header_problem(value: str) -> str | None:
+    """Why ``value`` cannot go into a header, or None when it can.
+
+    The rule is the ``email`` package's own: a header value is one line as
+    :meth:`str.splitlines` sees it, so besides CR and LF it refuses VT, FF, FS, GS, RS,
+    NEL and the Unicode line and paragraph separators, which would otherwise pass here
+    and make building the message fail. NUL and lone surrogates (which JSON can spell
+    but no charset can write) are refused as well.
+    """
+    if value.splitlines() not in ([], [value]) or "\0" in value:
+        return "line breaks and NUL are not allowed in header values"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone surrogates are not allowed in header values"
+    return None
+
+
+def _no_crlf(value: str) -> str:
+    problem = header_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+HeaderText = Annotated[str, AfterValidator(_no_crlf)]
+
+
+def _check_email(value: str) -> str:
+    _no_crlf(value)
+    try:
+        checked = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid email address {value!r}: {exc}") from None
+    return checked.normalized
+
+
+def charset_name(value: str) -> str:
+    """A charset Python knows that writes ASCII as ASCII (so MIME headers stay readable)."""
+    try:
+        ascii_safe = "Aa0 -\n".encode(value) == b"Aa0 -\n"
+    except LookupError:
+        raise ValueError(f"unknown charset {value!r}") from None
+    if not ascii_safe:
+        raise ValueError(f"charset {value!r} does not write ASCII as ASCII")
+    return value.lower()
+
+
+Charset = Annotated[str, Field(max_length=40), AfterValidator(charset_name)]
+EmailText = Annotated[str, Field(max_length=320), AfterValidator(_check_email)]
+
+
+def _reachable(value: datetime) -> datetime:
+    if value >= LATEST_SEND_AT:
+        raise ValueError(f"send times from {LATEST_SEND_AT:%Y} on are not accepted")
+    return value
+
+
+SendTime = Annotated[AwareDatetime, AfterValidator(_reachable)]
+
+
+def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse metadata too large to echo, or with keys MongoDB cannot store (NUL, ``$``)."""
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {size} bytes as JSON, over the {MAX_METADATA_BYTES} allowed")
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any("\0" in key or key.startswith("$") for key in item):
+                raise ValueError("metadata keys cannot hold NUL or start with '$'")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+def _split_name_addr(value: Any) -> Any:
+    """Accept ``"Name <a@b>"`` and bare ``"a@b"`` strings as well as ``{email, name}``."""
+    if isinstance(value, str):
+        _no_crlf(value)
+        found = getaddresses([value])
+        if len(found) != 1 or not found[0][1]:
+            raise ValueError(f"not exactly one address: {value!r}")
+        name, email = found[0]
+        return {"email": email, "name": name or None}
+    return value
+
+
+class Address(BaseModel):
+    """One mailbox: an address and an optional display name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: EmailText
+    name: HeaderText | None = Field(None, max_length=256)
+
+    def header(self) -> HeaderAddress:
+        """The address as an ``email`` header value (encodes non-ASCII names).
+
+        Built from its parts: the standard library refuses to parse a non-ASCII local part,
+        which SMTPUTF8 allows (the validator has checked the address already).
+        """
+        local, _, domain = self.email.rpartition("@")
+        return HeaderAddress(display_name=self.name or "", username=local, domain=domain)
+
+
+Mailbox = Annotated[Address, BeforeValidator(_split_name_addr)]
+
+
+class TemplateRef(BaseModel):
+    """A stored template and the data to render it with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=TEMPLATE_NAME_PATTERN)]
+    data: dict[str, Any] = {}
+    version: Annotated[int, Field(ge=1)] | None = None
+
+
+class Attachment(BaseModel):
+    """One attachment: inline data (``content_b64``), a ``url`` or a local ``path``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: HeaderText | None = Field(None, max_length=255)
+    content_type: HeaderText | None = Field(None, pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content_b64: str | None = None
+    url: HeaderText | None = None
+    path: HeaderText | None = None
+    inline: bool = False
+    cid: HeaderText | None = Field(None, pattern=r"^[A-Za-z0-9._@-]{1,200}$")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> Attachment:
+        sources = [s for s in (self.content_b64, self.url, self.path) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("an attachment needs exactly one of content_b64, url, path")
+        if self.content_b64 is not None and not self.filename and not self.inline:
+            raise ValueError("an attachment given as content_b64 needs a filename")
+        if self.inline and not self.cid:
+            raise ValueError("an inline attachment needs a cid")
+        return self
+
+
+HeaderName = Annotated[str, Field(pattern=r"^[!-9;-~]{1,76}$")]
+# Lower case from here on: records, outboxes and registrations compare domains exactly.
+DomainName = Annotated[
+    str,
+    Field(max_length=253, pattern=r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$"),
+    AfterValidator(str.lower),
+]
+
+
+class Job(BaseModel):
+    """A mail job, version 1 of the AMQP contract (DESIGN.md §3)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, title="mailbus job v1")
+
+    id: Annotated[str, Field(pattern=r"^[!-~]{1,200}$")] | None = None
+    domain: DomainName
+    domain_key: SecretStr | None = None
+    from_: Annotated[Mailbox, Field(alias="from")]
+    reply_to: Mailbox | None = None
+    to: Annotated[list[Mailbox], Field(min_length=1, max_length=1000)]
+    cc: Annotated[list[Mailbox], Field(max_length=1000)] = []
+    bcc: Annotated[list[Mailbox], Field(max_length=1000)] = []
+    subject: HeaderText = Field("", max_length=998)
+    text: str | None = None
+    html: str | None = None
+    template: TemplateRef | None = None
+    attachments: list[Attachment] = []
+    headers: dict[HeaderName, HeaderText] = {}
+    charset: Charset | None = None
+    send_at: SendTime | None = None
+    expires_at: AwareDatetime | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    tags: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=MAX_TAGS)] = []
+    metadata: Annotated[dict[str, Any], AfterValidator(_bounded_metadata)] = {}
+    version: Literal[1] = 1
+
+    @model_validator(mode="after")
+    def _check_content(self) -> Job:
+        if self.text is None and self.html is None and self.template is None:
+            raise ValueError("a job needs text, html or a template")
+        if self.template is not None and (self.text is not None or self.html is not None):
+            raise ValueError("a job with a template takes its text and html from it")
+        reserved = sorted(
+            h
+            for h in self.headers
+            if h.lower() in RESERVED_HEADERS or h.lower().startswith(("content-", "resent-"))
+        )
+        if reserved:
+            raise ValueError(f"headers owned by mailbus cannot be set: {', '.join(reserved)}")
+        unfoldable = sorted(
+            name
+            for name, value in self.headers.items()
+            if value.isascii() and max(map(len, value.split()), default=0) > MAX_HEADER_WORD
+        )
+        if unfoldable:
+            raise ValueError(
+                f"header values with a word longer than {MAX_HEADER_WORD} characters cannot "
+                f"be folded: {', '.join(unfoldable)}"
+            )
+        return self
+
+    def recipients(self) -> list[str]:
+        """Envelope recipients: To, Cc and Bcc, each address once, in order."""
+        return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
+
+
+def json_object(body: bytes, what: str, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """Decode a message body that must be a UTF-8 JSON object, or raise
+    :class:`InvalidJobError` naming ``what`` it is; a body over ``max_bytes`` is a
+    :class:`JobTooLargeError` before it is decoded (a JSON document costs several times
+    its size in memory once decoded).
+    """
+    if max_bytes is not None and len(body) > max_bytes:
+        raise JobTooLargeError(
+            f"the {what} is {len(body)} bytes, more than the limit of {max_bytes}"
+        )
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJobError(f"{what} is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # hostile nesting: the decoder gives up before memory does
+        raise InvalidJobError(f"{what} is nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise InvalidJobError(f"{what} must be a JSON object")
+    return raw
+
+
+def parse_job(
+    body: bytes, message_id: str | None, *, max_bytes: int | None = None
+) -> tuple[Job, str]:
+    """Validate a message body and return the job with its id.
+
+    The id is the body's ``id``, else the AMQP ``message_id``, else a hash of the body:
+    publishing the same bytes twice without an id is still one job. The body wins because
+    some clients fill ``message_id`` with a random value of their own.
+    Raises :class:`InvalidJobError` with a readable reason; a body over ``max_bytes`` is
+    a :class:`JobTooLargeError` before it is decoded.
+    """
+    raw = json_object(body, "body", max_bytes=max_bytes)
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidJobError(describe_errors(exc)) from None
+    job_id = job.id or message_id or "sha256:" + hashlib.sha256(body).hexdigest()
+    if not 0 < len(job_id) <= 200:
+        raise InvalidJobError("message_id must be 1 to 200 characters")
+    return job, job_id
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """A compact one-line rendering of pydantic errors: field path and message."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def job_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the v1 body, as shipped in ``consumer/schemas/job-v1.json``."""
+    schema = Job.model_json_schema(by_alias=True, mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://mailbus.invalid/schemas/job-v1.json"
+    return schema
+
+
+def json_body(value: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, as every mailbus message body is encoded."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str).encode()

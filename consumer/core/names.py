@@ -1,0 +1,112 @@
+"""Names of exchanges, queues and routing keys, and the arguments of the queues."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from consumer.core import ladder
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every exchange, queue and routing key, derived from one prefix."""
+
+    prefix: str = "mailbus"
+
+    @property
+    def exchange(self) -> str:
+        """Topic exchange producers publish jobs to."""
+        return self.prefix
+
+    @property
+    def send_queue(self) -> str:
+        """Queue of ordinary jobs (routing key ``send``)."""
+        return f"{self.prefix}.send"
+
+    @property
+    def send_now_queue(self) -> str:
+        """Queue of urgent jobs (routing key ``send.now``), consumed alongside ``send``."""
+        return f"{self.prefix}.send.now"
+
+    @property
+    def dead(self) -> str:
+        """Fanout exchange and quorum queue of dead letters."""
+        return f"{self.prefix}.dead"
+
+    @property
+    def events(self) -> str:
+        """Topic exchange of ``mail.*`` events; no queue is bound by default."""
+        return f"{self.prefix}.events"
+
+    @property
+    def control_queue(self) -> str:
+        """Queue of control messages (routing key ``control``): cancel, reschedule."""
+        return f"{self.prefix}.control"
+
+    def delay(self, level: int) -> str:
+        """Exchange and quorum queue of delay-ladder level ``level`` (TTL 2^level s)."""
+        return f"{self.prefix}.delay.{level}"
+
+    @property
+    def deliver(self) -> str:
+        """Topic exchange at the foot of the ladder; routes to the send queues."""
+        return f"{self.prefix}.deliver"
+
+    def queues(self) -> tuple[str, ...]:
+        """Every queue the topology declares."""
+        ladder_queues = tuple(self.delay(level) for level in range(ladder.LEVELS))
+        return (self.send_queue, self.send_now_queue, self.control_queue, self.dead, *ladder_queues)
+
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange the topology declares."""
+        ladder_exchanges = tuple(self.delay(level) for level in range(ladder.LEVELS))
+        return (self.exchange, self.dead, self.events, self.deliver, *ladder_exchanges)
+
+
+SEND_KEY = "send"
+
+
+SEND_NOW_KEY = "send.now"
+
+
+CONTROL_KEY = "control"
+
+
+# RabbitMQ's direct reply-to: a caller publishes with this reply_to, and the broker hands
+# the worker a name under it that reaches only that caller's channel.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+def is_reply_queue(name: str, prefix: str | None = None) -> bool:
+    """Whether ``name`` may receive replies: the direct reply-to pseudo-queue, or a queue
+    named with the operator's ``prefix`` (``MAILBUS_REPLY_QUEUE_PREFIX``).
+    """
+    if name == DIRECT_REPLY_TO or name.startswith(DIRECT_REPLY_TO + "."):
+        return True
+    return prefix is not None and name.startswith(prefix)
+
+
+def consumed_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:
+    """Arguments of the queues workers consume: quorum, at-least-once dead-lettering,
+    bounded redelivery.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": names.dead,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": delivery_limit,
+    }
+
+
+def ladder_queue_arguments(names: Names, level: int) -> dict[str, Any]:
+    """Arguments of ladder level ``level``: its TTL, and where its messages fall when it expires."""
+    below = names.delay(level - 1) if level > 0 else names.deliver
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": ladder.level_ttl_ms(level),
+        "x-dead-letter-exchange": below,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }

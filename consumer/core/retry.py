@@ -1,0 +1,96 @@
+"""Retry policy: classify a send failure by exception type and SMTP code, and pick the backoff.
+
+This module is the one place that decides "try again later" versus "never".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# RFC 3463 enhanced status codes that say the address itself is bad: unknown mailbox (5.1.1),
+# unknown domain (5.1.2), bad syntax (5.1.3), moved (5.1.6), domain accepts no mail (5.1.10).
+UNKNOWN_ADDRESS_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
+_ENHANCED_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed send attempt as the retry policy sees it."""
+
+    transient: bool
+    code: int | None
+    message: str
+    # Per-recipient replies when the server refused every recipient.
+    refusals: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for records and dead letters: ``451 try later`` or the error text."""
+        return f"{self.code} {self.message}" if self.code is not None else self.message
+
+
+def is_transient_code(code: int) -> bool:
+    """A 4xx SMTP reply: the same command may succeed later."""
+    return 400 <= code < 500
+
+
+def enhanced_status(text: str) -> str | None:
+    """The RFC 3463 enhanced status code a reply's text starts with (``5.1.1``), if any."""
+    found = _ENHANCED_STATUS.match(text)
+    return ".".join(found.groups()) if found else None
+
+
+def unknown_recipients(refused: Mapping[str, tuple[int, str]]) -> dict[str, str]:
+    """The refused recipients a server called non-existent, with its reply.
+
+    Decided by the 5xx code and its enhanced status code (a structured field, not prose):
+    a policy or spam refusal (5.7.x) does not make an address unknown.
+    """
+    return {
+        rcpt: f"{code} {text}"
+        for rcpt, (code, text) in refused.items()
+        if 500 <= code < 600 and enhanced_status(text) in UNKNOWN_ADDRESS_STATUSES
+    }
+
+
+def split_refusals(
+    refused: Mapping[str, tuple[int, str]],
+) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str]]]:
+    """Recipients a server refused while accepting others: (final, worth retrying)."""
+    final = {rcpt: reply for rcpt, reply in refused.items() if not is_transient_code(reply[0])}
+    later = {rcpt: reply for rcpt, reply in refused.items() if is_transient_code(reply[0])}
+    return final, later
+
+
+def compute_backoff(attempt: int, base: float, maximum: float, jitter: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+    Doubles from ``base`` up to ``maximum``; ``jitter`` in [0, 1) spreads the wait over
+    its upper half so that retries of many jobs do not arrive together.
+    """
+    if attempt < 1:
+        raise ValueError("attempt counts from 1")
+    if not 0 <= jitter < 1:
+        raise ValueError("jitter is in [0, 1)")
+    delay = min(maximum, base * 2.0 ** min(attempt - 1, 64))
+    return delay / 2 + jitter * delay / 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a failed attempt: retry after ``retry_in`` seconds, or dead-letter."""
+
+    retry_in: float | None
+    reason: str | None = None
+
+
+def decide(
+    failure: Failure, attempt: int, max_attempts: int, base: float, maximum: float, jitter: float
+) -> Decision:
+    """Retry a transient failure while attempts remain; otherwise name the dead-letter reason."""
+    if not failure.transient:
+        return Decision(None, "permanent")
+    if attempt >= max_attempts:
+        return Decision(None, "attempts_exhausted")
+    return Decision(compute_backoff(attempt, base, maximum, jitter))

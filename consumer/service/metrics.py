@@ -1,0 +1,173 @@
+"""Prometheus metrics of one worker, derived from outcomes as they are settled.
+
+Each worker has its own registry (several may share a process in tests). Labels are
+bounded: outbox, provider and reason, never a domain or a job id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from consumer.clock import utcnow
+from consumer.core.events import FAILED_REASONS
+from consumer.core.headers import DUE_HEADER
+from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.store.jobs import Document
+from consumer.store.providers import tokens_of
+
+# Seconds: an SMTP hand-over, and a mail's whole way (publish or due time to acceptance).
+SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _Pools(Collector):
+    """SMTP connections per outbox, read at scrape time."""
+
+    def __init__(self, sizes: Callable[[], Mapping[str, int]]) -> None:
+        self.sizes = sizes
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mailbus_smtp_connections", "Open SMTP connections per outbox", labels=["outbox"]
+        )
+        for outbox, count in sorted(self.sizes().items()):
+            family.add_metric([outbox], count)
+        yield family
+
+
+class _Tokens(Collector):
+    """Tokens left per provider limit, read from MongoDB at scrape time."""
+
+    def __init__(self, providers: Callable[[], list[Document] | None]) -> None:
+        self.providers = providers
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mailbus_provider_tokens",
+            "Sends each provider limit allows now (absent while MongoDB does not answer)",
+            labels=["provider", "limit"],
+        )
+        now = utcnow()
+        for doc in self.providers() or []:
+            for limit in tokens_of(doc, now)["limits"]:
+                family.add_metric([doc["_id"], limit["limit"]], limit["tokens"])
+        yield family
+
+
+class _Commands(Collector):
+    """MongoDB commands sent, by name, read at scrape time."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "mailbus_mongo_commands", "MongoDB commands sent, by name", labels=["command"]
+        )
+        for name, count in sorted(self.counts().items()):
+            family.add_metric([name], count)
+        yield family
+
+
+class Metrics:
+    """The counters, histograms and gauges ``/metrics`` shows."""
+
+    def __init__(
+        self,
+        in_flight: Callable[[], int],
+        pool_sizes: Callable[[], Mapping[str, int]],
+        store_commands: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self.registry = r = CollectorRegistry()
+        outbox = ["outbox", "provider"]
+        self.received = Counter(
+            "mailbus_jobs_received", "Deliveries taken from the queues", registry=r
+        )
+        self.sent = Counter(
+            "mailbus_jobs_sent", "Mails the SMTP server accepted", outbox, registry=r
+        )
+        self.deferred = Counter(
+            "mailbus_jobs_deferred",
+            "Jobs put off: retry, rate_limited",
+            ["reason", *outbox],
+            registry=r,
+        )
+        self.failed = Counter(
+            "mailbus_jobs_failed",
+            "Jobs the SMTP side refused for good",
+            ["reason", *outbox],
+            registry=r,
+        )
+        self.dead = Counter(
+            "mailbus_jobs_dead",
+            "Jobs dead-lettered, by reason (failed ones too)",
+            ["reason"],
+            registry=r,
+        )
+        self.send_seconds = Histogram(
+            "mailbus_send_seconds",
+            "SMTP hand-over time",
+            ["outbox"],
+            buckets=SEND_BUCKETS,
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "mailbus_delivery_seconds",
+            "From publish (AMQP timestamp, 1 s resolution) or due time to SMTP acceptance",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.lateness_seconds = Histogram(
+            "mailbus_scheduled_lateness_seconds",
+            "Scheduled mail: SMTP acceptance minus due time",
+            buckets=LATENESS_BUCKETS,
+            registry=r,
+        )
+        Gauge("mailbus_in_flight", "Deliveries being worked on", registry=r).set_function(
+            lambda: float(in_flight())
+        )
+        r.register(_Pools(pool_sizes))
+        r.register(_Commands(store_commands))
+
+    def watch_providers(self, providers: Callable[[], list[Document] | None]) -> None:
+        """Show ``mailbus_provider_tokens``, reading the providers with ``providers``
+        (called from the HTTP thread at each scrape).
+        """
+        self.registry.register(_Tokens(providers))
+
+    def observe(
+        self,
+        outcome: Outcome,
+        headers: Mapping[str, Any],
+        published: datetime | None,
+        now: datetime,
+    ) -> None:
+        """Count one settled outcome; ``headers`` and ``published`` are the delivery's."""
+        ctx = outcome.ctx
+        outbox = [ctx.outbox or "", ctx.provider or ""]
+        match outcome:
+            case Sent(seconds=seconds):
+                self.sent.labels(*outbox).inc()
+                self.send_seconds.labels(ctx.outbox or "").observe(seconds)
+                due_ms = headers.get(DUE_HEADER)
+                if isinstance(due_ms, int):
+                    late = now.timestamp() - due_ms / 1000
+                    self.lateness_seconds.observe(max(late, 0.0))
+                    self.delivery_seconds.observe(max(late, 0.0))
+                elif published is not None:
+                    self.delivery_seconds.observe(max(now.timestamp() - published.timestamp(), 0.0))
+            case Dead(reason=reason):
+                if reason in FAILED_REASONS:
+                    self.failed.labels(reason, *outbox).inc()
+                self.dead.labels(reason).inc()
+            case Later(why="retry" | "rate_limited" as why):
+                self.deferred.labels(why, *outbox).inc()
+            case Later() | Skip() | Crashed():
+                pass

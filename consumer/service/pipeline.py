@@ -1,0 +1,409 @@
+"""What happens to one job, from the bytes of a delivery to an :data:`Outcome`.
+
+Every durable MongoDB write a job causes happens here, before the outcome is returned;
+the worker then carries the outcome out on the broker and acknowledges the delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import structlog
+
+from consumer.clock import utcnow
+from consumer.core.content import Content
+from consumer.core.headers import DUE_HEADER
+from consumer.core.leases import Release
+from consumer.core.message import Job, parse_job
+from consumer.core.mime import Mail, build_mail
+from consumer.core.outcomes import Context, Dead, Later, Outcome, SendResult, Sent, Skip
+from consumer.core.retry import Decision, Failure, decide, split_refusals, unknown_recipients
+from consumer.core.schedule import due_time
+from consumer.errors import (
+    AttachmentUnavailableError,
+    ConfigurationError,
+    DeadLetterError,
+    InvalidJobError,
+    StoreUnavailableError,
+)
+from consumer.logging import get_logger
+from consumer.mail.failures import classify
+from consumer.service.authorization import Authority, Authorizer, without_domain_key
+from consumer.service.compose import Composer
+from consumer.service.picker import Choice, OutboxPicker
+from consumer.settings import Settings
+from consumer.store.jobs import (
+    DUE_TOLERANCE,
+    Claim,
+    ClaimState,
+    Document,
+    JobStore,
+    exhausted_error,
+)
+from consumer.store.suppressions import SuppressionStore
+
+log = get_logger(__name__)
+Written = TypeVar("Written")
+STORE_RETRY = timedelta(seconds=5)
+
+
+class Pipeline:
+    """Turns one delivery into an outcome: parse, schedule, claim, build, send, record."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        picker: OutboxPicker,
+        authorizer: Authorizer,
+        composer: Composer,
+        suppressions: SuppressionStore,
+        worker_id: str,
+        clock: Callable[[], datetime] = utcnow,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.picker = picker
+        self.authorizer = authorizer
+        self.composer = composer
+        self.suppressions = suppressions
+        self.worker_id = worker_id
+        self.clock = clock
+        self.jitter = jitter
+        self._sending: set[str] = set()
+
+    def leases_held(self) -> frozenset[str]:
+        """The jobs this worker is sending now: their leases must not run out meanwhile."""
+        return frozenset(self._sending)
+
+    async def process(
+        self,
+        body: bytes,
+        message_id: str | None,
+        headers: Mapping[str, Any],
+        authority: Authority | None = None,
+    ) -> Outcome:
+        """Run the job in ``body`` as far as it can go now; ``authority`` is what the
+        delivery speaks for beyond its body: the broker user that published it, and on a
+        worker's copy the domain it was authorized for and a released lease (see
+        :mod:`consumer.service.authorization`).
+        """
+        authority = authority or Authority()
+        now = self.clock()
+        try:
+            job, job_id = parse_job(body, message_id, max_bytes=self.settings.max_job_bytes)
+            due = due_time(job, headers, now)
+        except InvalidJobError as exc:
+            return Dead(Context(message_id), exc.reason, str(exc))
+        structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
+        ctx = Context(job_id, job)
+        try:
+            refusal = await self.authorizer.refusal(job, authority)
+            if refusal is not None:  # nothing is recorded for a job nobody may send
+                return Dead(ctx, "unauthorized", refusal)
+            ctx = dataclasses.replace(ctx, authorized=True)
+            # What is kept of the body from here on (records, copies): never its key,
+            # once a seal can carry its authorization instead.
+            if self.settings.secret_key is not None:
+                body = without_domain_key(body)
+            if due is not None and due > now + DUE_TOLERANCE:
+                if DUE_HEADER in headers:  # a copy back early: its record was written before
+                    return Later(ctx, due, "waiting")
+                return await self._schedule(ctx, job_id, job, body, due)
+            return await self._claim_and_send(ctx, job_id, job, body, now, headers, authority)
+        except StoreUnavailableError as exc:
+            return _store_failed(ctx, exc, self.clock())
+
+    async def _schedule(
+        self, ctx: Context, job_id: str, job: Job, body: bytes, due: datetime
+    ) -> Outcome:
+        try:
+            claim = await self.store.schedule(job_id, job, body, due)
+        except StoreUnavailableError as exc:
+            # The due time travels with the message, so the mail still goes out on time;
+            # only listing it waits for MongoDB (a cancel by id works regardless).
+            log.warning("job.scheduled_without_record", error=str(exc))
+            return Later(ctx, due, "scheduled")
+        if claim.state is ClaimState.SCHEDULED:
+            return Later(ctx, due, "scheduled")
+        return _not_claimed(ctx, claim)
+
+    async def _claim_and_send(
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        now: datetime,
+        headers: Mapping[str, Any],
+        authority: Authority,
+    ) -> Outcome:
+        if job.expires_at is not None and job.expires_at <= now:
+            error = f"expired at {job.expires_at.isoformat()}"
+            found = await self.store.record_dead(job_id, job.domain, "expired", error)
+            if found is not None:
+                return _not_claimed(ctx, found)
+            return Dead(ctx, "expired", error)
+        # Only the delivery that is this worker's one sending the job may let go of its
+        # lease when MongoDB fails; a duplicate delivery meanwhile never does.
+        own = job_id not in self._sending
+        if own:
+            self._sending.add(job_id)
+        try:
+            return await self._send_claimed(ctx, job_id, job, body, now, headers, authority)
+        except StoreUnavailableError as exc:
+            if not own:
+                raise
+            # On the store's clock, the one that stamps the record's updated_at.
+            release = Release(self.worker_id, self.store.now())
+            return _store_failed(ctx, exc, self.clock(), release)
+        finally:
+            if own:
+                self._sending.discard(job_id)
+
+    async def _send_claimed(
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        now: datetime,
+        headers: Mapping[str, Any],
+        authority: Authority,
+    ) -> Outcome:
+        # A copy back from the ladder (due, or a retry) has a record already.
+        recorded = DUE_HEADER in headers
+        claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
+        if claim.state is not ClaimState.CLAIMED:
+            return _not_claimed(ctx, claim)
+        ctx = dataclasses.replace(ctx, attempts=claim.attempts)
+        structlog.contextvars.bind_contextvars(attempt=claim.attempts)
+        # After a partial delivery, only the recipients still owed the mail.
+        owed = list(claim.pending) if claim.pending is not None else job.recipients()
+        suppressed = await self.suppressions.among(owed)
+        recipients = [r for r in owed if r.lower() not in suppressed]
+        details: Document = {"suppressed": sorted(suppressed)} if suppressed else {}
+        if not recipients:
+            error = f"every recipient is suppressed: {', '.join(sorted(suppressed))}"
+            return await self._dead(ctx, job_id, "suppressed", error, details)
+        # Built before the outbox is chosen: a token is taken as close to the send as can be.
+        try:
+            content = await self.composer.compose(job)
+            charset = job.charset or "utf-8"
+            mail = self._build(job, job_id, now, content, charset)
+        except DeadLetterError as exc:
+            return await self._dead(ctx, job_id, exc.reason, str(exc), details)
+        except AttachmentUnavailableError as exc:
+            return await self._failed(ctx, job_id, job, body, classify(exc))
+        if content.template is not None:
+            name, version = content.template
+            details["template"] = {"name": name, "version": version}
+            ctx = dataclasses.replace(ctx, template=content.template)
+        try:
+            choice = await self._choose(job, claim)
+        except ConfigurationError as exc:  # an outbox an operator can fix: retry later
+            return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
+        if choice is None:
+            error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
+            return await self._dead(ctx, job_id, "no_outbox", error, details)
+        pool = choice.pool
+        ctx = dataclasses.replace(ctx, outbox=pool.outbox.name, provider=pool.outbox.provider)
+        structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
+        if choice.throttle is not None:
+            reservation, due = choice.throttle.reservation, choice.throttle.until
+            await self.store.mark_throttled(job_id, self.worker_id, reservation, due, body)
+            waiting = dataclasses.replace(ctx, attempts=claim.attempts - 1)
+            # Announced once, when the job queues; waking a hair early is no news.
+            again = reservation == claim.reserved
+            return Later(waiting, due, "waiting" if again else "rate_limited")
+        outbox_charset = job.charset or pool.outbox.charset or "utf-8"
+        if outbox_charset != charset:
+            try:
+                mail = self._build(job, job_id, now, content, outbox_charset)
+            except DeadLetterError as exc:
+                return await self._dead(ctx, job_id, exc.reason, str(exc), details)
+        started = time.perf_counter()
+        try:
+            result = await pool.send(mail, job.from_.email, recipients)
+        except Exception as exc:  # every send failure is classified by retry.classify
+            return await self._failed(ctx, job_id, job, body, classify(exc))
+        seconds = time.perf_counter() - started
+        log.debug("job.accepted", seconds=round(seconds, 4))
+        earlier = claim.refused or {}
+        return await self._accepted(ctx, job_id, job, body, result, earlier, details, seconds)
+
+    def _build(self, job: Job, job_id: str, now: datetime, content: Content, charset: str) -> Mail:
+        limit = self.settings.max_message_bytes
+        return build_mail(job, job_id, now, content, charset=charset, limit=limit)
+
+    async def _dead(
+        self, ctx: Context, job_id: str, reason: str, error: str, details: Document
+    ) -> Outcome:
+        """The claimed job can never be sent: record it dead and say why."""
+        await self.store.mark_failed(
+            job_id, self.worker_id, "dead", reason, error, details, ctx.outbox
+        )
+        return Dead(ctx, reason, error)
+
+    async def _accepted(
+        self,
+        ctx: Context,
+        job_id: str,
+        job: Job,
+        body: bytes,
+        result: SendResult,
+        earlier: Mapping[str, Any],
+        details: Document,
+        seconds: float,
+    ) -> Outcome:
+        """The server took the mail for some recipients at least: record it, and retry the
+        ones it deferred (4xx) while attempts remain; they alone get the next attempt.
+        """
+        final, deferred = split_refusals(result.refused)
+        refused = {**earlier, **_as_documents(final)}
+        if deferred:
+            rcpt, (code, text) = min(deferred.items())
+            failure = Failure(True, code, f"<{rcpt}> {text}")
+            decision = self._decide(failure, ctx.attempts, job)
+            if decision.retry_in is not None:
+                due = self.clock() + timedelta(seconds=decision.retry_in)
+                partial = (sorted(deferred), refused)
+                # Some recipients have the mail: only this record keeps them from getting
+                # it again, so it is written whatever it takes (never released instead).
+                await _written(
+                    "deferral",
+                    lambda: self.store.mark_retry(
+                        job_id, self.worker_id, failure.describe(), due, body, ctx.outbox, partial
+                    ),
+                )
+                return Later(ctx, due, "retry", failure)
+            refused.update(_as_documents(deferred))
+        await self._record_sent(job_id, result, refused, ctx.outbox, details)
+        await self._suppress_unknown(final)
+        every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
+        accepted = SendResult(result.code, result.message, every_refusal)
+        return Sent(ctx, accepted, tuple(details.get("suppressed", ())), seconds)
+
+    async def _failed(
+        self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
+    ) -> Outcome:
+        decision = self._decide(failure, ctx.attempts, job)
+        if decision.retry_in is None:
+            reason = decision.reason or "permanent"
+            await self.store.mark_failed(
+                job_id, self.worker_id, "failed", reason, failure.describe(), outbox=ctx.outbox
+            )
+            await self._suppress_unknown(failure.refusals)
+            return Dead(ctx, reason, failure.describe(), failure.code)
+        due = self.clock() + timedelta(seconds=decision.retry_in)
+        await self.store.mark_retry(
+            job_id, self.worker_id, failure.describe(), due, body, ctx.outbox
+        )
+        # Every recipient was refused, some only for now: the unknown ones are not retried.
+        await self._suppress_unknown(failure.refusals)
+        return Later(ctx, due, "retry", failure)
+
+    async def _choose(self, job: Job, claim: Claim) -> Choice | None:
+        """The outbox the job queued for, else whose turn it is: after a transient
+        failure, another outbox of the domain if there is one.
+        """
+        if claim.reserved is not None:
+            choice = await self.picker.reserved(claim.reserved)
+            if choice is not None:
+                return choice
+        return await self.picker.choose(job.domain, avoid=claim.last_outbox)
+
+    def _decide(self, failure: Failure, attempt: int, job: Job) -> Decision:
+        settings = self.settings
+        return decide(
+            failure,
+            attempt,
+            self.store.attempt_limit(job),
+            settings.retry_base_delay,
+            settings.retry_max_delay,
+            self.jitter(),
+        )
+
+    async def _suppress_unknown(self, refused: Mapping[str, tuple[int, str]]) -> None:
+        """Put recipients a server called unknown on the suppression list, for a while.
+
+        Runs after the job's own record is written; failing here loses no mail.
+        """
+        unknown = unknown_recipients(refused)
+        days = self.settings.bounce_suppression_days
+        if not unknown or days <= 0:
+            return
+        try:
+            await self.suppressions.add_bounced(unknown, days)
+        except StoreUnavailableError as exc:
+            log.warning("job.suppression_not_recorded", error=str(exc), recipients=sorted(unknown))
+            return
+        log.info("job.recipients_suppressed", recipients=sorted(unknown), days=days)
+
+    async def _record_sent(
+        self,
+        job_id: str,
+        result: SendResult,
+        refused: dict[str, Any],
+        outbox: str | None,
+        details: Document,
+    ) -> None:
+        """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
+        reply = {"code": result.code, "message": result.message}
+        recorded = await _written(
+            "sent",
+            lambda: self.store.mark_sent(job_id, self.worker_id, reply, refused, outbox, details),
+        )
+        if not recorded:
+            log.warning("job.lease_lost_before_sent_record")
+
+
+async def _written(what: str, write: Callable[[], Awaitable[Written]]) -> Written:
+    """The answer of ``write``, a record of mail that is out, tried again (backing off up
+    to 10 s) for as long as MongoDB does not answer.
+    """
+    pause = 0.5
+    while True:
+        try:
+            return await write()
+        except StoreUnavailableError as exc:
+            log.warning(f"job.{what}_record_retrying", error=str(exc), pause=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+
+
+def _as_documents(refused: Mapping[str, tuple[int, str]]) -> dict[str, Any]:
+    """Refusals as stored on the job: ``{address: {code, message}}``."""
+    return {rcpt: {"code": code, "message": text} for rcpt, (code, text) in refused.items()}
+
+
+def _store_failed(
+    ctx: Context, exc: StoreUnavailableError, now: datetime, release: Release | None = None
+) -> Later:
+    """MongoDB did not answer: the job comes round again shortly."""
+    log.warning("job.store_unavailable", error=str(exc))
+    return Later(ctx, now + STORE_RETRY, "store", release=release)
+
+
+def _not_claimed(ctx: Context, claim: Claim) -> Outcome:
+    """What to do with a job whose record says someone else, or some other time."""
+    match claim.state:
+        case ClaimState.LEASED if claim.lease_until is not None:
+            return Later(ctx, claim.lease_until, "leased")
+        case ClaimState.WAITING if claim.due_at is not None:
+            return Later(ctx, claim.due_at, "waiting")
+        case ClaimState.EXHAUSTED:
+            spent = dataclasses.replace(ctx, attempts=claim.attempts)
+            return Dead(spent, "delivery_limit", exhausted_error(claim.attempts))
+        case ClaimState.CONFLICT:
+            # Which domain holds the id is that domain's business.
+            return Dead(ctx, "conflict", f"job id {ctx.job_id} is taken by another domain's job")
+        case _:
+            return Skip(ctx, f"already {claim.status}")

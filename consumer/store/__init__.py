@@ -1,0 +1,1 @@
+"""MongoDB, through PyMongo: one store per collection."""

@@ -1,0 +1,119 @@
+"""Registered sending domains in MongoDB: a salted hash of the domain key, allowed users,
+and the sender domains its mail may use.
+
+A domain that is not registered is open: any job may send for it (unless
+``MAILBUS_OPEN_DOMAINS`` is off), with a From that is not under a registered domain. A
+registered domain requires the job's ``domain_key`` to match, or the message to come from
+one of its allowed broker users (the AMQP ``user_id``, which RabbitMQ validates against the
+connection); its From must be under one of its sender domains (default: itself).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from consumer.clock import utcnow
+from consumer.store.jobs import Document, answering
+
+# scrypt's cost: about 16 MiB and tens of milliseconds per hash, so a leaked table is slow
+# to attack; workers verify a key once and remember the answer.
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def _scrypt(key: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(key.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 2**20, dklen=32)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def hash_key(key: str) -> str:
+    """``key`` hashed with a fresh salt: ``scrypt$n$r$p$salt$hash`` (never the key itself)."""
+    salt = secrets.token_bytes(16)
+    digest = _scrypt(key, salt, **_SCRYPT)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${_b64(salt)}${_b64(digest)}"
+
+
+def key_matches(key: str, stored: str) -> bool:
+    """Whether ``key`` is the one :func:`hash_key` made ``stored`` from."""
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        computed = _scrypt(key, base64.b64decode(salt), int(n), int(r), int(p))
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+class DomainStore:
+    """The ``domains`` collection (``_id`` is the lower-case domain)."""
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        self.domains = database["domains"]
+
+    async def put(
+        self,
+        domain: str,
+        key_hash: str | None,
+        users: Sequence[str],
+        replace: bool,
+        senders: Sequence[str] = (),
+    ) -> bool:
+        """Register ``domain``; an existing one is replaced only with ``replace``. False when
+        it exists and ``replace`` is off. ``senders``: the domains its From may be under
+        (empty: the domain itself).
+        """
+        doc = {
+            "_id": domain.lower(),
+            "key_hash": key_hash,
+            "allow_users": sorted(set(users)),
+            "senders": sorted({s.lower() for s in senders}),
+            "updated_at": utcnow(),
+        }
+        async with answering():
+            if replace:
+                await self.domains.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                return True
+            try:
+                await self.domains.insert_one(doc)
+            except DuplicateKeyError:
+                return False
+        return True
+
+    async def find(self) -> list[Document]:
+        """Every registered domain, by name."""
+        async with answering():
+            return [doc async for doc in self.domains.find({}).sort("_id", 1)]
+
+    async def get(self, domain: str) -> Document | None:
+        """One registered domain, or None when it is open."""
+        async with answering():
+            return await self.domains.find_one({"_id": domain.lower()})
+
+    async def registered(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` (lower case) are registered: one query for all."""
+        async with answering():
+            cursor = self.domains.find({"_id": {"$in": list(names)}}, {"_id": 1})
+            return {doc["_id"] async for doc in cursor}
+
+    async def remove(self, domain: str) -> bool:
+        """Unregister (the domain is open again); False if it was not registered."""
+        async with answering():
+            result = await self.domains.delete_one({"_id": domain.lower()})
+        return result.deleted_count == 1
+
+
+def describe(doc: Document) -> Document:
+    """A domain document fit for printing: the key only as set or not."""
+    shown = {k: v for k, v in doc.items() if k != "key_hash"}
+    shown["key"] = "set" if doc.get("key_hash") else None
+    return shown
