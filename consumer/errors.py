@@ -9,44 +9,8 @@ class MailbusError(Exception):
     """Base of every error mailbus raises on purpose."""
 
 
-class DeadLetterError(MailbusError):
-    """A job that can never be sent as it is; ``reason`` becomes ``x-mailbus-reason``."""
-
-    reason = "permanent"
-
-
-class InvalidJobError(DeadLetterError, ValueError):
-    """The message is not a valid v1 job (bad JSON, schema violation, header injection)."""
-
-    reason = "invalid"
-
-
-class JobTooLargeError(InvalidJobError):
-    """The job's body is bigger than ``MAILBUS_MAX_JOB_BYTES``; refused before decoding."""
-
-    reason = "too_large"
-
-
-class AttachmentError(DeadLetterError):
-    """An attachment that can never be read: a refused path, scheme or address, or too big."""
-
-    reason = "attachment"
-
-
 class AttachmentUnavailableError(MailbusError, ConnectionError):
     """A URL attachment could not be fetched now (HTTP error, timeout): worth a retry."""
-
-
-class TemplateError(DeadLetterError):
-    """A stored template is missing, fails to render, or uses an undefined variable."""
-
-    reason = "template"
-
-
-class MessageTooLargeError(DeadLetterError):
-    """The built message is bigger than ``MAILBUS_MAX_MESSAGE_BYTES``."""
-
-    reason = "too_large"
 
 
 class ConfigurationError(MailbusError, ValueError):

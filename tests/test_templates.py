@@ -14,8 +14,8 @@ import pytest
 
 from consumer.core import templates
 from consumer.core.message import Job
+from consumer.core.outcomes import TemplateError
 from consumer.core.templates import Template, render
-from consumer.errors import TemplateError
 from consumer.mail.attachments import AttachmentLoader
 from consumer.mail.fetch import Fetcher, FetchLimits
 from consumer.service.compose import Composer

@@ -14,9 +14,10 @@ from consumer.amqp.outgoing import Outgoing
 from consumer.cli.output import pretty_json, table
 from consumer.clock import utcnow
 from consumer.core.names import Names
+from consumer.core.outcomes import STATUSES
 from consumer.service import control
 from consumer.settings import Settings
-from consumer.store.jobs import STATUSES, Document, JobStore
+from consumer.store.jobs import Document, JobStore
 from consumer.vault import Vault
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)

@@ -14,8 +14,9 @@ from typing import Any
 from consumer.cli.output import pretty_json, table
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.mime import set_bodies
+from consumer.core.outcomes import TemplateError
 from consumer.core.templates import Rendered, render
-from consumer.errors import ConfigurationError, TemplateError
+from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.store.templates import TemplateStore

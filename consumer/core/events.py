@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
-from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
-
-# Dead-letter reasons that mean the SMTP side gave up (``mail.failed``); every other
-# reason is a job mailbus refused itself (``mail.dead``).
-FAILED_REASONS = frozenset({"permanent", "attempts_exhausted"})
-
+from consumer.core.outcomes import FAILED_REASONS, Crashed, Dead, Later, Outcome, Sent, Skip
 
 Event = tuple[str, dict[str, Any]]
 
@@ -38,22 +33,30 @@ def event_for(outcome: Outcome) -> Event | None:
         case Dead(reason=reason, error=error, code=code):
             key = "mail.failed" if reason in FAILED_REASONS else "mail.dead"
             body.update(reason=reason, error=error, smtp={"code": code} if code else None)
-        case Later(why="scheduled", due_at=due_at):
-            key = "mail.scheduled"
-            body["due_at"] = due_at.isoformat()
-        case Later(why="retry", due_at=due_at, failure=failure):
-            key = "mail.deferred"
-            body.update(
-                due_at=due_at.isoformat(),
-                reason="retry",
-                error=failure.describe() if failure else None,
-                smtp={"code": failure.code} if failure and failure.code else None,
-            )
-        case Later(why="rate_limited", due_at=due_at):
-            key = "mail.deferred"
-            body.update(due_at=due_at.isoformat(), reason="rate_limited")
-        case Later() | Skip() | Crashed():
+        case Later(why=why, due_at=due_at, failure=failure):
+            match why:
+                case "scheduled":
+                    key = "mail.scheduled"
+                    body["due_at"] = due_at.isoformat()
+                case "retry":
+                    key = "mail.deferred"
+                    body.update(
+                        due_at=due_at.isoformat(),
+                        reason="retry",
+                        error=failure.describe() if failure else None,
+                        smtp={"code": failure.code} if failure and failure.code else None,
+                    )
+                case "rate_limited":
+                    key = "mail.deferred"
+                    body.update(due_at=due_at.isoformat(), reason="rate_limited")
+                case "waiting" | "leased" | "store":
+                    return None
+                case _:
+                    assert_never(why)
+        case Skip() | Crashed():
             return None
+        case _:
+            assert_never(outcome)
     body["event"] = key
     return key, body
 
@@ -120,5 +123,7 @@ def reply_for(outcome: Outcome) -> dict[str, Any] | None:
             }
         case Skip(why=why):
             return {"id": ctx.job_id, "status": "skipped", "reason": why}
-        case _:
+        case Later() | Crashed():
             return None
+        case _:
+            assert_never(outcome)

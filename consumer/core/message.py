@@ -28,9 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from consumer.errors import InvalidJobError, JobTooLargeError
+from consumer.core.outcomes import InvalidJobError, JobTooLargeError
 
-SCHEMA_VERSION = 1
 # A custom header is folded at its own white space only; a longer word would not fit in the
 # 998 characters RFC 5322 allows on a line.
 MAX_HEADER_WORD = 900

@@ -7,27 +7,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from consumer.core.outcomes import DeadReason, Failure
 
 # RFC 3463 enhanced status codes that say the address itself is bad: unknown mailbox (5.1.1),
 # unknown domain (5.1.2), bad syntax (5.1.3), moved (5.1.6), domain accepts no mail (5.1.10).
 UNKNOWN_ADDRESS_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
 _ENHANCED_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failed send attempt as the retry policy sees it."""
-
-    transient: bool
-    code: int | None
-    message: str
-    # Per-recipient replies when the server refused every recipient.
-    refusals: Mapping[str, tuple[int, str]] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        """One line for records and dead letters: ``451 try later`` or the error text."""
-        return f"{self.code} {self.message}" if self.code is not None else self.message
 
 
 def is_transient_code(code: int) -> bool:
@@ -82,7 +69,7 @@ class Decision:
     """What to do after a failed attempt: retry after ``retry_in`` seconds, or dead-letter."""
 
     retry_in: float | None
-    reason: str | None = None
+    reason: DeadReason | None = None
 
 
 def decide(

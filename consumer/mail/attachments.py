@@ -22,12 +22,8 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from consumer.core.content import Part
 from consumer.core.message import Attachment
-from consumer.errors import (
-    AttachmentError,
-    AttachmentUnavailableError,
-    DeadLetterError,
-    StoreUnavailableError,
-)
+from consumer.core.outcomes import AttachmentError, DeadLetterError
+from consumer.errors import AttachmentUnavailableError, StoreUnavailableError
 from consumer.mail.fetch import Fetcher, shown_url
 
 OCTET_STREAM = "application/octet-stream"

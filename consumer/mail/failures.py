@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import aiosmtplib
 
-from consumer.core.retry import Failure, is_transient_code
+from consumer.core.outcomes import Failure
+from consumer.core.retry import is_transient_code
 from consumer.errors import AttachmentUnavailableError, SendmailError
 
 

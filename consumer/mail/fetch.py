@@ -31,7 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from consumer.errors import AttachmentError, AttachmentUnavailableError
+from consumer.core.outcomes import AttachmentError
+from consumer.errors import AttachmentUnavailableError
 from consumer.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -8,13 +8,9 @@ import asyncio
 
 from consumer.core.content import Content
 from consumer.core.message import Job
+from consumer.core.outcomes import DeadLetterError, TemplateError
 from consumer.core.templates import render
-from consumer.errors import (
-    AttachmentUnavailableError,
-    DeadLetterError,
-    StoreUnavailableError,
-    TemplateError,
-)
+from consumer.errors import AttachmentUnavailableError, StoreUnavailableError
 from consumer.mail.attachments import AttachmentLoader
 from consumer.store.templates import TemplateStore
 

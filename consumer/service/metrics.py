@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from consumer.clock import utcnow
-from consumer.core.events import FAILED_REASONS
 from consumer.core.headers import DUE_HEADER
-from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.outcomes import FAILED_REASONS, Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.store.jobs import Document
 from consumer.store.providers import tokens_of
 
@@ -167,7 +166,15 @@ class Metrics:
                 if reason in FAILED_REASONS:
                     self.failed.labels(reason, *outbox).inc()
                 self.dead.labels(reason).inc()
-            case Later(why="retry" | "rate_limited" as why):
-                self.deferred.labels(why, *outbox).inc()
-            case Later() | Skip() | Crashed():
+            case Later(why=why):
+                match why:
+                    case "retry" | "rate_limited":
+                        self.deferred.labels(why, *outbox).inc()
+                    case "scheduled" | "waiting" | "leased" | "store":
+                        pass
+                    case _:
+                        assert_never(why)
+            case Skip() | Crashed():
                 pass
+            case _:
+                assert_never(outcome)

@@ -22,16 +22,24 @@ from consumer.core.headers import DUE_HEADER
 from consumer.core.leases import Release
 from consumer.core.message import Job, parse_job
 from consumer.core.mime import Mail, build_mail
-from consumer.core.outcomes import Context, Dead, Later, Outcome, SendResult, Sent, Skip
-from consumer.core.retry import Decision, Failure, decide, split_refusals, unknown_recipients
-from consumer.core.schedule import due_time
-from consumer.errors import (
-    AttachmentUnavailableError,
-    ConfigurationError,
+from consumer.core.outcomes import (
+    Context,
+    Crashed,
+    Dead,
     DeadLetterError,
+    DeadReason,
+    Failure,
     InvalidJobError,
-    StoreUnavailableError,
+    Later,
+    Outcome,
+    SendResult,
+    Sent,
+    Skip,
+    final_status,
 )
+from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
+from consumer.core.schedule import due_time
+from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.mail.failures import classify
 from consumer.service.authorization import Authority, Authorizer, without_domain_key
@@ -244,7 +252,7 @@ class Pipeline:
         return build_mail(job, job_id, now, content, charset=charset, limit=limit)
 
     async def _dead(
-        self, ctx: Context, job_id: str, reason: str, error: str, details: Document
+        self, ctx: Context, job_id: str, reason: DeadReason, error: str, details: Document
     ) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""
         await self.store.mark_failed(
@@ -405,5 +413,9 @@ def _not_claimed(ctx: Context, claim: Claim) -> Outcome:
         case ClaimState.CONFLICT:
             # Which domain holds the id is that domain's business.
             return Dead(ctx, "conflict", f"job id {ctx.job_id} is taken by another domain's job")
-        case _:
-            return Skip(ctx, f"already {claim.status}")
+        case ClaimState.DONE if (status := final_status(claim.status)) is not None:
+            return Skip(ctx, status)
+        case _:  # a record no claim leaves behind: loud, and bounded by the delivery limit
+            error = f"unexpected job record: {claim.state.value}, {claim.status}"
+            log.error("job.crashed", error=error)
+            return Crashed(ctx, error)

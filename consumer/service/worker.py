@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, assert_never
 
 import aio_pika
 import structlog
@@ -26,9 +26,18 @@ from consumer.core import ladder
 from consumer.core.events import Event, event_for, reply_for
 from consumer.core.names import CONTROL_KEY, Names
 from consumer.core.outboxes import outbox_from_url
-from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.outcomes import (
+    Context,
+    Crashed,
+    Dead,
+    InvalidJobError,
+    Later,
+    Outcome,
+    Sent,
+    Skip,
+)
 from consumer.core.schedule import carried_headers
-from consumer.errors import InvalidJobError, StoreUnavailableError, connection_failure
+from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.logging import get_logger
 from consumer.mail.attachments import AttachmentLoader, attachment_budget
 from consumer.mail.fetch import Fetcher, fetch_limits
@@ -636,3 +645,7 @@ def _log_outcome(outcome: Outcome, seconds: float) -> None:
             )
         case Skip(why=why):
             log.info("job.skipped", result="skipped", why=why, duration_ms=took)
+        case Crashed():
+            pass  # logged where it was caught, with its traceback
+        case _:
+            assert_never(outcome)

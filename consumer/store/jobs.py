@@ -38,6 +38,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
+from consumer.core.outcomes import FINAL, WAITING, JobStatus
 from consumer.core.ratelimit import Reservation
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.settings import Settings
@@ -45,9 +46,6 @@ from consumer.store.batches import Batcher
 from consumer.store.commands import CommandCounter
 
 HISTORY_LENGTH = 20
-STATUSES = ("scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled")
-WAITING = ("queued", "scheduled")
-FINAL = ("sent", "failed", "dead", "cancelled")
 # A scheduled job whose due time is this close is claimable: copies arrive a hair early.
 DUE_TOLERANCE = timedelta(milliseconds=5)
 DUPLICATE_KEY = 11000
@@ -73,7 +71,7 @@ class Claim:
     """What the job's record allows this worker to do, and its counters."""
 
     state: ClaimState
-    status: str
+    status: JobStatus
     attempts: int
     lease_until: datetime | None = None
     due_at: datetime | None = None

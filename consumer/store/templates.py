@@ -15,8 +15,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from consumer.clock import utcnow
+from consumer.core.outcomes import TemplateError
 from consumer.core.templates import Template, check_syntax
-from consumer.errors import TemplateError
 from consumer.store.jobs import Document, answering
 
 

@@ -22,7 +22,8 @@ from aio_pika.abc import AbstractChannel
 from consumer.amqp import dead_letters
 from consumer.amqp.publish import job_message
 from consumer.core.names import Names
-from consumer.errors import AttachmentError, AttachmentUnavailableError
+from consumer.core.outcomes import AttachmentError
+from consumer.errors import AttachmentUnavailableError
 from consumer.mail import fetch
 from consumer.mail.fetch import Fetcher, FetchLimits, Inflater
 from consumer.settings import Settings
