@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from consumer.cli import _parser
+from consumer.settings import Settings
 
 # Commands the docs may show that are not mailbus's own, and who answers for them.
 EXTERNAL = {
@@ -266,3 +267,15 @@ def test_every_relative_link_leads_somewhere(path: str) -> None:
         elif anchor and (linked.is_dir() or anchor not in anchors(linked.read_text())):
             broken.append(f"{target}: no heading #{anchor} in {linked.relative_to(REPO_ROOT)}")
     assert broken == []
+
+
+# Names of environment variables the docs show that are not settings: the ones `mailbus
+# config export` writes for outbox passwords (`password_env`), MAILBUS_PASSWORD_<NAME>.
+NOT_SETTINGS = re.compile(r"^MAILBUS_PASSWORD(_[A-Z0-9_]+)?$")
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_setting_named_is_one(path: str) -> None:
+    settings = {f"MAILBUS_{name.upper()}" for name in Settings.model_fields}
+    named = set(re.findall(r"\bMAILBUS_[A-Z0-9_]*[A-Z0-9]", (REPO_ROOT / path).read_text()))
+    assert {name for name in named - settings if not NOT_SETTINGS.match(name)} == set()
