@@ -30,7 +30,7 @@ from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
 
 DOMAIN_KEY = "bad horse"
-PASSWORD = "old password"  # as in the README's examples
+PASSWORD = "old password"  # as in the migration guide's examples
 PASSWORD_HASH = hash_key(PASSWORD)
 
 
@@ -460,7 +460,7 @@ async def test_gateway_command_serves_until_sigterm(
 
 
 def readme_blocks(readme: str) -> list[tuple[str, list[str]]]:
-    """The README's fenced blocks: (language, lines)."""
+    """A Markdown file's fenced blocks: (language, lines)."""
     blocks = re.findall(r"^```(\w*)\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
     return [(lang, body.splitlines()) for lang, body in blocks]
 
@@ -473,7 +473,7 @@ async def test_the_readme_one_liners_get_the_answers_it_shows(
     repo_root: Path,
 ) -> None:
     await DomainStore(store.database).put("example.com", hash_key(DOMAIN_KEY), [], True)
-    blocks = readme_blocks((repo_root / "README.md").read_text())
+    blocks = readme_blocks((repo_root / "deploy" / "MIGRATING.md").read_text())
     at = next(i for i, (_, lines) in enumerate(blocks) if "nc localhost 3000" in lines[-1])
     [(_, commands), (shown_lang, shown)] = blocks[at : at + 2]
     assert shown_lang == "json"

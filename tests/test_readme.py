@@ -1,10 +1,13 @@
-"""Every command the README shows is one that works.
+"""Every command the docs show is one that works, and every link between them leads somewhere.
 
+Every tracked Markdown file is checked (``git ls-files '*.md'``), each on its own.
 Commands that change a live system are run by the tests of their features (the quickstart
 by ``test_quickstart``, the gateway one-liners by ``test_gateways``, each verb by its own
 tests). Here every ``mailbus`` command in a shell block or synopsis is parsed by the real
 command line, every ``make`` target and example script it names exists and takes the
-options shown, and nothing else appears unaccounted for.
+options shown, and nothing else appears unaccounted for. Every relative link
+(``[text](path)``, ``[text](path#anchor)``, ``[text](#anchor)``) names a file or directory
+of the repository and, with an anchor, a heading of that file (GitHub's slugs).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from consumer.cli.app import _parser
+from consumer.settings import Settings
 
-# Commands the README may show that are not mailbus's own, and who answers for them.
+# Commands the docs may show that are not mailbus's own, and who answers for them.
 EXTERNAL = {
     "git": "the quickstart's clone, done by hand",
     "cd": "a shell builtin",
@@ -125,18 +129,44 @@ def mailbus_commands(readme: str) -> list[list[str]]:
     return [words for program, words, _ in shown_commands(readme) if program == "mailbus"]
 
 
-@pytest.fixture(scope="module")
-def readme(repo_root: Path) -> str:
-    return (repo_root / "README.md").read_text()
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def markdown_files() -> list[str]:
+    """Every tracked Markdown file, as a path from the repository's root."""
+    listed = subprocess.run(
+        ["git", "ls-files", "*.md"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return sorted(listed.split())
+
+
+DOCS = markdown_files()
 
 
 @pytest.fixture(scope="module")
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return REPO_ROOT
 
 
-def test_the_extraction_sees_the_commands(readme: str) -> None:
-    commands = mailbus_commands(readme)
+@pytest.fixture(params=DOCS)
+def doc(request: pytest.FixtureRequest) -> str:
+    """One tracked Markdown file's text."""
+    path: str = request.param
+    return (REPO_ROOT / path).read_text()
+
+
+def test_every_doc_is_checked() -> None:
+    assert "README.md" in DOCS
+    assert len(DOCS) > 1
+
+
+def test_the_extraction_sees_the_commands() -> None:
+    commands = [c for path in DOCS for c in mailbus_commands((REPO_ROOT / path).read_text())]
     assert ["outbox", "new-key"] in commands  # inside $( )
     assert ["provider", "show", "NAME"] in commands  # an alternative after |
     assert ["dead", "replay", "--all"] in commands
@@ -144,11 +174,9 @@ def test_the_extraction_sees_the_commands(readme: str) -> None:
     assert len(commands) > 40
 
 
-def test_every_mailbus_command_shown_parses(
-    readme: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_every_mailbus_command_shown_parses(doc: str, capsys: pytest.CaptureFixture[str]) -> None:
     refused = []
-    for command in mailbus_commands(readme):
+    for command in mailbus_commands(doc):
         for form in variants(command):
             try:
                 _parser().parse_args(form)
@@ -157,11 +185,11 @@ def test_every_mailbus_command_shown_parses(
     assert refused == []
 
 
-def test_every_other_command_is_accounted_for(readme: str, repo_root: Path) -> None:
+def test_every_other_command_is_accounted_for(doc: str, repo_root: Path) -> None:
     makefile = (repo_root / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+):", makefile, re.MULTILINE))
     unknown = []
-    for program, words, line in shown_commands(readme):
+    for program, words, line in shown_commands(doc):
         if program == "make":
             assert set(words[1:]) <= targets, line
         elif program == "python":
@@ -177,3 +205,77 @@ def test_every_other_command_is_accounted_for(readme: str, repo_root: Path) -> N
         elif program != "mailbus" and program not in EXTERNAL:
             unknown.append(line)
     assert unknown == []
+
+
+FENCE = re.compile(r"^```.*?^```$", re.MULTILINE | re.DOTALL)
+LINK = re.compile(r"\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.MULTILINE)
+
+
+def prose(text: str) -> str:
+    """``text`` without its fenced blocks."""
+    return FENCE.sub("", text)
+
+
+def links(text: str) -> list[str]:
+    """The targets of every Markdown link in ``text``'s prose; brackets in code are code."""
+    return LINK.findall(CODE_SPAN.sub("", prose(text)))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: its text as rendered (code spans and links reduced
+    to their text), lower case, punctuation dropped, spaces turned into hyphens.
+    """
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor in ``text``; a repeated one gets ``-1``, ``-2``, ... as on
+    GitHub.
+    """
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in HEADING.findall(prose(text)):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def test_the_link_checks_see_links_and_anchors() -> None:
+    text = "# A `b` — c: d's\n## Two\n## Two\n[x](y.md#two-1) and [`z`](../w/) `[no](t)`\n"
+    assert links(text + "```\n[in](code)\n```\n") == ["y.md#two-1", "../w/"]
+    assert anchors(text) == {"a-b--c-ds", "two", "two-1"}
+    assert slug("Scheduling: the delay ladder") == "scheduling-the-delay-ladder"
+    assert slug("mailbus status") == "mailbus-status"
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_relative_link_leads_somewhere(path: str) -> None:
+    source = REPO_ROOT / path
+    broken = []
+    for target in links(source.read_text()):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (source.parent / file).resolve() if file else source
+        if not linked.is_relative_to(REPO_ROOT) or not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and (linked.is_dir() or anchor not in anchors(linked.read_text())):
+            broken.append(f"{target}: no heading #{anchor} in {linked.relative_to(REPO_ROOT)}")
+    assert broken == []
+
+
+# Names of environment variables the docs show that are not settings: the ones `mailbus
+# config export` writes for outbox passwords (`password_env`), MAILBUS_PASSWORD_<NAME>.
+NOT_SETTINGS = re.compile(r"^MAILBUS_PASSWORD(_[A-Z0-9_]+)?$")
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_every_setting_named_is_one(path: str) -> None:
+    settings = {f"MAILBUS_{name.upper()}" for name in Settings.model_fields}
+    named = set(re.findall(r"\bMAILBUS_[A-Z0-9_]*[A-Z0-9]", (REPO_ROOT / path).read_text()))
+    assert {name for name in named - settings if not NOT_SETTINGS.match(name)} == set()
