@@ -1,4 +1,4 @@
-"""AMQP names and their idempotent declaration (DESIGN.md §3)."""
+"""AMQP names and their idempotent declaration (consumer/README.md, "AMQP contract")."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Level N (27..0) is a topic exchange and a quorum queue whose messages expire aft
 and are dead-lettered to level N-1 (level 0: to the deliver exchange). The routing key
 spells the remaining delay in binary, ``b27.b26.….b0.<destination>``: at level N a 1 in
 bit N parks the message in that level's queue, a 0 passes it straight down. Every
-function here is pure, so the walk is tested without a broker (DESIGN.md §3).
+function here is pure, so the walk is tested without a broker (consumer/README.md, "AMQP contract").
 """
 
 from __future__ import annotations

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Literal, get_args
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
-from consumer.core.leases import Release
-from consumer.core.message import Job
 from consumer.errors import MailbusError
+
+if TYPE_CHECKING:  # the job contract raises these outcomes' exceptions: no import cycle
+    from consumer.core.leases import Release
+    from consumer.core.message import Job
 
 # A job record's status: waiting (``scheduled``, ``queued``), held (``sending``) or final.
 JobStatus = Literal["scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled"]
