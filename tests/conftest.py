@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from consumer.amqp import topology
 from consumer.core.names import Names
-from consumer.service.worker import Worker
+from consumer.service.wiring import build_worker
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.vault import new_key
@@ -159,7 +159,7 @@ class RunningWorker:
     """A worker running in the test's event loop."""
 
     def __init__(self, settings: Settings) -> None:
-        self.worker = Worker(settings)
+        self.worker = build_worker(settings)
         self.stop = asyncio.Event()
         self.task = asyncio.create_task(self.worker.run(self.stop))
 

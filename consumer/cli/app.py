@@ -38,7 +38,7 @@ from consumer.errors import (
     connection_failure,
 )
 from consumer.logging import configure_logging, get_logger
-from consumer.service.worker import Worker
+from consumer.service.wiring import build_worker
 from consumer.settings import Settings, redact_url
 
 log = get_logger(__name__)
@@ -50,7 +50,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Worker(settings).run(stop)
+    await build_worker(settings).run(stop)
     return 0
 
 

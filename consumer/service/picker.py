@@ -58,6 +58,7 @@ class OutboxPicker:
 
     def __init__(
         self,
+        *,
         outboxes: OutboxStore,
         providers: ProviderStore,
         vault: Vault | None,

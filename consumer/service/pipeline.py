@@ -66,6 +66,7 @@ class Pipeline:
 
     def __init__(
         self,
+        *,
         settings: Settings,
         store: JobStore,
         picker: OutboxPicker,

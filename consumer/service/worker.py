@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import socket
 import time
-import uuid
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
 from typing import Any, assert_never
@@ -25,7 +22,6 @@ from consumer.clock import REMEASURE_SECONDS, StoreClock, utcnow
 from consumer.core import ladder
 from consumer.core.events import Event, event_for, reply_for
 from consumer.core.names import CONTROL_KEY, Names
-from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import (
     Context,
     Crashed,
@@ -39,8 +35,7 @@ from consumer.core.outcomes import (
 from consumer.core.schedule import carried_headers
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.logging import get_logger
-from consumer.mail.attachments import AttachmentLoader, attachment_budget
-from consumer.mail.fetch import Fetcher, fetch_limits
+from consumer.mail.fetch import Fetcher
 from consumer.service import control
 from consumer.service.alerts import Digests, alert_document, check_addresses, is_digest
 from consumer.service.authorization import (
@@ -52,19 +47,12 @@ from consumer.service.authorization import (
     seal,
     without_domain_key,
 )
-from consumer.service.compose import Composer
 from consumer.service.health import Readiness, on_loop, serving
 from consumer.service.metrics import Metrics
 from consumer.service.picker import OutboxPicker
 from consumer.service.pipeline import STORE_RETRY, Pipeline
 from consumer.settings import Settings, redact_url
-from consumer.store.alerts import AlertStore
-from consumer.store.domains import DomainStore
-from consumer.store.jobs import JobStore
-from consumer.store.outboxes import OutboxStore
-from consumer.store.providers import ProviderStore
-from consumer.store.suppressions import SuppressionStore
-from consumer.store.templates import TemplateStore
+from consumer.store.mongo import Mongo
 from consumer.vault import Vault
 
 log = get_logger(__name__)
@@ -82,62 +70,33 @@ Settled = Outcome | control.Result
 class Worker:
     """Consumes the send and control queues and carries each outcome out on the broker."""
 
-    def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
-        """``store``: the job store to use; by default one on ``settings`` that reads the
-        time on MongoDB's clock, as this worker measures it.
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        worker_id: str,
+        clock: StoreClock,
+        mongo: Mongo,
+        vault: Vault | None,
+        picker: OutboxPicker,
+        authorizer: Authorizer,
+        fetcher: Fetcher,
+        pipeline: Pipeline,
+    ) -> None:
+        """The parts are wired by :func:`consumer.service.wiring.build_worker`; ``clock``
+        is MongoDB's as this worker measures it, which ``mongo`` and ``pipeline`` read.
         """
         self.settings = settings
         self.names = Names(settings.prefix)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        # Due times and leases are read on MongoDB's clock, which every worker shares.
-        self.clock = StoreClock()
-        self.store = store or JobStore.connect(settings, clock=self.clock.now)
-        default = None
-        if settings.default_smtp_url is not None:
-            default = outbox_from_url(
-                settings.default_smtp_url.get_secret_value(), timeout=settings.smtp_timeout
-            )
-        self.outboxes = OutboxStore(self.store.database)
-        self.providers = ProviderStore(self.store.database)
-        self.vault = Vault.optional(settings)
-        self.picker = OutboxPicker(
-            self.outboxes,
-            self.providers,
-            self.vault,
-            default,
-            settings.smtp_pool_size,
-            settings.smtp_idle_seconds,
-            self.clock.now,
-        )
-        self.authorizer = Authorizer(
-            DomainStore(self.store.database), open_domains=settings.open_domains
-        )
-        self.fetcher = Fetcher(fetch_limits(settings))
-        loader = AttachmentLoader(
-            settings.attachment_dirs,
-            settings.max_attachment_bytes,
-            self.fetcher,
-            max_count=settings.max_attachments,
-            max_total=attachment_budget(settings.max_message_bytes),
-            concurrency=settings.attachment_concurrency,
-        )
-        composer = Composer(
-            TemplateStore(self.store.database),
-            loader,
-            settings.max_message_bytes,
-            timeout=settings.compose_timeout,
-        )
-        self.suppressions = SuppressionStore(self.store.database)
-        self.pipeline = Pipeline(
-            settings,
-            self.store,
-            self.picker,
-            self.authorizer,
-            composer,
-            self.suppressions,
-            self.worker_id,
-            self.clock.now,
-        )
+        self.worker_id = worker_id
+        self.clock = clock
+        self.mongo = mongo
+        self.store = mongo.jobs
+        self.vault = vault
+        self.picker = picker
+        self.authorizer = authorizer
+        self.fetcher = fetcher
+        self.pipeline = pipeline
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
@@ -148,14 +107,13 @@ class Worker:
         )
         self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
         self._broker_user = broker_login(settings.amqp_url.get_secret_value())
-        self.alerts = AlertStore(self.store.database)
         self.digests: Digests | None = None
         if settings.admin_email:
             admin = settings.admin_email
             sender = settings.admin_from or f"mailbus@{admin.rpartition('@')[2]}"
             check_addresses(admin, sender)
             interval = settings.admin_digest_seconds
-            self.digests = Digests(self.alerts, admin, sender, interval, self._publish_digest)
+            self.digests = Digests(self.mongo.alerts, admin, sender, interval, self._publish_digest)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain and close everything; serve the HTTP
@@ -167,7 +125,7 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         readiness = Readiness(loop, self._ready, self.store.ping)
-        self.metrics.watch_providers(lambda: on_loop(loop, self.providers.find))
+        self.metrics.watch_providers(lambda: on_loop(loop, self.mongo.providers.find))
         with serving(
             self.settings.http_host,
             port,
@@ -240,7 +198,7 @@ class Worker:
             await self.picker.close()
             await self.fetcher.close()
             await connection.close()
-            await self.store.close()
+            await self.mongo.close()
             log.info("worker.stopped", worker=self.worker_id)
 
     async def _connect(self, stop: asyncio.Event) -> AbstractRobustConnection | None:
@@ -264,11 +222,7 @@ class Worker:
     async def _wait_for_store(self, stop: asyncio.Event) -> bool:
         while not stop.is_set():
             try:
-                await self.store.ensure_indexes()
-                await self.outboxes.ensure_indexes()
-                await self.suppressions.ensure_indexes()
-                if self.digests is not None:
-                    await self.alerts.ensure_indexes()
+                await self.mongo.ensure_indexes(alerts=self.digests is not None)
             except StoreUnavailableError as exc:
                 log.warning("worker.store_unreachable", error=str(exc))
                 await _wait(stop, RECONNECT_INTERVAL)
@@ -283,10 +237,10 @@ class Worker:
 
     async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
         self.metrics.received.inc()
-        self._spawn(self._handle(key, message))
+        self._spawn(settled_once(message, self._handle(key, message)))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        self._spawn(self._handle_control(message))
+        self._spawn(settled_once(message, self._handle_control(message)))
 
     async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
         """Process a job; one due within the ladder's resolution is held and processed again."""
@@ -517,7 +471,7 @@ class Worker:
         keep = timedelta(days=self.settings.retention_days)
         alert = alert_document(ctx.job_id, dead.reason, dead.error, domain, utcnow(), keep)
         try:
-            await self.alerts.note(alert)
+            await self.mongo.alerts.note(alert)
         except StoreUnavailableError as exc:
             log.warning("alerts.not_noted", error=str(exc))
 
@@ -589,6 +543,25 @@ class Worker:
         if pending:
             log.warning("worker.drain_timeout", cancelled=len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def settled_once(
+    message: AbstractIncomingMessage, handling: Coroutine[Any, Any, None]
+) -> None:
+    """Run ``handling``, which settles ``message`` through :meth:`Worker._settle`; whatever
+    it raises, or if it ends without settling, the delivery is returned to its queue here
+    (the broker's delivery limit bounds the returns), never left held until the channel
+    closes. A delivery is settled once: what was acked or nacked is left alone.
+    """
+    try:
+        await handling
+    except Exception:
+        log.exception("delivery.crashed")
+    finally:
+        if not message.processed:
+            log.warning("delivery.returned", message_id=message.message_id)
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.nack(requeue=True)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -23,7 +23,7 @@ from consumer.amqp import topology
 from consumer.amqp.publish import publish_job
 from consumer.core.names import Names
 from consumer.logging import configure_logging
-from consumer.service.worker import Worker
+from consumer.service.wiring import build_worker
 from consumer.settings import Settings
 from deploy.devstack.mongo import PrivateMongo
 from deploy.devstack.rabbitmq import PrivateRabbit
@@ -91,7 +91,7 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Worker(settings).run(stop)
+    await build_worker(settings).run(stop)
 
 
 def main() -> int:
