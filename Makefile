@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STATE ?= .devstack
 
-.PHONY: deps bench-deps run test lint typecheck unit schema bench clean
+.PHONY: deps bench-deps run test test-fast lint typecheck schema bench clean
 
 deps:
 	@bash deploy/devstack/bootstrap.sh
@@ -23,6 +23,10 @@ typecheck: deps
 
 test: lint typecheck
 	$(PY) -m pytest
+
+# The tests that need no server: pure and in-process, in well under a minute.
+test-fast: deps
+	$(PY) -m pytest -m fast -q
 
 # Benchmarks against a private stack; JSON on stdout and in bench-results.json.
 bench: bench-deps

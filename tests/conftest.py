@@ -37,6 +37,20 @@ from tests.secret_watch import pytest_sessionfinish as pytest_sessionfinish
 from tests.secret_watch import pytest_terminal_summary as pytest_terminal_summary
 from tests.secret_watch import watched
 
+# The fixtures that start a server; a test that uses none of them, and starts none of its
+# own (marker ``stack``), is in the fast tier. The reliability scenarios never are.
+SERVERS = frozenset({"rabbit", "mongo", "smtp_server"})
+RELIABILITY = Path(__file__).parent / "reliability"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``fast`` every test that needs no server (``make test-fast`` runs them)."""
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ())) & SERVERS
+        if needs or RELIABILITY in item.path.parents or item.get_closest_marker("stack"):
+            continue
+        item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:

@@ -9,7 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.stack
 def test_make_run_starts_the_stack_and_delivers_the_demo_mail(
     repo_root: Path, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from consumer.core.names import Names
 from consumer.core.outcomes import STATUSES
 from consumer.service import control
 from consumer.settings import Settings
-from consumer.store.jobs import Document, JobStore
+from consumer.store.jobs import JobRecord, JobStore
 from consumer.vault import Vault
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
@@ -27,7 +27,7 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z" if value else "-"
 
 
-def _table(records: list[Document]) -> str:
+def _table(records: list[JobRecord]) -> str:
     rows = [("ID", "STATUS", "DUE (UTC)", "DOMAIN", "RCPTS", "SUBJECT")]
     rows += [
         (

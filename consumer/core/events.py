@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, assert_never
 
@@ -61,7 +62,7 @@ def event_for(outcome: Outcome) -> Event | None:
     return key, body
 
 
-def cancelled_event(job_id: str, record: dict[str, Any] | None) -> Event:
+def cancelled_event(job_id: str, record: Mapping[str, Any] | None) -> Event:
     """``mail.cancelled``: the job will never be sent (``record`` is the one before)."""
     body: dict[str, Any] = {"id": job_id, "event": "mail.cancelled"}
     if record is not None:
@@ -75,7 +76,7 @@ def cancelled_event(job_id: str, record: dict[str, Any] | None) -> Event:
     return "mail.cancelled", body
 
 
-def rescheduled_event(job_id: str, record: dict[str, Any], due_at: datetime) -> Event:
+def rescheduled_event(job_id: str, record: Mapping[str, Any], due_at: datetime) -> Event:
     """``mail.scheduled`` again, for a job moved to ``due_at`` (``record`` is the one before)."""
     return "mail.scheduled", {
         "id": job_id,

@@ -11,6 +11,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -42,9 +43,10 @@ from consumer.core.schedule import due_time
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.mail.failures import classify
+from consumer.mail.transport import Sender
 from consumer.service.authorization import Authority, Authorizer, without_domain_key
 from consumer.service.compose import Composer
-from consumer.service.picker import Choice, OutboxPicker
+from consumer.service.picker import Choice, OutboxPicker, Throttle
 from consumer.settings import Settings
 from consumer.store.jobs import (
     DUE_TOLERANCE,
@@ -59,6 +61,26 @@ from consumer.store.suppressions import SuppressionStore
 log = get_logger(__name__)
 Written = TypeVar("Written")
 STORE_RETRY = timedelta(seconds=5)
+
+
+@dataclass
+class Attempt:
+    """A claimed job on its way to the SMTP server: what each step after the claim reads,
+    and what the steps learn (the context its outcome reports, the record's extra fields:
+    suppressed recipients, the template used).
+    """
+
+    job_id: str
+    job: Job
+    body: bytes  # what records and copies keep of the delivery: never its key once sealed
+    now: datetime
+    claim: Claim
+    ctx: Context
+    details: Document = field(default_factory=dict)
+
+    def learn(self, **known: Any) -> None:
+        """Add what is now known of the job to the context its outcome reports."""
+        self.ctx = dataclasses.replace(self.ctx, **known)
 
 
 class Pipeline:
@@ -192,95 +214,116 @@ class Pipeline:
         claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
         if claim.state is not ClaimState.CLAIMED:
             return _not_claimed(ctx, claim)
-        ctx = dataclasses.replace(ctx, attempts=claim.attempts)
         structlog.contextvars.bind_contextvars(attempt=claim.attempts)
-        # After a partial delivery, only the recipients still owed the mail.
-        owed = list(claim.pending) if claim.pending is not None else job.recipients()
-        suppressed = await self.suppressions.among(owed)
-        recipients = [r for r in owed if r.lower() not in suppressed]
-        details: Document = {"suppressed": sorted(suppressed)} if suppressed else {}
+        ctx = dataclasses.replace(ctx, attempts=claim.attempts)
+        return await self._deliver(Attempt(job_id, job, body, now, claim, ctx))
+
+    async def _deliver(self, attempt: Attempt) -> Outcome:
+        """The steps of a claimed job: its recipients, its content, an outbox, the message
+        (built once, in the outbox's charset), the hand-over.
+        """
+        recipients = await self._recipients(attempt)
         if not recipients:
-            error = f"every recipient is suppressed: {', '.join(sorted(suppressed))}"
-            return await self._dead(ctx, job_id, "suppressed", error, details)
-        # Built before the outbox is chosen: a token is taken as close to the send as can be.
+            suppressed = ", ".join(attempt.details.get("suppressed", ()))
+            return await self._dead(
+                attempt, "suppressed", f"every recipient is suppressed: {suppressed}"
+            )
+        # Gathered before the outbox is chosen: a token is taken as close to the send as
+        # can be.
         try:
-            content = await self.composer.compose(job)
-            charset = job.charset or "utf-8"
-            mail = self._build(job, job_id, now, content, charset)
+            content = await self.composer.compose(attempt.job)
         except DeadLetterError as exc:
-            return await self._dead(ctx, job_id, exc.reason, str(exc), details)
+            return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
-            return await self._failed(ctx, job_id, job, body, classify(exc))
+            return await self._failed(attempt, classify(exc))
         if content.template is not None:
             name, version = content.template
-            details["template"] = {"name": name, "version": version}
-            ctx = dataclasses.replace(ctx, template=content.template)
+            attempt.details["template"] = {"name": name, "version": version}
+            attempt.learn(template=content.template)
         try:
-            choice = await self._choose(job, claim)
+            choice = await self._choose(attempt)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
-            return await self._failed(ctx, job_id, job, body, Failure(True, None, str(exc)))
+            return await self._failed(attempt, Failure(True, None, str(exc)))
         if choice is None:
-            error = f"no outbox for domain {job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
-            return await self._dead(ctx, job_id, "no_outbox", error, details)
+            error = f"no outbox for domain {attempt.job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
+            return await self._dead(attempt, "no_outbox", error)
         pool = choice.pool
-        ctx = dataclasses.replace(ctx, outbox=pool.outbox.name, provider=pool.outbox.provider)
+        attempt.learn(outbox=pool.outbox.name, provider=pool.outbox.provider)
         structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
         if choice.throttle is not None:
-            reservation, due = choice.throttle.reservation, choice.throttle.until
-            await self.store.mark_throttled(job_id, self.worker_id, reservation, due, body)
-            waiting = dataclasses.replace(ctx, attempts=claim.attempts - 1)
-            # Announced once, when the job queues; waking a hair early is no news.
-            again = reservation == claim.reserved
-            return Later(waiting, due, "waiting" if again else "rate_limited")
-        outbox_charset = job.charset or pool.outbox.charset or "utf-8"
-        if outbox_charset != charset:
-            try:
-                mail = self._build(job, job_id, now, content, outbox_charset)
-            except DeadLetterError as exc:
-                return await self._dead(ctx, job_id, exc.reason, str(exc), details)
+            return await self._throttled(attempt, choice.throttle)
+        try:
+            mail = self._build(attempt, content, pool.outbox.charset)
+        except DeadLetterError as exc:
+            return await self._dead(attempt, exc.reason, str(exc))
+        return await self._send(attempt, pool, mail, recipients)
+
+    async def _recipients(self, attempt: Attempt) -> list[str]:
+        """Who gets the mail: those still owed it (after a partial delivery, only they),
+        less the suppressed ones, which the job's record lists.
+        """
+        pending = attempt.claim.pending
+        owed = list(pending) if pending is not None else attempt.job.recipients()
+        suppressed = await self.suppressions.among(owed)
+        if suppressed:
+            attempt.details["suppressed"] = sorted(suppressed)
+        return [r for r in owed if r.lower() not in suppressed]
+
+    def _build(self, attempt: Attempt, content: Content, outbox_charset: str | None) -> Mail:
+        charset = attempt.job.charset or outbox_charset or "utf-8"
+        return build_mail(
+            attempt.job,
+            attempt.job_id,
+            attempt.now,
+            content,
+            charset=charset,
+            limit=self.settings.max_message_bytes,
+        )
+
+    async def _throttled(self, attempt: Attempt, throttle: Throttle) -> Outcome:
+        """No token now: the job waits for its place in the provider's queue, its attempt
+        given back.
+        """
+        reservation, due = throttle.reservation, throttle.until
+        await self.store.mark_throttled(
+            attempt.job_id, self.worker_id, reservation, due, attempt.body
+        )
+        waiting = dataclasses.replace(attempt.ctx, attempts=attempt.claim.attempts - 1)
+        # Announced once, when the job queues; waking a hair early is no news.
+        again = reservation == attempt.claim.reserved
+        return Later(waiting, due, "waiting" if again else "rate_limited")
+
+    async def _send(
+        self, attempt: Attempt, pool: Sender, mail: Mail, recipients: list[str]
+    ) -> Outcome:
         started = time.perf_counter()
         try:
-            result = await pool.send(mail, job.from_.email, recipients)
-        except Exception as exc:  # every send failure is classified by retry.classify
-            return await self._failed(ctx, job_id, job, body, classify(exc))
+            result = await pool.send(mail, attempt.job.from_.email, recipients)
+        except Exception as exc:  # every send failure is classified by mail.failures
+            return await self._failed(attempt, classify(exc))
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
-        earlier = claim.refused or {}
-        return await self._accepted(ctx, job_id, job, body, result, earlier, details, seconds)
+        return await self._accepted(attempt, result, seconds)
 
-    def _build(self, job: Job, job_id: str, now: datetime, content: Content, charset: str) -> Mail:
-        limit = self.settings.max_message_bytes
-        return build_mail(job, job_id, now, content, charset=charset, limit=limit)
-
-    async def _dead(
-        self, ctx: Context, job_id: str, reason: DeadReason, error: str, details: Document
-    ) -> Outcome:
+    async def _dead(self, attempt: Attempt, reason: DeadReason, error: str) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""
+        ctx = attempt.ctx
         await self.store.mark_failed(
-            job_id, self.worker_id, "dead", reason, error, details, ctx.outbox
+            attempt.job_id, self.worker_id, "dead", reason, error, attempt.details, ctx.outbox
         )
         return Dead(ctx, reason, error)
 
-    async def _accepted(
-        self,
-        ctx: Context,
-        job_id: str,
-        job: Job,
-        body: bytes,
-        result: SendResult,
-        earlier: Mapping[str, Any],
-        details: Document,
-        seconds: float,
-    ) -> Outcome:
+    async def _accepted(self, attempt: Attempt, result: SendResult, seconds: float) -> Outcome:
         """The server took the mail for some recipients at least: record it, and retry the
         ones it deferred (4xx) while attempts remain; they alone get the next attempt.
         """
+        ctx = attempt.ctx
         final, deferred = split_refusals(result.refused)
-        refused = {**earlier, **_as_documents(final)}
+        refused = {**(attempt.claim.refused or {}), **_as_documents(final)}
         if deferred:
             rcpt, (code, text) = min(deferred.items())
             failure = Failure(True, code, f"<{rcpt}> {text}")
-            decision = self._decide(failure, ctx.attempts, job)
+            decision = self._decide(failure, attempt)
             if decision.retry_in is not None:
                 due = self.clock() + timedelta(seconds=decision.retry_in)
                 partial = (sorted(deferred), refused)
@@ -289,52 +332,63 @@ class Pipeline:
                 await _written(
                     "deferral",
                     lambda: self.store.mark_retry(
-                        job_id, self.worker_id, failure.describe(), due, body, ctx.outbox, partial
+                        attempt.job_id,
+                        self.worker_id,
+                        failure.describe(),
+                        due,
+                        attempt.body,
+                        ctx.outbox,
+                        partial,
                     ),
                 )
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
-        await self._record_sent(job_id, result, refused, ctx.outbox, details)
+        await self._record_sent(attempt, result, refused)
         await self._suppress_unknown(final)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
         accepted = SendResult(result.code, result.message, every_refusal)
-        return Sent(ctx, accepted, tuple(details.get("suppressed", ())), seconds)
+        return Sent(ctx, accepted, tuple(attempt.details.get("suppressed", ())), seconds)
 
-    async def _failed(
-        self, ctx: Context, job_id: str, job: Job, body: bytes, failure: Failure
-    ) -> Outcome:
-        decision = self._decide(failure, ctx.attempts, job)
+    async def _failed(self, attempt: Attempt, failure: Failure) -> Outcome:
+        ctx = attempt.ctx
+        decision = self._decide(failure, attempt)
         if decision.retry_in is None:
             reason = decision.reason or "permanent"
             await self.store.mark_failed(
-                job_id, self.worker_id, "failed", reason, failure.describe(), outbox=ctx.outbox
+                attempt.job_id,
+                self.worker_id,
+                "failed",
+                reason,
+                failure.describe(),
+                outbox=ctx.outbox,
             )
             await self._suppress_unknown(failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
         await self.store.mark_retry(
-            job_id, self.worker_id, failure.describe(), due, body, ctx.outbox
+            attempt.job_id, self.worker_id, failure.describe(), due, attempt.body, ctx.outbox
         )
         # Every recipient was refused, some only for now: the unknown ones are not retried.
         await self._suppress_unknown(failure.refusals)
         return Later(ctx, due, "retry", failure)
 
-    async def _choose(self, job: Job, claim: Claim) -> Choice | None:
+    async def _choose(self, attempt: Attempt) -> Choice | None:
         """The outbox the job queued for, else whose turn it is: after a transient
         failure, another outbox of the domain if there is one.
         """
+        claim = attempt.claim
         if claim.reserved is not None:
             choice = await self.picker.reserved(claim.reserved)
             if choice is not None:
                 return choice
-        return await self.picker.choose(job.domain, avoid=claim.last_outbox)
+        return await self.picker.choose(attempt.job.domain, avoid=claim.last_outbox)
 
-    def _decide(self, failure: Failure, attempt: int, job: Job) -> Decision:
+    def _decide(self, failure: Failure, attempt: Attempt) -> Decision:
         settings = self.settings
         return decide(
             failure,
-            attempt,
-            self.store.attempt_limit(job),
+            attempt.ctx.attempts,
+            self.store.attempt_limit(attempt.job),
             settings.retry_base_delay,
             settings.retry_max_delay,
             self.jitter(),
@@ -357,18 +411,20 @@ class Pipeline:
         log.info("job.recipients_suppressed", recipients=sorted(unknown), days=days)
 
     async def _record_sent(
-        self,
-        job_id: str,
-        result: SendResult,
-        refused: dict[str, Any],
-        outbox: str | None,
-        details: Document,
+        self, attempt: Attempt, result: SendResult, refused: dict[str, Any]
     ) -> None:
         """Write ``sent`` whatever it takes: the mail is out, so it must never go out again."""
         reply = {"code": result.code, "message": result.message}
         recorded = await _written(
             "sent",
-            lambda: self.store.mark_sent(job_id, self.worker_id, reply, refused, outbox, details),
+            lambda: self.store.mark_sent(
+                attempt.job_id,
+                self.worker_id,
+                reply,
+                refused,
+                attempt.ctx.outbox,
+                attempt.details,
+            ),
         )
         if not recorded:
             log.warning("job.lease_lost_before_sent_record")

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal, TypedDict, cast, overload
 
 from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -38,7 +38,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
-from consumer.core.outcomes import FINAL, WAITING, JobStatus
+from consumer.core.outcomes import FINAL, WAITING, DeadReason, FinalStatus, JobStatus
 from consumer.core.ratelimit import Reservation
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.settings import Settings
@@ -92,7 +92,7 @@ class Change:
     """
 
     applied: bool
-    before: Document | None
+    before: JobRecord | None
 
 
 def exhausted_error(attempts: int) -> str:
@@ -122,6 +122,55 @@ def _history(event: str, now: datetime, **fields: Any) -> Document:
     return {"$each": [{"at": now, "event": event, **fields}], "$slice": -HISTORY_LENGTH}
 
 
+# A job's record as readers see it (``mailbus jobs``, control, status): one document per
+# job id in the ``jobs`` collection. Fields appear as the job goes (``lease_until`` while
+# it is held, ``body`` while it waits, ``reason`` once it is dead or failed...).
+JobRecord = TypedDict(
+    "JobRecord",
+    {
+        "_id": str,
+        "status": JobStatus,
+        "domain": str | None,
+        "from": str,
+        "subject": str | None,
+        "recipients": int,
+        "tags": list[str],
+        "metadata": dict[str, Any],
+        "created_at": datetime,
+        "updated_at": datetime,
+        "attempts": int,
+        "worker": str,
+        "lease_until": datetime,
+        "due_at": datetime,
+        "ready_at": datetime,
+        "body": bytes,
+        "pending": list[str],
+        "refused": dict[str, Any],
+        "reserved": dict[str, Any],
+        "reschedules": int,
+        "outbox": str | None,
+        "smtp": dict[str, Any],
+        "sent_at": datetime,
+        "reason": DeadReason,
+        "last_error": str,
+        "suppressed": list[str],
+        "template": dict[str, Any],
+        "expire_at": datetime,
+        "history": list[dict[str, Any]],
+    },
+    total=False,
+)
+
+
+@overload
+def _record(doc: Document) -> JobRecord: ...
+@overload
+def _record(doc: Document | None) -> JobRecord | None: ...
+def _record(doc: Document | None) -> JobRecord | None:
+    """A document of the ``jobs`` collection, as the record it is."""
+    return cast(JobRecord | None, doc)
+
+
 def _summary(job: Job, now: datetime) -> Document:
     """The fields a new record starts with, shown by ``mailbus jobs ls``."""
     return {
@@ -132,6 +181,32 @@ def _summary(job: Job, now: datetime) -> Document:
         "recipients": len(job.recipients()),
         "tags": job.tags,
         "metadata": job.metadata,
+    }
+
+
+def _held(job_id: str | Document, worker_id: str) -> Document:
+    """The filter of a job (or jobs: ``{"$in": [...]}``) this worker holds: claimed by it
+    and still being sent. Every write of an attempt's result goes through it, so a worker
+    that lost its lease changes nothing.
+    """
+    return {"_id": job_id, "worker": worker_id, "status": "sending"}
+
+
+# What a final record (sent, failed, dead, cancelled) lets go of: the fields of a job still
+# on its way (its lease, wake-up time, body, recipients still owed, place in a provider's
+# queue). It keeps what it was and why (status, reason, last_error, smtp, refused, outbox,
+# attempts, domain, history) until ``expire_at``, the retention after it ended.
+_WORKING_FIELDS = ("lease_until", "ready_at", "body", "pending", "reserved")
+
+
+def _finished(
+    status: FinalStatus, now: datetime, retention: timedelta, fields: Document, **noted: Any
+) -> Document:
+    """The update that makes a record final with ``fields`` set, its history noting it."""
+    return {
+        "$set": {**fields, "status": status, "updated_at": now, "expire_at": now + retention},
+        "$unset": dict.fromkeys(_WORKING_FIELDS, ""),
+        "$push": {"history": _history(status, now, **noted)},
     }
 
 
@@ -385,7 +460,7 @@ class JobStore:
         lease_until = self.now() + self._lease
         async with answering():
             result = await self.jobs.update_many(
-                {"_id": {"$in": list(job_ids)}, "worker": worker_id, "status": "sending"},
+                _held({"$in": list(job_ids)}, worker_id),
                 {"$set": {"lease_until": lease_until, "ready_at": lease_until}},
             )
         return result.modified_count
@@ -446,26 +521,19 @@ class JobStore:
             (
                 job_id,
                 worker_id,
-                {
-                    "$set": {
+                _finished(
+                    "sent",
+                    now,
+                    self._retention,
+                    {
                         **(details or {}),
-                        "status": "sent",
                         "sent_at": now,
-                        "updated_at": now,
                         "smtp": reply,
                         "refused": refused,
                         "outbox": outbox,
-                        "expire_at": now + self._retention,
                     },
-                    "$unset": {
-                        "lease_until": "",
-                        "ready_at": "",
-                        "body": "",
-                        "pending": "",
-                        "reserved": "",
-                    },
-                    "$push": {"history": _history("sent", now, smtp=reply)},
-                },
+                    smtp=reply,
+                ),
             )
         )
 
@@ -474,8 +542,7 @@ class JobStore:
         if that worker had lost its lease.
         """
         updates = [
-            UpdateOne({"_id": job_id, "worker": worker_id, "status": "sending"}, update)
-            for job_id, worker_id, update in records
+            UpdateOne(_held(job_id, worker_id), update) for job_id, worker_id, update in records
         ]
         async with answering():
             result = await self.jobs.bulk_write(updates, ordered=False)
@@ -520,7 +587,7 @@ class JobStore:
             changes["pending"], changes["refused"] = partial
         async with answering():
             await self.jobs.update_one(
-                {"_id": job_id, "worker": worker_id, "status": "sending"},
+                _held(job_id, worker_id),
                 {
                     "$set": changes,
                     "$unset": {"lease_until": "", "reserved": ""},
@@ -542,7 +609,7 @@ class JobStore:
         now = self.now()
         async with answering():
             await self.jobs.update_one(
-                {"_id": job_id, "worker": worker_id, "status": "sending"},
+                _held(job_id, worker_id),
                 {
                     "$set": {
                         "status": "scheduled",
@@ -566,8 +633,8 @@ class JobStore:
         self,
         job_id: str,
         worker_id: str,
-        status: str,
-        reason: str,
+        status: Literal["failed", "dead"],
+        reason: DeadReason,
         error: str,
         details: Document | None = None,
         outbox: str | None = None,
@@ -580,22 +647,20 @@ class JobStore:
             details = {**(details or {}), "outbox": outbox}
         async with answering():
             await self.jobs.update_one(
-                {"_id": job_id, "worker": worker_id, "status": "sending"},
-                {
-                    "$set": {
-                        **(details or {}),
-                        "status": status,
-                        "reason": reason,
-                        "last_error": error,
-                        "updated_at": now,
-                        "expire_at": now + self._retention,
-                    },
-                    "$unset": {"lease_until": "", "ready_at": "", "body": "", "reserved": ""},
-                    "$push": {"history": _history(status, now, reason=reason, error=error)},
-                },
+                _held(job_id, worker_id),
+                _finished(
+                    status,
+                    now,
+                    self._retention,
+                    {**(details or {}), "reason": reason, "last_error": error},
+                    reason=reason,
+                    error=error,
+                ),
             )
 
-    async def record_dead(self, job_id: str, domain: str, reason: str, error: str) -> Claim | None:
+    async def record_dead(
+        self, job_id: str, domain: str, reason: DeadReason, error: str
+    ) -> Claim | None:
         """Record a job of ``domain`` dead-lettered before any claim (for example, expired);
         None when it is recorded so.
 
@@ -612,16 +677,14 @@ class JobStore:
                         "status": {"$in": list(WAITING)},
                     },
                     {
-                        "$set": {
-                            "status": "dead",
-                            "reason": reason,
-                            "last_error": error,
-                            "updated_at": now,
-                            "expire_at": now + self._retention,
-                        },
-                        "$unset": {"ready_at": "", "body": ""},
+                        **_finished(
+                            "dead",
+                            now,
+                            self._retention,
+                            {"reason": reason, "last_error": error},
+                            reason=reason,
+                        ),
                         "$setOnInsert": {"created_at": now, "attempts": 0, "domain": domain},
-                        "$push": {"history": _history("dead", now, reason=reason)},
                     },
                     upsert=True,
                 )
@@ -651,8 +714,8 @@ class JobStore:
                 return_document=ReturnDocument.BEFORE,
             )
             if before is not None:
-                return Change(True, before)
-            return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+                return Change(True, _record(before))
+            return Change(False, _record(await self.jobs.find_one({"_id": job_id}, _BULKY)))
 
     async def cancel(self, job_id: str, domain: str | None = None) -> Change:
         """Cancel a waiting job (of ``domain``, when given). A job never seen yet gets a
@@ -666,20 +729,12 @@ class JobStore:
         async with answering():
             before = await self.jobs.find_one_and_update(
                 query,
-                {
-                    "$set": {
-                        "status": "cancelled",
-                        "updated_at": now,
-                        "expire_at": now + self._retention,
-                    },
-                    "$unset": {"ready_at": "", "body": ""},
-                    "$push": {"history": _history("cancelled", now)},
-                },
+                _finished("cancelled", now, self._retention, {}),
                 projection=_BULKY,
                 return_document=ReturnDocument.BEFORE,
             )
             if before is not None:
-                return Change(True, before)
+                return Change(True, _record(before))
             tombstone = {
                 "_id": job_id,
                 "status": "cancelled",
@@ -694,7 +749,7 @@ class JobStore:
             try:
                 await self.jobs.insert_one(tombstone)
             except DuplicateKeyError:
-                return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+                return Change(False, _record(await self.jobs.find_one({"_id": job_id}, _BULKY)))
         return Change(True, None)
 
     async def reschedule(self, job_id: str, due_at: datetime) -> Change:
@@ -716,12 +771,12 @@ class JobStore:
                 return_document=ReturnDocument.BEFORE,
             )
             if before is not None:
-                return Change(True, before)
-            return Change(False, await self.jobs.find_one({"_id": job_id}, _BULKY))
+                return Change(True, _record(before))
+            return Change(False, _record(await self.jobs.find_one({"_id": job_id}, _BULKY)))
 
     async def find(
-        self, status: str | None = None, domain: str | None = None, limit: int = 50
-    ) -> list[Document]:
+        self, status: JobStatus | None = None, domain: str | None = None, limit: int = 50
+    ) -> list[JobRecord]:
         """Records for listings, without bodies or history: scheduled ones soonest first,
         others most recently changed first.
         """
@@ -733,12 +788,12 @@ class JobStore:
         order = [("due_at", 1)] if status == "scheduled" else [("updated_at", -1)]
         async with answering():
             cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
-            return [doc async for doc in cursor]
+            return [_record(doc) async for doc in cursor]
 
-    async def get(self, job_id: str) -> Document | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None."""
         async with answering():
-            return await self.jobs.find_one({"_id": job_id})
+            return _record(await self.jobs.find_one({"_id": job_id}))
 
     async def finished_since(self, since: datetime) -> list[Document]:
         """How many jobs ended ``sent``, ``failed`` or ``dead`` since ``since``, counted by
