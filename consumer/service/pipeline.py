@@ -188,7 +188,14 @@ class Pipeline:
         if own:
             self._sending.add(job_id)
         try:
-            return await self._send_claimed(ctx, job_id, job, body, now, headers, authority)
+            # A copy back from the ladder (due, or a retry) has a record already.
+            recorded = DUE_HEADER in headers
+            claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
+            if claim.state is not ClaimState.CLAIMED:
+                return _not_claimed(ctx, claim)
+            structlog.contextvars.bind_contextvars(attempt=claim.attempts)
+            ctx = dataclasses.replace(ctx, attempts=claim.attempts)
+            return await self._deliver(Attempt(job_id, job, body, now, claim, ctx))
         except StoreUnavailableError as exc:
             if not own:
                 raise
@@ -198,25 +205,6 @@ class Pipeline:
         finally:
             if own:
                 self._sending.discard(job_id)
-
-    async def _send_claimed(
-        self,
-        ctx: Context,
-        job_id: str,
-        job: Job,
-        body: bytes,
-        now: datetime,
-        headers: Mapping[str, Any],
-        authority: Authority,
-    ) -> Outcome:
-        # A copy back from the ladder (due, or a retry) has a record already.
-        recorded = DUE_HEADER in headers
-        claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
-        if claim.state is not ClaimState.CLAIMED:
-            return _not_claimed(ctx, claim)
-        structlog.contextvars.bind_contextvars(attempt=claim.attempts)
-        ctx = dataclasses.replace(ctx, attempts=claim.attempts)
-        return await self._deliver(Attempt(job_id, job, body, now, claim, ctx))
 
     async def _deliver(self, attempt: Attempt) -> Outcome:
         """The steps of a claimed job: its recipients, its content, an outbox, the message
