@@ -17,7 +17,7 @@ from consumer.cli.output import pretty_json, table, terminal_safe
 from consumer.clock import utcnow
 from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
+from consumer.store.mongo import Mongo
 
 # Dead letters looked at by one command, oldest first; all are held until it ends.
 SCAN = 10_000
@@ -73,7 +73,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     replayed = 0
     async with (
         _dead_letters(settings) as (channel, names),
-        JobStore.connect(settings) as jobs,
+        Mongo.connect(settings) as mongo,
         browse(channel, names.dead, SCAN) as held,
     ):
         exchange = await channel.get_exchange(names.exchange, ensure=False)
@@ -83,7 +83,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             wanted.discard(letter.job_id or "")
             if letter.job_id is not None:
-                change = await jobs.reopen(letter.job_id)
+                change = await mongo.jobs.reopen(letter.job_id)
                 status = change.before.get("status") if change.before else None
                 if not change.applied and status is not None:
                     # A sent (or cancelled, or live) job is never sent again by a replay.

@@ -9,8 +9,8 @@ from typing import Any
 from consumer.cli.output import pretty_json, table
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
-from consumer.store.domains import DomainStore, describe, hash_key
-from consumer.store.jobs import JobStore
+from consumer.store.domains import describe, hash_key
+from consumer.store.mongo import Mongo
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
@@ -25,8 +25,8 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             "onto the copies a retry or a wait makes (create one with `mailbus outbox new-key`)"
         )
     key_hash = hash_key(key) if key is not None else None
-    async with JobStore.connect(settings) as jobs:
-        stored = await DomainStore(jobs.database).put(
+    async with Mongo.connect(settings) as mongo:
+        stored = await mongo.domains.put(
             args.domain,
             key_hash,
             args.allow_user or [],
@@ -41,8 +41,8 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        docs = await DomainStore(jobs.database).find()
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.domains.find()
     rows = [("DOMAIN", "KEY", "ALLOWED USERS", "SENDERS")]
     rows += [
         (
@@ -58,8 +58,8 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        doc = await DomainStore(jobs.database).get(args.domain)
+    async with Mongo.connect(settings) as mongo:
+        doc = await mongo.domains.get(args.domain)
     if doc is None:
         print(f"mailbus domain show: {args.domain!r} is not registered", file=sys.stderr)
         return 1
@@ -68,8 +68,8 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rm(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        found = await DomainStore(jobs.database).remove(args.domain)
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.domains.remove(args.domain)
     if not found:
         print(f"mailbus domain rm: {args.domain!r} is not registered", file=sys.stderr)
         return 1

@@ -17,7 +17,8 @@ from consumer.core.names import Names
 from consumer.core.outcomes import STATUSES
 from consumer.service import control
 from consumer.settings import Settings
-from consumer.store.jobs import JobRecord, JobStore
+from consumer.store.jobs import JobRecord
+from consumer.store.mongo import Mongo
 from consumer.vault import Vault
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
@@ -44,15 +45,15 @@ def _table(records: list[JobRecord]) -> str:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as store:
-        records = await store.find(args.status, args.domain, args.limit)
+    async with Mongo.connect(settings) as mongo:
+        records = await mongo.jobs.find(args.status, args.domain, args.limit)
     print(pretty_json(records) if args.json else _table(records))
     return 0
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as store:
-        record = await store.get(args.id)
+    async with Mongo.connect(settings) as mongo:
+        record = await mongo.jobs.get(args.id)
     if record is None:
         print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
         return 1
@@ -75,16 +76,16 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
     async with (
-        JobStore.connect(settings) as store,
+        Mongo.connect(settings) as mongo,
         await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,
     ):
         channel = await connection.channel(publisher_confirms=True)
         outgoing = await Outgoing.open(channel, Names(settings.prefix))
         if due is None:
-            result = await control.cancel(store, outgoing, args.id)
+            result = await control.cancel(mongo.jobs, outgoing, args.id)
         else:
             result = await control.reschedule(
-                store,
+                mongo.jobs,
                 outgoing,
                 args.id,
                 due,
