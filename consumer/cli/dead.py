@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from consumer.amqp.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
-from consumer.cli.output import pretty_json, table, terminal_safe
+from consumer.cli.output import fail, pretty_json, table, terminal_safe
 from consumer.clock import utcnow
 from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
@@ -58,8 +58,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     ):
         found = next(((m, d) for m in held if (d := read(m)).job_id == args.id), None)
         if found is None:
-            print(f"mailbus dead show: no dead letter for job {args.id!r}", file=sys.stderr)
-            return 1
+            return fail("dead show", f"no dead letter for job {args.id!r}")
         message, letter = found
         print(pretty_json({**shown(message), "dead_letter": vars(letter)}))
     return 0
@@ -67,8 +66,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if not (args.id or args.reason or args.all):
-        print("mailbus dead replay: give job ids, --reason or --all", file=sys.stderr)
-        return 2
+        return fail("dead replay", "give job ids, --reason or --all", code=2)
     wanted = set(args.id)
     replayed = 0
     async with (
@@ -102,8 +100,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     if args.older_than is None and not args.all:
-        print("mailbus dead purge: give --older-than AGE or --all", file=sys.stderr)
-        return 2
+        return fail("dead purge", "give --older-than AGE or --all", code=2)
     cutoff = utcnow() - (args.older_than or timedelta(0))
     purged = 0
     async with (

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.domains import describe, hash_key
@@ -34,8 +34,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             senders=args.sender or [],
         )
     if not stored:
-        print(f"mailbus domain add: {args.domain!r} exists (use --replace)", file=sys.stderr)
-        return 1
+        return fail("domain add", f"{args.domain!r} exists (use --replace)")
     print(f"domain {args.domain.lower()!r} registered: only authorized jobs send for it")
     return 0
 
@@ -61,8 +60,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         doc = await mongo.domains.get(args.domain)
     if doc is None:
-        print(f"mailbus domain show: {args.domain!r} is not registered", file=sys.stderr)
-        return 1
+        return fail("domain show", f"{args.domain!r} is not registered")
     print(pretty_json(describe(doc)))
     return 0
 
@@ -71,8 +69,7 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         found = await mongo.domains.remove(args.domain)
     if not found:
-        print(f"mailbus domain rm: {args.domain!r} is not registered", file=sys.stderr)
-        return 1
+        return fail("domain rm", f"{args.domain!r} is not registered")
     print(f"domain {args.domain.lower()!r} unregistered: any job may send for it again")
     return 0
 

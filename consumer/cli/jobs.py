@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -11,7 +10,7 @@ import aio_pika
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from consumer.amqp.outgoing import Outgoing
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
 from consumer.clock import utcnow
 from consumer.core.names import Names
 from consumer.core.outcomes import STATUSES
@@ -55,8 +54,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         record = await mongo.jobs.get(args.id)
     if record is None:
-        print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
-        return 1
+        return fail("jobs show", f"no job {args.id!r}")
     record.pop("body", None)
     print(pretty_json(record))
     return 0
@@ -69,12 +67,12 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
         try:
             due = _WHEN.validate_python(args.at) if args.at else utcnow() + args.after
         except ValidationError:
-            print(
-                f"mailbus jobs reschedule: --at {args.at!r} is not an RFC 3339 time with a "
-                "timezone (for example 2030-01-01T09:00:00+01:00)",
-                file=sys.stderr,
+            return fail(
+                "jobs reschedule",
+                f"--at {args.at!r} is not an RFC 3339 time with a timezone "
+                "(for example 2030-01-01T09:00:00+01:00)",
+                code=2,
             )
-            return 2
     async with (
         Mongo.connect(settings) as mongo,
         await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,

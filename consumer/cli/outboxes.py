@@ -10,7 +10,7 @@ from typing import Any
 import aiosmtplib
 from pydantic import SecretStr
 
-from consumer.cli.output import pretty_json, table, terminal_safe
+from consumer.cli.output import fail, pretty_json, table, terminal_safe
 from consumer.clock import utcnow
 from consumer.core.message import charset_name
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox
@@ -47,8 +47,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         await mongo.outboxes.ensure_indexes()
         if not await mongo.outboxes.put(doc, replace=args.replace):
-            print(f"mailbus outbox add: {args.name!r} exists (use --replace)", file=sys.stderr)
-            return 1
+            return fail("outbox add", f"{args.name!r} exists (use --replace)")
     print(f"outbox {args.name!r} for {args.domain} stored")
     return 0
 
@@ -77,18 +76,20 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _stored(args: argparse.Namespace, settings: Settings) -> dict[str, Any] | None:
-    """The outbox named on the command line; None, said on stderr, if there is none."""
+    """The outbox named on the command line, None if there is none."""
     async with Mongo.connect(settings) as mongo:
-        doc = await mongo.outboxes.get(args.name)
-    if doc is None:
-        print(f"mailbus outbox {args.outbox_verb}: no outbox {args.name!r}", file=sys.stderr)
-    return doc
+        return await mongo.outboxes.get(args.name)
+
+
+def _no_outbox(args: argparse.Namespace) -> int:
+    """Say on stderr that the outbox named on the command line does not exist."""
+    return fail(f"outbox {args.outbox_verb}", f"no outbox {args.name!r}")
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     doc = await _stored(args, settings)
     if doc is None:
-        return 1
+        return _no_outbox(args)
     print(pretty_json(describe(doc)))
     return 0
 
@@ -100,8 +101,7 @@ async def _switch(args: argparse.Namespace, settings: Settings) -> int:
         else:
             found = await mongo.outboxes.set_active(args.name, args.outbox_verb == "enable")
     if not found:
-        print(f"mailbus outbox {args.outbox_verb}: no outbox {args.name!r}", file=sys.stderr)
-        return 1
+        return _no_outbox(args)
     print(f"outbox {args.name!r}: {args.outbox_verb} done")
     return 0
 
@@ -109,7 +109,7 @@ async def _switch(args: argparse.Namespace, settings: Settings) -> int:
 async def _test(args: argparse.Namespace, settings: Settings) -> int:
     doc = await _stored(args, settings)
     if doc is None:
-        return 1
+        return _no_outbox(args)
     outbox = outbox_from_document(doc, Vault.optional(settings))
     if outbox.transport == "sendmail":
         if shutil.which(outbox.command) is None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
 from consumer.core.ratelimit import parse_limit
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
@@ -39,8 +38,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         doc = await mongo.providers.get(args.name)
     if doc is None:
-        print(f"mailbus provider show: no provider {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("provider show", f"no provider {args.name!r}")
     print(pretty_json(doc))
     return 0
 
@@ -49,8 +47,7 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         found = await mongo.providers.remove(args.name)
     if not found:
-        print(f"mailbus provider rm: no provider {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("provider rm", f"no provider {args.name!r}")
     print(f"provider {args.name!r} removed: its outboxes now send without a limit")
     return 0
 

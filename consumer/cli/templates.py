@@ -11,7 +11,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.mime import set_bodies
 from consumer.core.outcomes import TemplateError
@@ -45,8 +45,7 @@ async def _put(args: argparse.Namespace, settings: Settings) -> int:
         try:
             version = await mongo.templates.put(args.name, args.subject, text, html)
         except TemplateError as exc:
-            print(f"mailbus template put: {exc}", file=sys.stderr)
-            return 1
+            return fail("template put", str(exc))
     print(f"template {args.name!r} version {version} stored")
     return 0
 
@@ -74,8 +73,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
         template = await mongo.templates.get(args.name, args.version)
         history = await mongo.templates.history(args.name) if template is not None else []
     if template is None:
-        print(f"mailbus template show: {_missing(args)}", file=sys.stderr)
-        return 1
+        return fail("template show", _missing(args))
     shown: dict[str, Any] = {
         "name": template.name,
         "version": template.version,
@@ -92,8 +90,7 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         found = await mongo.templates.remove(args.name)
     if not found:
-        print(f"mailbus template rm: no template {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("template rm", f"no template {args.name!r}")
     print(f"template {args.name!r} and all its versions removed")
     return 0
 
@@ -108,13 +105,11 @@ async def _render(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         template = await mongo.templates.get(args.name, args.version)
     if template is None:
-        print(f"mailbus template render: {_missing(args)}", file=sys.stderr)
-        return 1
+        return fail("template render", _missing(args))
     try:
         rendered = render(template, data, settings.max_message_bytes)
     except TemplateError as exc:
-        print(f"mailbus template render: {exc}", file=sys.stderr)
-        return 1
+        return fail("template render", str(exc))
     sys.stdout.write(_as_message(rendered, template.version).as_string(policy=_READABLE))
     return 0
 
