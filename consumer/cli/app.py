@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from consumer.cli import status as cli_status
 from consumer.cli import suppressions as cli_suppressions
 from consumer.cli import templates as cli_templates
 from consumer.cli.output import fail
+from consumer.cli.parsing import Handler
 from consumer.core import ladder
 from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
@@ -43,7 +43,6 @@ from consumer.service.wiring import build_worker
 from consumer.settings import Settings, redact_url
 
 log = get_logger(__name__)
-Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
 async def _worker(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.cli.config_file import ConfigFile, export, load
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
@@ -155,7 +156,7 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus config`` and its actions on the top-level subparsers."""
     config = verbs.add_parser(
         "config",

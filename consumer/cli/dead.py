@@ -7,13 +7,13 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from consumer.amqp.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
 from consumer.cli.output import fail, pretty_json, table, terminal_safe
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
@@ -126,7 +126,7 @@ def _age(value: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus dead`` and its actions on the top-level subparsers."""
     dead = verbs.add_parser(
         "dead",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.domains import describe, hash_key
@@ -74,7 +74,7 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus domain`` and its actions on the top-level subparsers."""
     domain = verbs.add_parser(
         "domain",

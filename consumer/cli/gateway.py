@@ -7,9 +7,9 @@ import asyncio
 import getpass
 import signal
 import sys
-from typing import Any
 
 from consumer.cli.output import fail
+from consumer.cli.parsing import Subparsers
 from consumer.service.gateway import Listen, listen_address, serve
 from consumer.settings import Settings
 from consumer.store.domains import hash_key
@@ -58,7 +58,7 @@ async def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus gateway`` and its actions on the top-level subparsers."""
     gateway = verbs.add_parser(
         "gateway",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timedelta
-from typing import Any
 
 import aio_pika
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from consumer.amqp.outgoing import Outgoing
 from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.names import Names
 from consumer.core.outcomes import STATUSES
@@ -99,7 +99,7 @@ def _seconds(value: str) -> timedelta:
     return timedelta(seconds=float(value))
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus jobs`` and its actions on the top-level subparsers."""
     jobs = verbs.add_parser(
         "jobs",

@@ -11,6 +11,7 @@ import aiosmtplib
 from pydantic import SecretStr
 
 from consumer.cli.output import fail, pretty_json, table, terminal_safe
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.message import charset_name
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox
@@ -148,7 +149,7 @@ async def _new_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus outbox`` and its actions on the top-level subparsers."""
     outbox = verbs.add_parser(
         "outbox",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.core.ratelimit import parse_limit
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
@@ -59,7 +59,7 @@ def _burst(text: str) -> int:
     return value
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus provider`` and its actions on the top-level subparsers."""
     provider = verbs.add_parser(
         "provider",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import timedelta
-from typing import Any
 
 from consumer.cli.output import table
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
@@ -54,7 +54,7 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus suppress`` and its actions on the top-level subparsers."""
     suppress = verbs.add_parser(
         "suppress",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.mime import set_bodies
 from consumer.core.outcomes import TemplateError
@@ -128,7 +129,7 @@ def _missing(args: argparse.Namespace) -> str:
     return f"no template {args.name!r}{version}"
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus template`` and its actions on the top-level subparsers."""
     template = verbs.add_parser(
         "template",
