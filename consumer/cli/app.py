@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ from consumer.cli import providers as cli_providers
 from consumer.cli import status as cli_status
 from consumer.cli import suppressions as cli_suppressions
 from consumer.cli import templates as cli_templates
+from consumer.cli.output import fail
+from consumer.cli.parsing import Handler
 from consumer.core import ladder
 from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
@@ -42,7 +43,6 @@ from consumer.service.wiring import build_worker
 from consumer.settings import Settings, redact_url
 
 log = get_logger(__name__)
-Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
 async def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -98,8 +98,7 @@ async def _send(args: argparse.Namespace, settings: Settings) -> int:
     try:
         Job.model_validate(job)
     except ValidationError as exc:
-        print(f"mailbus send: invalid job: {exc}", file=sys.stderr)
-        return 2
+        return fail("send", f"invalid job: {exc}", code=2)
     delay_ms = round(args.delay * 1000) if args.delay else None
     key = SEND_NOW_KEY if args.now or args.wait else SEND_KEY
     names = Names(settings.prefix)
@@ -127,11 +126,7 @@ async def _send_and_wait(
         async with asyncio.timeout(args.wait):
             body = await publish_and_wait(channel, exchange, message, SEND_NOW_KEY)
     except TimeoutError:
-        print(
-            f"mailbus send: no answer within {args.wait} s for job {message.message_id}",
-            file=sys.stderr,
-        )
-        return 3
+        return fail("send", f"no answer within {args.wait} s for job {message.message_id}", code=3)
     print(body.decode())
     return 0 if json.loads(body).get("status") == "sent" else 1
 
@@ -235,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--{n}" for n, v in (("domain", args.domain), ("from", args.sender)) if not v
         ] + ([] if args.to else ["--to"])
         if missing:
-            print(f"mailbus send: missing {', '.join(missing)} (or give --json)", file=sys.stderr)
-            return 2
+            return fail("send", f"missing {', '.join(missing)} (or give --json)", code=2)
     try:
         settings = Settings(_env_file=args.env_file)
     except ValidationError as exc:

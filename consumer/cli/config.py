@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from consumer.cli.config_file import ConfigFile, export, load
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
-from consumer.store.domains import DomainStore, hash_key, key_matches
-from consumer.store.jobs import Document, JobStore
-from consumer.store.outboxes import OutboxStore, outbox_document
-from consumer.store.providers import ProviderStore, limits_of
+from consumer.store.domains import hash_key, key_matches
+from consumer.store.jobs import Document
+from consumer.store.mongo import Mongo
+from consumer.store.outboxes import outbox_document
+from consumer.store.providers import limits_of
 from consumer.vault import Vault
 
 # Fields of a stored outbox that importing the same file again leaves alone.
@@ -28,11 +30,11 @@ class Importer:
     """Applies a :class:`ConfigFile` to the stores, changing only what differs."""
 
     def __init__(
-        self, jobs: JobStore, vault: Vault | None, env: Mapping[str, str], prune: bool
+        self, mongo: Mongo, vault: Vault | None, env: Mapping[str, str], prune: bool
     ) -> None:
-        self.providers = ProviderStore(jobs.database)
-        self.domains = DomainStore(jobs.database)
-        self.outboxes = OutboxStore(jobs.database)
+        self.providers = mongo.providers
+        self.domains = mongo.domains
+        self.outboxes = mongo.outboxes
         self.vault = vault
         self.env = env
         self.prune = prune
@@ -132,20 +134,20 @@ async def _import(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         raise ConfigurationError(f"cannot read {args.file}: {exc.strerror}") from None
     config = load(text)
-    async with JobStore.connect(settings) as jobs:
-        await OutboxStore(jobs.database).ensure_indexes()
-        importer = Importer(jobs, Vault.optional(settings), os.environ, args.prune)
+    async with Mongo.connect(settings) as mongo:
+        await mongo.outboxes.ensure_indexes()
+        importer = Importer(mongo, Vault.optional(settings), os.environ, args.prune)
         await importer.apply(config)
     print("\n".join(importer.report) or "nothing to change")
     return 0
 
 
 async def _export(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
+    async with Mongo.connect(settings) as mongo:
         text = export(
-            await ProviderStore(jobs.database).find(),
-            await DomainStore(jobs.database).find(),
-            await OutboxStore(jobs.database).find(encrypted=True),  # export says if one is set
+            await mongo.providers.find(),
+            await mongo.domains.find(),
+            await mongo.outboxes.find(encrypted=True),  # export says if one is set
         )
     if args.out:
         await asyncio.to_thread(Path(args.out).write_text, text, encoding="utf-8")
@@ -154,7 +156,7 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus config`` and its actions on the top-level subparsers."""
     config = verbs.add_parser(
         "config",

@@ -7,17 +7,17 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from consumer.amqp.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
-from consumer.cli.output import pretty_json, table, terminal_safe
+from consumer.cli.output import fail, pretty_json, table, terminal_safe
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
+from consumer.store.mongo import Mongo
 
 # Dead letters looked at by one command, oldest first; all are held until it ends.
 SCAN = 10_000
@@ -58,8 +58,7 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
     ):
         found = next(((m, d) for m in held if (d := read(m)).job_id == args.id), None)
         if found is None:
-            print(f"mailbus dead show: no dead letter for job {args.id!r}", file=sys.stderr)
-            return 1
+            return fail("dead show", f"no dead letter for job {args.id!r}")
         message, letter = found
         print(pretty_json({**shown(message), "dead_letter": vars(letter)}))
     return 0
@@ -67,13 +66,12 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if not (args.id or args.reason or args.all):
-        print("mailbus dead replay: give job ids, --reason or --all", file=sys.stderr)
-        return 2
+        return fail("dead replay", "give job ids, --reason or --all", code=2)
     wanted = set(args.id)
     replayed = 0
     async with (
         _dead_letters(settings) as (channel, names),
-        JobStore.connect(settings) as jobs,
+        Mongo.connect(settings) as mongo,
         browse(channel, names.dead, SCAN) as held,
     ):
         exchange = await channel.get_exchange(names.exchange, ensure=False)
@@ -83,7 +81,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             wanted.discard(letter.job_id or "")
             if letter.job_id is not None:
-                change = await jobs.reopen(letter.job_id)
+                change = await mongo.jobs.reopen(letter.job_id)
                 status = change.before.get("status") if change.before else None
                 if not change.applied and status is not None:
                     # A sent (or cancelled, or live) job is never sent again by a replay.
@@ -102,8 +100,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     if args.older_than is None and not args.all:
-        print("mailbus dead purge: give --older-than AGE or --all", file=sys.stderr)
-        return 2
+        return fail("dead purge", "give --older-than AGE or --all", code=2)
     cutoff = utcnow() - (args.older_than or timedelta(0))
     purged = 0
     async with (
@@ -129,7 +126,7 @@ def _age(value: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus dead`` and its actions on the top-level subparsers."""
     dead = verbs.add_parser(
         "dead",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
-from consumer.store.domains import DomainStore, describe, hash_key
-from consumer.store.jobs import JobStore
+from consumer.store.domains import describe, hash_key
+from consumer.store.mongo import Mongo
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
@@ -25,8 +25,8 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             "onto the copies a retry or a wait makes (create one with `mailbus outbox new-key`)"
         )
     key_hash = hash_key(key) if key is not None else None
-    async with JobStore.connect(settings) as jobs:
-        stored = await DomainStore(jobs.database).put(
+    async with Mongo.connect(settings) as mongo:
+        stored = await mongo.domains.put(
             args.domain,
             key_hash,
             args.allow_user or [],
@@ -34,15 +34,14 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
             senders=args.sender or [],
         )
     if not stored:
-        print(f"mailbus domain add: {args.domain!r} exists (use --replace)", file=sys.stderr)
-        return 1
+        return fail("domain add", f"{args.domain!r} exists (use --replace)")
     print(f"domain {args.domain.lower()!r} registered: only authorized jobs send for it")
     return 0
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        docs = await DomainStore(jobs.database).find()
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.domains.find()
     rows = [("DOMAIN", "KEY", "ALLOWED USERS", "SENDERS")]
     rows += [
         (
@@ -58,26 +57,24 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        doc = await DomainStore(jobs.database).get(args.domain)
+    async with Mongo.connect(settings) as mongo:
+        doc = await mongo.domains.get(args.domain)
     if doc is None:
-        print(f"mailbus domain show: {args.domain!r} is not registered", file=sys.stderr)
-        return 1
+        return fail("domain show", f"{args.domain!r} is not registered")
     print(pretty_json(describe(doc)))
     return 0
 
 
 async def _rm(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        found = await DomainStore(jobs.database).remove(args.domain)
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.domains.remove(args.domain)
     if not found:
-        print(f"mailbus domain rm: {args.domain!r} is not registered", file=sys.stderr)
-        return 1
+        return fail("domain rm", f"{args.domain!r} is not registered")
     print(f"domain {args.domain.lower()!r} unregistered: any job may send for it again")
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus domain`` and its actions on the top-level subparsers."""
     domain = verbs.add_parser(
         "domain",

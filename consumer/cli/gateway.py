@@ -7,8 +7,9 @@ import asyncio
 import getpass
 import signal
 import sys
-from typing import Any
 
+from consumer.cli.output import fail
+from consumer.cli.parsing import Subparsers
 from consumer.service.gateway import Listen, listen_address, serve
 from consumer.settings import Settings
 from consumer.store.domains import hash_key
@@ -18,8 +19,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     rest: Listen | None = args.rest
     daemon: Listen | None = args.daemon
     if rest is None and daemon is None:
-        print("mailbus gateway serve: give --rest, --daemon or both", file=sys.stderr)
-        return 2
+        return fail("gateway serve", "give --rest, --daemon or both", code=2)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -51,16 +51,14 @@ async def _hash_password(args: argparse.Namespace, settings: Settings) -> int:
     try:
         password = _read_password()
     except ValueError as exc:
-        print(f"mailbus gateway hash-password: {exc}", file=sys.stderr)
-        return 2
+        return fail("gateway hash-password", str(exc), code=2)
     if not password:
-        print("mailbus gateway hash-password: empty password", file=sys.stderr)
-        return 2
+        return fail("gateway hash-password", "empty password", code=2)
     print(hash_key(password))
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus gateway`` and its actions on the top-level subparsers."""
     gateway = verbs.add_parser(
         "gateway",

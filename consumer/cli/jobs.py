@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime, timedelta
-from typing import Any
 
 import aio_pika
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from consumer.amqp.outgoing import Outgoing
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.names import Names
 from consumer.core.outcomes import STATUSES
 from consumer.service import control
 from consumer.settings import Settings
-from consumer.store.jobs import JobRecord, JobStore
+from consumer.store.jobs import JobRecord
+from consumer.store.mongo import Mongo
 from consumer.vault import Vault
 
 _WHEN: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
@@ -44,18 +44,17 @@ def _table(records: list[JobRecord]) -> str:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as store:
-        records = await store.find(args.status, args.domain, args.limit)
+    async with Mongo.connect(settings) as mongo:
+        records = await mongo.jobs.find(args.status, args.domain, args.limit)
     print(pretty_json(records) if args.json else _table(records))
     return 0
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as store:
-        record = await store.get(args.id)
+    async with Mongo.connect(settings) as mongo:
+        record = await mongo.jobs.get(args.id)
     if record is None:
-        print(f"mailbus jobs show: no job {args.id!r}", file=sys.stderr)
-        return 1
+        return fail("jobs show", f"no job {args.id!r}")
     record.pop("body", None)
     print(pretty_json(record))
     return 0
@@ -68,23 +67,23 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
         try:
             due = _WHEN.validate_python(args.at) if args.at else utcnow() + args.after
         except ValidationError:
-            print(
-                f"mailbus jobs reschedule: --at {args.at!r} is not an RFC 3339 time with a "
-                "timezone (for example 2030-01-01T09:00:00+01:00)",
-                file=sys.stderr,
+            return fail(
+                "jobs reschedule",
+                f"--at {args.at!r} is not an RFC 3339 time with a timezone "
+                "(for example 2030-01-01T09:00:00+01:00)",
+                code=2,
             )
-            return 2
     async with (
-        JobStore.connect(settings) as store,
+        Mongo.connect(settings) as mongo,
         await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,
     ):
         channel = await connection.channel(publisher_confirms=True)
         outgoing = await Outgoing.open(channel, Names(settings.prefix))
         if due is None:
-            result = await control.cancel(store, outgoing, args.id)
+            result = await control.cancel(mongo.jobs, outgoing, args.id)
         else:
             result = await control.reschedule(
-                store,
+                mongo.jobs,
                 outgoing,
                 args.id,
                 due,
@@ -100,7 +99,7 @@ def _seconds(value: str) -> timedelta:
     return timedelta(seconds=float(value))
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus jobs`` and its actions on the top-level subparsers."""
     jobs = verbs.add_parser(
         "jobs",

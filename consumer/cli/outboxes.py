@@ -5,29 +5,22 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiosmtplib
 from pydantic import SecretStr
 
-from consumer.cli.output import pretty_json, table, terminal_safe
+from consumer.cli.output import fail, pretty_json, table, terminal_safe
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.message import charset_name
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox
 from consumer.errors import ConfigurationError
 from consumer.mail.transport import client
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
-from consumer.store.outboxes import OutboxStore, describe, outbox_document, outbox_from_document
+from consumer.store.mongo import Mongo
+from consumer.store.outboxes import describe, outbox_document, outbox_from_document
 from consumer.vault import Vault, new_key
-
-
-@asynccontextmanager
-async def _outboxes(settings: Settings) -> AsyncIterator[OutboxStore]:
-    async with JobStore.connect(settings) as jobs:
-        yield OutboxStore(jobs.database)
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,18 +45,17 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
         charset=args.charset,
     )
     doc = outbox_document(outbox, args.domain, args.provider, Vault.optional(settings), utcnow())
-    async with _outboxes(settings) as store:
-        await store.ensure_indexes()
-        if not await store.put(doc, replace=args.replace):
-            print(f"mailbus outbox add: {args.name!r} exists (use --replace)", file=sys.stderr)
-            return 1
+    async with Mongo.connect(settings) as mongo:
+        await mongo.outboxes.ensure_indexes()
+        if not await mongo.outboxes.put(doc, replace=args.replace):
+            return fail("outbox add", f"{args.name!r} exists (use --replace)")
     print(f"outbox {args.name!r} for {args.domain} stored")
     return 0
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with _outboxes(settings) as store:
-        docs = await store.find(args.domain)
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.outboxes.find(args.domain)
     rows = [("NAME", "DOMAIN", "PROVIDER", "SERVER", "SECURITY", "USER", "ACTIVE", "SENT")]
     rows += [
         (
@@ -85,31 +77,32 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _stored(args: argparse.Namespace, settings: Settings) -> dict[str, Any] | None:
-    """The outbox named on the command line; None, said on stderr, if there is none."""
-    async with _outboxes(settings) as store:
-        doc = await store.get(args.name)
-    if doc is None:
-        print(f"mailbus outbox {args.outbox_verb}: no outbox {args.name!r}", file=sys.stderr)
-    return doc
+    """The outbox named on the command line, None if there is none."""
+    async with Mongo.connect(settings) as mongo:
+        return await mongo.outboxes.get(args.name)
+
+
+def _no_outbox(args: argparse.Namespace) -> int:
+    """Say on stderr that the outbox named on the command line does not exist."""
+    return fail(f"outbox {args.outbox_verb}", f"no outbox {args.name!r}")
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     doc = await _stored(args, settings)
     if doc is None:
-        return 1
+        return _no_outbox(args)
     print(pretty_json(describe(doc)))
     return 0
 
 
 async def _switch(args: argparse.Namespace, settings: Settings) -> int:
-    async with _outboxes(settings) as store:
+    async with Mongo.connect(settings) as mongo:
         if args.outbox_verb == "rm":
-            found = await store.remove(args.name)
+            found = await mongo.outboxes.remove(args.name)
         else:
-            found = await store.set_active(args.name, args.outbox_verb == "enable")
+            found = await mongo.outboxes.set_active(args.name, args.outbox_verb == "enable")
     if not found:
-        print(f"mailbus outbox {args.outbox_verb}: no outbox {args.name!r}", file=sys.stderr)
-        return 1
+        return _no_outbox(args)
     print(f"outbox {args.name!r}: {args.outbox_verb} done")
     return 0
 
@@ -117,7 +110,7 @@ async def _switch(args: argparse.Namespace, settings: Settings) -> int:
 async def _test(args: argparse.Namespace, settings: Settings) -> int:
     doc = await _stored(args, settings)
     if doc is None:
-        return 1
+        return _no_outbox(args)
     outbox = outbox_from_document(doc, Vault.optional(settings))
     if outbox.transport == "sendmail":
         if shutil.which(outbox.command) is None:
@@ -141,11 +134,11 @@ async def _test(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
     vault = Vault.from_settings(settings)
-    async with _outboxes(settings) as store:
+    async with Mongo.connect(settings) as mongo:
         rotated = 0
-        for doc in await store.find(encrypted=True):
+        for doc in await mongo.outboxes.find(encrypted=True):
             if doc.get("password"):
-                await store.store_password(doc["_id"], vault.rotate(doc["password"]))
+                await mongo.outboxes.store_password(doc["_id"], vault.rotate(doc["password"]))
                 rotated += 1
     print(f"re-encrypted {rotated} outbox password(s) with the first MAILBUS_SECRET_KEY key")
     return 0
@@ -156,7 +149,7 @@ async def _new_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus outbox`` and its actions on the top-level subparsers."""
     outbox = verbs.add_parser(
         "outbox",

@@ -1,9 +1,12 @@
-"""How the command line prints: aligned tables for people, indented JSON for scripts."""
+"""How the command line prints: aligned tables for people, indented JSON for scripts,
+and a command's failure as one line on standard error.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -47,3 +50,11 @@ def table(rows: Sequence[Sequence[str]]) -> str:
         "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]])
         for row in rows
     )
+
+
+def fail(command: str, message: str, *, code: int = 1) -> int:
+    """Print ``mailbus {command}: {message}`` on standard error and return ``code``, the
+    exit status, so that a handler can ``return fail(...)``.
+    """
+    print(f"mailbus {command}: {message}", file=sys.stderr)
+    return code

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.core.ratelimit import parse_limit
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
-from consumer.store.providers import ProviderStore, limits_of
+from consumer.store.mongo import Mongo
+from consumer.store.providers import limits_of
 
 
 async def _set(args: argparse.Namespace, settings: Settings) -> int:
     limits = [parse_limit(text) for text in args.limit]
-    async with JobStore.connect(settings) as jobs:
-        created = await ProviderStore(jobs.database).put(args.name, limits, args.burst)
+    async with Mongo.connect(settings) as mongo:
+        created = await mongo.providers.put(args.name, limits, args.burst)
     shown = ", ".join(str(lim) for lim in limits)
     done = "created" if created else "replaced"
     print(f"provider {args.name!r} {done}: {shown}, burst {args.burst}")
@@ -24,8 +23,8 @@ async def _set(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        docs = await ProviderStore(jobs.database).find()
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.providers.find()
     rows = [("NAME", "BURST", "LIMITS")]
     rows += [
         (str(d["_id"]), str(d.get("burst", 1)), ", ".join(str(x) for x in limits_of(d)))
@@ -36,21 +35,19 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        doc = await ProviderStore(jobs.database).get(args.name)
+    async with Mongo.connect(settings) as mongo:
+        doc = await mongo.providers.get(args.name)
     if doc is None:
-        print(f"mailbus provider show: no provider {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("provider show", f"no provider {args.name!r}")
     print(pretty_json(doc))
     return 0
 
 
 async def _rm(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        found = await ProviderStore(jobs.database).remove(args.name)
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.providers.remove(args.name)
     if not found:
-        print(f"mailbus provider rm: no provider {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("provider rm", f"no provider {args.name!r}")
     print(f"provider {args.name!r} removed: its outboxes now send without a limit")
     return 0
 
@@ -62,7 +59,7 @@ def _burst(text: str) -> int:
     return value
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus provider`` and its actions on the top-level subparsers."""
     provider = verbs.add_parser(
         "provider",

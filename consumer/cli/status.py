@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from consumer.cli.output import pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.service.status import gather
 from consumer.settings import Settings
@@ -78,7 +79,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus status`` on the top-level subparsers."""
     status = verbs.add_parser(
         "status",

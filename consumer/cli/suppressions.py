@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import timedelta
-from typing import Any
 
 from consumer.cli.output import table
+from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
-from consumer.store.suppressions import SuppressionStore
+from consumer.store.mongo import Mongo
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:
     expire_at = utcnow() + timedelta(days=args.days) if args.days is not None else None
-    async with JobStore.connect(settings) as jobs:
-        store = SuppressionStore(jobs.database)
-        await store.ensure_indexes()
+    async with Mongo.connect(settings) as mongo:
+        await mongo.suppressions.ensure_indexes()
         for address in args.address:
-            await store.add(address, args.reason, expire_at)
+            await mongo.suppressions.add(address, args.reason, expire_at)
     until = f" until {expire_at.isoformat(timespec='seconds')}" if expire_at else ""
     print(f"{len(args.address)} address(es) suppressed{until}")
     return 0
@@ -28,10 +26,9 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     missing = []
-    async with JobStore.connect(settings) as jobs:
-        store = SuppressionStore(jobs.database)
+    async with Mongo.connect(settings) as mongo:
         for address in args.address:
-            if not await store.remove(address):
+            if not await mongo.suppressions.remove(address):
                 missing.append(address)
     for address in missing:
         print(f"mailbus suppress rm: {address!r} was not suppressed", file=sys.stderr)
@@ -40,8 +37,8 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        docs = await SuppressionStore(jobs.database).find(args.limit)
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.suppressions.find(args.limit)
     rows = [("ADDRESS", "SOURCE", "SINCE", "UNTIL", "REASON")]
     rows += [
         (
@@ -57,7 +54,7 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus suppress`` and its actions on the top-level subparsers."""
     suppress = verbs.add_parser(
         "suppress",

@@ -11,15 +11,15 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from consumer.cli.output import pretty_json, table
+from consumer.cli.output import fail, pretty_json, table
+from consumer.cli.parsing import Subparsers
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.mime import set_bodies
 from consumer.core.outcomes import TemplateError
 from consumer.core.templates import Rendered, render
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
-from consumer.store.jobs import JobStore
-from consumer.store.templates import TemplateStore
+from consumer.store.mongo import Mongo
 
 # Rendered output shown as written: 8-bit and UTF-8, not encoded for the wire.
 _READABLE = policy.default.clone(cte_type="8bit", utf8=True)
@@ -42,19 +42,18 @@ def _read(path: Path | None) -> str | None:
 
 async def _put(args: argparse.Namespace, settings: Settings) -> int:
     text, html = _read(args.text_file), _read(args.html_file)
-    async with JobStore.connect(settings) as jobs:
+    async with Mongo.connect(settings) as mongo:
         try:
-            version = await TemplateStore(jobs.database).put(args.name, args.subject, text, html)
+            version = await mongo.templates.put(args.name, args.subject, text, html)
         except TemplateError as exc:
-            print(f"mailbus template put: {exc}", file=sys.stderr)
-            return 1
+            return fail("template put", str(exc))
     print(f"template {args.name!r} version {version} stored")
     return 0
 
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        docs = await TemplateStore(jobs.database).find()
+    async with Mongo.connect(settings) as mongo:
+        docs = await mongo.templates.find()
     rows = [("NAME", "VERSION", "PARTS", "CREATED", "SUBJECT")]
     rows += [
         (
@@ -71,13 +70,11 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        store = TemplateStore(jobs.database)
-        template = await store.get(args.name, args.version)
-        history = await store.history(args.name) if template is not None else []
+    async with Mongo.connect(settings) as mongo:
+        template = await mongo.templates.get(args.name, args.version)
+        history = await mongo.templates.history(args.name) if template is not None else []
     if template is None:
-        print(f"mailbus template show: {_missing(args)}", file=sys.stderr)
-        return 1
+        return fail("template show", _missing(args))
     shown: dict[str, Any] = {
         "name": template.name,
         "version": template.version,
@@ -91,11 +88,10 @@ async def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rm(args: argparse.Namespace, settings: Settings) -> int:
-    async with JobStore.connect(settings) as jobs:
-        found = await TemplateStore(jobs.database).remove(args.name)
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.templates.remove(args.name)
     if not found:
-        print(f"mailbus template rm: no template {args.name!r}", file=sys.stderr)
-        return 1
+        return fail("template rm", f"no template {args.name!r}")
     print(f"template {args.name!r} and all its versions removed")
     return 0
 
@@ -107,16 +103,14 @@ async def _render(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError(f"--data is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigurationError("--data must be a JSON object")
-    async with JobStore.connect(settings) as jobs:
-        template = await TemplateStore(jobs.database).get(args.name, args.version)
+    async with Mongo.connect(settings) as mongo:
+        template = await mongo.templates.get(args.name, args.version)
     if template is None:
-        print(f"mailbus template render: {_missing(args)}", file=sys.stderr)
-        return 1
+        return fail("template render", _missing(args))
     try:
         rendered = render(template, data, settings.max_message_bytes)
     except TemplateError as exc:
-        print(f"mailbus template render: {exc}", file=sys.stderr)
-        return 1
+        return fail("template render", str(exc))
     sys.stdout.write(_as_message(rendered, template.version).as_string(policy=_READABLE))
     return 0
 
@@ -135,7 +129,7 @@ def _missing(args: argparse.Namespace) -> str:
     return f"no template {args.name!r}{version}"
 
 
-def add_parser(verbs: Any) -> None:
+def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus template`` and its actions on the top-level subparsers."""
     template = verbs.add_parser(
         "template",

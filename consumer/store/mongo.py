@@ -34,6 +34,14 @@ class Mongo:
         """A connection to ``settings``' database whose job store reads the time on ``clock``."""
         return cls(JobStore.connect(settings, clock=clock))
 
+    async def __aenter__(self) -> Mongo:
+        """The connection itself, for ``async with Mongo.connect(settings) as mongo:``."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the connection when the ``async with`` block ends, however it ends."""
+        await self.close()
+
     async def ensure_indexes(self, *, alerts: bool) -> None:
         """Create the indexes the worker's queries need (``alerts``: the digest's too)."""
         await self.jobs.ensure_indexes()
