@@ -855,12 +855,6 @@ async def test_a_partial_delivery_retries_the_deferred_recipients_only() -> None
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline bug: after a partial delivery that is retried, a recipient refused"
-    " 5.1.1 in the same reply is never suppressed (_accepted returns before"
-    " _suppress_unknown, and the next attempt only looks at its own refusals)",
-)
 async def test_a_partial_delivery_suppresses_the_unknown_recipient() -> None:
     rig = Rig(sender=SenderDouble(replies=[PARTIAL]))
     outcome = await rig.process(THREE)

@@ -329,6 +329,8 @@ class Pipeline:
                         partial,
                     ),
                 )
+                # The next attempt sees only its own refusals: unknown ones are noted now.
+                await self._suppress_unknown(final)
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
         await self._record_sent(attempt, result, refused)
