@@ -28,9 +28,9 @@ test: lint typecheck
 test-fast: deps
 	$(PY) -m pytest -m fast -q
 
-# Benchmarks against a private stack; JSON on stdout and in bench-results.json.
+# Benchmarks against a private stack; JSON on stdout and in deploy/bench/results.json.
 bench: bench-deps
-	$(PY) -m deploy.bench --out bench-results.json
+	$(PY) -m deploy.bench --out deploy/bench/results.json
 
 schema: deps
 	$(PY) -c 'import json; from consumer.core.message import job_json_schema; \
