@@ -23,8 +23,9 @@ from consumer.core.leases import Release
 from consumer.core.message import Job
 from consumer.core.mime import Mail
 from consumer.core.outboxes import Outbox, outbox_from_url
-from consumer.core.outcomes import DeadReason, Outcome, SendResult
+from consumer.core.outcomes import Outcome, SendResult
 from consumer.core.ratelimit import Reservation
+from consumer.core.vocabulary import DeadReason
 from consumer.errors import StoreUnavailableError
 from consumer.service.authorization import Authority, Authorizer
 from consumer.service.compose import Composer

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from consumer.amqp import dead_letters
 from consumer.core.message import Attachment, Job, header_problem
 from consumer.core.names import Names
-from consumer.core.outcomes import AttachmentError
+from consumer.core.refusals import AttachmentError
 from consumer.errors import AttachmentUnavailableError
 from consumer.mail.attachments import (
     AttachmentLoader,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from consumer.core.content import Content, Part
 from consumer.core.message import Job
 from consumer.core.mime import build_mail, build_message, needs_utf8, serialize
-from consumer.core.outcomes import InvalidJobError, MessageTooLargeError
+from consumer.core.refusals import InvalidJobError, MessageTooLargeError
 from tests.broker import job
 
 NOW = datetime(2030, 5, 17, 12, 0, tzinfo=UTC)

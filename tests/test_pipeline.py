@@ -22,19 +22,9 @@ from consumer.core.headers import DELAY_HEADER, DUE_HEADER
 from consumer.core.leases import Release
 from consumer.core.mime import Mail, build_mail
 from consumer.core.outboxes import outbox_from_url
-from consumer.core.outcomes import (
-    AttachmentError,
-    Crashed,
-    Dead,
-    DeadLetterError,
-    Later,
-    Outcome,
-    SendResult,
-    Sent,
-    Skip,
-    TemplateError,
-)
+from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Sent, Skip
 from consumer.core.ratelimit import Reservation
+from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
 from consumer.core.schedule import to_epoch_ms
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
 from consumer.service import pipeline as pipeline_module

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from consumer.core.headers import DUE_HEADER
 from consumer.core.message import Job
 from consumer.core.outboxes import outbox_from_url
-from consumer.core.outcomes import InvalidJobError
+from consumer.core.refusals import InvalidJobError
 from consumer.core.retry import compute_backoff, decide, split_refusals, unknown_recipients
 from consumer.core.schedule import due_time, to_epoch_ms
 from consumer.errors import AttachmentUnavailableError, ConfigurationError

@@ -14,7 +14,7 @@ import pytest
 
 from consumer.core import templates
 from consumer.core.message import Job
-from consumer.core.outcomes import TemplateError
+from consumer.core.refusals import TemplateError
 from consumer.core.templates import Template, render
 from consumer.mail.attachments import AttachmentLoader
 from consumer.mail.fetch import Fetcher, FetchLimits

@@ -13,7 +13,7 @@ from consumer.cli.output import fail, pretty_json, table
 from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.core.names import Names
-from consumer.core.outcomes import STATUSES
+from consumer.core.vocabulary import STATUSES
 from consumer.service import control
 from consumer.settings import Settings
 from consumer.store.jobs import JobRecord

@@ -15,7 +15,7 @@ from consumer.cli.output import fail, pretty_json, table
 from consumer.cli.parsing import Subparsers
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.mime import set_bodies
-from consumer.core.outcomes import TemplateError
+from consumer.core.refusals import TemplateError
 from consumer.core.templates import Rendered, render
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings

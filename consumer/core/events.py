@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, assert_never
 
-from consumer.core.outcomes import FAILED_REASONS, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.vocabulary import FAILED_REASONS
 
 Event = tuple[str, dict[str, Any]]
 

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from consumer.core.outcomes import InvalidJobError, JobTooLargeError
+from consumer.core.refusals import InvalidJobError, JobTooLargeError
 
 # A custom header is folded at its own white space only; a longer word would not fit in the
 # 998 characters RFC 5322 allows on a line.

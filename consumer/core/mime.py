@@ -14,7 +14,7 @@ from email.utils import format_datetime
 
 from consumer.core.content import Content
 from consumer.core.message import Job
-from consumer.core.outcomes import DeadLetterError, InvalidJobError, MessageTooLargeError
+from consumer.core.refusals import DeadLetterError, InvalidJobError, MessageTooLargeError
 
 
 class _CustomHeader(UnstructuredHeader, BaseHeader):

@@ -1,6 +1,5 @@
 """What handling one delivery of a job can end in: the outcome types the worker settles,
-and the vocabulary they speak (job statuses, dead-letter reasons, why a job waits),
-each a ``Literal`` so that mypy checks every value and every ``match`` on them.
+in the words of :mod:`consumer.core.vocabulary`.
 """
 
 from __future__ import annotations
@@ -8,56 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Final, Literal, get_args
 
-from consumer.errors import MailbusError
-
-if TYPE_CHECKING:  # the job contract raises these outcomes' exceptions: no import cycle
-    from consumer.core.leases import Release
-    from consumer.core.message import Job
-
-# A job record's status: waiting (``scheduled``, ``queued``), held (``sending``) or final.
-JobStatus = Literal["scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled"]
-FinalStatus = Literal["sent", "failed", "dead", "cancelled"]
-STATUSES: Final[tuple[JobStatus, ...]] = get_args(JobStatus)
-WAITING: Final[tuple[JobStatus, ...]] = ("queued", "scheduled")
-FINAL: Final[tuple[FinalStatus, ...]] = get_args(FinalStatus)
-
-
-def final_status(status: JobStatus) -> FinalStatus | None:
-    """``status`` if it is final (nothing more will happen to the job), else None."""
-    match status:
-        case "sent" | "failed" | "dead" | "cancelled":
-            return status
-        case "scheduled" | "queued" | "sending":
-            return None
-
-
-# Why a job is dead-lettered: its ``x-mailbus-reason``, and the ``reason`` of its event.
-DeadReason = Literal[
-    "invalid",
-    "expired",
-    "permanent",
-    "attempts_exhausted",
-    "no_outbox",
-    "unauthorized",
-    "conflict",
-    "attachment",
-    "template",
-    "too_large",
-    "suppressed",
-    "delivery_limit",
-]
-DEAD_REASONS: Final[tuple[DeadReason, ...]] = get_args(DeadReason)
-# The reasons that mean the SMTP side gave up (``mail.failed``); every other reason is a
-# job mailbus refused itself (``mail.dead``).
-FAILED_REASONS: Final[frozenset[DeadReason]] = frozenset({"permanent", "attempts_exhausted"})
-
-# Why a job comes round again later: ``scheduled`` (first seen before its time),
-# ``waiting`` (seen again early), ``retry`` (a transient failure), ``rate_limited`` (no
-# provider token until then), ``leased`` (another worker is on it) or ``store`` (MongoDB
-# did not answer).
-LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "store"]
+from consumer.core.leases import Release
+from consumer.core.message import Job
+from consumer.core.vocabulary import DeadReason, FinalStatus, LaterWhy
 
 
 @dataclass(frozen=True)
@@ -140,42 +93,6 @@ class Crashed:
 
 
 Outcome = Sent | Skip | Dead | Later | Crashed
-
-
-class DeadLetterError(MailbusError):
-    """A job that can never be sent as it is; ``reason`` becomes ``x-mailbus-reason``."""
-
-    reason: DeadReason = "permanent"
-
-
-class InvalidJobError(DeadLetterError, ValueError):
-    """The message is not a valid v1 job (bad JSON, schema violation, header injection)."""
-
-    reason: DeadReason = "invalid"
-
-
-class JobTooLargeError(InvalidJobError):
-    """The job's body is bigger than ``MAILBUS_MAX_JOB_BYTES``; refused before decoding."""
-
-    reason: DeadReason = "too_large"
-
-
-class AttachmentError(DeadLetterError):
-    """An attachment that can never be read: a refused path, scheme or address, or too big."""
-
-    reason: DeadReason = "attachment"
-
-
-class TemplateError(DeadLetterError):
-    """A stored template is missing, fails to render, or uses an undefined variable."""
-
-    reason: DeadReason = "template"
-
-
-class MessageTooLargeError(DeadLetterError):
-    """The built message is bigger than ``MAILBUS_MAX_MESSAGE_BYTES``."""
-
-    reason: DeadReason = "too_large"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from consumer.core.outcomes import DeadReason, Failure
+from consumer.core.outcomes import Failure
+from consumer.core.vocabulary import DeadReason
 
 # RFC 3463 enhanced status codes that say the address itself is bad: unknown mailbox (5.1.1),
 # unknown domain (5.1.2), bad syntax (5.1.3), moved (5.1.6), domain accepts no mail (5.1.10).

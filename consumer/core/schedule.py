@@ -8,7 +8,7 @@ from typing import Any
 
 from consumer.core.headers import BROKER_HEADERS, DELAY_HEADER, DUE_HEADER
 from consumer.core.message import LATEST_SEND_AT, Job
-from consumer.core.outcomes import InvalidJobError
+from consumer.core.refusals import InvalidJobError
 
 MAX_DELAY_MS = (2**28 - 1) * 1000
 

@@ -34,7 +34,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from consumer.core.message import header_problem
-from consumer.core.outcomes import TemplateError
+from consumer.core.refusals import TemplateError
 
 # Wall time one template part may take to render; far above what a mail template needs.
 RENDER_SECONDS = 5.0

@@ -22,7 +22,7 @@ from pathlib import Path, PurePath, PurePosixPath
 
 from consumer.core.content import Part
 from consumer.core.message import Attachment
-from consumer.core.outcomes import AttachmentError, DeadLetterError
+from consumer.core.refusals import AttachmentError, DeadLetterError
 from consumer.errors import AttachmentUnavailableError, StoreUnavailableError
 from consumer.mail.fetch import Fetcher, shown_url
 

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from consumer.core.outcomes import AttachmentError
+from consumer.core.refusals import AttachmentError
 from consumer.errors import AttachmentUnavailableError
 from consumer.settings import Settings
 

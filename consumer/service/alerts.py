@@ -16,7 +16,7 @@ from typing import Any
 
 from consumer.clock import utcnow
 from consumer.core.message import json_body, parse_job
-from consumer.core.outcomes import InvalidJobError
+from consumer.core.refusals import InvalidJobError
 from consumer.errors import ConfigurationError
 from consumer.logging import get_logger
 from consumer.store.alerts import AlertStore

@@ -8,7 +8,7 @@ import asyncio
 
 from consumer.core.content import Content
 from consumer.core.message import Job
-from consumer.core.outcomes import DeadLetterError, TemplateError
+from consumer.core.refusals import DeadLetterError, TemplateError
 from consumer.core.templates import render
 from consumer.errors import AttachmentUnavailableError, StoreUnavailableError
 from consumer.mail.attachments import AttachmentLoader

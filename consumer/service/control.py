@@ -26,7 +26,7 @@ from consumer.core.events import cancelled_event, rescheduled_event
 from consumer.core.headers import DUE_HEADER
 from consumer.core.message import DomainName, SendTime, json_object
 from consumer.core.names import SEND_KEY
-from consumer.core.outcomes import InvalidJobError
+from consumer.core.refusals import InvalidJobError
 from consumer.core.schedule import to_epoch_ms
 from consumer.service.authorization import Authority, Authorizer, seal
 from consumer.store.jobs import JobStore

@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 from consumer.clock import utcnow
 from consumer.core.headers import DUE_HEADER
-from consumer.core.outcomes import FAILED_REASONS, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.vocabulary import FAILED_REASONS
 from consumer.store.jobs import Document
 from consumer.store.providers import tokens_of
 

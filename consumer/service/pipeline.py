@@ -27,19 +27,17 @@ from consumer.core.outcomes import (
     Context,
     Crashed,
     Dead,
-    DeadLetterError,
-    DeadReason,
     Failure,
-    InvalidJobError,
     Later,
     Outcome,
     SendResult,
     Sent,
     Skip,
-    final_status,
 )
+from consumer.core.refusals import DeadLetterError, InvalidJobError
 from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
 from consumer.core.schedule import due_time
+from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.mail.failures import classify

@@ -22,16 +22,8 @@ from consumer.clock import REMEASURE_SECONDS, StoreClock, utcnow
 from consumer.core import ladder
 from consumer.core.events import Event, event_for, reply_for
 from consumer.core.names import CONTROL_KEY, Names
-from consumer.core.outcomes import (
-    Context,
-    Crashed,
-    Dead,
-    InvalidJobError,
-    Later,
-    Outcome,
-    Sent,
-    Skip,
-)
+from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.refusals import InvalidJobError
 from consumer.core.schedule import carried_headers
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.logging import get_logger

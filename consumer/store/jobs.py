@@ -38,8 +38,8 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
-from consumer.core.outcomes import FINAL, WAITING, DeadReason, FinalStatus, JobStatus
 from consumer.core.ratelimit import Reservation
+from consumer.core.vocabulary import FINAL, WAITING, DeadReason, FinalStatus, JobStatus
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.settings import Settings
 from consumer.store.batches import Batcher

@@ -15,7 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from consumer.clock import utcnow
-from consumer.core.outcomes import TemplateError
+from consumer.core.refusals import TemplateError
 from consumer.core.templates import Template, check_syntax
 from consumer.store.jobs import Document, answering
 

@@ -12,7 +12,7 @@ from email.parser import BytesParser
 from consumer.core.content import Content
 from consumer.core.message import parse_job
 from consumer.core.mime import build_message, serialize
-from consumer.core.outcomes import DeadLetterError
+from consumer.core.refusals import DeadLetterError
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 LIMIT = 10 * 1024 * 1024

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel
 from consumer.amqp import dead_letters
 from consumer.amqp.publish import job_message
 from consumer.core.names import Names
-from consumer.core.outcomes import AttachmentError
+from consumer.core.refusals import AttachmentError
 from consumer.errors import AttachmentUnavailableError
 from consumer.mail import fetch
 from consumer.mail.fetch import Fetcher, FetchLimits, Inflater

@@ -1,0 +1,50 @@
+"""The words outcomes and records speak: job statuses, dead-letter reasons, why a job
+waits. Each is a ``Literal``, so that mypy checks every value and every ``match`` on them.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+# A job record's status: waiting (``scheduled``, ``queued``), held (``sending``) or final.
+JobStatus = Literal["scheduled", "queued", "sending", "sent", "failed", "dead", "cancelled"]
+FinalStatus = Literal["sent", "failed", "dead", "cancelled"]
+STATUSES: Final[tuple[JobStatus, ...]] = get_args(JobStatus)
+WAITING: Final[tuple[JobStatus, ...]] = ("queued", "scheduled")
+FINAL: Final[tuple[FinalStatus, ...]] = get_args(FinalStatus)
+
+
+def final_status(status: JobStatus) -> FinalStatus | None:
+    """``status`` if it is final (nothing more will happen to the job), else None."""
+    match status:
+        case "sent" | "failed" | "dead" | "cancelled":
+            return status
+        case "scheduled" | "queued" | "sending":
+            return None
+
+
+# Why a job is dead-lettered: its ``x-mailbus-reason``, and the ``reason`` of its event.
+DeadReason = Literal[
+    "invalid",
+    "expired",
+    "permanent",
+    "attempts_exhausted",
+    "no_outbox",
+    "unauthorized",
+    "conflict",
+    "attachment",
+    "template",
+    "too_large",
+    "suppressed",
+    "delivery_limit",
+]
+DEAD_REASONS: Final[tuple[DeadReason, ...]] = get_args(DeadReason)
+# The reasons that mean the SMTP side gave up (``mail.failed``); every other reason is a
+# job mailbus refused itself (``mail.dead``).
+FAILED_REASONS: Final[frozenset[DeadReason]] = frozenset({"permanent", "attempts_exhausted"})
+
+# Why a job comes round again later: ``scheduled`` (first seen before its time),
+# ``waiting`` (seen again early), ``retry`` (a transient failure), ``rate_limited`` (no
+# provider token until then), ``leased`` (another worker is on it) or ``store`` (MongoDB
+# did not answer).
+LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "store"]
