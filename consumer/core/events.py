@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, assert_never
 
-from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
-from consumer.core.vocabulary import FAILED_REASONS
+from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.vocabulary import FAILED_REASONS, ReplyStatus
 
 Event = tuple[str, dict[str, Any]]
 
@@ -101,31 +101,26 @@ def reply_for(outcome: Outcome) -> dict[str, Any] | None:
     ctx = outcome.ctx
     match outcome:
         case Sent(result=result, suppressed=suppressed):
-            return {
-                "id": ctx.job_id,
-                "status": "sent",
-                "smtp": {"code": result.code, "message": result.message},
-                "refused": sorted(result.refused),
-                "suppressed": list(suppressed),
-            }
+            return _answer(
+                ctx,
+                "sent",
+                smtp={"code": result.code, "message": result.message},
+                refused=sorted(result.refused),
+                suppressed=list(suppressed),
+            )
         case Dead(reason=reason, error=error, code=code):
-            return {
-                "id": ctx.job_id,
-                "status": "dead",
-                "reason": reason,
-                "error": error,
-                "smtp": {"code": code} if code else None,
-            }
+            smtp = {"code": code} if code else None
+            return _answer(ctx, "dead", reason=reason, error=error, smtp=smtp)
         case Later(why="retry", due_at=due_at, failure=failure):
-            return {
-                "id": ctx.job_id,
-                "status": "deferred",
-                "due_at": due_at.isoformat(),
-                "error": failure.describe() if failure else None,
-            }
+            said = failure.describe() if failure else None
+            return _answer(ctx, "deferred", due_at=due_at.isoformat(), error=said)
         case Skip(why=why):
-            return {"id": ctx.job_id, "status": "skipped", "reason": why}
+            return _answer(ctx, "skipped", reason=why)
         case Later() | Crashed():
             return None
         case _:
             assert_never(outcome)
+
+
+def _answer(ctx: Context, status: ReplyStatus, **fields: Any) -> dict[str, Any]:
+    return {"id": ctx.job_id, "status": status, **fields}

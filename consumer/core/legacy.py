@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from consumer.core.message import Job, describe_errors, json_body
+from consumer.core.vocabulary import DaemonStatus, RestStatus
 from consumer.errors import GatewayRequestError
 
 REST_TAG = "gateway:rest"
@@ -130,7 +131,7 @@ def rest_mail(fields: Mapping[str, str]) -> RestMail:
     return RestMail(job, fields.get("send_now", "").strip() == "send")
 
 
-def rest_reply(status: str, message: str, job_id: str | None = None) -> dict[str, Any]:
+def rest_reply(status: RestStatus, message: str, job_id: str | None = None) -> dict[str, Any]:
     """The old REST server's answer; ``id`` is mailbus's own addition, for `mailbus jobs`."""
     reply: dict[str, Any] = {"status": status, "message": message}
     if job_id is not None:
@@ -236,7 +237,7 @@ class DaemonFrame:
         return None
 
 
-def daemon_reply(status: str, data: Any, message: Any) -> bytes:
+def daemon_reply(status: DaemonStatus, data: Any, message: Any) -> bytes:
     """The old daemon's answer, one JSON line."""
     return json_body({"status": status, "data": data, "message": message}) + b"\n"
 

@@ -1,4 +1,4 @@
-"""The words outcomes and records speak: job statuses, dead-letter reasons, why a job
+"""The words outcomes, records and answers speak: job statuses, dead-letter reasons, why a job
 waits. Each is a ``Literal``, so that mypy checks every value and every ``match`` on them.
 """
 
@@ -48,3 +48,9 @@ FAILED_REASONS: Final[frozenset[DeadReason]] = frozenset({"permanent", "attempts
 # provider token until then), ``leased`` (another worker is on it) or ``store`` (MongoDB
 # did not answer).
 LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "store"]
+
+# What a ``reply_to`` caller ("send now and tell me") is told of its job.
+ReplyStatus = Literal["sent", "dead", "deferred", "skipped"]
+# What the older systems' clients are told: the REST server, and the TCP daemon.
+RestStatus = Literal["success", "failed"]
+DaemonStatus = Literal["success", "error"]
