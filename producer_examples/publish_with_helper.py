@@ -1,5 +1,5 @@
 """Publish one mail job from application code with mailbus's own helper,
-``consumer.publish.publish_job`` (confirms, persistent, the id as message_id).
+``consumer.amqp.publish.publish_job`` (confirms, persistent, the id as message_id).
 
     python publish_with_helper.py --to someone@example.org [--delay-ms 60000]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from consumer.core.control import parse_request
 from consumer.core.message import header_problem, job_json_schema, parse_job
 from consumer.core.refusals import InvalidJobError, JobTooLargeError
-from consumer.service.control import parse_request
 from tests.broker import encode, job
 
 

@@ -543,9 +543,16 @@ async def test_a_queued_job_whose_outbox_is_gone_chooses_afresh_avoiding_the_las
 # The message.
 
 
-async def test_the_message_is_built_once_in_the_outboxs_charset(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("outbox_charset", "builds_expected"),
+    [(None, ["utf-8"]), ("utf-8", ["utf-8"]), ("iso-8859-1", ["utf-8", "iso-8859-1"])],
+)
+async def test_the_message_is_built_before_the_outbox_and_again_only_for_its_charset(
+    monkeypatch: pytest.MonkeyPatch, outbox_charset: str | None, builds_expected: list[str]
 ) -> None:
+    """Built before an outbox is chosen (a message that can never go takes no token), and
+    built again only when the chosen outbox asks for a charset of its own.
+    """
     builds: list[str] = []
 
     def counted(*args: Any, **kwargs: Any) -> Mail:
@@ -554,17 +561,17 @@ async def test_the_message_is_built_once_in_the_outboxs_charset(
 
     monkeypatch.setattr(pipeline_module, "build_mail", counted)
     outbox = dataclasses.replace(
-        outbox_from_url("smtp://127.0.0.1:2525", name="o1"), charset="iso-8859-1"
+        outbox_from_url("smtp://127.0.0.1:2525", name="o1"), charset=outbox_charset
     )
     rig = Rig(sender=SenderDouble(outbox))
     body = encode(job(to=["a@example.org", "b@example.org"], text="Grüße aus Köln"))
     outcome = await rig.process(body)
     assert isinstance(outcome, Sent)
-    assert builds == ["iso-8859-1"]
+    assert builds == builds_expected
     mail = rig.sender.handed[0].mail
-    assert mail.message.get_content_charset() == "iso-8859-1"
+    assert mail.message.get_content_charset() == builds_expected[-1]
     assert mail.message.get_content().rstrip("\n") == "Grüße aus Köln"
-    assert b'charset="iso-8859-1"' in mail.wire
+    assert f'charset="{builds_expected[-1]}"'.encode() in mail.wire
     assert rig.sender.handed[0].sender == "sender@example.com"
 
 
@@ -599,8 +606,10 @@ async def test_a_message_over_the_size_limit_is_dead_too_large() -> None:
     assert isinstance(outcome, Dead)
     assert outcome.reason == "too_large"
     record = rig.store.called("mark_failed")
-    assert (record["status"], record["reason"], record["outbox"]) == ("dead", "too_large", "o1")
+    assert (record["status"], record["reason"], record["outbox"]) == ("dead", "too_large", None)
     assert rig.sender.handed == []
+    assert rig.picker is not None
+    assert rig.picker.chosen == []  # no outbox turn and no token for a message that never goes
 
 
 # The hand-over and its record.

@@ -142,7 +142,7 @@ async def test_four_workers_share_one_limit(
     """4 worker processes, 5/second with burst 2, 60 jobs at once: never more than 5 + 2 - 1
     tokens in any second of MongoDB's clock, all delivered, none dead, close to the cap's
     pace by the SMTP server's clock. (Receive times alone can bunch when a loaded machine
-    delays a send after its token: README, "Providers".)
+    delays a send after its token: deploy/README.md, "Providers and rate limits".)
     """
     burst, count = 2, 60
     names = Names(settings.prefix)

@@ -4,7 +4,6 @@ worker runs every delivery under, tried with an in-process delivery double.
 
 from __future__ import annotations
 
-import asyncio
 from typing import cast
 
 import pytest
@@ -48,7 +47,7 @@ async def guarded(delivery: Delivery, fail: str | None, settle: str | None) -> N
         (None, "ack", ["ack"]),  # settled as usual: left alone
         ("error", None, ["requeue"]),  # raised before settling: returned to its queue
         ("error", "ack", ["ack"]),  # raised after settling: not settled twice
-        (None, None, ["requeue"]),  # ended without settling (a failed publish): returned
+        (None, None, []),  # left unsettled on purpose (its copies failed): waits for the channel
     ],
 )
 async def test_a_delivery_is_settled_once(
@@ -57,15 +56,3 @@ async def test_a_delivery_is_settled_once(
     delivery = Delivery()
     await guarded(delivery, fail, settle)
     assert delivery.settlements == settlements
-
-
-async def test_a_cancelled_delivery_is_returned() -> None:
-    """A delivery still in hand when the worker's drain gives up goes back to its queue."""
-    delivery = Delivery()
-
-    async def handling() -> None:
-        raise asyncio.CancelledError
-
-    with pytest.raises(asyncio.CancelledError):
-        await settled_once(cast(AbstractIncomingMessage, delivery), handling())
-    assert delivery.settlements == ["requeue"]

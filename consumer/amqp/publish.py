@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange
 
+from consumer.clock import utcnow
 from consumer.core.headers import DELAY_HEADER
 from consumer.core.message import json_body
 from consumer.core.names import DIRECT_REPLY_TO, SEND_KEY, Names
@@ -38,7 +38,7 @@ def job_message(
         headers=headers,
         reply_to=reply_to,
         correlation_id=correlation_id,
-        timestamp=datetime.now(UTC),  # where end-to-end latency is measured from
+        timestamp=utcnow(),  # where end-to-end latency is measured from
     )
 
 

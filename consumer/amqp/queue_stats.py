@@ -9,7 +9,6 @@ interval (5 s by default).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -17,24 +16,13 @@ import aio_pika
 import httpx
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from consumer.core.status import Figures, QueueFigures
 from consumer.errors import ManagementError
 from consumer.settings import Settings, redact_url
 
 Source = Literal["management", "amqp"]
 _COLUMNS = "name,messages_ready,messages_unacknowledged,consumers"
 TIMEOUT = 10.0  # seconds for the management API to answer
-
-
-@dataclass(frozen=True)
-class QueueFigures:
-    """One queue: messages ready, delivered but unacknowledged (None when unknown), consumers."""
-
-    ready: int
-    unacked: int | None
-    consumers: int
-
-
-Figures = dict[str, QueueFigures | None]  # None: the queue does not exist
 
 
 def vhost_of(amqp_url: str) -> str:

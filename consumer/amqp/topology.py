@@ -1,4 +1,6 @@
-"""AMQP names and their idempotent declaration (consumer/README.md, "AMQP contract")."""
+"""Declaring the exchanges and queues named in :mod:`consumer.core.names`, idempotently
+(consumer/README.md, "AMQP contract").
+"""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ class Part:
 
 @dataclass(frozen=True)
 class Content:
-    """Everything :func:`consumer.mime.build_message` needs besides the job's headers."""
+    """Everything :func:`consumer.core.mime.build_message` needs besides the job's headers."""
 
     subject: str
     text: str | None

@@ -244,7 +244,7 @@ def daemon_reply(status: DaemonStatus, data: Any, message: Any) -> bytes:
 
 def daemon_status_reply(today: Mapping[str, Any], domain: str) -> bytes:
     """The old ``status`` answer, ``{"sent", "failed"}``, for the gateway's domain since
-    midnight UTC (``today`` as :func:`consumer.status.today_of` folds it); failed counts
+    midnight UTC (``today`` as :func:`consumer.service.status.today_of` folds it); failed counts
     dead jobs too.
     """
     counts = today["by_domain"].get(domain, {})

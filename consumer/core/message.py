@@ -216,7 +216,7 @@ DomainName = Annotated[
 
 
 class Job(BaseModel):
-    """A mail job, version 1 of the AMQP contract (consumer/README.md, "AMQP contract")."""
+    """A mail job, version 1 of the mailbus AMQP contract."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, title="mailbus job v1")
 

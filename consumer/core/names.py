@@ -65,11 +65,7 @@ class Names:
 
 
 SEND_KEY = "send"
-
-
 SEND_NOW_KEY = "send.now"
-
-
 CONTROL_KEY = "control"
 
 

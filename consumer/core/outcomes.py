@@ -86,7 +86,9 @@ class Later:
 
 @dataclass(frozen=True)
 class Crashed:
-    """Processing raised unexpectedly; the broker redelivers it (bounded by its delivery limit)."""
+    """Processing raised unexpectedly, or met a record no claim leaves behind; the broker
+    redelivers it (bounded by its delivery limit).
+    """
 
     ctx: Context
     error: str

@@ -3,7 +3,7 @@
 Templates are written by operators but rendered with data from jobs, so rendering runs in
 Jinja2's immutable sandbox (no attribute escapes, no mutation of the data), undefined
 variables are errors rather than empty strings, and HTML is autoescaped. A subject is
-rendered like text and must be one header line (:func:`consumer.message.header_problem`).
+rendered like text and must be one header line (:func:`consumer.core.message.header_problem`).
 
 The sandbox is bounded as well (:class:`BoundedSandbox`): a value that would be larger
 than the output may be is refused before it is made (``{{ name * 400000000 }}`` costs

@@ -11,7 +11,6 @@ JobStatus = Literal["scheduled", "queued", "sending", "sent", "failed", "dead", 
 FinalStatus = Literal["sent", "failed", "dead", "cancelled"]
 STATUSES: Final[tuple[JobStatus, ...]] = get_args(JobStatus)
 WAITING: Final[tuple[JobStatus, ...]] = ("queued", "scheduled")
-FINAL: Final[tuple[FinalStatus, ...]] = get_args(FinalStatus)
 
 
 def final_status(status: JobStatus) -> FinalStatus | None:

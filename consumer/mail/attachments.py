@@ -1,6 +1,6 @@
 """A job's attachments read into memory: inline base64, a local file inside the allowed
 directories, or a URL (see :mod:`consumer.mail.fetch`). Every refusal is an
-:class:`~consumer.errors.AttachmentError` naming the attachment.
+:class:`~consumer.core.refusals.AttachmentError` naming the attachment.
 
 What a job may make a worker hold is bounded before it is spent: the number of
 attachments and the sizes they declare (inline data, files on disk) are checked before

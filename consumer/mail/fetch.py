@@ -212,7 +212,7 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
 def filename_of(url: httpx.URL, disposition: str | None = None) -> str | None:
     """The name the server gives the body: its ``Content-Disposition`` filename, else the
     last segment of the URL's (decoded) path. Raw: a server may put anything in either,
-    so it is cleaned before use (:func:`consumer.attachments.clean_filename`).
+    so it is cleaned before use (:func:`consumer.mail.attachments.clean_filename`).
     """
     if disposition:
         header = Message()

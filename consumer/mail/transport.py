@@ -39,7 +39,9 @@ class Sender(Protocol):
         ...
 
     async def send(self, mail: Mail, sender: str, recipients: list[str]) -> SendResult:
-        """Hand ``mail`` over for ``recipients``; raises on failure (see retry.classify)."""
+        """Hand ``mail`` over for ``recipients``; raises on failure, classified by
+        :func:`consumer.mail.failures.classify`.
+        """
         ...
 
     async def close(self) -> None:

@@ -24,14 +24,13 @@ from consumer.amqp.publish import Replies, job_message, jobs_exchange
 from consumer.clock import utcnow
 from consumer.core import legacy
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
+from consumer.core.status import start_of_day, today_of
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAddresses
 from consumer.service.authorization import Authority, Authorizer, VerifiedKeys, broker_login
-from consumer.service.status import start_of_day, today_of
 from consumer.settings import Settings
-from consumer.store.domains import DomainStore
-from consumer.store.jobs import JobStore
+from consumer.store.mongo import Mongo
 
 log = get_logger(__name__)
 REST_PATHS = ("/api/mail", "/api/mail/new")
@@ -165,16 +164,17 @@ class Gateway:
 
     def __init__(
         self,
+        *,
         settings: Settings,
         exchange: AbstractExchange,
         replies: Replies,
-        jobs: JobStore,
+        mongo: Mongo,
     ) -> None:
         self.settings = settings
         self.exchange = exchange
         self.replies = replies
-        self.jobs = jobs
-        self.authorizer = Authorizer(DomainStore(jobs.database), open_domains=settings.open_domains)
+        self.jobs = mongo.jobs
+        self.authorizer = Authorizer(mongo.domains, open_domains=settings.open_domains)
         self.user = broker_login(settings.amqp_url.get_secret_value())
         self.limit = settings.gateway_max_request_bytes
         self.waited = settings.gateway_wait_seconds
@@ -203,7 +203,7 @@ class Gateway:
         connection: AbstractRobustConnection = await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value()
         )
-        async with connection, JobStore.connect(settings) as jobs:
+        async with connection, Mongo.connect(settings) as mongo:
             channel = await connection.channel(publisher_confirms=True)
             names = Names(settings.prefix)
             # As a worker does: a gateway started first must not publish into nothing.
@@ -211,7 +211,7 @@ class Gateway:
             replies = Replies(channel)
             await replies.start()
             exchange = await jobs_exchange(channel, names)
-            yield cls(settings, exchange, replies, jobs)
+            yield cls(settings=settings, exchange=exchange, replies=replies, mongo=mongo)
 
     async def publish(self, job: Mapping[str, Any], *, now: bool) -> tuple[str, Any]:
         """Publish ``job`` as the gateway's broker user. With ``now``, to ``send.now`` and

@@ -76,10 +76,6 @@ class Attempt:
     ctx: Context
     details: Document = field(default_factory=dict)
 
-    def learn(self, **known: Any) -> None:
-        """Add what is now known of the job to the context its outcome reports."""
-        self.ctx = dataclasses.replace(self.ctx, **known)
-
 
 class Pipeline:
     """Turns one delivery into an outcome: parse, schedule, claim, build, send, record."""
@@ -205,8 +201,8 @@ class Pipeline:
                 self._sending.discard(job_id)
 
     async def _deliver(self, attempt: Attempt) -> Outcome:
-        """The steps of a claimed job: its recipients, its content, an outbox, the message
-        (built once, in the outbox's charset), the hand-over.
+        """The steps of a claimed job: its recipients, its message, an outbox, the
+        hand-over.
         """
         recipients = await self._recipients(attempt)
         if not recipients:
@@ -214,18 +210,20 @@ class Pipeline:
             return await self._dead(
                 attempt, "suppressed", f"every recipient is suppressed: {suppressed}"
             )
-        # Gathered before the outbox is chosen: a token is taken as close to the send as
-        # can be.
+        # Built before the outbox is chosen: a token is taken as close to the send as can
+        # be, and a message that can never be sent takes none.
         try:
             content = await self.composer.compose(attempt.job)
+            if content.template is not None:
+                name, version = content.template
+                attempt.details["template"] = {"name": name, "version": version}
+                attempt.ctx = dataclasses.replace(attempt.ctx, template=content.template)
+            charset = attempt.job.charset or "utf-8"
+            mail = self._build(attempt, content, charset)
         except DeadLetterError as exc:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
             return await self._failed(attempt, classify(exc))
-        if content.template is not None:
-            name, version = content.template
-            attempt.details["template"] = {"name": name, "version": version}
-            attempt.learn(template=content.template)
         try:
             choice = await self._choose(attempt)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
@@ -234,14 +232,17 @@ class Pipeline:
             error = f"no outbox for domain {attempt.job.domain} and no MAILBUS_DEFAULT_SMTP_URL"
             return await self._dead(attempt, "no_outbox", error)
         pool = choice.pool
-        attempt.learn(outbox=pool.outbox.name, provider=pool.outbox.provider)
-        structlog.contextvars.bind_contextvars(outbox=pool.outbox.name)
+        outbox = pool.outbox
+        attempt.ctx = dataclasses.replace(attempt.ctx, outbox=outbox.name, provider=outbox.provider)
+        structlog.contextvars.bind_contextvars(outbox=outbox.name)
         if choice.throttle is not None:
             return await self._throttled(attempt, choice.throttle)
-        try:
-            mail = self._build(attempt, content, pool.outbox.charset)
-        except DeadLetterError as exc:
-            return await self._dead(attempt, exc.reason, str(exc))
+        if attempt.job.charset is None and outbox.charset not in (None, charset):
+            # The one case for a second build: an outbox that asks for its own charset.
+            try:
+                mail = self._build(attempt, content, outbox.charset)
+            except DeadLetterError as exc:
+                return await self._dead(attempt, exc.reason, str(exc))
         return await self._send(attempt, pool, mail, recipients)
 
     async def _recipients(self, attempt: Attempt) -> list[str]:
@@ -255,8 +256,7 @@ class Pipeline:
             attempt.details["suppressed"] = sorted(suppressed)
         return [r for r in owed if r.lower() not in suppressed]
 
-    def _build(self, attempt: Attempt, content: Content, outbox_charset: str | None) -> Mail:
-        charset = attempt.job.charset or outbox_charset or "utf-8"
+    def _build(self, attempt: Attempt, content: Content, charset: str) -> Mail:
         return build_mail(
             attempt.job,
             attempt.job_id,

@@ -1,93 +1,25 @@
-"""What ``mailbus status`` reports: queues, the delay ladder, today's outcomes, tokens
-left per provider and the last errors, gathered into one JSON-ready dictionary.
+"""What ``mailbus status`` reports, read from RabbitMQ and MongoDB into one JSON-ready
+dictionary (shaped by :mod:`consumer.core.status`).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from datetime import datetime, time
+from datetime import datetime
 from typing import Any
 
-from consumer.amqp.queue_stats import Figures, queue_figures
-from consumer.core import ladder
+from consumer.amqp.queue_stats import queue_figures
 from consumer.core.names import Names
+from consumer.core.status import (
+    LAST_ERRORS,
+    error_of,
+    ladder_of,
+    queues_of,
+    start_of_day,
+    today_of,
+)
 from consumer.settings import Settings
-from consumer.store.jobs import Document, JobStore
-from consumer.store.outboxes import OutboxStore
-from consumer.store.providers import ProviderStore, tokens_of
-
-OUTCOMES = ("sent", "failed", "dead")
-LAST_ERRORS = 10
-
-
-def start_of_day(now: datetime) -> datetime:
-    """Midnight (UTC) of ``now``'s day: "today" for the counts."""
-    return datetime.combine(now.date(), time(0), tzinfo=now.tzinfo)
-
-
-def queues_of(names: Names, figures: Figures) -> list[dict[str, Any]]:
-    """The send, control and dead-letter queues, each with its figures (None: missing)."""
-    rows = []
-    for name in (names.send_queue, names.send_now_queue, names.control_queue, names.dead):
-        found = figures.get(name)
-        rows.append({"name": name, **(vars(found) if found else {"missing": True})})
-    return rows
-
-
-def ladder_of(names: Names, figures: Figures) -> dict[str, Any]:
-    """Mails waiting in the delay ladder, in all and per level holding any."""
-    levels = {}
-    for level in range(ladder.LEVELS - 1, -1, -1):
-        found = figures.get(names.delay(level))
-        count = found.ready + (found.unacked or 0) if found else 0
-        if count:
-            levels[str(level)] = count
-    return {"waiting": sum(levels.values()), "levels": levels}
-
-
-def today_of(
-    rows: Iterable[Document], providers: Mapping[str, str], since: datetime
-) -> dict[str, Any]:
-    """Fold counts by (status, domain, outbox) into totals and per domain, outbox and
-    provider (``providers`` maps outbox names to theirs).
-    """
-    totals = dict.fromkeys(OUTCOMES, 0)
-    by: dict[str, dict[str, dict[str, int]]] = {
-        kind: defaultdict(lambda: dict.fromkeys(OUTCOMES, 0))
-        for kind in ("domain", "outbox", "provider")
-    }
-    for row in rows:
-        status, count = row["status"], int(row["count"])
-        totals[status] += count
-        outbox = row.get("outbox")
-        keys = {
-            "domain": row.get("domain"),
-            "outbox": outbox,
-            "provider": providers.get(outbox or ""),
-        }
-        for kind, key in keys.items():
-            if key:
-                by[kind][key][status] += count
-    return {
-        "since": since.isoformat(),
-        **totals,
-        **{f"by_{kind}": dict(sorted(counts.items())) for kind, counts in by.items()},
-    }
-
-
-def error_of(doc: Document) -> dict[str, Any]:
-    """One line of "last errors"."""
-    return {
-        "id": doc["_id"],
-        "at": doc.get("updated_at"),
-        "status": doc.get("status"),
-        "reason": doc.get("reason"),
-        "domain": doc.get("domain"),
-        "outbox": doc.get("outbox"),
-        "attempts": doc.get("attempts", 0),
-        "error": doc.get("last_error"),
-    }
+from consumer.store.mongo import Mongo
+from consumer.store.providers import tokens_of
 
 
 async def gather(settings: Settings, now: datetime) -> dict[str, Any]:
@@ -95,11 +27,11 @@ async def gather(settings: Settings, now: datetime) -> dict[str, Any]:
     names = Names(settings.prefix)
     source, figures = await queue_figures(settings, names.queues())
     since = start_of_day(now)
-    async with JobStore.connect(settings) as jobs:
-        counts = await jobs.finished_since(since)
-        errors = await jobs.last_errors(LAST_ERRORS)
-        outboxes = await OutboxStore(jobs.database).find()
-        providers = await ProviderStore(jobs.database).find()
+    async with Mongo.connect(settings) as mongo:
+        counts = await mongo.jobs.finished_since(since)
+        errors = await mongo.jobs.last_errors(LAST_ERRORS)
+        outboxes = await mongo.outboxes.find()
+        providers = await mongo.providers.find()
     provider_of = {o["_id"]: o["provider"] for o in outboxes if o.get("provider")}
     return {
         "at": now.isoformat(),

@@ -20,6 +20,7 @@ from consumer.amqp.outgoing import Outgoing, copy_of
 from consumer.amqp.publish import job_message
 from consumer.clock import REMEASURE_SECONDS, StoreClock, utcnow
 from consumer.core import ladder
+from consumer.core.control import Request, Result, parse_request
 from consumer.core.events import Event, event_for, reply_for
 from consumer.core.names import CONTROL_KEY, Names
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
@@ -56,7 +57,7 @@ MAX_HOLDS = 3
 # fail while MongoDB blips, a few times before the lease could run out.
 RENEWALS_PER_LEASE = 4
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
-Settled = Outcome | control.Result
+Settled = Outcome | Result
 
 
 class Worker:
@@ -294,7 +295,7 @@ class Worker:
         headers = self._intake(message).headers
         authority = Authority(message.user_id)
         try:
-            request = control.parse_request(message.body, max_bytes=self.settings.max_job_bytes)
+            request = parse_request(message.body, max_bytes=self.settings.max_job_bytes)
         except InvalidJobError as exc:
             result = Dead(Context(message.message_id), exc.reason, str(exc))
         else:
@@ -306,8 +307,8 @@ class Worker:
         await self._settle(message, result, CONTROL_KEY, headers, [], started, authority)
 
     async def _execute(
-        self, request: control.Request, message: AbstractIncomingMessage
-    ) -> control.Result | Crashed:
+        self, request: Request, message: AbstractIncomingMessage
+    ) -> Result | Crashed:
         while True:
             try:
                 refused = await control.refusal(
@@ -339,7 +340,8 @@ class Worker:
         started: float,
         authority: Authority,
     ) -> None:
-        """The one place a delivery is acked or nacked: after everything it caused is durable.
+        """The one place a delivery is acked or nacked for its outcome, after everything it
+        caused is durable (:func:`settled_once` only returns one whose handling raised).
 
         A job that must wait goes back by way of the ladder to the queue of ``key``, with
         ``headers`` (its due time made absolute) and its ``authority`` sealed on;
@@ -355,7 +357,7 @@ class Worker:
                 # Returned once more, the broker would dead-letter the delivery as it came,
                 # domain key and all: the worker does it, the way it does every dead letter.
                 outcome = Dead(outcome.ctx, "delivery_limit", outcome.error)
-            if isinstance(outcome, control.Result):
+            if isinstance(outcome, Result):
                 publishes = [out.reply(message, outcome.as_dict())]
                 if outcome.unauthorized:
                     publishes.append(
@@ -540,18 +542,18 @@ class Worker:
 async def settled_once(
     message: AbstractIncomingMessage, handling: Coroutine[Any, Any, None]
 ) -> None:
-    """Run ``handling``, which settles ``message`` through :meth:`Worker._settle`; whatever
-    it raises, or if it ends without settling, the delivery is returned to its queue here
-    (the broker's delivery limit bounds the returns), never left held until the channel
-    closes. A delivery is settled once: what was acked or nacked is left alone.
+    """Run ``handling``, which settles ``message`` through :meth:`Worker._settle`. If it
+    raises before the delivery is settled, the delivery is returned to its queue here
+    (the broker's delivery limit bounds the returns), never held until the channel closes.
+    A delivery is settled once: what was acked or nacked is left alone, and one that
+    ``_settle`` chose to leave unsettled (its copies could not be published) waits for
+    the channel, as it says.
     """
     try:
         await handling
     except Exception:
         log.exception("delivery.crashed")
-    finally:
         if not message.processed:
-            log.warning("delivery.returned", message_id=message.message_id)
             with contextlib.suppress(*_BROKER_ERRORS):
                 await message.nack(requeue=True)
 
@@ -611,6 +613,6 @@ def _log_outcome(outcome: Outcome, seconds: float) -> None:
         case Skip(why=why):
             log.info("job.skipped", result="skipped", why=why, duration_ms=took)
         case Crashed():
-            pass  # logged where it was caught, with its traceback
+            pass  # logged where it arose
         case _:
             assert_never(outcome)

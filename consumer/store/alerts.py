@@ -1,4 +1,4 @@
-"""The record of dead letters already reported in an admin digest."""
+"""The ``alerts`` collection: dead letters waiting for an admin digest, and those reported."""
 
 from __future__ import annotations
 

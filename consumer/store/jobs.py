@@ -39,7 +39,7 @@ from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
 from consumer.core.ratelimit import Reservation
-from consumer.core.vocabulary import FINAL, WAITING, DeadReason, FinalStatus, JobStatus
+from consumer.core.vocabulary import WAITING, DeadReason, FinalStatus, JobStatus, final_status
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.settings import Settings
 from consumer.store.batches import Batcher
@@ -193,10 +193,11 @@ def _held(job_id: str | Document, worker_id: str) -> Document:
 
 
 # What a final record (sent, failed, dead, cancelled) lets go of: the fields of a job still
-# on its way (its lease, wake-up time, body, recipients still owed, place in a provider's
-# queue). It keeps what it was and why (status, reason, last_error, smtp, refused, outbox,
-# attempts, domain, history) until ``expire_at``, the retention after it ended.
-_WORKING_FIELDS = ("lease_until", "ready_at", "body", "pending", "reserved")
+# on its way (its lease, wake-up time, body, place in a provider's queue). It keeps what it
+# was and why (status, reason, last_error, smtp, refused, outbox, attempts, domain,
+# history) until ``expire_at``, the retention after it ended, and, unless it was sent,
+# ``pending``: who was still owed the mail after a partial delivery.
+_WORKING_FIELDS = ("lease_until", "ready_at", "body", "reserved")
 
 
 def _finished(
@@ -205,7 +206,7 @@ def _finished(
     """The update that makes a record final with ``fields`` set, its history noting it."""
     return {
         "$set": {**fields, "status": status, "updated_at": now, "expire_at": now + retention},
-        "$unset": dict.fromkeys(_WORKING_FIELDS, ""),
+        "$unset": dict.fromkeys(_WORKING_FIELDS + (("pending",) if status == "sent" else ()), ""),
         "$push": {"history": _history(status, now, **noted)},
     }
 
@@ -226,7 +227,9 @@ def _found(doc: Document, domain: str) -> Claim:
     if status == "sending":
         return Claim(ClaimState.LEASED, status, attempts, lease_until=doc.get("lease_until"))
     if status in WAITING:
-        return Claim(ClaimState.WAITING, status, attempts, due_at=doc.get("due_at"))
+        # A replayed record has no due time, only the moment it may be claimed from.
+        due_at = doc.get("due_at") or doc.get("ready_at")
+        return Claim(ClaimState.WAITING, status, attempts, due_at=due_at)
     return Claim(ClaimState.DONE, status, attempts)
 
 
@@ -416,7 +419,9 @@ class JobStore:
                 )
             found = await self._lookup(job_id)
             attempts = int(found.get("attempts", 0)) if found is not None else 0
-            spent = found is not None and found["status"] not in FINAL and attempts >= limit
+            spent = (
+                found is not None and final_status(found["status"]) is None and attempts >= limit
+            )
             if spent and await self._exhaust(query, limit, attempts, now):
                 return Claim(ClaimState.EXHAUSTED, "dead", attempts)
         if found is None:  # removed by retention between the two calls: claim anew
@@ -436,17 +441,13 @@ class JobStore:
         error = exhausted_error(attempts)
         result = await self.jobs.update_one(
             {**claimable, "attempts": {"$gte": limit}},
-            {
-                "$set": {
-                    "status": "dead",
-                    "reason": "delivery_limit",
-                    "last_error": error,
-                    "updated_at": now,
-                    "expire_at": now + self._retention,
-                },
-                "$unset": {"lease_until": "", "ready_at": "", "body": "", "reserved": ""},
-                "$push": {"history": _history("dead", now, reason="delivery_limit")},
-            },
+            _finished(
+                "dead",
+                now,
+                self._retention,
+                {"reason": "delivery_limit", "last_error": error},
+                reason="delivery_limit",
+            ),
         )
         return result.modified_count == 1
 

@@ -48,7 +48,7 @@ def _earliest(limits: object, field: str) -> Document:
 
 
 def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
-    """:func:`consumer.ratelimit.take`, as an update pipeline the server runs atomically.
+    """:func:`consumer.core.ratelimit.take`, as an update pipeline the server runs atomically.
 
     The outcome is left in ``last_take`` for the caller: ``now``, the ``granted`` tokens'
     slots, the ``queued`` wake-up slots handed out, and ``next``, when a refused job may
@@ -259,7 +259,7 @@ class ProviderStore:
     async def take(
         self, name: str, mode: Mode, count: int = 1, horizon_us: int = 0
     ) -> list[Grant] | None:
-        """:func:`consumer.ratelimit.take` on ``name``'s buckets, at the server's clock, in
+        """:func:`consumer.core.ratelimit.take` on ``name``'s buckets, at the server's clock, in
         one atomic command: one grant per job, in order.
 
         None when no such provider is defined: its outboxes send without a limit.

@@ -99,5 +99,5 @@ async def settle(
 
 
 def write_report(accounts: Sequence[Account], path: Path) -> None:
-    """The accounts as JSON, for the README's reliability figures."""
+    """The accounts as JSON, for the reliability figures in tests/README.md."""
     path.write_text(json.dumps([asdict(a) for a in accounts], indent=2) + "\n")

@@ -1,7 +1,7 @@
 """A flood: tens of thousands of jobs published at once. Each worker holds only its
 prefetch, so its memory stays flat whatever the backlog; the broker keeps the rest;
 nothing is lost. ``RELIABILITY_FLOOD_JOBS`` sets the size (3,000 by default, to keep
-the suite short; the README reports a 50,000 run).
+the suite short; tests/README.md reports a 50,000 run).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumer import clock as store_clock
+from consumer import clock as clock_module
 from consumer.clock import StoreClock, offset_from, utcnow
 from consumer.store.jobs import JobStore
 
@@ -29,7 +29,7 @@ async def test_the_sample_with_the_shortest_round_trip_wins(
     # second took 10 ms and says 3 s ahead; the slow ones would say otherwise.
     ours = iter([T0, T0 + 100 * ms, T0 + 200 * ms, T0 + 210 * ms, T0 + 300 * ms, T0 + 400 * ms])
     theirs = iter([T0 + 9050 * ms, T0 + 3205 * ms, T0 + 9350 * ms])
-    monkeypatch.setattr(store_clock, "utcnow", lambda: next(ours))
+    monkeypatch.setattr(clock_module, "utcnow", lambda: next(ours))
 
     async def read() -> datetime:
         return next(theirs)
