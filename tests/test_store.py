@@ -252,3 +252,39 @@ async def test_a_job_known_to_have_a_record_is_claimed_without_an_insert(
     record = await store.get("never-recorded")
     assert record is not None
     assert (record["status"], record["worker"]) == ("sending", "w1")
+
+
+async def test_records_carry_two_indexes_and_an_upgrade_drops_the_retired_ones(
+    store: JobStore,
+) -> None:
+    """Each secondary index costs every write of every mail: the records keep the TTL and
+    (status, updated_at), and the two an earlier version declared go at start-up.
+    """
+    await store.jobs.create_index([("status", 1), ("due_at", 1)])
+    await store.jobs.create_index("updated_at")
+    await store.ensure_indexes()
+    indexes = await store.jobs.index_information()
+    assert sorted(indexes) == ["_id_", "expire_at_1", "status_1_updated_at_-1"]
+    await store.ensure_indexes()  # idempotent
+    assert sorted(await store.jobs.index_information()) == sorted(indexes)
+
+
+async def test_listings_come_in_their_order_from_the_one_index(store: JobStore) -> None:
+    """Without a status, newest change first across every status; scheduled ones soonest
+    due first.
+    """
+    now = utcnow()
+    for n, status in enumerate(["sent", "scheduled", "failed", "scheduled", "dead"]):
+        await store.jobs.insert_one(
+            {
+                "_id": f"list-{n}",
+                "status": status,
+                "domain": "example.com",
+                "updated_at": now + timedelta(seconds=n),
+                "due_at": now + timedelta(minutes=10 - n),
+            }
+        )
+    newest_first = [r["_id"] for r in await store.find()]
+    assert newest_first == ["list-4", "list-3", "list-2", "list-1", "list-0"]
+    soonest_first = [r["_id"] for r in await store.find("scheduled")]
+    assert soonest_first == ["list-3", "list-1"]
