@@ -227,3 +227,24 @@ def test_a_non_ascii_address_in_any_header_makes_the_headers_raw_utf8() -> None:
     ascii_mail = serialize(build_message(plain, "j1", NOW, Content.of(plain), "utf-8"), 10**6)
     assert not ascii_mail.utf8
     assert ascii_mail.wire.isascii()
+
+
+def test_a_header_set_again_to_the_same_text_is_parsed_once_and_stays_its_own() -> None:
+    """Messages share the parse of a repeated header (the sender and recipient of every
+    mail of a campaign); replacing it in one message leaves the others' alone.
+    """
+
+    def made(subject: str) -> EmailMessage:
+        body = job(subject=subject, **{"from": {"email": "news@example.com", "name": "Néws"}})
+        parsed = Job.model_validate(body)
+        return build_message(parsed, subject, NOW, Content.of(parsed))
+
+    first, second = made("One"), made("Two")
+    assert first["From"] is second["From"]
+    assert first["To"] is second["To"]
+    assert first["Subject"] is not second["Subject"]
+    second.replace_header("From", "Other <other@example.com>")
+    assert str(first["From"]) == "Néws <news@example.com>"
+    assert first["From"].addresses[0].addr_spec == "news@example.com"
+    assert str(wire(first)["From"]) == "Néws <news@example.com>"
+    assert str(wire(second)["From"]) == "Other <other@example.com>"
