@@ -7,6 +7,7 @@ the ``email`` package's own rule (:func:`header_problem`), and addresses are che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -91,10 +92,16 @@ HeaderText = Annotated[str, AfterValidator(_no_crlf)]
 def _check_email(value: str) -> str:
     _no_crlf(value)
     try:
-        checked = validate_email(value, check_deliverability=False)
+        return _normalized(value)
     except EmailNotValidError as exc:
         raise ValueError(f"invalid email address {value!r}: {exc}") from None
-    return checked.normalized
+
+
+# The same senders and recipients come mail after mail: each address is checked once, in a
+# bounded cache (an address is at most 254 characters, and a refused one is not kept).
+@functools.lru_cache(maxsize=4096)
+def _normalized(value: str) -> str:
+    return validate_email(value, check_deliverability=False).normalized
 
 
 def charset_name(value: str) -> str:
