@@ -3,9 +3,11 @@
 Every part is real and on loopback: RabbitMQ, SecantusDB, SMTP sinks (Postfix's
 ``smtp-sink`` for throughput, aiosmtpd where each mail's arrival time matters) and
 ``mailbus worker`` as its own process, as in production. Measured: throughput with one
-and two workers beside the C and Python SMTP ceilings, with a 100 KB attachment too,
-MongoDB commands and AMQP bytes per mail, RSS and CPU (with a soak run), the lateness of
-scheduled mail (one worker), and the accuracy of a provider's rate limit (several).
+and two workers beside the C and Python SMTP ceilings and a Celery peer (prefork x2,
+``EmailMessage`` and ``smtplib``: ``deploy/bench/celery_app.py``), with a 100 KB
+attachment too, MongoDB commands and AMQP bytes per mail, RSS and CPU (with a soak run),
+the lateness of scheduled mail (one worker), and the accuracy of a provider's rate limit
+(several).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import aio_pika
 from consumer.amqp import topology
 from consumer.core.names import Names
 from consumer.settings import Settings
-from deploy.bench import lateness, rate_limit, throughput
+from deploy.bench import celery_peer, lateness, rate_limit, throughput
 from deploy.bench.process_stats import descendants
 from deploy.bench.smtp_sink import SmtpSink
 from deploy.devstack.mongo import PrivateMongo
@@ -98,10 +100,22 @@ async def _throughput(
         results: dict[str, Any] = {}
         if "throughput" in scenarios:
             results["references"] = await throughput.references(stack, args.mails, pool, args.size)
+            amqp_url = settings.amqp_url.get_secret_value()
+            peer = await celery_peer.measure(
+                amqp_url, sink, args.mails, args.size, base / "celery-peer.log", servers
+            )
+            results["celery_peer"] = peer
             one = await throughput.run(stack, "tp1", 1, args.mails, args.size)
             two = await throughput.run(stack, "tp2", 2, args.mails, args.size)
             loop_rate = results["references"]["aiosmtplib_loop_per_second"]
             one["ratio_to_aiosmtplib_loop"] = round(one["mails_per_second"] / loop_rate, 3)
+            # Side by side in one run: mailbus's throughput and CPU per mail over the peer's.
+            one["ratio_to_celery_peer"] = round(
+                one["mails_per_second"] / peer["mails_per_second"], 3
+            )
+            one["cpu_ratio_to_celery_peer"] = round(
+                one["cpu_seconds_per_1000_mails"] / peer["cpu_seconds_per_1000_mails"], 3
+            )
             two["ratio_to_one_worker"] = round(two["mails_per_second"] / one["mails_per_second"], 3)
             results["one_worker"], results["two_workers"] = one, two
         if "attachment" in scenarios:

@@ -50,3 +50,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   rm -f "$log"
   touch "$stamp"
 fi
+# The benchmark's Celery peer: a bench-only dependency.
+if [ "${1:-}" = bench ] && ! .venv/bin/python -c 'import celery' 2>/dev/null; then
+  echo "bootstrap: installing the benchmark's extras (Celery)"
+  .venv/bin/python -m pip install -q -e '.[dev,bench]' >/dev/null
+fi
