@@ -288,3 +288,22 @@ async def test_listings_come_in_their_order_from_the_one_index(store: JobStore) 
     assert newest_first == ["list-4", "list-3", "list-2", "list-1", "list-0"]
     soonest_first = [r["_id"] for r in await store.find("scheduled")]
     assert soonest_first == ["list-3", "list-1"]
+
+
+async def test_the_sent_write_pushes_no_history_and_the_record_still_tells_it(
+    store: JobStore,
+) -> None:
+    """Every mail's last write only sets fields; the record read back (``jobs show``)
+    ends its history with the send, its time and the server's reply.
+    """
+    body = Job.model_validate(job())
+    assert (await store.claim("h1", body, "w1")).state is ClaimState.CLAIMED
+    reply = {"code": 250, "message": "2.0.0 queued"}
+    assert await store.mark_sent("h1", "w1", reply, {})
+    stored = await store.jobs.find_one({"_id": "h1"})
+    assert stored is not None
+    assert [h["event"] for h in stored["history"]] == ["claimed"]
+    record = await store.get("h1")
+    assert record is not None
+    assert [h["event"] for h in record["history"]] == ["claimed", "sent"]
+    assert record["history"][-1] == {"at": record["sent_at"], "event": "sent", "smtp": reply}

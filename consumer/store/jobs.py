@@ -177,7 +177,15 @@ def _record(doc: Document) -> JobRecord: ...
 @overload
 def _record(doc: Document | None) -> JobRecord | None: ...
 def _record(doc: Document | None) -> JobRecord | None:
-    """A document of the ``jobs`` collection, as the record it is."""
+    """A document of the ``jobs`` collection, as the record it is: a sent record's history
+    ends with its ``sent`` entry, made here from ``sent_at`` and ``smtp`` (written as
+    fields only, they spare every mail's last write a push onto the history array).
+    """
+    if doc is not None and doc.get("status") == "sent" and "history" in doc:
+        history = doc["history"]
+        if not history or history[-1].get("event") != "sent":
+            entry = {"at": doc.get("sent_at"), "event": "sent", "smtp": doc.get("smtp")}
+            doc["history"] = [*history, entry][-HISTORY_LENGTH:]
     return cast(JobRecord | None, doc)
 
 
@@ -213,12 +221,16 @@ _WORKING_FIELDS = ("lease_until", "ready_at", "body", "reserved")
 def _finished(
     status: FinalStatus, now: datetime, retention: timedelta, fields: Document, **noted: Any
 ) -> Document:
-    """The update that makes a record final with ``fields`` set, its history noting it."""
-    return {
+    """The update that makes a record final with ``fields`` set, its history noting it
+    (a sent one's entry is made when it is read: see :func:`_record`).
+    """
+    update: Document = {
         "$set": {**fields, "status": status, "updated_at": now, "expire_at": now + retention},
         "$unset": dict.fromkeys(_WORKING_FIELDS + (("pending",) if status == "sent" else ()), ""),
-        "$push": {"history": _history(status, now, **noted)},
     }
+    if status != "sent":
+        update["$push"] = {"history": _history(status, now, **noted)}
+    return update
 
 
 def _same_domain(domain: str) -> Document:
@@ -552,7 +564,6 @@ class JobStore:
                         "refused": refused,
                         "outbox": outbox,
                     },
-                    smtp=reply,
                 ),
             )
         )
