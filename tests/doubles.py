@@ -32,7 +32,8 @@ from consumer.service.compose import Composer
 from consumer.service.picker import Choice, OutboxPicker
 from consumer.service.pipeline import Pipeline
 from consumer.settings import Settings
-from consumer.store.jobs import Claim, ClaimState, Document, JobStore
+from consumer.store.documents import Document
+from consumer.store.jobs import Claim, ClaimState, JobStore
 from consumer.store.suppressions import SuppressionStore
 
 # The pipeline's clock, and the store's (a little ahead, so that a test can tell them apart).

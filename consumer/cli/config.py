@@ -15,8 +15,8 @@ from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
+from consumer.store.documents import Document
 from consumer.store.domains import hash_key, key_matches
-from consumer.store.jobs import Document
 from consumer.store.mongo import Mongo
 from consumer.store.outboxes import outbox_document
 from consumer.store.providers import limits_of

@@ -21,7 +21,7 @@ from consumer.core.message import Charset
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox, Security
 from consumer.core.ratelimit import Limit, parse_limit
 from consumer.errors import ConfigurationError
-from consumer.store.jobs import Document
+from consumer.store.documents import Document
 from consumer.store.providers import limits_of
 
 

@@ -20,7 +20,7 @@ from consumer.core.refusals import InvalidJobError
 from consumer.errors import ConfigurationError
 from consumer.logging import get_logger
 from consumer.store.alerts import AlertStore
-from consumer.store.jobs import Document
+from consumer.store.documents import Document
 
 log = get_logger(__name__)
 DIGEST_PREFIX = "mailbus-admin-digest-"

@@ -40,8 +40,8 @@ from consumer.core.headers import (
 from consumer.core.leases import Release, released
 from consumer.core.message import Job
 from consumer.core.schedule import to_epoch_ms
+from consumer.store.documents import Document
 from consumer.store.domains import DomainStore, key_matches
-from consumer.store.jobs import Document
 from consumer.vault import Vault
 
 # How long a worker trusts what it read of a domain: changes apply within this time.

@@ -18,7 +18,7 @@ from consumer.clock import utcnow
 from consumer.core.headers import DUE_HEADER
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.vocabulary import FAILED_REASONS
-from consumer.store.jobs import Document
+from consumer.store.documents import Document
 from consumer.store.providers import tokens_of
 
 # Seconds: an SMTP hand-over, and a mail's whole way (publish or due time to acceptance).

@@ -26,7 +26,7 @@ from consumer.core.ratelimit import MICROS, Grant, Mode, Reservation
 from consumer.mail.sendmail import SendmailPipe
 from consumer.mail.transport import Sender, SMTPPool
 from consumer.store.batches import Batcher
-from consumer.store.jobs import Document
+from consumer.store.documents import Document
 from consumer.store.outboxes import OutboxStore, outbox_from_document
 from consumer.store.providers import ProviderStore
 from consumer.vault import Vault

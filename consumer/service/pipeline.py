@@ -46,14 +46,8 @@ from consumer.service.authorization import Authority, Authorizer, without_domain
 from consumer.service.compose import Composer
 from consumer.service.picker import Choice, OutboxPicker, Throttle
 from consumer.settings import Settings
-from consumer.store.jobs import (
-    DUE_TOLERANCE,
-    Claim,
-    ClaimState,
-    Document,
-    JobStore,
-    exhausted_error,
-)
+from consumer.store.documents import Document
+from consumer.store.jobs import DUE_TOLERANCE, Claim, ClaimState, JobStore, exhausted_error
 from consumer.store.suppressions import SuppressionStore
 
 log = get_logger(__name__)

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 
 
 class AlertStore:

@@ -20,7 +20,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from consumer.clock import utcnow
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 
 # scrypt's cost: about 16 MiB and tens of milliseconds per hash, so a leaked table is slow
 # to attack; workers verify a key once and remember the answer.

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypedDict, cast, overload
@@ -33,7 +32,7 @@ from typing import Any, Literal, TypedDict, cast, overload
 from pymongo import AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from consumer.clock import utcnow
 from consumer.core.leases import Release
@@ -47,10 +46,11 @@ from consumer.core.vocabulary import (
     JobStatus,
     final_status,
 )
-from consumer.errors import StoreUnavailableError, connection_failure
+from consumer.errors import StoreUnavailableError
 from consumer.settings import Settings
 from consumer.store.batches import Batcher
 from consumer.store.commands import CommandCounter
+from consumer.store.documents import Document, answering
 
 HISTORY_LENGTH = 20
 # A scheduled job whose due time is this close is claimable: copies arrive a hair early.
@@ -58,7 +58,6 @@ DUE_TOLERANCE = timedelta(milliseconds=5)
 DUPLICATE_KEY = 11000
 # Fields never shown in listings: the stored job body and the history.
 _BULKY = {"body": 0, "history": 0}
-Document = dict[str, Any]
 
 
 class ClaimState(enum.Enum):
@@ -105,19 +104,6 @@ class Change:
 def exhausted_error(attempts: int) -> str:
     """Why a job was recorded dead at its claim: its last attempt never finished."""
     return f"{attempts} attempts made, the last never finished (its worker stopped mid-job)"
-
-
-@asynccontextmanager
-async def answering() -> AsyncIterator[None]:
-    """Turn "MongoDB is unreachable or slow" into :class:`StoreUnavailableError`."""
-    try:
-        yield
-    except ConnectionFailure as exc:
-        raise StoreUnavailableError(f"MongoDB unavailable: {connection_failure(exc)}") from exc
-    except PyMongoError as exc:
-        if exc.timeout:
-            raise StoreUnavailableError(f"MongoDB timed out: {connection_failure(exc)}") from exc
-        raise
 
 
 def _not_unavailable(exc: Exception) -> bool:

@@ -23,7 +23,7 @@ from consumer.clock import utcnow
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox
 from consumer.errors import ConfigurationError
 from consumer.store.batches import Batcher
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 from consumer.vault import Vault
 
 # Fields never printed: the encrypted password stays in the database.

@@ -17,7 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from consumer.clock import utcnow
 from consumer.core.ratelimit import MICROS, Bucket, Grant, Limit, Mode, tokens_left
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NOW_US = {

@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 
 from consumer.clock import utcnow
 from consumer.store.batches import Batcher
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 
 MANUAL = "manual"
 BOUNCE = "bounce"

@@ -17,7 +17,7 @@ from pymongo.errors import DuplicateKeyError
 from consumer.clock import utcnow
 from consumer.core.refusals import TemplateError
 from consumer.core.templates import Template, check_syntax
-from consumer.store.jobs import Document, answering
+from consumer.store.documents import Document, answering
 
 
 def _template(doc: Document) -> Template:
