@@ -160,7 +160,13 @@ class OutboxPicker:
         if batcher is None:
             batcher = Batcher(functools.partial(self._take, provider, mode))
             self._takes[provider, mode] = batcher
-        return await batcher.submit(None)
+        grant = await batcher.submit(None)
+        if grant is not None and grant.granted:
+            # Whichever way the token came, the job's log lines say which one it sent on,
+            # on the server's clock.
+            slot = datetime.fromtimestamp(grant.slot_us / MICROS, UTC)
+            structlog.contextvars.bind_contextvars(rate_slot=slot.isoformat())
+        return grant
 
     async def _take(self, provider: str, mode: Mode, jobs: Sequence[None]) -> list[Grant | None]:
         # A job only trying its luck wants a token now; the others take one due soon.
@@ -179,10 +185,6 @@ class OutboxPicker:
         if grant is None:
             return None
         if grant.granted:
-            # The job's log lines say which token it sent on, on the server's clock.
-            structlog.contextvars.bind_contextvars(
-                rate_slot=datetime.fromtimestamp(grant.slot_us / MICROS, UTC).isoformat()
-            )
             # The slot is on the server's clock, measured from its answer: sleeping the
             # wait from here never sends early, whatever this machine's clock says.
             await asyncio.sleep(grant.wait)
