@@ -145,7 +145,9 @@ class Outgoing:
         await self.jobs.publish(message, routing_key=SEND_KEY, mandatory=True)
 
     async def event(self, key: str, body: Mapping[str, Any]) -> None:
-        """Publish one ``mail.*`` event."""
+        """Publish one ``mail.*`` event; one that no queue is bound for is dropped by the
+        broker, not returned: events go to whoever subscribes, and nobody may.
+        """
         event = aio_pika.Message(
             json_body(body),
             content_type="application/json",
@@ -153,7 +155,7 @@ class Outgoing:
             message_id=str(uuid.uuid4()),
             type=key,
         )
-        await self.events.publish(event, routing_key=key)
+        await self.events.publish(event, routing_key=key, mandatory=False)
 
     async def reply(self, message: AbstractIncomingMessage, body: Mapping[str, Any]) -> None:
         """Answer the ``reply_to`` of ``message`` (a no-op when it has none). Only a reply

@@ -66,6 +66,7 @@ class PrivateMongo:
                     "--log-level",
                     "WARNING",
                     "--enable-test-commands",
+                    "--standalone",
                     *self._tls_arguments(),
                 ],
                 stdout=out,
