@@ -132,6 +132,7 @@ class StoreDouble:
         worker_id: str,
         recorded: bool = False,
         release: Release | None = None,
+        ahead: bool = False,
     ) -> Claim:
         self._note(
             "claim",
@@ -140,6 +141,7 @@ class StoreDouble:
             worker_id=worker_id,
             recorded=recorded,
             release=release,
+            ahead=ahead,
         )
         return self.claim_answer
 

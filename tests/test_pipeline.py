@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 from datetime import timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Sent, Skip
 from consumer.core.ratelimit import Reservation
 from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
-from consumer.core.schedule import to_epoch_ms
+from consumer.core.schedule import CLAIM_AHEAD, to_epoch_ms
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
 from consumer.service import pipeline as pipeline_module
 from consumer.service.authorization import Authority
@@ -181,6 +182,34 @@ async def test_a_job_due_within_the_tolerance_is_sent_now() -> None:
     outcome = await rig.process(encode(job(send_at=due.isoformat())))
     assert isinstance(outcome, Sent)
     assert rig.store.names == ["claim", "mark_sent"]
+
+
+async def test_a_held_job_is_claimed_ahead_and_handed_over_at_its_time() -> None:
+    rig = Rig()
+    due = NOW + timedelta(milliseconds=300)
+    headers = {DUE_HEADER: to_epoch_ms(due)}
+    sending = asyncio.ensure_future(rig.pipeline.process(BODY, "job-1", headers, claim_ahead=True))
+    await asyncio.sleep(0.1)
+    # Claimed (its record exists: the copy carries its due time) and waiting for its time.
+    claim = rig.store.called("claim")
+    assert (claim["recorded"], claim["ahead"]) == (True, True)
+    assert rig.sender.handed == []
+    outcome = await sending
+    assert isinstance(outcome, Sent)
+    [handed] = rig.sender.handed
+    assert parsedate_to_datetime(handed.mail.message["Date"]) == due.replace(microsecond=0)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+async def test_a_held_job_not_yet_within_its_claim_ahead_waits(ahead: bool) -> None:
+    rig = Rig()
+    due = NOW + (CLAIM_AHEAD * 2 if ahead else timedelta(milliseconds=300))
+    outcome = await rig.pipeline.process(
+        BODY, "job-1", {DUE_HEADER: to_epoch_ms(due)}, claim_ahead=ahead
+    )
+    assert isinstance(outcome, Later)
+    assert (outcome.why, outcome.due_at) == ("waiting", due)
+    assert rig.store.names == []
 
 
 async def test_scheduling_a_job_whose_record_is_final_skips_it() -> None:

@@ -9,6 +9,7 @@ from consumer.clock import utcnow
 from consumer.core.headers import RELEASED_AT_HEADER, RELEASED_BY_HEADER
 from consumer.core.leases import Release, released
 from consumer.core.message import Job
+from consumer.core.schedule import CLAIM_AHEAD
 from consumer.settings import Settings
 from consumer.store.jobs import ClaimState, JobStore
 from tests.broker import job
@@ -159,6 +160,26 @@ async def test_scheduled_job_is_claimable_only_from_its_due_time(store: JobStore
     assert abs(early.due_at - due) < timedelta(milliseconds=1)
     await asyncio.sleep(0.6)
     assert (await store.claim("j4", body, "w1")).state is ClaimState.CLAIMED
+
+
+async def test_a_held_job_is_claimed_ahead_only_while_it_waits(store: JobStore) -> None:
+    """A held job is claimed up to CLAIM_AHEAD before its time, and only from a waiting
+    record: never one due later, never another worker's lease; once claimed, a cancel
+    is refused, so a cancel that answered "cancelled" always holds.
+    """
+    body = Job.model_validate(job())
+    await store.schedule("soon", body, b"{}", utcnow() + CLAIM_AHEAD / 2)
+    await store.schedule("later", body, b"{}", utcnow() + CLAIM_AHEAD * 4)
+    assert (await store.claim("soon", body, "w1", recorded=True)).state is ClaimState.WAITING
+    ahead = await store.claim("later", body, "w1", recorded=True, ahead=True)
+    assert ahead.state is ClaimState.WAITING
+    taken = await store.claim("soon", body, "w1", recorded=True, ahead=True)
+    assert (taken.state, taken.attempts) == (ClaimState.CLAIMED, 1)
+    assert not (await store.cancel("soon")).applied
+    # Another worker's lease, even one ending within CLAIM_AHEAD, is never taken ahead.
+    assert (await store.claim("leased", body, "w1")).state is ClaimState.CLAIMED
+    other = await store.claim("leased", body, "w2", recorded=True, ahead=True)
+    assert other.state is ClaimState.LEASED
 
 
 async def test_cancel_waiting_unknown_and_sent_jobs(store: JobStore) -> None:

@@ -9,8 +9,25 @@ from typing import Any
 from consumer.core.headers import BROKER_HEADERS, DELAY_HEADER, DUE_HEADER
 from consumer.core.message import LATEST_SEND_AT, Job
 from consumer.core.refusals import InvalidJobError
+from consumer.core.vocabulary import LaterWhy
 
 MAX_DELAY_MS = (2**28 - 1) * 1000
+# A job held in memory until it is due is claimed this long before, then sent at its
+# time: its record's round trips to MongoDB are then off the moment it is due. It can be
+# cancelled or moved until it is claimed.
+CLAIM_AHEAD = timedelta(milliseconds=500)
+
+
+def claims_ahead(why: LaterWhy) -> bool:
+    """Whether a job held for ``why`` is claimed :data:`CLAIM_AHEAD` of its time: one
+    waiting for its due time, its retry or its token is; one waiting for another
+    worker's lease (never taken early) or for MongoDB is not.
+    """
+    match why:
+        case "scheduled" | "waiting" | "retry" | "rate_limited":
+            return True
+        case "leased" | "store":
+            return False
 
 
 def _milliseconds(headers: Mapping[str, Any], name: str) -> int | None:

@@ -36,7 +36,7 @@ from consumer.core.outcomes import (
 )
 from consumer.core.refusals import DeadLetterError, InvalidJobError
 from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
-from consumer.core.schedule import due_time
+from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
@@ -65,10 +65,11 @@ class Attempt:
     job_id: str
     job: Job
     body: bytes  # what records and copies keep of the delivery: never its key once sealed
-    now: datetime
+    now: datetime  # the mail's Date: when it is sent (its due time, once claimed ahead)
     claim: Claim
     ctx: Context
     details: Document = field(default_factory=dict)
+    send_at: datetime | None = None  # claimed ahead: not handed over before this
 
 
 class Pipeline:
@@ -108,11 +109,14 @@ class Pipeline:
         message_id: str | None,
         headers: Mapping[str, Any],
         authority: Authority | None = None,
+        *,
+        claim_ahead: bool = False,
     ) -> Outcome:
         """Run the job in ``body`` as far as it can go now; ``authority`` is what the
         delivery speaks for beyond its body: the broker user that published it, and on a
         worker's copy the domain it was authorized for and a released lease (see
-        :mod:`consumer.service.authorization`).
+        :mod:`consumer.service.authorization`). With ``claim_ahead`` (a job held until
+        its time) one due within :data:`CLAIM_AHEAD` is claimed now and sent at its time.
         """
         authority = authority or Authority()
         now = self.clock()
@@ -133,6 +137,10 @@ class Pipeline:
             if self.settings.secret_key is not None:
                 body = without_domain_key(body)
             if due is not None and due > now + DUE_TOLERANCE:
+                if claim_ahead and due <= now + CLAIM_AHEAD + DUE_TOLERANCE:
+                    return await self._claim_and_send(
+                        ctx, job_id, job, body, now, headers, authority, send_at=due
+                    )
                 if DUE_HEADER in headers:  # a copy back early: its record was written before
                     return Later(ctx, due, "waiting")
                 return await self._schedule(ctx, job_id, job, body, due)
@@ -163,7 +171,9 @@ class Pipeline:
         now: datetime,
         headers: Mapping[str, Any],
         authority: Authority,
+        send_at: datetime | None = None,
     ) -> Outcome:
+        now = send_at or now  # claimed ahead: the job is judged and dated at its time
         if job.expires_at is not None and job.expires_at <= now:
             error = f"expired at {job.expires_at.isoformat()}"
             found = await self.store.record_dead(job_id, job.domain, "expired", error)
@@ -178,12 +188,14 @@ class Pipeline:
         try:
             # A copy back from the ladder (due, or a retry) has a record already.
             recorded = DUE_HEADER in headers
-            claim = await self.store.claim(job_id, job, self.worker_id, recorded, authority.release)
+            claim = await self.store.claim(
+                job_id, job, self.worker_id, recorded, authority.release, ahead=send_at is not None
+            )
             if claim.state is not ClaimState.CLAIMED:
                 return _not_claimed(ctx, claim)
             structlog.contextvars.bind_contextvars(attempt=claim.attempts)
             ctx = dataclasses.replace(ctx, attempts=claim.attempts)
-            return await self._deliver(Attempt(job_id, job, body, now, claim, ctx))
+            return await self._deliver(Attempt(job_id, job, body, now, claim, ctx, send_at=send_at))
         except StoreUnavailableError as exc:
             if not own:
                 raise
@@ -218,6 +230,9 @@ class Pipeline:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
             return await self._failed(attempt, classify(exc))
+        if attempt.send_at is not None:
+            # Claimed ahead, ready to go: the outbox and its token are taken at its time.
+            await asyncio.sleep(max((attempt.send_at - self.clock()).total_seconds(), 0.0))
         try:
             choice = await self._choose(attempt)
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later

@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer.amqp import topology
+from consumer.amqp.acks import Acks
 from consumer.amqp.outgoing import Outgoing, copy_of
 from consumer.amqp.publish import job_message
 from consumer.clock import REMEASURE_SECONDS, StoreClock, utcnow
@@ -25,7 +26,7 @@ from consumer.core.events import Event, event_for, reply_for
 from consumer.core.names import CONTROL_KEY, Names
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.refusals import InvalidJobError
-from consumer.core.schedule import carried_headers
+from consumer.core.schedule import CLAIM_AHEAD, carried_headers, claims_ahead
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.logging import get_logger
 from consumer.mail.fetch import Fetcher
@@ -93,6 +94,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = asyncio.Event()
         self._outgoing: Outgoing | None = None
+        self._acks = Acks()
         self._connection: AbstractRobustConnection | None = None
         self._consuming = False
         self.metrics = Metrics(
@@ -230,10 +232,12 @@ class Worker:
 
     async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
         self.metrics.received.inc()
-        self._spawn(settled_once(message, self._handle(key, message)))
+        self._acks.received(message)
+        self._spawn(settled_once(message, self._handle(key, message), self._acks))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        self._spawn(settled_once(message, self._handle_control(message)))
+        self._acks.received(message)
+        self._spawn(settled_once(message, self._handle_control(message), self._acks))
 
     async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
         """Process a job; one due within the ladder's resolution is held and processed again."""
@@ -253,7 +257,8 @@ class Worker:
                 self._record(outcome, headers, message, started)
                 events.extend(_events_of(outcome))
                 headers = carried_headers(headers, outcome.due_at)
-                outcome = await self._process(message, headers, authority)
+                ahead = claims_ahead(outcome.why)
+                outcome = await self._process(message, headers, authority, claim_ahead=ahead)
         except Exception as exc:  # whatever a delivery raises, it is settled, never left held
             log.exception("job.crashed")
             outcome = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
@@ -272,9 +277,16 @@ class Worker:
         )
 
     async def _process(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], authority: Authority
+        self,
+        message: AbstractIncomingMessage,
+        headers: Mapping[str, Any],
+        authority: Authority,
+        *,
+        claim_ahead: bool = False,
     ) -> Outcome:
-        return await self.pipeline.process(message.body, message.message_id, headers, authority)
+        return await self.pipeline.process(
+            message.body, message.message_id, headers, authority, claim_ahead=claim_ahead
+        )
 
     async def _hold(self, outcome: Later) -> bool:
         """Keep a job due within the ladder's resolution until its time, without blocking
@@ -283,7 +295,9 @@ class Worker:
         remaining = (outcome.due_at - self.clock.now()).total_seconds()
         if self._draining.is_set() or not ladder.route(remaining).hold:
             return False
-        await _wait(self._draining, remaining)
+        # Woken to be claimed ahead of its time, where it may be (see CLAIM_AHEAD).
+        early = CLAIM_AHEAD.total_seconds() if claims_ahead(outcome.why) else 0.0
+        await _wait(self._draining, remaining - early)
         return not self._draining.is_set()
 
     async def _handle_control(self, message: AbstractIncomingMessage) -> None:
@@ -352,7 +366,7 @@ class Worker:
         try:
             if isinstance(outcome, Crashed):
                 if _deliveries(message) < self.settings.delivery_limit:
-                    await message.nack(requeue=True)
+                    await self._acks.nack(message, requeue=True)
                     return
                 # Returned once more, the broker would dead-letter the delivery as it came,
                 # domain key and all: the worker does it, the way it does every dead letter.
@@ -372,7 +386,7 @@ class Worker:
                         )
                     )
                 await asyncio.gather(*publishes)
-                await message.ack()
+                await self._acks.ack(message)
                 log.info("control.done", **outcome.as_dict())
                 return
             # Independent publishes wait for their confirms together, then the ack.
@@ -403,7 +417,7 @@ class Worker:
             if reply is not None:
                 publishes.append(out.reply(message, reply))
             await asyncio.gather(*publishes)
-            await message.ack()
+            await self._acks.ack(message)
         except _BROKER_ERRORS as exc:
             # Unacked, the delivery comes back; the job's record keeps it from going out twice.
             log.warning("job.settle_failed", error=f"{type(exc).__name__}: {exc}")
@@ -540,9 +554,10 @@ class Worker:
 
 
 async def settled_once(
-    message: AbstractIncomingMessage, handling: Coroutine[Any, Any, None]
+    message: AbstractIncomingMessage, handling: Coroutine[Any, Any, None], acks: Acks
 ) -> None:
-    """Run ``handling``, which settles ``message`` through :meth:`Worker._settle`. If it
+    """Run ``handling``, which settles ``message`` through :meth:`Worker._settle` and
+    ``acks``. If it
     raises before the delivery is settled, the delivery is returned to its queue here
     (the broker's delivery limit bounds the returns), never held until the channel closes.
     A delivery is settled once: what was acked or nacked is left alone, and one that
@@ -553,9 +568,9 @@ async def settled_once(
         await handling
     except Exception:
         log.exception("delivery.crashed")
-        if not message.processed:
+        if not acks.settled(message):
             with contextlib.suppress(*_BROKER_ERRORS):
-                await message.nack(requeue=True)
+                await acks.nack(message, requeue=True)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

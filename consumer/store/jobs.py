@@ -38,6 +38,7 @@ from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
 from consumer.core.ratelimit import Reservation
+from consumer.core.schedule import CLAIM_AHEAD
 from consumer.core.vocabulary import (
     STATUSES,
     WAITING,
@@ -336,6 +337,7 @@ class JobStore:
         worker_id: str,
         recorded: bool = False,
         release: Release | None = None,
+        ahead: bool = False,
     ) -> Claim:
         """Take the job for sending if its record allows it, creating the record on first sight.
 
@@ -344,10 +346,11 @@ class JobStore:
         at once when the caller knows it is ``recorded`` (no insert is tried first). A lease
         let go of by ``release`` (see :mod:`consumer.core.leases`) is taken over at once. A job
         that has had its :meth:`attempt_limit` of claims is not claimed again: it is
-        recorded dead (:attr:`ClaimState.EXHAUSTED`).
+        recorded dead (:attr:`ClaimState.EXHAUSTED`). With ``ahead``, a waiting record due
+        within :data:`CLAIM_AHEAD` is claimed before its time (a lease never is).
         """
         if recorded:
-            return await self._claim_existing(job_id, job, worker_id, release)
+            return await self._claim_existing(job_id, job, worker_id, release, ahead)
         now = self.now()
         lease_until = now + self._lease
         record = {
@@ -363,7 +366,7 @@ class JobStore:
         }
         if await self._new_claims.submit(record):
             return Claim(ClaimState.CLAIMED, "sending", 1)
-        return await self._claim_existing(job_id, job, worker_id, release)
+        return await self._claim_existing(job_id, job, worker_id, release, ahead)
 
     async def _insert_new(self, records: Sequence[Document]) -> list[bool]:
         """Insert ``records``; for each, False when its job has a record already."""
@@ -379,10 +382,15 @@ class JobStore:
         return [True] * len(records)
 
     async def _claim_existing(
-        self, job_id: str, job: Job, worker_id: str, release: Release | None
+        self, job_id: str, job: Job, worker_id: str, release: Release | None, ahead: bool
     ) -> Claim:
         now = self.now()
-        ready = {"ready_at": {"$lte": now + DUE_TOLERANCE}}
+        ready: Document = {"ready_at": {"$lte": now + DUE_TOLERANCE}}
+        if ahead:
+            # Only a waiting record is taken before its time, never a lease: once a cancel
+            # has answered "cancelled", nothing sends the job.
+            soon = now + CLAIM_AHEAD + DUE_TOLERANCE
+            ready = {"ready_at": {"$lte": soon}, "status": {"$in": list(WAITING)}}
         # A record of another domain's job never matches: the upsert then fails on the id.
         query: Document = {"_id": job_id, "domain": _same_domain(job.domain), **ready}
         if release is not None:
@@ -442,7 +450,7 @@ class JobStore:
             if spent and await self._exhaust(query, limit, attempts, now):
                 return Claim(ClaimState.EXHAUSTED, "dead", attempts)
         if found is None:  # removed by retention between the two calls: claim anew
-            return await self._claim_existing(job_id, job, worker_id, release)
+            return await self._claim_existing(job_id, job, worker_id, release, ahead)
         return _found(found, job.domain)
 
     def attempt_limit(self, job: Job) -> int:

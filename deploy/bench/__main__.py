@@ -27,7 +27,7 @@ import aio_pika
 from consumer.amqp import topology
 from consumer.core.names import Names
 from consumer.settings import Settings
-from deploy.bench import celery_peer, lateness, rate_limit, throughput
+from deploy.bench import celery_peer, lateness, rate_limit, targets, throughput
 from deploy.bench.process_stats import descendants
 from deploy.bench.smtp_sink import SmtpSink
 from deploy.devstack.mongo import PrivateMongo
@@ -150,6 +150,10 @@ class Report:
             self.results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
         else:
             self.results.update({key: result} if key else result)
+        self.write()
+
+    def write(self) -> None:
+        """Write the results so far to ``out`` (if given)."""
         if self.out is not None:
             self.out.write_text(json.dumps(self.results, indent=2) + "\n")
 
@@ -176,6 +180,9 @@ def main() -> int:
     parser.add_argument("--shortest", type=float, default=1.0, help="shortest delay, s")
     parser.add_argument("--longest", type=float, default=60.0, help="longest delay, s")
     parser.add_argument("--rate", type=float, default=200.0, help="publish rate, jobs/s")
+    parser.add_argument(
+        "--lateness-runs", type=int, default=5, help="consecutive lateness runs (default 5)"
+    )
     parser.add_argument("--prefetch", type=int, default=Settings().prefetch, help="worker prefetch")
     parser.add_argument(
         "--limit-workers", type=int, default=4, help="worker processes sharing the rate limit"
@@ -227,20 +234,47 @@ def main() -> int:
             # Each scenario below starts on a fresh (in-memory) test server: SecantusDB
             # slows down as it accumulates, which would measure its history, not mailbus.
             if "lateness" in only:
-                mongo.restart()
-                report.run("lateness", _lateness(args, settings, smtp, base), key="lateness")
+                report.run(
+                    "lateness", _lateness_runs(args, settings, mongo, smtp, base), key="lateness"
+                )
             if "rate_limit" in only:
                 mongo.restart()
                 report.run("rate_limit", _rate_limit(args, settings, smtp, base), key="rate_limit")
             if "soak" in only:
                 mongo.restart()
                 report.run("soak", _throughput(args, settings, rabbit, mongo, base, {"soak"}))
+            if "one_worker" in results:
+                results["scale_out"] = targets.scale_out(results["one_worker"])
+            results["targets"] = targets.targets(results)
+            report.write()
         finally:
             smtp.stop()
             mongo.stop()
             rabbit.close()
     print(json.dumps(results, indent=2))
     return 1 if "failed" in results else 0
+
+
+async def _lateness_runs(
+    args: argparse.Namespace,
+    settings: Settings,
+    mongo: PrivateMongo,
+    smtp: CaptureServer,
+    base: Path,
+) -> dict[str, Any]:
+    """Consecutive lateness runs, each on a fresh test server: their figures, and the
+    p99s side by side.
+    """
+    runs = []
+    for _ in range(args.lateness_runs):
+        await asyncio.to_thread(mongo.restart)
+        smtp.reset()
+        runs.append(await _lateness(args, settings, smtp, base))
+    return {
+        "runs": runs,
+        "from_due_p99_ms_by_run": [run["from_due_ms"]["p99"] for run in runs],
+        "from_publish_p99_ms_by_run": [run["from_publish_ms"]["p99"] for run in runs],
+    }
 
 
 if __name__ == "__main__":

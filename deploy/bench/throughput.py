@@ -121,6 +121,15 @@ async def _mongo_commands(port: int) -> Counter[str]:
     )
 
 
+async def _opcounters(settings: Settings) -> Counter[str]:
+    """The database server's operation counters (documents inserted, update statements,
+    queries, commands...), whoever sent them.
+    """
+    async with JobStore.connect(settings) as jobs:
+        status = await jobs.client.admin.command("serverStatus")
+    return Counter({name: int(count) for name, count in status["opcounters"].items()})
+
+
 async def _amqp_octets(stack: Stack) -> int:
     """Bytes in both directions on the workers' AMQP connections, as the broker counts."""
     base, auth = management_request(
@@ -206,10 +215,11 @@ async def run(
     try:
         await running.consuming()
         started = time.perf_counter()
-        commands, cpu, octets = (
+        commands, cpu, octets, operations = (
             await running.mongo_commands(),
             running.cpu_seconds(),
             await _amqp_octets(stack),
+            await _opcounters(settings),
         )
         servers = {role: cpu_seconds(pids) for role, pids in stack.servers.items()}
         watcher = asyncio.create_task(_watch_rss(running, peak, done))
@@ -219,6 +229,7 @@ async def run(
         cpu = running.cpu_seconds() - cpu
         servers = {role: cpu_seconds(stack.servers[role]) - s for role, s in servers.items()}
         commands = await running.mongo_commands() - commands
+        operations = await _opcounters(settings) - operations
         await asyncio.sleep(STATS_SETTLE)
         octets = await _amqp_octets(stack) - octets
     finally:
@@ -235,6 +246,10 @@ async def run(
         "mails_per_second": round(count / seconds, 1),
         "mongo_commands_per_mail": round(commands.total() / count, 3),
         "mongo_commands_by_name": dict(sorted(commands.items())),
+        # The server's count: documents inserted, update and delete statements, queries.
+        "mongo_operations_per_mail": {
+            name: round(n / count, 3) for name, n in sorted(operations.items()) if n
+        },
         "amqp_bytes_per_mail": round(octets / count),
         "peak_rss_mb": round(peak[0] / MB, 1),
         "cpu_seconds_per_1000_mails": round(cpu / count * 1000, 2),
