@@ -16,6 +16,7 @@ from consumer.core.names import Names
 from consumer.core.outboxes import outbox_from_url
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
+from consumer.store import outboxes as outboxes_module
 from consumer.store.jobs import JobStore
 from consumer.store.outboxes import OutboxStore, outbox_document, outbox_from_document
 from consumer.vault import Vault, new_key
@@ -208,3 +209,34 @@ async def test_jobs_fail_over_from_an_outbox_that_refuses_connections(
     assert failed_over  # the turns that fell on a-down were retried on b-up, once each
     assert all("Connect" in str(r["last_error"]) for r in failed_over)
     assert await depth(channel, names.dead) == 0
+
+
+async def test_a_sole_outbox_is_read_once_a_moment_and_several_every_time(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outboxes_module, "SOLE_OUTBOX_SECONDS", 0.3)
+    outboxes = OutboxStore(store.database)
+    commands = store.commands.counts
+    url = "smtp://127.0.0.1:2525"
+
+    async def put(name: str, domain: str) -> None:
+        doc = outbox_document(outbox_from_url(url, name=name), domain, None, None, utcnow())
+        assert await outboxes.put(doc, replace=False)
+
+    await put("only", "sole.example")
+    assert [d["_id"] for d in await outboxes.active("sole.example")] == ["only"]
+    before = commands().get("find", 0)
+    assert [d["_id"] for d in await outboxes.active("Sole.Example")] == ["only"]
+    assert commands().get("find", 0) == before  # answered from memory
+    # A change reaches the worker once the moment is over.
+    assert await outboxes.set_active("only", False)
+    assert [d["_id"] for d in await outboxes.active("sole.example")] == ["only"]
+    await asyncio.sleep(0.35)
+    assert await outboxes.active("sole.example") == []
+
+    await put("one", "pair.example")
+    await put("two", "pair.example")
+    assert len(await outboxes.active("pair.example")) == 2
+    before = commands().get("find", 0)
+    assert len(await outboxes.active("pair.example")) == 2
+    assert commands().get("find", 0) == before + 1  # several: read every time

@@ -145,14 +145,26 @@ def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _name_and_address(value: str) -> tuple[str, str]:
+    """The display name and address of ``"Name <a@b>"`` or ``"a@b"``."""
+    _no_crlf(value)
+    found = getaddresses([value])
+    if len(found) != 1 or not found[0][1]:
+        raise ValueError(f"not exactly one address: {value!r}")
+    return found[0]
+
+
+# Mailbox texts repeat as their addresses do: each is split once, in a bounded cache of
+# those short enough to be one mailbox (a refused one is not kept).
+_MAILBOX_TEXT = 600
+_known_mailbox = functools.lru_cache(maxsize=4096)(_name_and_address)
+
+
 def _split_name_addr(value: Any) -> Any:
     """Accept ``"Name <a@b>"`` and bare ``"a@b"`` strings as well as ``{email, name}``."""
     if isinstance(value, str):
-        _no_crlf(value)
-        found = getaddresses([value])
-        if len(found) != 1 or not found[0][1]:
-            raise ValueError(f"not exactly one address: {value!r}")
-        name, email = found[0]
+        split = _known_mailbox if len(value) <= _MAILBOX_TEXT else _name_and_address
+        name, email = split(value)
         return {"email": email, "name": name or None}
     return value
 

@@ -9,6 +9,7 @@ send.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import datetime
@@ -32,6 +33,10 @@ HIDDEN = {"password": 0}
 TURN_TRIES = 20
 # Least used first; the name breaks ties so every worker sees the same order.
 _ORDER = [("sent_count", 1), ("_id", 1)]
+# A domain with a single active outbox (no turns to take among several) is answered from
+# memory for this long after it was read: an outbox added, changed, disabled or removed
+# reaches a worker within it. Domains with several are read for every batch of jobs.
+SOLE_OUTBOX_SECONDS = 1.0
 
 
 def outbox_document(
@@ -96,6 +101,7 @@ class OutboxStore:
         # Every job looks up its domain's outboxes: concurrent lookups share one query.
         self._lookups = Batcher(self._find_active)
         self._counts = Batcher(self._add_counts)
+        self._sole: dict[str, tuple[float, Document]] = {}
 
     async def ensure_indexes(self) -> None:
         """The index choosing an outbox relies on; idempotent."""
@@ -168,8 +174,19 @@ class OutboxStore:
         return result.deleted_count == 1
 
     async def active(self, domain: str) -> list[Document]:
-        """The domain's active outboxes, least used first."""
-        return await self._lookups.submit(domain.lower())
+        """The domain's active outboxes, least used first (a sole one as read at most
+        :data:`SOLE_OUTBOX_SECONDS` ago).
+        """
+        domain = domain.lower()
+        kept = self._sole.get(domain)
+        if kept is not None and time.monotonic() - kept[0] < SOLE_OUTBOX_SECONDS:
+            return [kept[1]]
+        found = await self._lookups.submit(domain)
+        if len(found) == 1:
+            self._sole[domain] = (time.monotonic(), found[0])
+        else:
+            self._sole.pop(domain, None)
+        return found
 
     async def _find_active(self, domains: Sequence[str]) -> list[list[Document]]:
         """For each domain, its active outboxes least used first: one query for all."""
