@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
 from consumer.core import ladder
-from consumer.core.names import Names, consumed_queue_arguments, ladder_queue_arguments
+from consumer.core.names import DUE_KEY, Names, consumed_queue_arguments, ladder_queue_arguments
 from consumer.core.ratelimit import Limit
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
@@ -117,7 +117,7 @@ async def test_the_management_api_shows_the_topology_and_status_agrees(
         assert queues[name]["type"] == "quorum"
         assert queues[name]["durable"] is True
     expected = consumed_queue_arguments(names, settings.delivery_limit)
-    for name in (names.send_queue, names.send_now_queue, names.control_queue):
+    for name in (names.send_queue, names.send_now_queue, names.due_queue, names.control_queue):
         assert queues[name]["arguments"] == expected
     for level in range(ladder.LEVELS):
         assert queues[names.delay(level)]["arguments"] == ladder_queue_arguments(names, level)
@@ -129,6 +129,11 @@ async def test_the_management_api_shows_the_topology_and_status_agrees(
     bindings = {(b["source"], b["destination"], b["routing_key"]) for b in api(rabbit, "bindings")}
     assert (names.exchange, names.send_queue, "send") in bindings
     assert (names.exchange, names.send_now_queue, "send.now") in bindings
+    # The ladder's foot routes to the due queue; the jobs exchange does not (the default
+    # exchange, as for every queue, is a matter of broker permissions).
+    assert [b for b in bindings if b[1] == names.due_queue and b[0]] == [
+        (names.deliver, names.due_queue, ladder.deliver_pattern(DUE_KEY))
+    ]
     assert (names.exchange, names.control_queue, "control") in bindings
     assert (names.dead, names.dead, "") in bindings
 
@@ -149,7 +154,8 @@ async def test_the_management_api_shows_the_topology_and_status_agrees(
     by_api, by_amqp = await status_of(managed), await status_of(settings)
     await running.shutdown()
     assert by_api["queue_source"] == "management"
-    for name in (names.send_queue, names.send_now_queue, names.control_queue, names.dead):
+    consumed = (names.send_queue, names.send_now_queue, names.due_queue, names.control_queue)
+    for name in (*consumed, names.dead):
         figures = queue(by_api, name)
         assert figures["unacked"] == 0
         assert (figures["ready"], figures["consumers"]) == (

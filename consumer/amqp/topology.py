@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from consumer.core import ladder
 from consumer.core.names import (
     CONTROL_KEY,
+    DUE_KEY,
     SEND_KEY,
     SEND_NOW_KEY,
     Names,
@@ -24,14 +25,15 @@ from consumer.core.names import (
 class Topology:
     """The declared objects a worker publishes to and consumes from.
 
-    ``consume`` pairs each send queue with the routing key that feeds it, ``send.now`` first.
+    ``consume`` holds the queues of jobs, ``send.now`` first, then the jobs back from the
+    ladder, then ``send``.
     """
 
     exchange: AbstractExchange
     dead: AbstractExchange
     events: AbstractExchange
     ladder: AbstractExchange
-    consume: tuple[tuple[AbstractQueue, str], ...]
+    consume: tuple[AbstractQueue, ...]
     control: AbstractQueue
 
 
@@ -50,11 +52,18 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -
     deliver = await channel.declare_exchange(names.deliver, topic, durable=True)
     arguments = consumed_queue_arguments(names, delivery_limit)
     consume = []
-    for queue_name, key in ((names.send_now_queue, SEND_NOW_KEY), (names.send_queue, SEND_KEY)):
+    for queue_name, key in (
+        (names.send_now_queue, SEND_NOW_KEY),
+        (names.due_queue, DUE_KEY),
+        (names.send_queue, SEND_KEY),
+    ):
         queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
-        await queue.bind(exchange, routing_key=key)
+        if key != DUE_KEY:  # only the ladder publishes there
+            await queue.bind(exchange, routing_key=key)
+        # send and send.now stay bound at the ladder's foot for copies made before the
+        # due queue was.
         await queue.bind(deliver, routing_key=ladder.deliver_pattern(key))
-        consume.append((queue, key))
+        consume.append(queue)
     control = await channel.declare_queue(names.control_queue, durable=True, arguments=arguments)
     await control.bind(exchange, routing_key=CONTROL_KEY)
     below = deliver

@@ -61,7 +61,7 @@ async def _topology_declare(args: argparse.Namespace, settings: Settings) -> int
         await topology.declare(channel, names, settings.delivery_limit)
     print(
         f"declared exchange {names.exchange!r}, queues {names.send_queue!r}, "
-        f"{names.send_now_queue!r}, {names.control_queue!r}, {names.dead!r}, "
+        f"{names.send_now_queue!r}, {names.due_queue!r}, {names.control_queue!r}, {names.dead!r}, "
         f"exchange {names.events!r} and the delay ladder {names.delay(0)!r}.."
         f"{names.delay(ladder.TOP)!r} into {names.deliver!r}"
     )

@@ -30,6 +30,14 @@ class Names:
         return f"{self.prefix}.send.now"
 
     @property
+    def due_queue(self) -> str:
+        """Queue the delay ladder brings waiting jobs back to (routing key ``send.due``,
+        bound at the ladder's foot only), consumed alongside ``send``: a job back at its
+        time never waits behind the intake of new ones.
+        """
+        return f"{self.prefix}.send.due"
+
+    @property
     def dead(self) -> str:
         """Fanout exchange and quorum queue of dead letters."""
         return f"{self.prefix}.dead"
@@ -56,7 +64,14 @@ class Names:
     def queues(self) -> tuple[str, ...]:
         """Every queue the topology declares."""
         ladder_queues = tuple(self.delay(level) for level in range(ladder.LEVELS))
-        return (self.send_queue, self.send_now_queue, self.control_queue, self.dead, *ladder_queues)
+        return (
+            self.send_queue,
+            self.send_now_queue,
+            self.due_queue,
+            self.control_queue,
+            self.dead,
+            *ladder_queues,
+        )
 
     def exchanges(self) -> tuple[str, ...]:
         """Every exchange the topology declares."""
@@ -66,6 +81,7 @@ class Names:
 
 SEND_KEY = "send"
 SEND_NOW_KEY = "send.now"
+DUE_KEY = "send.due"
 CONTROL_KEY = "control"
 
 

@@ -40,7 +40,8 @@ def start_of_day(now: datetime) -> datetime:
 def queues_of(names: Names, figures: Figures) -> list[dict[str, Any]]:
     """The send, control and dead-letter queues, each with its figures (None: missing)."""
     rows = []
-    for name in (names.send_queue, names.send_now_queue, names.control_queue, names.dead):
+    queues = (names.send_queue, names.send_now_queue, names.due_queue, names.control_queue)
+    for name in (*queues, names.dead):
         found = figures.get(name)
         rows.append({"name": name, **(vars(found) if found else {"missing": True})})
     return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
@@ -23,7 +22,7 @@ from consumer.clock import REMEASURE_SECONDS, StoreClock, utcnow
 from consumer.core import ladder
 from consumer.core.control import Request, Result, parse_request
 from consumer.core.events import Event, event_for, reply_for
-from consumer.core.names import CONTROL_KEY, Names
+from consumer.core.names import DUE_KEY, Names
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.refusals import InvalidJobError
 from consumer.core.schedule import CLAIM_AHEAD, carried_headers, claims_ahead
@@ -160,8 +159,8 @@ class Worker:
             drained = asyncio.Event()
             renewing = asyncio.create_task(self._keep_leases(drained))
             consumers = []
-            for queue, key in objects.consume:
-                tag = await queue.consume(functools.partial(self._on_message, key))
+            for queue in objects.consume:
+                tag = await queue.consume(self._on_message)
                 consumers.append((queue, tag))
             tag = await objects.control.consume(self._on_control)
             consumers.append((objects.control, tag))
@@ -230,16 +229,16 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_message(self, key: str, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.metrics.received.inc()
         self._acks.received(message)
-        self._spawn(settled_once(message, self._handle(key, message), self._acks))
+        self._spawn(settled_once(message, self._handle(message), self._acks))
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         self._acks.received(message)
         self._spawn(settled_once(message, self._handle_control(message), self._acks))
 
-    async def _handle(self, key: str, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Process a job; one due within the ladder's resolution is held and processed again."""
         structlog.contextvars.clear_contextvars()
         started = time.perf_counter()
@@ -263,7 +262,7 @@ class Worker:
             log.exception("job.crashed")
             outcome = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
         events.extend(_events_of(outcome))
-        await self._settle(message, outcome, key, headers, events, started, authority)
+        await self._settle(message, outcome, headers, events, started, authority)
 
     def _intake(self, message: AbstractIncomingMessage) -> Intake:
         """The delivery's authority and the headers kept of it (see :func:`intake`)."""
@@ -318,7 +317,7 @@ class Worker:
             except Exception as exc:  # settled like a job that crashed, never left held
                 log.exception("control.crashed")
                 result = Crashed(Context(message.message_id), f"{type(exc).__name__}: {exc}")
-        await self._settle(message, result, CONTROL_KEY, headers, [], started, authority)
+        await self._settle(message, result, headers, [], started, authority)
 
     async def _execute(
         self, request: Request, message: AbstractIncomingMessage
@@ -348,7 +347,6 @@ class Worker:
         self,
         message: AbstractIncomingMessage,
         outcome: Settled,
-        key: str,
         headers: Mapping[str, Any],
         events: list[Event],
         started: float,
@@ -357,7 +355,7 @@ class Worker:
         """The one place a delivery is acked or nacked for its outcome, after everything it
         caused is durable (:func:`settled_once` only returns one whose handling raised).
 
-        A job that must wait goes back by way of the ladder to the queue of ``key``, with
+        A job that must wait goes back by way of the ladder to the due queue, with
         ``headers`` (its due time made absolute) and its ``authority`` sealed on;
         ``events`` are published before the ack. The outcome's log line says how long the
         delivery took since ``started`` (``time.perf_counter``).
@@ -412,7 +410,7 @@ class Worker:
                 carried = carried_headers(headers, outcome.due_at)
                 body, carried = self._copy_parts(message, carried, outcome, authority)
                 copy = copy_of(message, carried, body, outcome.ctx.job_id)
-                publishes.append(out.delay(copy, outcome.due_at, key, self.clock.now()))
+                publishes.append(out.delay(copy, outcome.due_at, DUE_KEY, self.clock.now()))
             reply = reply_for(outcome)
             if reply is not None:
                 publishes.append(out.reply(message, reply))
