@@ -41,17 +41,24 @@ SCENARIOS = ("throughput", "attachment", "soak", "lateness", "rate_limit")
 async def _lateness(
     args: argparse.Namespace, settings: Settings, smtp: CaptureServer, base: Path
 ) -> dict[str, Any]:
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
-        channel = await connection.channel()
-        await topology.declare(channel, Names(settings.prefix), settings.delivery_limit)
-    worker = spawn_worker(settings, base / "worker.log")
+    names = Names(settings.prefix)
+    worker = None
     try:
+        async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+            channel = await connection.channel()
+            await topology.declare(channel, names, settings.delivery_limit)
+            worker = spawn_worker(settings, base / "worker.log")
+            # Publishing starts once the worker consumes: its start-up is not lateness.
+            async with asyncio.timeout(120):
+                while not await rate_limit.consumers(channel, names.send_queue):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
         return await lateness.measure(
             settings, smtp, args.jobs, args.shortest, args.longest, args.rate
         )
     finally:
-        worker.terminate()
-        await asyncio.to_thread(worker.wait, 60)
+        if worker is not None:
+            worker.terminate()
+            await asyncio.to_thread(worker.wait, 60)
 
 
 async def _rate_limit(
