@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 
 from aio_pika.abc import AbstractChannel
@@ -22,7 +21,7 @@ from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.store.outboxes import OutboxStore, outbox_document
 from consumer.store.providers import ProviderStore
-from deploy.bench.rate_limit import consumers, most_in_a_window
+from deploy.bench.rate_limit import consumers, most_in_a_window, sent_slots
 from deploy.devstack.processes import mailbus, spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, drain_events, job, listen_events, until
@@ -33,13 +32,7 @@ def token_times(logs: Iterable[Path]) -> list[int]:
     """The moments (microseconds, MongoDB's clock) of the tokens the sent jobs in these
     worker logs went out on.
     """
-    times = []
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if '"job.sent"' in line:
-                slot = datetime.fromisoformat(json.loads(line)["rate_slot"])
-                times.append(round(slot.timestamp() * MICROS))
-    return times
+    return list(sent_slots(logs).values())
 
 
 async def add_capped_outbox(settings: Settings, url: str, provider: str) -> None:

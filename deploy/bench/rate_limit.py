@@ -6,10 +6,12 @@ allows and how much of the allowed rate was used.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from consumer.amqp.publish import job_message, jobs_exchange
 from consumer.clock import utcnow
 from consumer.core.names import SEND_KEY, Names
 from consumer.core.outboxes import outbox_from_url
-from consumer.core.ratelimit import Limit
+from consumer.core.ratelimit import MICROS, Limit
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.store.outboxes import OutboxStore, outbox_document
@@ -29,6 +31,29 @@ from deploy.devstack.processes import spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 
 DOMAIN = "ratelimit.example"
+
+
+def sent_slots(logs: Iterable[Path]) -> dict[str, int]:
+    """The token moment (microseconds, MongoDB's clock) each job sent in these worker logs
+    (JSON, at INFO) went out on, by job id: its ``job.sent`` line's ``rate_slot``.
+    """
+    slots = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if '"job.sent"' in line:
+                sent = json.loads(line)
+                slot = datetime.fromisoformat(sent["rate_slot"])
+                slots[sent["job_id"]] = round(slot.timestamp() * MICROS)
+    return slots
+
+
+def _milliseconds(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "p50": round(ordered[len(ordered) // 2], 1),
+        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        "max": round(ordered[-1], 1),
+    }
 
 
 def most_in_a_window(times_us: Sequence[int], length_us: int) -> int:
@@ -78,9 +103,10 @@ async def measure(
         async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
             channel = await connection.channel(publisher_confirms=True)
             await topology.declare(channel, names, settings.delivery_limit)
-            processes = [
-                spawn_worker(settings, base / f"ratelimit-worker{i}.log") for i in range(workers)
-            ]
+            # At INFO, each sent job's log line says which token it went out on.
+            logged = settings.model_copy(update={"log_level": "INFO"})
+            logs = [base / f"ratelimit-worker{i}.log" for i in range(workers)]
+            processes = [spawn_worker(logged, log) for log in logs]
             async with asyncio.timeout(120):
                 while await consumers(channel, names.send_queue) < workers:  # noqa: ASYNC110
                     await asyncio.sleep(0.1)
@@ -110,6 +136,8 @@ async def measure(
     allowed = per_second + burst - 1
     most = most_in_a_window([round(t * 1_000_000) for t in times], 1_000_000)
     fastest = (count - burst) / per_second  # the burst at once, then the steady pace
+    arrived = {str(m.message()["Subject"]): round(m.received_at * MICROS) for m in received}
+    slots = {job: at for job, at in sent_slots(logs).items() if job in arrived}
     return {
         "workers": workers,
         "limit": str(limit),
@@ -120,6 +148,12 @@ async def measure(
         "max_in_any_1s_window": most,
         "allowed_in_any_1s_window": allowed,
         "exceeded": most > allowed,
+        # Where the cap is enforced: the tokens the sends took, on MongoDB's clock (the same
+        # machine's here), and how long after its token each mail reached the sink.
+        "max_tokens_in_any_1s_window": most_in_a_window(list(slots.values()), MICROS),
+        "arrival_after_token_ms": _milliseconds(
+            [(arrived[job] - at) / 1000 for job, at in slots.items()]
+        ),
         "seconds_first_to_last": round(span, 2),
         "achieved_per_second": round((count - 1) / span, 2) if span else None,
         "utilization": round(fastest / span, 4) if span else None,
