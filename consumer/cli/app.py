@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import uvloop
 from aiormq.exceptions import ChannelNotFoundEntity
 from pydantic import ValidationError
 
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     handler: Handler = args.handler
     try:
-        return asyncio.run(handler(args, settings))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(handler(args, settings))
     except ChannelNotFoundEntity:
         print(
             f"mailbus: exchange {settings.prefix!r} does not exist on the broker: run "
