@@ -110,6 +110,23 @@ def test_a_burst_of_one_is_a_sliding_cap() -> None:
     assert most_in_a_window(granted, 3600 * MICROS) == 99
 
 
+def test_a_minute_and_an_hour_cap_hold_together_over_several_windows() -> None:
+    """Five hours of steady demand (a job every 10 s). With 1/minute and 100/hour the
+    minute cap allows 60 an hour, under the hour cap: one send in any minute, 60 in any
+    hour. With 40/hour instead the hour cap binds: exactly 40 in every hour, and still
+    never two in a minute.
+    """
+    arrivals = [10**12 + i * 10 * MICROS for i in range(5 * 360)]
+    granted = simulate([Limit(1, 60), Limit(100, 3600)], 1, arrivals)
+    assert most_in_a_window(granted, 60 * MICROS) == 1
+    assert most_in_a_window(granted, 3600 * MICROS) == 60
+    tighter = simulate([Limit(1, 60), Limit(40, 3600)], 1, arrivals)
+    assert most_in_a_window(tighter, 60 * MICROS) == 1
+    assert most_in_a_window(tighter, 3600 * MICROS) == 40
+    hours = [(t - tighter[0]) // (3600 * MICROS) for t in tighter]
+    assert [hours.count(h) for h in range(4)] == [40] * 4
+
+
 def test_a_backlog_drains_at_the_limit_in_arrival_order() -> None:
     now = 10**12
     granted = simulate([Limit(50, 1)], 1, [now] * 5)
