@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
@@ -114,7 +114,8 @@ class _GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Take a slot and start the header clock, or answer 503 when none is free."""
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport, whatever its class (uvloop's is not asyncio.Transport's kin).
+        transport = cast(asyncio.Transport, transport)
         if not self.gateway.slots.admit(self, transport.abort):
             transport.write(_REST_BUSY)
             transport.close()
