@@ -34,6 +34,15 @@ def test_address_forms_are_equivalent() -> None:
     assert parsed.recipients() == ["zoe@example.org"]
 
 
+def test_an_address_with_deeply_nested_comments_is_refused_not_crashed() -> None:
+    """The standard library's address parser recurses into each comment: too deep, it is
+    an invalid job (dead-lettered once), never an exception the worker retries.
+    """
+    nested = "(" * 5_000 + ")" * 5_000
+    with pytest.raises(InvalidJobError, match="nested too deeply"):
+        parse_job(encode(job(reply_to=f"a{nested}b@example.com")), None)
+
+
 def test_id_precedence_body_then_message_id_then_content_hash() -> None:
     body = encode(job(id="from-body"))
     assert parse_job(body, "from-property")[1] == "from-body"

@@ -148,7 +148,10 @@ def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
 def _name_and_address(value: str) -> tuple[str, str]:
     """The display name and address of ``"Name <a@b>"`` or ``"a@b"``."""
     _no_crlf(value)
-    found = getaddresses([value])
+    try:
+        found = getaddresses([value])
+    except RecursionError:  # the standard parser recurses into nested comments
+        raise ValueError(f"not an address: comments nested too deeply in {value[:100]!r}") from None
     if len(found) != 1 or not found[0][1]:
         raise ValueError(f"not exactly one address: {value!r}")
     return found[0]
