@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 
 from consumer.core.content import Content, Part
 from consumer.core.message import Job
-from consumer.core.mime import build_mail, build_message, needs_utf8, serialize
+from consumer.core.mime import (
+    BUILD_POLICY,
+    WIRE_POLICY,
+    WIRE_UTF8_POLICY,
+    build_mail,
+    build_message,
+    needs_utf8,
+    serialize,
+)
 from consumer.core.refusals import InvalidJobError, MessageTooLargeError
 from tests.broker import job
 
@@ -248,3 +256,29 @@ def test_a_header_set_again_to_the_same_text_is_parsed_once_and_stays_its_own() 
     assert first["From"].addresses[0].addr_spec == "news@example.com"
     assert str(wire(first)["From"]) == "Néws <news@example.com>"
     assert str(wire(second)["From"]) == "Other <other@example.com>"
+
+
+def test_a_shared_header_is_folded_once_for_each_policy() -> None:
+    """The fold kept on a shared header belongs to the policy it was made for: the same
+    long header is written with LF for one policy and CRLF for another, and raw UTF-8
+    only where the policy allows it.
+    """
+    body = job(to=["Ünïcode Récipient <r@example.org>"], subject="Ünïcode " * 12)
+    parsed = Job.model_validate(body)
+    first = build_message(parsed, "a", NOW, Content.of(parsed))
+    second = build_message(parsed, "b", NOW, Content.of(parsed))
+    assert first["To"] is second["To"]
+    header = first["To"]
+    crlf = header.fold(policy=WIRE_POLICY)
+    lf = header.fold(policy=BUILD_POLICY)
+    raw = header.fold(policy=WIRE_UTF8_POLICY)
+    assert crlf.endswith("\r\n")
+    assert "\r\n" not in lf
+    assert lf.endswith("\n")
+    assert crlf.isascii()
+    assert "=?utf-8?" in crlf
+    assert "Ünïcode" in raw
+    assert raw.endswith("\r\n")
+    # Asked again, each policy gets back what it got the first time.
+    assert header.fold(policy=WIRE_POLICY) is crlf
+    assert header.fold(policy=BUILD_POLICY) is lf

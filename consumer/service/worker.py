@@ -555,9 +555,9 @@ async def settled_once(
     message: AbstractIncomingMessage, handling: Coroutine[Any, Any, None], acks: Acks
 ) -> None:
     """Run ``handling``, which settles ``message`` through :meth:`Worker._settle` and
-    ``acks``. If it
-    raises before the delivery is settled, the delivery is returned to its queue here
-    (the broker's delivery limit bounds the returns), never held until the channel closes.
+    ``acks``. If it raises before the delivery is settled, the delivery is returned to its
+    queue here (the broker's delivery limit bounds the returns), never held until the
+    channel closes.
     A delivery is settled once: what was acked or nacked is left alone, and one that
     ``_settle`` chose to leave unsettled (its copies could not be published) waits for
     the channel, as it says.

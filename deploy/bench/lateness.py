@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 import uuid
 from typing import Any
@@ -23,21 +22,8 @@ from consumer.amqp.publish import job_message, jobs_exchange
 from consumer.core.names import SEND_KEY, Names
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
+from deploy.bench.percentiles import summary
 from deploy.devstack.smtp_capture import CaptureServer
-
-
-def _percentile(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def _summary(milliseconds: list[float]) -> dict[str, float]:
-    ordered = sorted(milliseconds)
-    return {
-        "min": round(ordered[0], 1),
-        "p50": round(statistics.median(ordered), 1),
-        "p99": round(_percentile(ordered, 0.99), 1),
-        "max": round(ordered[-1], 1),
-    }
 
 
 async def _recorded_due(settings: Settings, job_ids: list[str]) -> dict[str, float]:
@@ -97,6 +83,6 @@ async def measure(
         "publish_rate_per_s": publish_rate,
         "publish_seconds": round(published_in, 2),
         "early": sum(1 for value in from_due + from_publish if value < 0),
-        "from_publish_ms": _summary(from_publish),
-        "from_due_ms": _summary(from_due),
+        "from_publish_ms": summary(from_publish),
+        "from_due_ms": summary(from_due),
     }

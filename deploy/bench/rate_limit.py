@@ -27,6 +27,7 @@ from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.store.outboxes import OutboxStore, outbox_document
 from consumer.store.providers import ProviderStore
+from deploy.bench.percentiles import summary
 from deploy.devstack.processes import spawn_worker
 from deploy.devstack.smtp_capture import CaptureServer
 
@@ -45,15 +46,6 @@ def sent_slots(logs: Iterable[Path]) -> dict[str, int]:
                 slot = datetime.fromisoformat(sent["rate_slot"])
                 slots[sent["job_id"]] = round(slot.timestamp() * MICROS)
     return slots
-
-
-def _milliseconds(values: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "p50": round(ordered[len(ordered) // 2], 1),
-        "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
-        "max": round(ordered[-1], 1),
-    }
 
 
 def most_in_a_window(times_us: Sequence[int], length_us: int) -> int:
@@ -151,7 +143,7 @@ async def measure(
         # Where the cap is enforced: the tokens the sends took, on MongoDB's clock (the same
         # machine's here), and how long after its token each mail reached the sink.
         "max_tokens_in_any_1s_window": most_in_a_window(list(slots.values()), MICROS),
-        "arrival_after_token_ms": _milliseconds(
+        "arrival_after_token_ms": summary(
             [(arrived[job] - at) / 1000 for job, at in slots.items()]
         ),
         "seconds_first_to_last": round(span, 2),
