@@ -10,6 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
+import argon2
+import bcrypt
 import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
@@ -46,6 +48,21 @@ def test_key_hash_is_salted_and_checks_the_key() -> None:
     assert not key_matches("dk-wrong", first)
     assert not key_matches(DOMAIN_KEY, "md5$whatever")
     assert not key_matches(DOMAIN_KEY, "garbage")
+
+
+def test_the_old_daemons_password_hashes_verify_as_they_are() -> None:
+    # PHP's password_hash writes bcrypt as $2y$ (the same algorithm as $2b$), and
+    # libsodium's crypto_pwhash_str writes Argon2id; the old daemon offered both and Argon2i.
+    bcrypt_hash = "$2y$" + bcrypt.hashpw(b"abc12345", bcrypt.gensalt(4)).decode()[4:]
+    argon2i = argon2.PasswordHasher(time_cost=1, memory_cost=1024, type=argon2.Type.I)
+    argon2id = argon2.PasswordHasher(time_cost=1, memory_cost=1024, type=argon2.Type.ID)
+    for stored in (bcrypt_hash, argon2i.hash("abc12345"), argon2id.hash("abc12345")):
+        assert key_matches("abc12345", stored), stored
+        assert not key_matches("abc12346", stored), stored
+        assert not key_matches("abc12345", stored[:-3]), stored  # damaged: no match, no error
+    # bcrypt reads 72 bytes, as PHP's password_verify did.
+    long_hash = bcrypt.hashpw(b"x" * 72, bcrypt.gensalt(4)).decode()
+    assert key_matches("x" * 80, long_hash)
 
 
 def test_a_seal_binds_its_authority_to_the_id_the_body_and_a_time() -> None:

@@ -16,6 +16,8 @@ import hmac
 import secrets
 from collections.abc import Sequence
 
+import argon2
+import bcrypt
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -43,7 +45,14 @@ def hash_key(key: str) -> str:
 
 
 def key_matches(key: str, stored: str) -> bool:
-    """Whether ``key`` is the one :func:`hash_key` made ``stored`` from."""
+    """Whether ``key`` is the one :func:`hash_key` made ``stored`` from, or, pasted from
+    the old daemon's ``MAILER_AUTH_HASH``, a bcrypt (``$2y$``...) or Argon2 (``$argon2i$``,
+    libsodium's ``$argon2id$``) hash of it.
+    """
+    if stored.startswith(_BCRYPT_PREFIXES):
+        return _bcrypt_matches(key, stored)
+    if stored.startswith(_ARGON2_PREFIXES):
+        return _argon2_matches(key, stored)
     try:
         scheme, n, r, p, salt, digest = stored.split("$")
         if scheme != "scrypt":
@@ -52,6 +61,26 @@ def key_matches(key: str, stored: str) -> bool:
     except ValueError:
         return False
     return hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_ARGON2_PREFIXES = ("$argon2i$", "$argon2id$")
+# bcrypt reads no more than 72 bytes of a password (PHP's password_verify cut it there).
+_BCRYPT_MAX_BYTES = 72
+
+
+def _bcrypt_matches(key: str, stored: str) -> bool:
+    try:
+        return bcrypt.checkpw(key.encode()[:_BCRYPT_MAX_BYTES], stored.encode())
+    except ValueError:  # not a well-formed bcrypt hash
+        return False
+
+
+def _argon2_matches(key: str, stored: str) -> bool:
+    try:
+        return argon2.PasswordHasher().verify(stored, key)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
 
 
 class DomainStore:
