@@ -43,6 +43,19 @@ def test_an_address_with_deeply_nested_comments_is_refused_not_crashed() -> None
         parse_job(encode(job(reply_to=f"a{nested}b@example.com")), None)
 
 
+def test_special_use_domains_only_when_the_setting_allows_them() -> None:
+    staging = ["qa@staging.test", "dev@box.localhost", "ops@Mail.Example.test"]
+    body = encode(job(to=staging, cc=["a@example.com"]))
+    for address in staging:
+        with pytest.raises(InvalidJobError, match="special-use or reserved"):
+            parse_job(encode(job(to=[address])), None)
+    parsed, _ = parse_job(body, None, special_use=True)
+    assert parsed.recipients() == [*staging[:2], "ops@mail.example.test", "a@example.com"]
+    for refused in ("x@box.invalid", "x@10.in-addr.arpa", "x@bad..localhost"):
+        with pytest.raises(InvalidJobError, match="invalid email address"):
+            parse_job(encode(job(to=[refused])), None, special_use=True)
+
+
 def test_id_precedence_body_then_message_id_then_content_hash() -> None:
     body = encode(job(id="from-body"))
     assert parse_job(body, "from-property")[1] == "from-body"

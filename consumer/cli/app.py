@@ -31,7 +31,7 @@ from consumer.cli import templates as cli_templates
 from consumer.cli.output import fail
 from consumer.cli.parsing import Handler
 from consumer.core import ladder
-from consumer.core.message import Job
+from consumer.core.message import Job, validation_context
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
 from consumer.errors import (
     ConfigurationError,
@@ -97,7 +97,9 @@ def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
 async def _send(args: argparse.Namespace, settings: Settings) -> int:
     job = _job_from_args(args)
     try:
-        Job.model_validate(job)
+        Job.model_validate(
+            job, context=validation_context(special_use=settings.allow_special_use_domains)
+        )
     except ValidationError as exc:
         return fail("send", f"invalid job: {exc}", code=2)
     delay_ms = round(args.delay * 1000) if args.delay else None

@@ -121,7 +121,12 @@ class Pipeline:
         authority = authority or Authority()
         now = self.clock()
         try:
-            job, job_id = parse_job(body, message_id, max_bytes=self.settings.max_job_bytes)
+            job, job_id = parse_job(
+                body,
+                message_id,
+                max_bytes=self.settings.max_job_bytes,
+                special_use=self.settings.allow_special_use_domains,
+            )
             due = due_time(job, headers, now)
         except InvalidJobError as exc:
             return Dead(Context(message_id), exc.reason, str(exc))
