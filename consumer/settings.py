@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_attachments: int = Field(100, ge=0)
     attachment_concurrency: int = Field(4, ge=1, le=64)
     compose_timeout: float = Field(180.0, gt=0)
+    # Addresses at special-use domains (.test, .localhost), as staging setups with a mail
+    # catcher use: refused unless this is on (.example is an ordinary name).
+    allow_special_use_domains: bool = False
     # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;
@@ -86,6 +89,9 @@ class Settings(BaseSettings):
     # and default From its mail is sent with, the largest request, how long to wait for a
     # "send now" outcome.
     gateway_password_hash: SecretStr | None = None
+    # Without a hash the daemon gateway is open (the old MAILER_AUTH = false): loopback
+    # only, unless this says otherwise.
+    gateway_open_beyond_loopback: bool = False
     gateway_domain: str | None = None
     gateway_from: str | None = None
     gateway_max_request_bytes: int = Field(4 * MiB, ge=1024)

@@ -269,13 +269,12 @@ async def test_daemon_refuses_what_it_should(
         refused = await nc(settings, port, daemon_request("sendMail", mail, auth=auth))
         assert refused == {"status": "error", "data": None, "message": "unauthorized request"}
     smtp_override = await nc(settings, port, daemon_request("sendMail", {**mail, "smtpHost": "x"}))
-    assert (smtp_override["status"], smtp_override["message"]) == ("error", "failed to send mail")
-    assert "mailbus outbox add" in smtp_override["data"]
+    assert (smtp_override["status"], smtp_override["message"]) == ("error", "invalid payload")
+    assert "smtpHost" in smtp_override["data"]["payload"][0]
     no_to = await nc(settings, port, daemon_request("queueMail", {**mail, "to": []}))
-    assert (no_to["status"], no_to["message"]) == ("error", "failed to add mail to queue")
-    elsewhere = await nc(settings, port, daemon_request("getQueueList", {}))
-    assert elsewhere["status"] == "error"
-    assert "mailbus jobs ls" in elsewhere["data"]
+    assert (no_to["status"], no_to["message"]) == ("error", "invalid payload")
+    unknown = await nc(settings, port, daemon_request("getQueue", {}))
+    assert unknown == {"status": "error", "data": None, "message": "invalid request"}
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"{" + b" " * (settings.gateway_max_request_bytes + 1))
@@ -422,15 +421,20 @@ async def test_failed_authentications_are_limited_per_address(
     assert await store.find(limit=10) == []
 
 
-async def test_hash_password_and_the_daemon_needs_one(settings: Settings) -> None:
+async def test_hash_password_and_an_open_daemon_only_on_loopback(settings: Settings) -> None:
     made = await mailbus(settings, "gateway", "hash-password", input=PASSWORD + "\n")
     assert made.returncode == 0, made.stderr
     assert key_matches(PASSWORD, made.stdout.strip())
     assert PASSWORD not in made.stdout
     unset = settings.model_copy(update={"gateway_password_hash": None})
-    refused = await mailbus(unset, "gateway", "serve", "--daemon", "0")
+    refused = await mailbus(unset, "gateway", "serve", "--daemon", "0.0.0.0:0")
     assert refused.returncode == 2
     assert "MAILBUS_GATEWAY_PASSWORD_HASH" in refused.stderr
+    assert "MAILBUS_GATEWAY_OPEN_BEYOND_LOOPBACK" in refused.stderr
+    no_domain = unset.model_copy(update={"gateway_domain": None})
+    refused = await mailbus(no_domain, "gateway", "serve", "--daemon", "0")
+    assert refused.returncode == 2
+    assert "MAILBUS_GATEWAY_DOMAIN" in refused.stderr
 
 
 async def test_gateway_command_serves_until_sigterm(

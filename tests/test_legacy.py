@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime
 
 import pytest
 
@@ -195,19 +197,48 @@ def test_daemon_mail_refusals(mail: dict[str, object], complaint: str) -> None:
         daemon(**mail)
 
 
+def request(line: bytes, *, password: bool = False) -> legacy.DaemonRequest:
+    return legacy.daemon_request(legacy.daemon_value(line), password=password)
+
+
+@pytest.mark.parametrize(
+    ("line", "password", "complaint"),
+    [
+        # The old suites' cases, with and without a password set (checked before this).
+        (b"null", False, "payload cannot be empty"),
+        (b"[]", False, "payload cannot be empty"),
+        (b'""', False, "payload cannot be empty"),
+        (b"0", False, "payload cannot be empty"),
+        (b"{}", False, "payload cannot be empty"),
+        (b'{"auth": "pw"}', False, "invalid request"),  # no password: auth names no request
+        (b'{"auth": "pw"}', True, "payload cannot be empty"),
+        (b'{"": null, "auth": "pw"}', True, "invalid request"),
+        (b'{"": [], "auth": "pw"}', True, "invalid request"),
+        (b'{"getQueue": null}', False, "invalid request"),
+        (b'["ping"]', False, "invalid request"),
+        (b"5", False, "invalid request"),
+        (b"{", False, "invalid request"),
+    ],
+)
+def test_daemon_requests_refused_with_the_old_words(
+    line: bytes, password: bool, complaint: str
+) -> None:
+    with pytest.raises(GatewayRequestError, match=f"^{complaint}$"):
+        request(line, password=password)
+
+
 def test_daemon_requests_and_framing() -> None:
-    request = legacy.daemon_request(b'{"auth": "pw", "sendMail": {"to": []}, "x": 1}')
-    assert (request.name, request.payload, request.auth) == ("sendMail", {"to": []}, "pw")
-    assert legacy.daemon_request(b'{"ping": null}').auth is None
-    for bad, complaint in ((b"{", "invalid payload"), (b"{}", "payload cannot be empty")):
-        with pytest.raises(GatewayRequestError, match=complaint):
-            legacy.daemon_request(bad)
-    with pytest.raises(GatewayRequestError, match="invalid payload"):
-        legacy.daemon_request(b'{"auth": "pw"}')
+    found = request(b'{"auth": "pw", "sendMail": {"to": []}, "x": 1}', password=True)
+    assert (found.name, found.payload) == ("sendMail", {"to": []})
+    assert request(b'{"sendMail": {}, "auth": "pw"}').name == "sendMail"  # auth ignored
+    update = request(b'{"updateQueuedMail": "m", "content": {"subject": "s"}}')
+    assert update.fields["content"] == {"subject": "s"}
+    assert legacy.daemon_password({"auth": "pw"}) == "pw"
+    assert legacy.daemon_password(None) is legacy.daemon_password({"auth": 5}) is None
     deep = b'{"ping": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    with pytest.raises(GatewayRequestError, match="invalid payload"):
-        legacy.daemon_request(deep)  # nesting the JSON decoder gives up on
-    assert frame(deep) == deep  # framed all the same, and answered "invalid payload"
+    with pytest.raises(GatewayRequestError, match="invalid request"):
+        legacy.daemon_value(deep)  # nesting the JSON decoder gives up on
+    assert frame(deep) == deep  # framed all the same, and answered "invalid request"
 
     assert frame(b'{"ping": null}\n{"next"') == b'{"ping": null}'
     assert frame(b'{"ping": null}') == b'{"ping": null}'
@@ -216,8 +247,18 @@ def test_daemon_requests_and_framing() -> None:
     assert frame(b'{"sendMail": {"body": "\\"}"}') is None
     assert frame(b'{"sendMail": {"body": "\\\\"}}') == b'{"sendMail": {"body": "\\\\"}}'
     assert frame(b'{"ping": nu') is None
-    assert frame(b'  ["not", "an object"]') is None  # a newline ends it
-    assert frame(b'  ["not", "an object"]\n') == b'  ["not", "an object"]'
+    # Any JSON value is a request, answered without waiting for a newline.
+    assert frame(b'  ["not", "an object"]') == b'  ["not", "an object"]'
+    assert frame(b"null") == b"null"
+    assert frame(b"[]") == b"[]"
+    assert frame(b'""') == b'""'
+    assert frame(b'"a \\" b"') == b'"a \\" b"'
+    # A bare number is whole once what came parses: the old clients wrote it at once.
+    assert legacy.DaemonFrame().feed(b"12") == b"12"
+    assert frame(b"nul") is None
+    long = legacy.DaemonFrame()
+    assert long.feed(b"1" * 100) is None  # a long bare value waits for its newline
+    assert long.feed(b"\n") == b"1" * 100
 
 
 def frame(data: bytes) -> bytes | None:
@@ -238,41 +279,89 @@ def test_daemon_answers() -> None:
         assert line.endswith(b"\n")
         return json.loads(line)
 
-    assert read(legacy.daemon_sent_reply({"status": "sent"}, 5, "j")) == {
+    assert read(legacy.daemon_sent_reply({"status": "sent"}, 5)) == {
         "status": "success",
-        "data": {"id": "j"},
+        "data": None,
         "message": "mail sent successfully",
     }
     dead = {"status": "dead", "reason": "permanent", "error": "550 no"}
-    assert read(legacy.daemon_sent_reply(dead, 5, "j")) == {
+    assert read(legacy.daemon_sent_reply(dead, 5)) == {
         "status": "error",
         "data": "550 no (not retried: permanent)",
         "message": "failed to send mail",
     }
-    later = read(legacy.daemon_sent_reply(None, 5, "j"))
+    later = read(legacy.daemon_sent_reply(None, 5))
     assert later == {
         "status": "error",
         "data": "no outcome within 5 s; the mail stays queued",
-        "message": "failed to send mail and added back to queue",
+        "message": "failed to send mail",
     }
-    skipped = read(legacy.daemon_sent_reply({"status": "skipped", "reason": "x"}, 5, "j"))
-    assert skipped == {"status": "success", "data": {"id": "j"}, "message": "not sent again: x"}
-
-
-def test_daemon_status_counts_the_gateway_domain() -> None:
-    today = {
-        "by_domain": {
-            "daemon.example": {"sent": 4, "failed": 1, "dead": 2},
-            "other.example": {"sent": 9, "failed": 9, "dead": 9},
-        }
+    unreachable = {"status": "deferred", "error": "SMTPConnectError: refused", "unreachable": True}
+    assert read(legacy.daemon_sent_reply(unreachable, 5)) == {
+        "status": "error",
+        "data": "SMTP Error: Could not connect to SMTP host.",
+        "message": "failed to send mail",
     }
-    assert json.loads(legacy.daemon_status_reply(today, "daemon.example")) == {
+    skipped = read(legacy.daemon_sent_reply({"status": "skipped", "reason": "x"}, 5))
+    assert skipped == {"status": "success", "data": None, "message": "not sent again: x"}
+    assert json.loads(legacy.daemon_status_reply(4, 3)) == {
         "status": "success",
         "data": {"sent": 4, "failed": 3},
         "message": None,
     }
-    nothing = json.loads(legacy.daemon_status_reply({"by_domain": {}}, "daemon.example"))
-    assert nothing["data"] == {"sent": 0, "failed": 0}
+    assert legacy.payload_errors("") == {"payload": ["The data (null) must match the type: object"]}
+    assert legacy.payload_errors(["x"]) == {
+        "payload": ["The data (array) must match the type: object"]
+    }
+    assert legacy.payload_errors({}) is None
+
+
+def test_queue_ids_and_pages() -> None:
+    when = datetime(2022, 7, 15, 2, 51, 59, 478556, tzinfo=UTC)
+    name = legacy.queue_id(when, "5775eb2a32b09b0d")
+    assert name == "mail_0000001657853519.47855600_5775eb2a32b09b0d.json"
+    # The pattern the old clients (and their test suites) match queue files with.
+    assert re.match(r"^mail_([0-9]+)\.([0-9]+)_([a-z0-9]+)\.json", name)
+    assert legacy.is_queue_id(name)
+    assert not legacy.is_queue_id("mail_1.2_x.json")
+    assert legacy.page(None) == (0, 500)
+    assert legacy.page({"limit": 1, "page": 1}) == (1, 1)
+    assert legacy.page({"limit": 10_000, "page": -3}) == (0, 500)
+    assert legacy.page({"limit": "9", "page": True}) == (0, 500)
+    assert json.loads(legacy.listing(["a"], 2, "templates")) == {
+        "status": "success",
+        "data": {"items": ["a"], "total": 2},
+        "message": "found 2 templates",
+    }
+
+
+def test_a_queued_mail_reads_back_as_the_request_it_came_from() -> None:
+    mail = {
+        "to": ["user@example.org", ["named@example.org", "Named"]],
+        "ccList": [],
+        "bccList": [["hidden@example.org", "Hidden"]],
+        "replyTo": ["reply@example.org"],
+        "attachments": [["/srv/files/doc.pdf", "doc.pdf"]],
+        "embedded": [["/srv/files/logo.png", "logo", "logo.png"]],
+        "subject": "This is subject",
+        "body": "<html>This is content</html>",
+        "scheduleTime": 1651596430,
+        "fromName": "App",
+    }
+    job = legacy.daemon_job(
+        mail, domain="example.com", default_from="Mailer <m@example.com>", queued=True
+    )
+    back = legacy.daemon_mail(job, default_from="Mailer <m@example.com>", failures=2)
+    assert back == {**mail, "failToDelivered": 2}
+    templated = legacy.daemon_job(
+        {"to": ["u@example.org"], "useTemplate": "t.html", "replaceContent": {"N": "A"}},
+        domain="example.com",
+        default_from="m@example.com",
+    )
+    again = legacy.daemon_mail(templated, default_from="m@example.com", failures=0)
+    assert (again["useTemplate"], again["replaceContent"]) == ("t.html", {"N": "A"})
+    assert "body" not in again
+    assert "fromEmail" not in again
 
 
 @pytest.mark.parametrize(

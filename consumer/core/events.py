@@ -113,7 +113,8 @@ def reply_for(outcome: Outcome) -> dict[str, Any] | None:
             return _answer(ctx, "dead", reason=reason, error=error, smtp=smtp)
         case Later(why="retry", due_at=due_at, failure=failure):
             said = failure.describe() if failure else None
-            return _answer(ctx, "deferred", due_at=due_at.isoformat(), error=said)
+            unreachable = {"unreachable": True} if failure and failure.unreachable else {}
+            return _answer(ctx, "deferred", due_at=due_at.isoformat(), error=said, **unreachable)
         case Skip(why=why):
             return _answer(ctx, "skipped", reason=why)
         case Later() | Crashed():

@@ -10,18 +10,19 @@ Two request shapes are understood, so their clients keep working unchanged:
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
 from pydantic import ValidationError
 
-from consumer.core.message import Job, describe_errors, json_body
+from consumer.core.message import Job, describe_errors, json_body, validation_context
 from consumer.core.vocabulary import DaemonStatus, RestStatus
 from consumer.errors import GatewayRequestError
 
@@ -53,20 +54,39 @@ DAEMON_MAIL_FIELDS = frozenset(
     }
 )
 SMTP_OVERRIDES = ("smtpHost", "smtpUser", "smtpPassword", "smtpEncryption", "smtpPort")
-# The daemon's other requests, and what does their work in mailbus.
-DAEMON_ELSEWHERE = {
-    "getQueueList": "mailbus jobs ls",
-    "getQueuedMail": "mailbus jobs show",
-    "updateQueuedMail": "mailbus jobs reschedule",
-    "removeQueuedMail": "mailbus jobs cancel",
-    "clearQueue": "mailbus jobs cancel",
-    "getTemplateList": "mailbus template ls",
-    "getTemplate": "mailbus template show",
-    "addTemplate": "mailbus template put",
-    "updateTemplate": "mailbus template put",
-    "removeTemplate": "mailbus template rm",
-    "clearTemplate": "mailbus template rm",
-}
+# Every request the daemon served, by its name (a request's first key).
+DAEMON_REQUESTS = frozenset(
+    {
+        "ping",
+        "status",
+        "sendMail",
+        "queueMail",
+        "getQueueList",
+        "getQueuedMail",
+        "updateQueuedMail",
+        "removeQueuedMail",
+        "clearQueue",
+        "getTemplateList",
+        "getTemplate",
+        "addTemplate",
+        "updateTemplate",
+        "removeTemplate",
+        "clearTemplate",
+    }
+)
+# The daemon's words for a request it could not take.
+UNAUTHORIZED = "unauthorized request"
+INVALID_REQUEST = "invalid request"
+EMPTY_PAYLOAD = "payload cannot be empty"
+INVALID_PAYLOAD = "invalid payload"
+# Lists are paged as the daemon paged them: 500 items at most, pages counted from 0.
+PAGE_LIMIT = 500
+# PHPMailer's words for an SMTP server it could not reach: old clients look for them.
+CANNOT_CONNECT = "SMTP Error: Could not connect to SMTP host."
+# A queued mail's identifier as the daemon named its queue files: the (scheduled) time in
+# seconds and hundredths of microseconds, and 16 random hex digits.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_QUEUE_ID = re.compile(r"^mail_[0-9]{16}\.[0-9]{8}_[0-9a-f]{16}\.json$")
 # The bytes that frame a daemon request: a newline, and JSON's strings and nesting.
 _FRAMING = re.compile(rb'[\n"\\{}\[\]]')
 _HTML_TAG = re.compile(r"<(?:!doctype|!--|/?[a-z][a-z0-9]*)[\s/>]", re.IGNORECASE)
@@ -77,10 +97,12 @@ def body_fields(body: str) -> dict[str, str]:
     return {"html": body} if _HTML_TAG.search(body) else {"text": body}
 
 
-def checked_job(job: Mapping[str, Any]) -> Job:
-    """``job`` validated against the v1 contract, refused with a readable reason."""
+def checked_job(job: Mapping[str, Any], *, special_use: bool = False) -> Job:
+    """``job`` validated against the v1 contract, refused with a readable reason; with
+    ``special_use``, addresses at special-use domains are accepted.
+    """
     try:
-        return Job.model_validate(job)
+        return Job.model_validate(job, context=validation_context(special_use=special_use))
     except ValidationError as exc:
         raise GatewayRequestError(describe_errors(exc)) from None
 
@@ -164,37 +186,98 @@ def rest_send_now_reply(
 
 @dataclass(frozen=True)
 class DaemonRequest:
-    """One request to the old daemon: its name (the first key), its payload, its password."""
+    """One request to the old daemon: its name (the first key), its payload, and the whole
+    object without ``auth`` (``updateQueuedMail`` and the template requests carry a
+    ``content`` beside the payload).
+    """
 
     name: str
     payload: Any
-    auth: str | None
+    fields: Mapping[str, Any]
 
 
-def daemon_request(line: bytes) -> DaemonRequest:
-    """Parse one request; the request is the object's first key other than ``auth``."""
+def daemon_value(frame: bytes) -> Any:
+    """The JSON value of one request's bytes; any JSON value is a request."""
     try:
-        raw = json.loads(line)
+        return json.loads(frame)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise GatewayRequestError("invalid payload") from None
-    if not isinstance(raw, dict) or not raw:
-        raise GatewayRequestError("payload cannot be empty")
-    auth = raw.pop("auth", None)
-    if not raw:
-        raise GatewayRequestError("invalid payload")
-    name = next(iter(raw))
-    return DaemonRequest(name, raw[name], auth if isinstance(auth, str) else None)
+        raise GatewayRequestError(INVALID_REQUEST) from None
+
+
+def daemon_password(value: Any) -> str | None:
+    """The password a request carries (its ``auth``), if any."""
+    auth = value.get("auth") if isinstance(value, dict) else None
+    return auth if isinstance(auth, str) else None
+
+
+def _empty(value: Any) -> bool:
+    """Empty as the daemon (PHP's ``empty()``) saw it: null, false, 0, "", "0", [], {}."""
+    if isinstance(value, bool | int | float):
+        return not value
+    return value is None or value in ("", "0") or (isinstance(value, list | dict) and not value)
+
+
+def daemon_request(value: Any, *, password: bool) -> DaemonRequest:
+    """The request in ``value`` (its password checked already when ``password``), or a
+    :class:`GatewayRequestError` with the daemon's words: an empty value or object
+    "payload cannot be empty", anything else that names no request "invalid request".
+    Without a password an ``auth`` beside a request is ignored, and alone it names none.
+    """
+    if _empty(value):
+        raise GatewayRequestError(EMPTY_PAYLOAD)
+    if not isinstance(value, dict):
+        raise GatewayRequestError(INVALID_REQUEST)
+    fields = dict(value)
+    if password or len(fields) > 1:
+        fields.pop("auth", None)
+    if not fields:
+        raise GatewayRequestError(EMPTY_PAYLOAD)
+    name = next(iter(fields))
+    if name not in DAEMON_REQUESTS:
+        raise GatewayRequestError(INVALID_REQUEST)
+    return DaemonRequest(name, fields[name], fields)
+
+
+def _json_type(value: Any) -> str:
+    if _empty(value) and not isinstance(value, list | dict):
+        return "null"  # the daemon read an empty payload as none
+    match value:
+        case bool():
+            return "boolean"
+        case int():
+            return "integer"
+        case float():
+            return "number"
+        case str():
+            return "string"
+        case list():
+            return "array"
+        case dict():
+            return "object"
+    return "null"
+
+
+def payload_errors(payload: Any) -> dict[str, list[str]] | None:
+    """The daemon's schema answer for a mail payload that is not an object, else None."""
+    if isinstance(payload, dict):
+        return None
+    return {"payload": [f"The data ({_json_type(payload)}) must match the type: object"]}
+
+
+# The bytes that end a short bare value (a number, true, false, null) sent with no newline.
+_SHORT_VALUE = 64
 
 
 class DaemonFrame:
     """One daemon request as its bytes come in, each byte looked at once: it ends at a
-    newline, or where the JSON object it starts with closes (the old clients also wrote
-    one object with no newline and waited for the answer).
+    newline, or where the JSON value it starts with is complete (the old clients wrote one
+    value with no newline and waited for the answer): an object or array where it closes,
+    a string at its closing quote, a short bare value (``null``, ``5``) once it parses.
     """
 
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self._object: bool | None = None  # starts with "{"; None while only blanks came
+        self._scanned: bool | None = None  # starts with {, [ or "; None while only blanks came
         self._depth = 0
         self._in_string = False
         self._escaped = False  # the last byte was a backslash inside a string
@@ -206,11 +289,20 @@ class DaemonFrame:
         """Add ``data``: the whole request once it is complete, else None."""
         start = len(self.buffer)
         self.buffer += data
-        if self._object is None and self.buffer.strip():
-            self._object = self.buffer.lstrip()[:1] == b"{"
-        if not self._object:
+        if self._scanned is None and self.buffer.strip():
+            self._scanned = bytes(self.buffer.lstrip()[:1]) in (b"{", b"[", b'"')
+        if not self._scanned:
             end = self.buffer.find(b"\n", start)
-            return bytes(self.buffer[:end]) if end >= 0 else None
+            if end >= 0:
+                return bytes(self.buffer[:end])
+            if self._scanned is False and len(self.buffer) <= _SHORT_VALUE:
+                with contextlib.suppress(ValueError):
+                    json.loads(self.buffer)
+                    return bytes(self.buffer)
+            return None
+        return self._scan(start)
+
+    def _scan(self, start: int) -> bytes | None:
         skip = start + 1 if self._escaped else start  # the byte the backslash escapes
         self._escaped = False
         for match in _FRAMING.finditer(self.buffer, start):
@@ -226,6 +318,8 @@ class DaemonFrame:
                     self._escaped = skip > len(self.buffer)
                 elif byte == b'"':
                     self._in_string = False
+                    if self._depth == 0:
+                        return bytes(self.buffer[: at + 1])
             elif byte == b'"':
                 self._in_string = True
             elif byte in (b"{", b"["):
@@ -242,26 +336,56 @@ def daemon_reply(status: DaemonStatus, data: Any, message: Any) -> bytes:
     return json_body({"status": status, "data": data, "message": message}) + b"\n"
 
 
-def daemon_status_reply(today: Mapping[str, Any], domain: str) -> bytes:
-    """The old ``status`` answer, ``{"sent", "failed"}``, for the gateway's domain since
-    midnight UTC (``today`` as :func:`consumer.service.status.today_of` folds it); failed counts
-    dead jobs too.
-    """
-    counts = today["by_domain"].get(domain, {})
-    sent, failed = counts.get("sent", 0), counts.get("failed", 0) + counts.get("dead", 0)
+def daemon_status_reply(sent: int, failed: int) -> bytes:
+    """The old ``status`` answer, ``{"sent", "failed"}`` (the gateway domain's today)."""
     return daemon_reply("success", {"sent": sent, "failed": failed}, None)
 
 
-def daemon_sent_reply(answer: Mapping[str, Any] | None, waited: float, job_id: str) -> bytes:
-    """The old daemon's answer to ``sendMail``, from the worker's answer."""
+def daemon_sent_reply(answer: Mapping[str, Any] | None, waited: float) -> bytes:
+    """The old daemon's answer to ``sendMail``, from the worker's answer: a mail that
+    could not be sent now is "failed to send mail" with the reason (PHPMailer's words for
+    an unreachable server), kept for its retry unless it is dead.
+    """
     if answer is not None and answer.get("status") == "sent":
-        return daemon_reply("success", {"id": job_id}, "mail sent successfully")
+        return daemon_reply("success", None, "mail sent successfully")
+    if answer is not None and answer.get("unreachable"):
+        return daemon_reply("error", CANNOT_CONNECT, "failed to send mail")
     why = not_sent_because(answer, waited)
-    if answer is None or answer.get("status") == "deferred":
-        return daemon_reply("error", why, "failed to send mail and added back to queue")
-    if answer.get("status") == "dead":
+    if answer is None or answer.get("status") in ("deferred", "dead"):
         return daemon_reply("error", why, "failed to send mail")
-    return daemon_reply("success", {"id": job_id}, why)
+    return daemon_reply("success", None, why)
+
+
+def queue_id(when: datetime, random_hex: str) -> str:
+    """A queued mail's identifier in the daemon's form (``mail_<seconds>.<fraction>_<hex>
+    .json``), the job's id: old clients match it, ``mailbus jobs show`` takes it.
+    """
+    seconds, micros = divmod((when - _EPOCH) // timedelta(microseconds=1), 10**6)
+    return f"mail_{seconds:016d}.{micros * 100:08d}_{random_hex}.json"
+
+
+def is_queue_id(value: Any) -> bool:
+    """Whether ``value`` is an identifier :func:`queue_id` makes."""
+    return isinstance(value, str) and _QUEUE_ID.match(value) is not None
+
+
+def page(payload: Any) -> tuple[int, int]:
+    """The ``(skip, limit)`` of a list request's ``{"limit", "page"}`` (either may be
+    absent or null: 500 items, page 0); out-of-range values are held to the range.
+    """
+    fields = payload if isinstance(payload, dict) else {}
+    limit, number = fields.get("limit"), fields.get("page")
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else PAGE_LIMIT
+    number = number if isinstance(number, int) and not isinstance(number, bool) else 0
+    limit = min(max(limit, 1), PAGE_LIMIT)
+    return max(number, 0) * limit, limit
+
+
+def listing(items: list[str], total: int, noun: str) -> bytes:
+    """A page of a list as the daemon answered it: ``found N templates`` or ``found N
+    mails in queue``.
+    """
+    return daemon_reply("success", {"items": items, "total": total}, f"found {total} {noun}")
 
 
 def _mailboxes(value: Any, field: str) -> list[dict[str, Any]]:
@@ -370,3 +494,62 @@ def daemon_job(
             raise GatewayRequestError("scheduleTime: seconds since the Unix epoch")
         job["send_at"] = datetime.fromtimestamp(schedule_time, UTC).isoformat()
     return job
+
+
+def _source_of(attachment: Mapping[str, Any]) -> str:
+    """Where an attachment is read from (a job not made by the gateway may name a URL)."""
+    return str(attachment.get("path") or attachment.get("url") or "")
+
+
+def _old_mailboxes(value: Any) -> list[Any]:
+    """v1 mailboxes (``"a@b"`` or ``{email, name}``) as the daemon's list items."""
+    found: list[Any] = []
+    for item in value or []:
+        if isinstance(item, str):
+            found.append(item)
+        elif item.get("name"):
+            found.append([item["email"], item["name"]])
+        else:
+            found.append(item["email"])
+    return found
+
+
+def daemon_mail(
+    job: Mapping[str, Any], *, default_from: str | None, failures: int
+) -> dict[str, Any]:
+    """A job the daemon gateway published, as the ``queueMail`` payload it came from (what
+    ``getQueuedMail`` answers), with ``failToDelivered``, its failed attempts. Per-request
+    SMTP settings are never given back.
+    """
+    attachments = job.get("attachments") or []
+    mail: dict[str, Any] = {
+        "to": _old_mailboxes(job.get("to")),
+        "ccList": _old_mailboxes(job.get("cc")),
+        "bccList": _old_mailboxes(job.get("bcc")),
+        "attachments": [
+            [_source_of(a), a.get("filename")] for a in attachments if not a.get("inline")
+        ],
+        "embedded": [
+            [_source_of(a), a.get("cid"), a.get("filename")] for a in attachments if a.get("inline")
+        ],
+        "subject": job.get("subject", ""),
+    }
+    if job.get("reply_to"):
+        mail["replyTo"] = _old_mailboxes([job["reply_to"]])
+    template = job.get("template")
+    if template is not None:
+        mail["useTemplate"] = template["name"]
+        if template.get("data"):
+            mail["replaceContent"] = template["data"]
+    else:
+        mail["body"] = job.get("html") if job.get("html") is not None else job.get("text", "")
+    sender = job.get("from") or {}
+    default_name, default_email = parseaddr(default_from or "")
+    if sender.get("email") != default_email:
+        mail["fromEmail"] = sender.get("email")
+    if sender.get("name") and sender.get("name") != default_name:
+        mail["fromName"] = sender["name"]
+    if job.get("send_at"):
+        mail["scheduleTime"] = int(datetime.fromisoformat(job["send_at"]).timestamp())
+    mail["failToDelivered"] = failures
+    return mail

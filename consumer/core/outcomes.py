@@ -106,6 +106,8 @@ class Failure:
     message: str
     # Per-recipient replies when the server refused every recipient.
     refusals: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    # The server could not be reached at all (nothing was said over SMTP).
+    unreachable: bool = False
 
     def describe(self) -> str:
         """One line for records and dead letters: ``451 try later`` or the error text."""

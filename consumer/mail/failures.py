@@ -12,9 +12,10 @@ from consumer.errors import AttachmentUnavailableError, SendmailError
 def classify(exc: BaseException) -> Failure:
     """Decide whether ``exc``, raised while sending, is worth another attempt.
 
-    4xx replies, timeouts and connection errors are transient; 5xx replies are permanent.
-    Authentication failures are the outbox's fault, not the mail's: transient. A sendmail
-    program's exit status says which it is (sysexits: 75 is "try again later").
+    4xx replies, timeouts and connection errors are transient (a server never reached is
+    marked so); 5xx replies are permanent. Authentication failures are the outbox's fault,
+    not the mail's: transient. A sendmail program's exit status says which it is
+    (sysexits: 75 is "try again later").
     """
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refusals = exc.recipients
@@ -32,6 +33,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure(True, None, f"attachment unavailable: {exc}")
     if isinstance(exc, SendmailError):
         return Failure(exc.transient, None, str(exc))
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        return Failure(True, None, f"{type(exc).__name__}: {exc}", unreachable=True)
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return Failure(False, None, f"not supported by the server: {exc}")
     if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):

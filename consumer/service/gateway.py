@@ -20,15 +20,16 @@ from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiohttp import web
 
 from consumer.amqp import topology
+from consumer.amqp.outgoing import Outgoing
 from consumer.amqp.publish import Replies, job_message, jobs_exchange
-from consumer.clock import utcnow
 from consumer.core import legacy
+from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
-from consumer.core.status import start_of_day, today_of
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAddresses
 from consumer.service.authorization import Authority, Authorizer, VerifiedKeys, broker_login
+from consumer.service.daemon_api import DaemonApi
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
 
@@ -170,13 +171,27 @@ class Gateway:
         exchange: AbstractExchange,
         replies: Replies,
         mongo: Mongo,
+        outgoing: Outgoing,
     ) -> None:
         self.settings = settings
         self.exchange = exchange
         self.replies = replies
-        self.jobs = mongo.jobs
         self.authorizer = Authorizer(mongo.domains, open_domains=settings.open_domains)
         self.user = broker_login(settings.amqp_url.get_secret_value())
+        # No password hash: the daemon's clients send none (its MAILER_AUTH = false).
+        self.daemon_password = settings.gateway_password_hash
+        self.daemon = (
+            DaemonApi(
+                settings=settings,
+                jobs=mongo.jobs,
+                templates=mongo.templates,
+                outgoing=outgoing,
+                publish=self.publish,
+                refusal=self._daemon_refusal,
+            )
+            if settings.gateway_domain is not None
+            else None
+        )
         self.limit = settings.gateway_max_request_bytes
         self.waited = settings.gateway_wait_seconds
         self.header_timeout = settings.gateway_header_timeout
@@ -212,7 +227,14 @@ class Gateway:
             replies = Replies(channel)
             await replies.start()
             exchange = await jobs_exchange(channel, names)
-            yield cls(settings=settings, exchange=exchange, replies=replies, mongo=mongo)
+            outgoing = await Outgoing.open(channel, names)
+            yield cls(
+                settings=settings,
+                exchange=exchange,
+                replies=replies,
+                mongo=mongo,
+                outgoing=outgoing,
+            )
 
     async def publish(self, job: Mapping[str, Any], *, now: bool) -> tuple[str, Any]:
         """Publish ``job`` as the gateway's broker user. With ``now``, to ``send.now`` and
@@ -284,7 +306,7 @@ class Gateway:
     async def _rest_answer(self, fields: Mapping[str, str], address: str) -> dict[str, Any]:
         try:
             mail = legacy.rest_mail(fields)
-            job = legacy.checked_job(mail.job)
+            job = legacy.checked_job(mail.job, special_use=self.settings.allow_special_use_domains)
         except GatewayRequestError as exc:
             return legacy.rest_reply("failed", str(exc))
         if await self.authorizer.domain(job.domain) is None:
@@ -330,7 +352,8 @@ class Gateway:
     async def _serve_daemon_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
     ) -> None:
-        limit = self.size_limit(address)
+        # An open gateway has no authentication to wait for before taking whole requests.
+        limit = self.limit if self.daemon_password is None else self.size_limit(address)
         try:
             request = await read_request(
                 reader, limit, first=self.header_timeout, whole=self.read_timeout
@@ -348,68 +371,44 @@ class Gateway:
         if request.strip():
             writer.write(await self._daemon_answer(request, address))
 
-    async def _daemon_answer(self, line: bytes, address: str) -> bytes:
+    async def _daemon_answer(self, frame: bytes, address: str) -> bytes:
+        """The answer to one request: its password checked first (when one is set), then
+        what it asks.
+        """
         try:
-            request = legacy.daemon_request(line)
+            value, unreadable = legacy.daemon_value(frame), None
+        except GatewayRequestError as exc:
+            value, unreadable = None, str(exc)
+        if self.daemon_password is not None:
+            async with self.failures.turn(address):
+                if self.failures.blocked(address):
+                    log.warning("gateway.throttled", gateway="daemon", address=address)
+                    return legacy.daemon_reply("error", TOO_MANY_FAILURES, legacy.UNAUTHORIZED)
+                password = legacy.daemon_password(value)
+                stored = self.daemon_password.get_secret_value()
+                if password is None or not await self._passwords.matches(password, stored):
+                    self.failures.failed(address)
+                    log.warning("gateway.unauthorized", gateway="daemon")
+                    return legacy.daemon_reply("error", None, legacy.UNAUTHORIZED)
+            self.trusted.add(address)
+        if unreadable is not None:
+            return legacy.daemon_reply("error", None, unreadable)
+        try:
+            request = legacy.daemon_request(value, password=self.daemon_password is not None)
         except GatewayRequestError as exc:
             return legacy.daemon_reply("error", None, str(exc))
-        async with self.failures.turn(address):
-            if self.failures.blocked(address):
-                log.warning("gateway.throttled", gateway="daemon", address=address)
-                return legacy.daemon_reply("error", TOO_MANY_FAILURES, "unauthorized request")
-            if not await self._authenticated(request.auth):
-                self.failures.failed(address)
-                log.warning("gateway.unauthorized", gateway="daemon", request=request.name)
-                return legacy.daemon_reply("error", None, "unauthorized request")
-        self.trusted.add(address)
+        assert self.daemon is not None  # check_settings refuses to serve without a domain
         try:
-            reply = await self._daemon_request(request)
+            reply = await self.daemon.answer(request)
         except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
             log.warning("gateway.unavailable", gateway="daemon", error=str(exc))
             reply = legacy.daemon_reply("error", str(exc), "mail service unavailable")
         log.info("gateway.request", gateway="daemon", request=request.name)
         return reply
 
-    async def _authenticated(self, password: str | None) -> bool:
-        stored = self.settings.gateway_password_hash
-        if stored is None or password is None:
-            return False
-        return await self._passwords.matches(password, stored.get_secret_value())
-
-    async def _daemon_request(self, request: legacy.DaemonRequest) -> bytes:
-        if request.name == "ping":
-            return legacy.daemon_reply("success", None, "pong")
-        domain = self.settings.gateway_domain
-        assert domain is not None  # check_settings refuses to serve without it
-        if request.name == "status":
-            since = start_of_day(utcnow())
-            today = today_of(await self.jobs.finished_since(since), {}, since)
-            return legacy.daemon_status_reply(today, domain)
-        if request.name in legacy.DAEMON_ELSEWHERE:
-            elsewhere = legacy.DAEMON_ELSEWHERE[request.name]
-            note = f"not served by the mailbus gateway: use `{elsewhere}`"
-            return legacy.daemon_reply("error", note, "invalid request")
-        if request.name not in ("sendMail", "queueMail"):
-            return legacy.daemon_reply("error", None, "invalid request")
-        queued = request.name == "queueMail"
-        failed = "failed to add mail to queue" if queued else "failed to send mail"
-        try:
-            raw = legacy.daemon_job(
-                request.payload,
-                domain=domain,
-                default_from=self.settings.gateway_from,
-                queued=queued,
-            )
-            job = legacy.checked_job(raw)
-        except GatewayRequestError as exc:
-            return legacy.daemon_reply("error", str(exc), failed)
-        refusal = await self.authorizer.refusal(job, Authority(self.user))
-        if refusal is not None:
-            return legacy.daemon_reply("error", refusal, failed)
-        job_id, answer = await self.publish(raw, now=not queued)
-        if queued:
-            return legacy.daemon_reply("success", {"id": job_id}, "mail added to queue")
-        return legacy.daemon_sent_reply(answer, self.waited, job_id)
+    async def _daemon_refusal(self, job: Job) -> str | None:
+        """Why the daemon gateway may not publish ``job`` (as its broker user), or None."""
+        return await self.authorizer.refusal(job, Authority(self.user))
 
     async def finish(self) -> None:
         """Wait for the daemon requests in progress (bounded by the drain timeout)."""
@@ -417,20 +416,32 @@ class Gateway:
             await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout)
 
 
-def check_settings(settings: Settings, *, daemon: bool) -> None:
-    """Refuse to serve the daemon gateway without what it needs."""
-    if not daemon:
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
+    """Refuse to serve the daemon gateway without what it needs, and an open one (no
+    password hash) beyond loopback unless MAILBUS_GATEWAY_OPEN_BEYOND_LOOPBACK says so.
+    """
+    if daemon is None:
         return
-    missing = [
-        f"MAILBUS_{name.upper()}"
-        for name in ("gateway_password_hash", "gateway_domain")
-        if getattr(settings, name) is None
-    ]
-    if missing:
+    if settings.gateway_domain is None:
+        raise ConfigurationError("the daemon gateway needs MAILBUS_GATEWAY_DOMAIN")
+    if settings.gateway_password_hash is not None:
+        return
+    if daemon.host not in _LOOPBACK and not settings.gateway_open_beyond_loopback:
         raise ConfigurationError(
-            f"the daemon gateway needs {' and '.join(missing)} "
-            "(make the hash with `mailbus gateway hash-password`)"
+            f"the daemon gateway has no password (MAILBUS_GATEWAY_PASSWORD_HASH) and would "
+            f"listen on {daemon.host}: set the hash (`mailbus gateway hash-password`), listen "
+            "on loopback, or set MAILBUS_GATEWAY_OPEN_BEYOND_LOOPBACK=true"
         )
+    log.warning(
+        "gateway.open",
+        gateway="daemon",
+        host=daemon.host,
+        note="no MAILBUS_GATEWAY_PASSWORD_HASH: any client that reaches the port sends mail "
+        f"for {settings.gateway_domain}",
+    )
 
 
 async def serve(
@@ -445,7 +456,7 @@ async def serve(
 
     ``started`` (if given) is resolved with the ports bound, by gateway name.
     """
-    check_settings(settings, daemon=daemon is not None)
+    check_settings(settings, daemon=daemon)
     async with Gateway.connected(settings) as gateway:
         ports: dict[str, int] = {}
         runner: web.AppRunner | None = None

@@ -815,6 +815,34 @@ class JobStore:
             cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
             return [_record(doc) async for doc in cursor]
 
+    async def waiting_ids(self, domain: str, skip: int, limit: int) -> tuple[list[str], int]:
+        """A page of the ids of ``domain``'s waiting jobs (scheduled, queued or retrying),
+        soonest due first, and how many there are.
+        """
+        query: Document = {"status": {"$in": list(WAITING)}, "domain": domain}
+        async with answering():
+            total = await self.jobs.count_documents(query)
+            cursor = self.jobs.find(query, {"_id": 1}).sort([("due_at", 1), ("_id", 1)])
+            ids = [str(doc["_id"]) async for doc in cursor.skip(skip).limit(limit)]
+        return ids, total
+
+    async def sent_and_failed_since(self, domain: str, since: datetime) -> tuple[int, int]:
+        """How many of ``domain``'s jobs were sent since ``since``, and how many failed an
+        attempt since then (ended failed or dead, or wait for a retry after it); a job sent
+        on its retry counts in both, as each send counted where the old daemon kept count.
+        """
+        recent: Document = {
+            "status": {"$in": list(STATUSES)},  # the (status, updated_at) index serves it
+            "updated_at": {"$gte": since},
+            "domain": domain,
+        }
+        deferred = {"history": {"$elemMatch": {"event": "deferred", "at": {"$gte": since}}}}
+        gave_up = {"status": {"$in": ["failed", "dead"]}}
+        async with answering():
+            sent = await self.jobs.count_documents({**recent, "status": "sent"})
+            failed = await self.jobs.count_documents({**recent, "$or": [gave_up, deferred]})
+        return sent, failed
+
     async def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None."""
         async with answering():
