@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     gateway_read_timeout: float = Field(30.0, gt=0)
     gateway_auth_failures: int = Field(10, ge=1)
     gateway_auth_window: float = Field(60.0, gt=0)
+    # The daemon gateway serves TLS only when both are set (the old MAILER_SSL_CERT and
+    # MAILER_SSL_KEY): a PEM certificate chain and its unencrypted key.
+    gateway_tls_cert: Path | None = None
+    gateway_tls_key: Path | None = None
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

@@ -25,17 +25,21 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started: asyncio.Future[dict[str, int]] = loop.create_future()
-    started.add_done_callback(lambda done: _announce(rest, daemon, done.result()))
+    tls = settings.gateway_tls_cert is not None
+    started.add_done_callback(lambda done: _announce(rest, daemon, done.result(), tls=tls))
     await serve(settings, stop, rest=rest, daemon=daemon, started=started)
     return 0
 
 
-def _announce(rest: Listen | None, daemon: Listen | None, ports: dict[str, int]) -> None:
+def _announce(
+    rest: Listen | None, daemon: Listen | None, ports: dict[str, int], *, tls: bool
+) -> None:
     """Say where the gateways listen (the ports bound, when 0 was asked for)."""
     if rest is not None:
         print(f"REST gateway: PUT http://{rest.host}:{ports['rest']}/api/mail", flush=True)
     if daemon is not None:
-        print(f"daemon gateway: tcp://{daemon.host}:{ports['daemon']}", flush=True)
+        scheme = "tls" if tls else "tcp"
+        print(f"daemon gateway: {scheme}://{daemon.host}:{ports['daemon']}", flush=True)
 
 
 def _read_password() -> str:
@@ -86,7 +90,10 @@ def add_parser(verbs: Subparsers) -> None:
         "address none of whose requests has authenticated may send "
         "MAILBUS_GATEWAY_UNAUTHENTICATED_BYTES at most; past MAILBUS_GATEWAY_AUTH_FAILURES "
         "wrong passwords or keys within MAILBUS_GATEWAY_AUTH_WINDOW it is refused unhashed. "
-        "SIGTERM lets requests in progress finish.",
+        "With MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY (a PEM certificate chain "
+        "and its key, the old MAILER_SSL_CERT and MAILER_SSL_KEY) the daemon gateway serves "
+        "TLS only, its handshake within the header timeout. SIGTERM lets requests in "
+        "progress finish.",
     )
     run.add_argument(
         "--rest",

@@ -30,6 +30,7 @@ from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAddresses
 from consumer.service.authorization import Authority, Authorizer, VerifiedKeys, broker_login
 from consumer.service.daemon_api import DaemonApi
+from consumer.service.tls import daemon_context
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
 
@@ -425,6 +426,11 @@ def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
     """
     if daemon is None:
         return
+    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
+        raise ConfigurationError(
+            "MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY go together: "
+            "both for TLS, neither for plain TCP"
+        )
     if settings.gateway_domain is None:
         raise ConfigurationError("the daemon gateway needs MAILBUS_GATEWAY_DOMAIN")
     if settings.gateway_password_hash is not None:
@@ -457,6 +463,7 @@ async def serve(
     ``started`` (if given) is resolved with the ports bound, by gateway name.
     """
     check_settings(settings, daemon=daemon)
+    tls = daemon_context(settings) if daemon is not None else None
     async with Gateway.connected(settings) as gateway:
         ports: dict[str, int] = {}
         runner: web.AppRunner | None = None
@@ -475,8 +482,14 @@ async def serve(
                 )
                 ports["rest"] = rest_server.sockets[0].getsockname()[1]
             if daemon is not None:
+                # A TLS client that has not finished its handshake within the header
+                # timeout (a plain-text one never does) is let go; it holds no slot.
                 server = await asyncio.start_server(
-                    gateway.serve_daemon_client, daemon.host, daemon.port
+                    gateway.serve_daemon_client,
+                    daemon.host,
+                    daemon.port,
+                    ssl=tls,
+                    ssl_handshake_timeout=gateway.header_timeout if tls is not None else None,
                 )
                 ports["daemon"] = server.sockets[0].getsockname()[1]
             log.info("gateway.listening", **ports)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server,
-# the producer examples' runtimes, and a virtualenv (.venv) with mailbus and its dev
+# the producer examples' runtimes, PHPUnit, and a virtualenv (.venv) with mailbus and its dev
 # extras (aiosmtpd, SecantusDB, ...). With "bench": also Postfix's smtp-sink and
 # smtp-source, the benchmarks' C SMTP server and client (the MTA is left unconfigured).
 set -euo pipefail
@@ -22,6 +22,11 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v amqp-publish >/dev/null || need_apt+=(amqp-tools)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v nc >/dev/null || need_apt+=(netcat-openbsd)
+# PHPUnit and the PHP extensions it needs: the old SMTP mailer daemon's end-to-end suites
+# run against the daemon gateway (tests/test_smtp_mailer_suites.py).
+command -v phpunit >/dev/null || need_apt+=(phpunit)
+dpkg -s php-xml >/dev/null 2>&1 || need_apt+=(php-xml)
+dpkg -s php-mbstring >/dev/null 2>&1 || need_apt+=(php-mbstring)
 # libfaketime: the reliability suite runs workers whose clocks are skewed.
 dpkg -s libfaketime >/dev/null 2>&1 || need_apt+=(faketime)
 command -v node >/dev/null || need_apt+=(nodejs)
