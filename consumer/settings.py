@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # only, unless this says otherwise.
     gateway_open_beyond_loopback: bool = False
     gateway_domain: str | None = None
+    # The old daemon's template directory (EMAIL_TEMPLATE_DIR): its files are the gateway
+    # domain's templates, kept in the template store.
+    gateway_template_dir: Path | None = None
     gateway_from: str | None = None
     gateway_max_request_bytes: int = Field(4 * MiB, ge=1024)
     gateway_wait_seconds: float = Field(30.0, gt=0)

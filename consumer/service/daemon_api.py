@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -21,12 +20,13 @@ from consumer.amqp.outgoing import Outgoing
 from consumer.clock import utcnow
 from consumer.core import legacy
 from consumer.core.legacy import INVALID_PAYLOAD, DaemonRequest, daemon_reply
-from consumer.core.message import TEMPLATE_NAME_PATTERN, Job
+from consumer.core.message import Job
 from consumer.core.refusals import TemplateError
 from consumer.core.status import start_of_day
 from consumer.core.vocabulary import WAITING
 from consumer.errors import GatewayRequestError
 from consumer.service import control
+from consumer.service.template_folder import TemplateFolder, template_file_name
 from consumer.settings import Settings
 from consumer.store.jobs import JobRecord, JobStore
 from consumer.store.templates import TemplateStore
@@ -36,18 +36,12 @@ from consumer.vault import Vault
 # this long at least, so that cancelling the old one settles which of the two is sent.
 UPDATE_HOLD = timedelta(seconds=5)
 _RECORD_POLL = 0.02
-_NAME = re.compile(TEMPLATE_NAME_PATTERN)
 
 # Publishes a job (``now``: and waits for its outcome): its id and the worker's answer.
 Publish = Callable[..., Awaitable[tuple[str, Any]]]
 # Why the gateway may not send a job for its domain, or None when it may.
 Refusal = Callable[[Job], Awaitable[str | None]]
 Handler = Callable[[DaemonRequest], Awaitable[bytes]]
-
-
-def _name(value: Any) -> str | None:
-    """A template name the store takes, or None."""
-    return value if isinstance(value, str) and _NAME.fullmatch(value) else None
 
 
 def _failures(record: JobRecord) -> int:
@@ -79,6 +73,8 @@ class DaemonApi:
         self.publish = publish
         self.refusal = refusal
         self.vault = Vault.optional(settings)
+        folder = settings.gateway_template_dir
+        self.folder = None if folder is None else TemplateFolder(folder, templates, self.domain)
         self.seal_days = settings.seal_days
         self._handlers: dict[str, Handler] = {
             "ping": self._ping,
@@ -137,6 +133,8 @@ class DaemonApi:
         errors = legacy.payload_errors(request.payload)
         if errors is not None:
             return daemon_reply("error", errors, INVALID_PAYLOAD)
+        if "useTemplate" in request.payload:
+            await self._refresh()  # the file a client just wrote is the one it means
         try:
             raw = self._job(request.payload, queued=queued)
         except GatewayRequestError as exc:
@@ -278,15 +276,22 @@ class DaemonApi:
             ids, _ = await self.jobs.waiting_ids(self.domain, 0, legacy.PAGE_LIMIT)
         return daemon_reply("success", {"removed": removed}, f"removed {removed} mails in queue")
 
-    # Templates: the domain's stored ones.
+    # Templates: the domain's stored ones (kept as the files of its folder, when set).
+
+    async def _refresh(self) -> None:
+        """Take up what was written to the template folder since the last request."""
+        if self.folder is not None:
+            await self.folder.sync()
 
     async def _template_list(self, request: DaemonRequest) -> bytes:
+        await self._refresh()
         skip, limit = legacy.page(request.payload)
         names, total = await self.templates.names(self.domain, skip, limit)
         return legacy.listing(names, total, "templates")
 
     async def _get_template(self, request: DaemonRequest) -> bytes:
-        name = _name(request.payload)
+        await self._refresh()
+        name = template_file_name(request.payload)
         template = await self.templates.owned(name, self.domain) if name else None
         if template is None:
             return daemon_reply("error", None, "unable to get template")
@@ -295,10 +300,11 @@ class DaemonApi:
 
     async def _store_template(self, request: DaemonRequest, *, new: bool) -> bytes:
         verb = "add" if new else "update"
-        name, content = _name(request.payload), request.fields.get("content")
+        name, content = template_file_name(request.payload), request.fields.get("content")
         if name is None or not isinstance(content, str) or not content:
             why = "a template name (letters, digits, '.', '_', '-') and a content string"
             return daemon_reply("error", {"payload": [why]}, INVALID_PAYLOAD)
+        await self._refresh()
         if new and await self.templates.get(name) is not None:
             return daemon_reply("error", "template exists", f"unable to {verb} template")
         if not new and await self.templates.owned(name, self.domain) is None:
@@ -310,6 +316,8 @@ class DaemonApi:
             )
         except TemplateError as exc:
             return daemon_reply("error", str(exc), f"unable to {verb} template")
+        if self.folder is not None:
+            await self.folder.write(name, content)
         return daemon_reply("success", name, "template added" if new else "template updated")
 
     async def _add_template(self, request: DaemonRequest) -> bytes:
@@ -319,11 +327,17 @@ class DaemonApi:
         return await self._store_template(request, new=False)
 
     async def _remove_template(self, request: DaemonRequest) -> bytes:
-        name = _name(request.payload)
+        await self._refresh()
+        name = template_file_name(request.payload)
         if name is None or not await self.templates.remove(name, domain=self.domain):
             return daemon_reply("error", None, "unable to remove template")
+        if self.folder is not None:
+            await self.folder.delete(name)
         return daemon_reply("success", name, "template removed")
 
     async def _clear_templates(self, request: DaemonRequest) -> bytes:
+        await self._refresh()
+        if self.folder is not None:
+            await self.folder.clear()
         removed = await self.templates.clear(self.domain)
         return daemon_reply("success", {"removed": removed}, f"removed {removed} templates")

@@ -433,6 +433,9 @@ def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
         )
     if settings.gateway_domain is None:
         raise ConfigurationError("the daemon gateway needs MAILBUS_GATEWAY_DOMAIN")
+    folder = settings.gateway_template_dir
+    if folder is not None and not folder.is_dir():
+        raise ConfigurationError(f"MAILBUS_GATEWAY_TEMPLATE_DIR: {folder} is not a directory")
     if settings.gateway_password_hash is not None:
         return
     if daemon.host not in _LOOPBACK and not settings.gateway_open_beyond_loopback:
