@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from consumer.service.gateway import TOO_MANY_FAILURES, Listen, serve
 from consumer.settings import Settings
 from consumer.store.domains import DomainStore, hash_key, key_matches
 from consumer.store.jobs import JobStore
+from consumer.vault import new_key
 from deploy.devstack.processes import mailbus, run_with, settings_env
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
+from tests.secret_watch import watched
 
 DOMAIN_KEY = "bad horse"
 PASSWORD = "old password"  # as in the migration guide's examples
@@ -36,11 +39,13 @@ PASSWORD_HASH = hash_key(PASSWORD)
 
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
-    """The test's settings, with the daemon gateway's password, domain and sender, and a
-    directory attachments may be read from.
+    """The test's settings, with the daemon gateway's password, domain and sender, a
+    directory attachments may be read from, and the secret key that seals the jobs of
+    REST requests authorized by an API key.
     """
     return settings.model_copy(
         update={
+            "secret_key": SecretStr(watched(new_key())),
             "gateway_password_hash": SecretStr(PASSWORD_HASH),
             "gateway_domain": "daemon.example",
             "gateway_from": "Old Daemon <daemon@daemon.example>",
@@ -78,16 +83,37 @@ async def ports(
         await task
 
 
-async def curl_put(settings: Settings, port: int, **changes: str | None) -> dict[str, Any]:
-    """``curl -X PUT`` with ``REST_MAIL``'s form fields changed by ``changes`` (None drops
-    one), as the old REST clients sent them; the JSON answer.
+@dataclass(frozen=True)
+class Answer:
+    """A REST answer as curl saw it."""
+
+    status: int
+    content_type: str
+    text: str
+
+
+async def curl_rest(
+    settings: Settings, port: int, *options: str, path: str = "/api/mail", **changes: str | None
+) -> Answer:
+    """``curl -X PUT`` to ``path`` with ``REST_MAIL``'s form fields changed by ``changes``
+    (None drops one) and curl's ``options`` (a header, say), as the old REST clients sent
+    them.
     """
     fields = {k: v for k, v in {**REST_MAIL, **changes}.items() if v is not None}
     data = [arg for k, v in fields.items() for arg in ("--data-urlencode", f"{k}={v}")]
-    url = f"http://127.0.0.1:{port}/api/mail"
-    done = await run_with(settings, "curl", "-sS", "-X", "PUT", *data, url, kill_after=60)
+    url = f"http://127.0.0.1:{port}{path}"
+    written = "\\n%{content_type}\\n%{http_code}"
+    done = await run_with(
+        settings, "curl", "-sS", "-w", written, "-X", "PUT", *options, *data, url, kill_after=60
+    )
     assert done.returncode == 0, done.stderr
-    answer: dict[str, Any] = json.loads(done.stdout)
+    text, content_type, status = done.stdout.rsplit("\n", 2)
+    return Answer(int(status), content_type, text)
+
+
+async def curl_put(settings: Settings, port: int, **changes: str | None) -> dict[str, Any]:
+    """:func:`curl_rest` to ``/api/mail``; the JSON answer."""
+    answer: dict[str, Any] = json.loads((await curl_rest(settings, port, **changes)).text)
     return answer
 
 

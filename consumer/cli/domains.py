@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
+from datetime import datetime
 
 from consumer.cli.output import fail, pretty_json, table
 from consumer.cli.parsing import Subparsers
+from consumer.core.api_keys import (
+    GENERATED_KEY_BYTES,
+    MAX_API_KEYS,
+    MAX_KEY_CHARS,
+    api_key_problem,
+    key_name_problem,
+    next_key_name,
+)
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
-from consumer.store.domains import describe, hash_key
+from consumer.store.domains import api_key_names, describe, hash_key
 from consumer.store.mongo import Mongo
 
 
@@ -74,6 +84,118 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_api_key() -> str:
+    """One key from standard input, read no further than a key can be long."""
+    key = sys.stdin.readline(MAX_KEY_CHARS + 2).rstrip("\r\n")
+    problem = api_key_problem(key)
+    if problem is not None:
+        raise ConfigurationError(f"--key-stdin: {problem}")
+    return key
+
+
+async def _api_key_add(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.secret_key is None:
+        raise ConfigurationError(
+            "MAILBUS_SECRET_KEY is needed for API keys: the REST gateway seals a request's "
+            "authorization onto its job (create one with `mailbus outbox new-key`)"
+        )
+    if args.name is not None and (problem := key_name_problem(args.name)) is not None:
+        raise ConfigurationError(f"--name: {problem}")
+    key = _read_api_key() if args.key_stdin else secrets.token_urlsafe(GENERATED_KEY_BYTES)
+    domain = args.domain.lower()
+    async with Mongo.connect(settings) as mongo:
+        doc = await mongo.domains.get(domain)
+        name = args.name or next_key_name(api_key_names(doc or {}))
+        added = (
+            "unregistered"
+            if doc is None
+            else await mongo.domains.add_api_key(domain, name, hash_key(key), MAX_API_KEYS)
+        )
+    refused = {
+        "unregistered": f"{domain!r} is not registered (mailbus domain add)",
+        "exists": f"{domain!r} has an API key named {name!r}",
+        "full": f"{domain!r} has {MAX_API_KEYS} API keys: remove one first",
+    }.get(added)
+    if refused is not None:
+        return fail("domain api-key add", refused)
+    said = f"API key {name!r} added to domain {domain!r}: only its hash is kept"
+    if args.key_stdin:
+        print(said)
+    else:  # the key alone on standard output, for a script to take; shown this once
+        print(f"{said}; the key is shown this once", file=sys.stderr)
+        print(key)
+    return 0
+
+
+async def _api_key_ls(args: argparse.Namespace, settings: Settings) -> int:
+    async with Mongo.connect(settings) as mongo:
+        doc = await mongo.domains.get(args.domain)
+    if doc is None:
+        return fail("domain api-key ls", f"{args.domain!r} is not registered")
+    rows = [("NAME", "ADDED")]
+    for entry in doc.get("api_keys", []):
+        added = entry.get("created_at")
+        when = added.isoformat(timespec="seconds") if isinstance(added, datetime) else "-"
+        rows.append((str(entry.get("name")), when))
+    print(table(rows))
+    return 0
+
+
+async def _api_key_rm(args: argparse.Namespace, settings: Settings) -> int:
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.domains.remove_api_key(args.domain, args.name)
+    if not found:
+        return fail("domain api-key rm", f"{args.domain!r} has no API key named {args.name!r}")
+    print(f"API key {args.name!r} of domain {args.domain.lower()!r} removed")
+    return 0
+
+
+def _add_api_key_parser(actions: Subparsers) -> None:
+    api_key = actions.add_parser(
+        "api-key",
+        help="manage a domain's API keys for the REST gateway's X-API-KEY header",
+        description="A REST request (mailbus gateway serve --rest) whose X-API-KEY header "
+        "holds one of its domain's API keys needs no domain_key. Keys are stored as salted "
+        "scrypt hashes under a name, and never printed again after `add`; they belong to "
+        f"the domain's registration (removed with it, kept by --replace). Up to "
+        f"{MAX_API_KEYS} a domain. The gateway and the workers need MAILBUS_SECRET_KEY.",
+    )
+    verbs = api_key.add_subparsers(dest="api_key_verb", required=True, metavar="ACTION")
+    add = verbs.add_parser(
+        "add",
+        help="add an API key to a registered domain",
+        description="Add an API key: a new one is generated and printed (the key alone on "
+        "standard output, once), or --key-stdin reads one (an old CodeIgniter key, say) "
+        "from standard input and prints nothing of it.",
+    )
+    add.add_argument("domain", help="the registered sending domain")
+    add.add_argument(
+        "--name",
+        help="what to call the key, to remove it by (default: the next number: 1, 2, ...)",
+    )
+    add.add_argument(
+        "--key-stdin",
+        action="store_true",
+        help="read the key from standard input (16 to 256 visible ASCII characters)",
+    )
+    add.set_defaults(handler=_api_key_add)
+    ls = verbs.add_parser(
+        "ls",
+        help="list a domain's API keys by name (never a key or its hash)",
+        description="List a domain's API keys: their names and when they were added.",
+    )
+    ls.add_argument("domain", help="the registered sending domain")
+    ls.set_defaults(handler=_api_key_ls)
+    rm = verbs.add_parser(
+        "rm",
+        help="remove one of a domain's API keys",
+        description="Remove an API key: requests with it are refused within 5 seconds.",
+    )
+    rm.add_argument("domain", help="the registered sending domain")
+    rm.add_argument("name", help="the key's name, as `api-key ls` shows it")
+    rm.set_defaults(handler=_api_key_rm)
+
+
 def add_parser(verbs: Subparsers) -> None:
     """Register ``mailbus domain`` and its actions on the top-level subparsers."""
     domain = verbs.add_parser(
@@ -121,9 +243,14 @@ def add_parser(verbs: Subparsers) -> None:
     ls = actions.add_parser("ls", help="list registered domains", description="List domains.")
     ls.set_defaults(handler=_ls)
     for verb, text, handler in (
-        ("show", "print one registered domain as JSON (the key only as set or not)", _show),
+        (
+            "show",
+            "print one registered domain as JSON (the key only as set or not, API keys by name)",
+            _show,
+        ),
         ("rm", "unregister a domain (any job may then send for it)", _rm),
     ):
         action = actions.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         action.add_argument("domain", help="the sending domain")
         action.set_defaults(handler=handler)
+    _add_api_key_parser(actions)

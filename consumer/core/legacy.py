@@ -28,7 +28,8 @@ from consumer.errors import GatewayRequestError
 
 REST_TAG = "gateway:rest"
 DAEMON_TAG = "gateway:daemon"
-# The old REST server's checks, in its order, with its words.
+# The old REST server's checks, in its order, with its words; an API key (the
+# X-API-KEY header) stands in for domain_key.
 REST_REQUIRED = (
     ("domain", "Need domain"),
     ("to_email", "Need destination email address"),
@@ -36,6 +37,8 @@ REST_REQUIRED = (
     ("subject", "Need subject text"),
     ("body", "Need email body"),
 )
+# The CodeIgniter REST server's answer to a wrong API key.
+INVALID_API_KEY = "Invalid API Key."
 DAEMON_MAIL_FIELDS = frozenset(
     {
         "to",
@@ -124,12 +127,15 @@ class RestMail:
     send_now: bool
 
 
-def rest_mail(fields: Mapping[str, str]) -> RestMail:
+def rest_mail(fields: Mapping[str, str], *, api_key: bool = False) -> RestMail:
     """The job for the old REST server's form fields; ``body`` has its HTML entities
     decoded, ``cc``/``bcc`` are comma-separated, ``attach_list`` is pipe-separated, and
-    ``from_email`` is the Reply-To too, as it was.
+    ``from_email`` is the Reply-To too, as it was. With ``api_key`` (the request carries
+    one) ``domain_key`` is neither needed nor passed on.
     """
     for name, complaint in REST_REQUIRED:
+        if api_key and name == "domain_key":
+            continue
         if not fields.get(name, "").strip():
             raise GatewayRequestError(complaint)
     from_email = fields.get("from_email", "").strip()
@@ -137,9 +143,8 @@ def rest_mail(fields: Mapping[str, str]) -> RestMail:
         raise GatewayRequestError("Need from email address")
     sender = {"email": from_email, "name": fields.get("from_name", "").strip() or None}
     recipient = {"email": fields["to_email"].strip(), "name": fields.get("to_name") or None}
-    job = {
+    job: dict[str, Any] = {
         "domain": fields["domain"].strip(),
-        "domain_key": fields["domain_key"],
         "from": sender,
         "reply_to": sender,
         "to": [recipient],
@@ -150,6 +155,8 @@ def rest_mail(fields: Mapping[str, str]) -> RestMail:
         "attachments": [_source(ref) for ref in _split(fields.get("attach_list"), "|")],
         "tags": [REST_TAG],
     }
+    if not api_key:
+        job["domain_key"] = fields["domain_key"]
     return RestMail(job, fields.get("send_now", "").strip() == "send")
 
 

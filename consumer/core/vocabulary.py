@@ -52,4 +52,7 @@ LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "s
 ReplyStatus = Literal["sent", "dead", "deferred", "skipped"]
 # What the older systems' clients are told: the REST server, and the TCP daemon.
 RestStatus = Literal["success", "failed"]
+# The formats the REST gateway answers in (the old server knew more: see rest_formats).
+RestFormat = Literal["json", "xml"]
+REST_FORMATS: Final[tuple[RestFormat, ...]] = get_args(RestFormat)
 DaemonStatus = Literal["success", "error"]

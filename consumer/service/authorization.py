@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from consumer.core.api_keys import api_key_problem
 from consumer.core.headers import (
     DOMAIN_HEADER,
     OWN_PREFIX,
@@ -228,6 +229,19 @@ class VerifiedKeys:
             self._verified.clear()
         self._verified.add(seen)
         return True
+
+
+async def api_key_matches(keys: VerifiedKeys, doc: Document, key: str) -> bool:
+    """Whether ``key`` is one of the REST API keys of the domain registered as ``doc``
+    (a key no API key could be is not hashed at all).
+    """
+    if api_key_problem(key) is not None:
+        return False
+    for entry in doc.get("api_keys", []):
+        stored = entry.get("key_hash")
+        if isinstance(stored, str) and await keys.matches(key, stored):
+            return True
+    return False
 
 
 def _under(name: str, domain: str) -> bool:

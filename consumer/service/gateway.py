@@ -13,29 +13,44 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustConnection
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from consumer.amqp import topology
 from consumer.amqp.outgoing import Outgoing
 from consumer.amqp.publish import Replies, job_message, jobs_exchange
+from consumer.clock import utcnow
 from consumer.core import legacy
 from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
+from consumer.core.rest_formats import Refused, answer_format, rest_xml
+from consumer.core.vocabulary import RestFormat
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAddresses
-from consumer.service.authorization import Authority, Authorizer, VerifiedKeys, broker_login
+from consumer.service.authorization import (
+    Authority,
+    Authorizer,
+    VerifiedKeys,
+    api_key_matches,
+    broker_login,
+    seal,
+)
 from consumer.service.daemon_api import DaemonApi
 from consumer.service.tls import daemon_context
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 REST_PATHS = ("/api/mail", "/api/mail/new")
+# The old server's ways of naming the answer's format in the address: mail.xml, mail/format/xml.
+_FORMAT_SUFFIXES = ("", ".{format}", "/format/{format}")
+API_KEY_HEADER = "X-API-KEY"
 _READ_SIZE = 64 * 1024
 # After answering before the whole body came (413, 408), the rest is read and dropped
 # this long so that the client sees the answer, not a reset (aiohttp's default is 10 s).
@@ -79,6 +94,19 @@ def too_large(limit: int, full: int) -> str:
             f"address has authenticated ({full} bytes after)"
         )
     return f"request larger than {limit} bytes"
+
+
+# The HTTP status of a REST answer other than 200, by its message: the old servers' own.
+_REST_STATUS = {TOO_MANY_FAILURES: 429, legacy.INVALID_API_KEY: 403}
+
+
+def _rest_reply(reply: Mapping[str, Any], form: RestFormat, status: int = 200) -> web.Response:
+    """A REST answer in the format the client asked for."""
+    if form == "xml":
+        return web.Response(
+            body=rest_xml(reply), status=status, content_type="application/xml", charset="utf-8"
+        )
+    return web.json_response(reply, status=status)
 
 
 async def read_request(
@@ -203,6 +231,8 @@ class Gateway:
         self.failures = FailedLogins(settings.gateway_auth_failures, settings.gateway_auth_window)
         self.trusted = TrustedAddresses()
         self._passwords = VerifiedKeys()
+        self._api_keys = VerifiedKeys()
+        self.vault = Vault.optional(settings)  # seals the domain onto API-key requests' jobs
         self._tasks: set[asyncio.Task[None]] = set()
 
     def size_limit(self, address: str) -> int:
@@ -237,13 +267,30 @@ class Gateway:
                 outgoing=outgoing,
             )
 
-    async def publish(self, job: Mapping[str, Any], *, now: bool) -> tuple[str, Any]:
+    async def publish(
+        self, job: Mapping[str, Any], *, now: bool, vouched: str | None = None
+    ) -> tuple[str, Any]:
         """Publish ``job`` as the gateway's broker user. With ``now``, to ``send.now`` and
-        wait for the worker's answer (None when none came within the wait).
+        wait for the worker's answer (None when none came within the wait). With
+        ``vouched``, the job carries, sealed, that it was authorized for that domain.
         """
         message = job_message(job)
         message.user_id = self.user
         assert message.message_id is not None  # job_message always sets it
+        if vouched is not None:
+            if self.vault is None:
+                raise ConfigurationError(
+                    "MAILBUS_SECRET_KEY is needed for API keys: the job carries no domain "
+                    "key, so the gateway seals its authorization onto it"
+                )
+            message.headers = seal(
+                message.headers,
+                Authority(domain=vouched),
+                message_id=message.message_id,
+                body=message.body,
+                vault=self.vault,
+                expires=utcnow() + timedelta(days=self.settings.seal_days),
+            )
         if not now:
             await self.exchange.publish(message, routing_key=SEND_KEY, mandatory=True)
             return message.message_id, None
@@ -262,7 +309,8 @@ class Gateway:
         """The aiohttp application serving ``PUT /api/mail``."""
         app = web.Application(client_max_size=self.limit)
         for path in REST_PATHS:
-            app.router.add_put(path, self._rest)
+            for suffix in _FORMAT_SUFFIXES:
+                app.router.add_put(path + suffix, self._rest)
         return app
 
     async def _rest(self, request: web.Request) -> web.Response:
@@ -274,6 +322,13 @@ class Gateway:
         return response
 
     async def _rest_response(self, request: web.Request) -> web.Response:
+        form = answer_format(
+            request.match_info.get("format"),
+            request.query.get("format"),
+            request.headers.get(hdrs.ACCEPT),
+        )
+        if isinstance(form, Refused):
+            return web.json_response(legacy.rest_reply("failed", form.reason()), status=406)
         address = request.remote or ""
         limit = self.size_limit(address)
         request = request.clone(client_max_size=limit)
@@ -286,41 +341,52 @@ class Gateway:
                     fields = dict(await request.post())
         except web.HTTPRequestEntityTooLarge:
             reply = legacy.rest_reply("failed", too_large(limit, self.limit))
-            return web.json_response(reply, status=413)
+            return _rest_reply(reply, form, 413)
         except TimeoutError:
             reply = legacy.rest_reply("failed", f"body not sent within {self.read_timeout} s")
-            return web.json_response(reply, status=408)
+            return _rest_reply(reply, form, 408)
         except (ValueError, RecursionError):  # RecursionError: hostile nesting
-            return web.json_response(legacy.rest_reply("failed", "body is not valid JSON"))
+            return _rest_reply(legacy.rest_reply("failed", "body is not valid JSON"), form)
         texts = {k: v for k, v in fields.items() if isinstance(v, str)}
+        api_key = request.headers.get(API_KEY_HEADER, "").strip() or None
         try:
-            reply = await self._rest_answer(texts, address)
+            reply = await self._rest_answer(texts, address, api_key)
         except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
             log.warning("gateway.unavailable", gateway="rest", error=str(exc))
             reply = legacy.rest_reply("failed", f"mail service unavailable: {exc}")
-            return web.json_response(reply, status=503)
+            return _rest_reply(reply, form, 503)
         log.info("gateway.request", gateway="rest", status=reply["status"], id=reply.get("id"))
-        if reply["message"] == TOO_MANY_FAILURES:
-            return web.json_response(reply, status=429)
-        return web.json_response(reply)
+        return _rest_reply(reply, form, _REST_STATUS.get(reply["message"], 200))
 
-    async def _rest_answer(self, fields: Mapping[str, str], address: str) -> dict[str, Any]:
+    async def _rest_answer(
+        self, fields: Mapping[str, str], address: str, api_key: str | None
+    ) -> dict[str, Any]:
         try:
-            mail = legacy.rest_mail(fields)
+            mail = legacy.rest_mail(fields, api_key=api_key is not None)
             job = legacy.checked_job(mail.job, special_use=self.settings.allow_special_use_domains)
         except GatewayRequestError as exc:
             return legacy.rest_reply("failed", str(exc))
-        if await self.authorizer.domain(job.domain) is None:
+        doc = await self.authorizer.domain(job.domain)
+        if doc is None:
             return legacy.rest_reply("failed", "Invalid Domain")
         async with self.failures.turn(address):
             if self.failures.blocked(address):
                 log.warning("gateway.throttled", gateway="rest", address=address)
                 return legacy.rest_reply("failed", TOO_MANY_FAILURES)
-            if await self.authorizer.refusal(job, Authority()) is not None:
+            if api_key is not None and not await api_key_matches(self._api_keys, doc, api_key):
+                self.failures.failed(address)
+                return legacy.rest_reply("failed", legacy.INVALID_API_KEY)
+            if api_key is None and await self.authorizer.refusal(job, Authority()) is not None:
                 self.failures.failed(address)
                 return legacy.rest_reply("failed", "invalid domain key")
         self.trusted.add(address)
-        job_id, answer = await self.publish(mail.job, now=mail.send_now)
+        vouched = job.domain.lower() if api_key is not None else None
+        if vouched is not None:
+            # The key holds; the From must still be one the domain may send as.
+            refusal = await self.authorizer.refusal(job, Authority(domain=vouched))
+            if refusal is not None:
+                return legacy.rest_reply("failed", refusal)
+        job_id, answer = await self.publish(mail.job, now=mail.send_now, vouched=vouched)
         if mail.send_now:
             return legacy.rest_send_now_reply(answer, self.waited, job_id)
         return legacy.rest_reply("success", "Message saved", job_id)

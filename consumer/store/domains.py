@@ -1,5 +1,5 @@
 """Registered sending domains in MongoDB: a salted hash of the domain key, allowed users,
-and the sender domains its mail may use.
+the sender domains its mail may use, and the salted hashes of its REST API keys.
 
 A domain that is not registered is open: any job may send for it (unless
 ``MAILBUS_OPEN_DOMAINS`` is off), with a From that is not under a registered domain. A
@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Sequence
+from typing import Literal
 
 import argon2
 import bcrypt
@@ -110,7 +111,9 @@ class DomainStore:
         }
         async with answering():
             if replace:
-                await self.domains.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                # Every field but the API keys, which their own commands manage.
+                fields = {k: v for k, v in doc.items() if k != "_id"}
+                await self.domains.update_one({"_id": doc["_id"]}, {"$set": fields}, upsert=True)
                 return True
             try:
                 await self.domains.insert_one(doc)
@@ -134,6 +137,40 @@ class DomainStore:
             cursor = self.domains.find({"_id": {"$in": list(names)}}, {"_id": 1})
             return {doc["_id"] async for doc in cursor}
 
+    async def add_api_key(
+        self, domain: str, name: str, key_hash: str, limit: int
+    ) -> Literal["added", "unregistered", "exists", "full"]:
+        """Add an API key (its hash) named ``name`` to a registered domain that has fewer
+        than ``limit``; else say why not.
+        """
+        entry = {"name": name, "key_hash": key_hash, "created_at": utcnow()}
+        async with answering():
+            result = await self.domains.update_one(
+                {
+                    "_id": domain.lower(),
+                    "api_keys.name": {"$ne": name},
+                    f"api_keys.{limit - 1}": {"$exists": False},
+                },
+                {"$push": {"api_keys": entry}},
+            )
+            if result.modified_count == 1:
+                return "added"
+            doc = await self.domains.find_one({"_id": domain.lower()})
+        if doc is None:
+            return "unregistered"
+        if any(key.get("name") == name for key in doc.get("api_keys", [])):
+            return "exists"
+        return "full"
+
+    async def remove_api_key(self, domain: str, name: str) -> bool:
+        """Remove the API key ``name`` of ``domain``; False when there is none."""
+        async with answering():
+            result = await self.domains.update_one(
+                {"_id": domain.lower(), "api_keys.name": name},
+                {"$pull": {"api_keys": {"name": name}}},
+            )
+        return result.modified_count == 1
+
     async def remove(self, domain: str) -> bool:
         """Unregister (the domain is open again); False if it was not registered."""
         async with answering():
@@ -142,7 +179,13 @@ class DomainStore:
 
 
 def describe(doc: Document) -> Document:
-    """A domain document fit for printing: the key only as set or not."""
-    shown = {k: v for k, v in doc.items() if k != "key_hash"}
+    """A domain document fit for printing: the key only as set or not, API keys by name."""
+    shown = {k: v for k, v in doc.items() if k not in ("key_hash", "api_keys")}
     shown["key"] = "set" if doc.get("key_hash") else None
+    shown["api_keys"] = api_key_names(doc)
     return shown
+
+
+def api_key_names(doc: Document) -> list[str]:
+    """The names of a domain document's API keys, oldest first."""
+    return [str(key.get("name")) for key in doc.get("api_keys", [])]
