@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     gateway_read_timeout: float = Field(30.0, gt=0)
     gateway_auth_failures: int = Field(10, ge=1)
     gateway_auth_window: float = Field(60.0, gt=0)
+    # Daemon requests may name their own SMTP server (smtpHost, smtpUser, ...): it is sealed
+    # into the job with MAILBUS_SECRET_KEY, which the daemon gateway then needs. Off: refused.
+    gateway_smtp_overrides: bool = False
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
