@@ -24,6 +24,7 @@ from consumer.amqp.publish import Replies, job_message, jobs_exchange
 from consumer.clock import utcnow
 from consumer.core import legacy
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
+from consumer.core.smtp_request import smtp_override_url
 from consumer.core.status import start_of_day, today_of
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
@@ -31,6 +32,7 @@ from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAdd
 from consumer.service.authorization import Authority, Authorizer, VerifiedKeys, broker_login
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 REST_PATHS = ("/api/mail", "/api/mail/new")
@@ -188,6 +190,8 @@ class Gateway:
         self.trusted = TrustedAddresses()
         self._passwords = VerifiedKeys()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Seals the SMTP servers daemon requests name (check_settings wants the key).
+        self.vault = Vault.optional(settings) if settings.gateway_smtp_overrides else None
 
     def size_limit(self, address: str) -> int:
         """The largest request ``address`` may send: small until one of its requests has
@@ -399,7 +403,9 @@ class Gateway:
                 domain=domain,
                 default_from=self.settings.gateway_from,
                 queued=queued,
+                smtp_overrides=self.vault is not None,
             )
+            raw.update(self._sealed_server(request.payload))
             job = legacy.checked_job(raw)
         except GatewayRequestError as exc:
             return legacy.daemon_reply("error", str(exc), failed)
@@ -410,6 +416,18 @@ class Gateway:
         if queued:
             return legacy.daemon_reply("success", {"id": job_id}, "mail added to queue")
         return legacy.daemon_sent_reply(answer, self.waited, job_id)
+
+    def _sealed_server(self, mail: Mapping[str, Any]) -> dict[str, str]:
+        """The job's ``smtp_sealed`` for the SMTP server ``mail`` names, if it names one:
+        its URL sealed whole, so that only this gateway's key can name a server.
+        """
+        if self.vault is None:
+            return {}
+        default = self.settings.default_smtp_url
+        url = smtp_override_url(
+            mail, default_url=default.get_secret_value() if default is not None else None
+        )
+        return {} if url is None else {"smtp_sealed": self.vault.encrypt(url)}
 
     async def finish(self) -> None:
         """Wait for the daemon requests in progress (bounded by the drain timeout)."""
@@ -430,6 +448,11 @@ def check_settings(settings: Settings, *, daemon: bool) -> None:
         raise ConfigurationError(
             f"the daemon gateway needs {' and '.join(missing)} "
             "(make the hash with `mailbus gateway hash-password`)"
+        )
+    if settings.gateway_smtp_overrides and settings.secret_key is None:
+        raise ConfigurationError(
+            "MAILBUS_GATEWAY_SMTP_OVERRIDES needs MAILBUS_SECRET_KEY: it seals the SMTP "
+            "servers requests name (create one with `mailbus outbox new-key`)"
         )
 
 
