@@ -36,6 +36,7 @@ from consumer.vault import Vault, new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import drain_events, job, listen_events, take
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, RunningWorker, settled_record
+from tests.doubles import offline_settings
 from tests.secret_watch import watched
 
 DEFAULT = "smtp://relay:default-pw@smtp.example.com:2525?security=starttls&verify=false"
@@ -139,13 +140,11 @@ def test_request_servers_are_one_metrics_label() -> None:
     assert (metrics_label("gmail-1"), metrics_label(None)) == ("gmail-1", "")
 
 
-def test_the_daemon_gateway_needs_a_key_to_seal(settings: Settings) -> None:
-    on = settings.model_copy(
-        update={
-            "gateway_password_hash": SecretStr("x"),
-            "gateway_domain": "d.example",
-            "gateway_smtp_overrides": True,
-        }
+def test_the_daemon_gateway_needs_a_key_to_seal() -> None:
+    on = offline_settings(
+        gateway_password_hash=SecretStr("x"),
+        gateway_domain="d.example",
+        gateway_smtp_overrides=True,
     )
     with pytest.raises(ConfigurationError, match="MAILBUS_SECRET_KEY"):
         check_settings(on, daemon=True)
