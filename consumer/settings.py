@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     # MAILER_SSL_KEY): a PEM certificate chain and its unencrypted key.
     gateway_tls_cert: Path | None = None
     gateway_tls_key: Path | None = None
+    # Daemon requests may name their own SMTP server (smtpHost, smtpUser, ...): it is sealed
+    # into the job with MAILBUS_SECRET_KEY, which the daemon gateway then needs. Off: refused.
+    gateway_smtp_overrides: bool = False
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

@@ -53,7 +53,7 @@ DAEMON_MAIL_FIELDS = frozenset(
         "replaceContent",
         "fromEmail",
         "fromName",
-        "timeout",  # an SMTP timeout: outboxes have their own, so it is accepted and unused
+        "timeout",  # an SMTP timeout: for the request's own server only (see smtp_request)
     }
 )
 SMTP_OVERRIDES = ("smtpHost", "smtpUser", "smtpPassword", "smtpEncryption", "smtpPort")
@@ -445,21 +445,25 @@ def daemon_job(
     domain: str,
     default_from: str | None,
     queued: bool = False,
+    smtp_overrides: bool = False,
 ) -> dict[str, Any]:
     """The job for a ``sendMail`` (or, ``queued``, a ``queueMail``) payload, sent for
     ``domain``; a queued mail's ``scheduleTime`` becomes its ``send_at``.
 
-    Refused: unknown fields, and per-request SMTP settings (an outbox does that now).
+    Refused: unknown fields, and per-request SMTP settings unless ``smtp_overrides``
+    (then left out of the job: the gateway seals them, see
+    :func:`consumer.core.smtp_request.smtp_override_url`).
     """
     if not isinstance(mail, dict):
         raise GatewayRequestError("invalid payload")
     overrides = [name for name in SMTP_OVERRIDES if name in mail]
-    if overrides:
+    if overrides and not smtp_overrides:
         raise GatewayRequestError(
             f"{', '.join(overrides)}: per-request SMTP settings are not supported; "
             "define an outbox for the domain instead (mailbus outbox add)"
         )
-    unknown = sorted(set(mail) - DAEMON_MAIL_FIELDS - ({"scheduleTime"} if queued else set()))
+    accepted = DAEMON_MAIL_FIELDS | set(overrides) | ({"scheduleTime"} if queued else set())
+    unknown = sorted(set(mail) - accepted)
     if unknown:
         raise GatewayRequestError(f"unknown field(s): {', '.join(unknown)}")
     reply_to = _mailboxes(mail.get("replyTo"), "replyTo")

@@ -43,6 +43,9 @@ MAX_TAGS = 50
 # waiting copy's seal (its due time plus MAILBUS_SEAL_DAYS) is still a date.
 LATEST_SEND_AT = datetime(3000, 1, 1, tzinfo=UTC)
 MAX_METADATA_BYTES = 16 * 1024
+# A sealed SMTP server (a Fernet token, url-safe base64): the longest URL a gateway seals
+# (see consumer.core.smtp_request) makes a token well under this.
+MAX_SMTP_SEALED = 4096
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
     {
@@ -285,6 +288,23 @@ class Job(BaseModel):
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
     tags: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=MAX_TAGS)] = []
     metadata: Annotated[dict[str, Any], AfterValidator(_bounded_metadata)] = {}
+    smtp_sealed: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=MAX_SMTP_SEALED,
+                pattern=r"^[A-Za-z0-9_-]+={0,2}$",
+                description=(
+                    "An SMTP server to send through instead of the domain's outboxes, sealed "
+                    "by the daemon gateway with MAILBUS_SECRET_KEY (only a holder of the key "
+                    "can make one); a token no configured key opens is dead-lettered "
+                    "'invalid'."
+                ),
+            ),
+        ]
+        | None
+    ) = None
     version: Literal[1] = 1
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from consumer.core import legacy
 from consumer.core.legacy import INVALID_PAYLOAD, DaemonRequest, daemon_reply
 from consumer.core.message import Job
 from consumer.core.refusals import TemplateError
+from consumer.core.smtp_request import sealed_text, smtp_override_url
 from consumer.core.status import start_of_day
 from consumer.core.vocabulary import WAITING
 from consumer.errors import GatewayRequestError
@@ -73,6 +74,9 @@ class DaemonApi:
         self.publish = publish
         self.refusal = refusal
         self.vault = Vault.optional(settings)
+        self.smtp_overrides = settings.gateway_smtp_overrides
+        default = settings.default_smtp_url
+        self.default_smtp_url = default.get_secret_value() if default is not None else None
         folder = settings.gateway_template_dir
         self.folder = None if folder is None else TemplateFolder(folder, templates, self.domain)
         self.seal_days = settings.seal_days
@@ -113,11 +117,30 @@ class DaemonApi:
         :class:`GatewayRequestError` when it is not one.
         """
         raw = legacy.daemon_job(
-            mail, domain=self.domain, default_from=self.default_from, queued=queued
+            mail,
+            domain=self.domain,
+            default_from=self.default_from,
+            queued=queued,
+            smtp_overrides=self.smtp_overrides,
         )
+        if self.smtp_overrides:
+            raw.update(self._sealed_server(mail))
         when = datetime.fromisoformat(raw["send_at"]) if "send_at" in raw else utcnow()
         raw["id"] = legacy.queue_id(when, secrets.token_hex(8))
         return raw
+
+    def _sealed_server(self, mail: Mapping[str, Any]) -> dict[str, str]:
+        """The job's ``smtp_sealed`` for the SMTP server ``mail`` names, if it names one:
+        its URL sealed whole with the domain, so that only this gateway's key can name a
+        server, for this domain's mail only.
+        """
+        assert self.vault is not None  # check_settings refuses the setting without a key
+        url = smtp_override_url(mail, default_url=self.default_smtp_url)
+        return (
+            {}
+            if url is None
+            else {"smtp_sealed": self.vault.encrypt(sealed_text(self.domain, url))}
+        )
 
     async def _checked(self, raw: Mapping[str, Any], failed: str) -> bytes | None:
         """The refusal of a job the gateway may not publish, or None."""

@@ -499,6 +499,11 @@ def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
         )
     if settings.gateway_domain is None:
         raise ConfigurationError("the daemon gateway needs MAILBUS_GATEWAY_DOMAIN")
+    if settings.gateway_smtp_overrides and settings.secret_key is None:
+        raise ConfigurationError(
+            "MAILBUS_GATEWAY_SMTP_OVERRIDES needs MAILBUS_SECRET_KEY: it seals the SMTP "
+            "servers requests name (create one with `mailbus outbox new-key`)"
+        )
     folder = settings.gateway_template_dir
     if folder is not None and not folder.is_dir():
         raise ConfigurationError(f"MAILBUS_GATEWAY_TEMPLATE_DIR: {folder} is not a directory")

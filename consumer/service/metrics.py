@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker, derived from outcomes as they are settled.
 
 Each worker has its own registry (several may share a process in tests). Labels are
-bounded: outbox, provider and reason, never a domain or a job id.
+bounded: outbox, provider and reason, never a domain or a job id (every server a request
+named is the one outbox ``request:*``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 from consumer.clock import utcnow
 from consumer.core.headers import DUE_HEADER
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.smtp_request import metrics_label
 from consumer.core.vocabulary import FAILED_REASONS
 from consumer.store.documents import Document
 from consumer.store.providers import tokens_of
@@ -151,11 +153,11 @@ class Metrics:
     ) -> None:
         """Count one settled outcome; ``headers`` and ``published`` are the delivery's."""
         ctx = outcome.ctx
-        outbox = [ctx.outbox or "", ctx.provider or ""]
+        outbox = [metrics_label(ctx.outbox), ctx.provider or ""]
         match outcome:
             case Sent(seconds=seconds):
                 self.sent.labels(*outbox).inc()
-                self.send_seconds.labels(ctx.outbox or "").observe(seconds)
+                self.send_seconds.labels(outbox[0]).observe(seconds)
                 due_ms = headers.get(DUE_HEADER)
                 if isinstance(due_ms, int):
                     late = now.timestamp() - due_ms / 1000

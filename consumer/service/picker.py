@@ -23,8 +23,10 @@ import structlog
 from consumer.clock import utcnow
 from consumer.core.outboxes import Outbox
 from consumer.core.ratelimit import MICROS, Grant, Mode, Reservation
+from consumer.core.smtp_request import REQUESTED_LABEL
 from consumer.mail.sendmail import SendmailPipe
 from consumer.mail.transport import Sender, SMTPPool
+from consumer.service.requested import RequestedServers
 from consumer.store.batches import Batcher
 from consumer.store.documents import Document
 from consumer.store.outboxes import OutboxStore, outbox_from_document
@@ -65,10 +67,11 @@ class OutboxPicker:
         default: Outbox | None,
         pool_size: int,
         idle_seconds: float,
+        requested: RequestedServers,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        """``clock``: the time a throttled job's wait is counted from (the store's, in a
-        worker: see :mod:`consumer.clock`).
+        """``requested``: the servers jobs bring sealed; ``clock``: the time a throttled
+        job's wait is counted from (the store's, in a worker: see :mod:`consumer.clock`).
         """
         self.clock = clock
         self.outboxes = outboxes
@@ -77,6 +80,7 @@ class OutboxPicker:
         self.default = default
         self.pool_size = pool_size
         self.idle_seconds = idle_seconds
+        self.requested = requested
         self._pools: dict[str, Sender] = {}
         self._turns: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._takes: dict[tuple[str, Mode], Batcher[None, Grant | None]] = {}
@@ -85,7 +89,18 @@ class OutboxPicker:
         """Open connections per outbox, for metrics (read from the HTTP thread: the pools
         are copied in one step, as the event loop may add one meanwhile).
         """
-        return {name: pool.connections for name, pool in list(self._pools.items())}
+        counts = {name: pool.connections for name, pool in list(self._pools.items())}
+        if self.requested.connections:
+            counts[REQUESTED_LABEL] = self.requested.connections
+        return counts
+
+    async def sealed(self, token: str, domain: str) -> Choice:
+        """The server a job of ``domain`` brings sealed in ``token``, in place of the
+        domain's outboxes: no provider's limit holds it. Raises
+        :class:`~consumer.core.refusals.InvalidJobError` when no configured key opens the
+        token or it was sealed for another domain.
+        """
+        return Choice(await self.requested.pool(token, domain))
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now
@@ -223,6 +238,7 @@ class OutboxPicker:
         """Close every pool's idle connections."""
         for pool in self._pools.values():
             await pool.close()
+        await self.requested.close()
 
 
 def _throttle(outbox: str, provider: str, grant: Grant, answered: datetime) -> Throttle:

@@ -240,6 +240,8 @@ class Pipeline:
             await asyncio.sleep(max((attempt.send_at - self.clock()).total_seconds(), 0.0))
         try:
             choice = await self._choose(attempt)
+        except DeadLetterError as exc:  # a sealed server no key opens: never retried
+            return await self._dead(attempt, exc.reason, str(exc))
         except ConfigurationError as exc:  # an outbox an operator can fix: retry later
             return await self._failed(attempt, Failure(True, None, str(exc)))
         if choice is None:
@@ -375,9 +377,11 @@ class Pipeline:
         return Later(ctx, due, "retry", failure)
 
     async def _choose(self, attempt: Attempt) -> Choice | None:
-        """The outbox the job queued for, else whose turn it is: after a transient
-        failure, another outbox of the domain if there is one.
+        """The server the job brings sealed, else the outbox it queued for, else whose
+        turn it is: after a transient failure, another outbox of the domain if there is one.
         """
+        if attempt.job.smtp_sealed is not None:
+            return await self.picker.sealed(attempt.job.smtp_sealed, attempt.job.domain)
         claim = attempt.claim
         if claim.reserved is not None:
             choice = await self.picker.reserved(claim.reserved)

@@ -14,6 +14,7 @@ from consumer.service.authorization import Authorizer
 from consumer.service.compose import Composer
 from consumer.service.picker import OutboxPicker
 from consumer.service.pipeline import Pipeline
+from consumer.service.requested import RequestedServers
 from consumer.service.worker import Worker
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
@@ -40,6 +41,12 @@ def build_worker(settings: Settings) -> Worker:
         default=default,
         pool_size=settings.smtp_pool_size,
         idle_seconds=settings.smtp_idle_seconds,
+        requested=RequestedServers(
+            vault,
+            timeout=settings.smtp_timeout,
+            pool_size=settings.smtp_pool_size,
+            idle_seconds=settings.smtp_idle_seconds,
+        ),
         clock=clock.now,
     )
     authorizer = Authorizer(mongo.domains, open_domains=settings.open_domains)
