@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -303,3 +304,54 @@ async def test_send_mail_through_an_unreachable_outbox_fails_and_is_kept(
     finally:
         await running.shutdown()
     assert smtp.received() == []
+
+
+async def test_the_old_template_folder_is_the_domains_templates(
+    settings: Settings, smtp: CaptureServer, store: JobStore, tmp_path: Path
+) -> None:
+    folder = tmp_path / "Template" / "html"
+    folder.mkdir(parents=True)
+    (folder / "test-1.html").write_text(TEMPLATE_HTML)  # deployed as the old daemon's were
+    (folder / ".hidden.html").write_text("<p>not a template</p>")
+    (folder / "broken.html").write_text("<p>{% if %}</p>")  # does not compile: left out
+    templates = TemplateStore(store.database)
+    await templates.put("shared.html", "Shared", None, "<p>the operator's</p>")
+    (folder / "shared.html").write_text("<p>a file cannot take another's name</p>")
+    kept = settings.model_copy(update={"gateway_template_dir": folder})
+    running = RunningWorker(kept)
+    try:
+        async with daemon_gateway(kept) as port:
+            assert await ask(port, {"getTemplateList": None}) == answer(
+                "success", {"items": ["test-1.html"], "total": 1}, "found 1 templates"
+            )
+            mail = {"to": ["reader@example.org"], "subject": "From the folder"}
+            templated = {**mail, "useTemplate": "test-1.html", "replaceContent": {"NAME": "Bo"}}
+            sent = await ask(port, {"sendMail": templated})
+            assert sent == answer("success", None, "mail sent successfully")
+            body = smtp.received()[0].message().get_body(("html",))
+            assert body is not None
+            assert "<h1>Hello Bo</h1>" in body.get_content()
+
+            added = {"addTemplate": "test-2.html", "content": "<p>two</p>"}
+            assert await ask(port, added) == answer("success", "test-2.html", "template added")
+            assert (folder / "test-2.html").read_text() == "<p>two</p>"
+            (folder / "test-1.html").write_text("<p>changed on disk</p>")
+            assert await ask(port, {"getTemplate": "test-1.html"}) == answer(
+                "success", "<p>changed on disk</p>", "template found"
+            )
+            (folder / "test-2.html").unlink()  # removed by a deploy: gone at the next request
+            assert await ask(port, {"getTemplate": "test-2.html"}) == answer(
+                "error", None, "unable to get template"
+            )
+            assert await ask(port, {"removeTemplate": "test-1.html"}) == answer(
+                "success", "test-1.html", "template removed"
+            )
+            assert not (folder / "test-1.html").exists()
+            (folder / "test-3.html").write_text("<p>three</p>")
+            assert await ask(port, {"clearTemplate": None}) == answer(
+                "success", {"removed": 1}, "removed 1 templates"
+            )
+    finally:
+        await running.shutdown()
+    assert sorted(path.name for path in folder.iterdir()) == [".hidden.html"]
+    assert [doc["_id"] for doc in await templates.find()] == ["shared.html"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -407,12 +408,12 @@ class Gateway:
                 writer.write(legacy.daemon_reply("error", busy, "mail service unavailable"))
             else:
                 await self._serve_daemon_request(reader, writer, address)
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.drain()
         finally:
             self.slots.release(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.wait_closed()
             self._tasks.discard(task)
 
@@ -430,7 +431,7 @@ class Gateway:
                 legacy.daemon_reply("error", too_large(limit, self.limit), "invalid payload")
             )
             return
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):  # a TLS client that broke off
             return
         if writer.transport.is_closing():  # let go to make room for another client
             return
