@@ -20,7 +20,6 @@ from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
 from consumer.core.names import Names
-from consumer.service.gateway import Listen, serve
 from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from consumer.store.templates import TemplateStore
@@ -28,6 +27,7 @@ from deploy.devstack.ports import free_port
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import encode, job, publish_raw
 from tests.conftest import RunningWorker
+from tests.serving import ANY_PORT, gateways
 
 DOMAIN = "daemon.test"  # a special-use name, as the old suites and staging setups use
 # The pattern the old clients (and the old suites) match queue identifiers with.
@@ -54,19 +54,8 @@ def settings(settings: Settings) -> Settings:
 @contextlib.asynccontextmanager
 async def daemon_gateway(settings: Settings) -> AsyncIterator[int]:
     """The daemon gateway serving on a free loopback port; its port."""
-    stop = asyncio.Event()
-    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop, rest=None, daemon=Listen("127.0.0.1", 0), started=started)
-    )
-    async with asyncio.timeout(20):
-        ports = await asyncio.shield(started)
-    try:
+    async with gateways(settings, daemon=ANY_PORT) as ports:
         yield ports["daemon"]
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await task
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from consumer.settings import Settings
 from consumer.store.domains import hash_key
 from deploy.devstack.processes import mailbus, settings_env
 from deploy.devstack.tls import self_signed
+from tests.serving import ANY_PORT, gateways
 
 PASSWORD = "tls password"
 PONG = {"status": "success", "data": None, "message": "pong"}
@@ -48,17 +49,8 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def port(settings: Settings, channel: AbstractChannel) -> AsyncIterator[int]:
     """The daemon gateway serving TLS on a free loopback port."""
-    stop = asyncio.Event()
-    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop, rest=None, daemon=Listen("127.0.0.1", 0), started=started)
-    )
-    async with asyncio.timeout(20):
-        bound = await asyncio.shield(started)
-    yield bound["daemon"]
-    stop.set()
-    async with asyncio.timeout(30):
-        await task
+    async with gateways(settings, daemon=ANY_PORT) as bound:
+        yield bound["daemon"]
 
 
 def client_context(settings: Settings) -> ssl.SSLContext:

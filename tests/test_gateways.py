@@ -22,7 +22,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
-from consumer.service.gateway import TOO_MANY_FAILURES, Listen, serve
+from consumer.service.gateway import TOO_MANY_FAILURES
 from consumer.settings import Settings
 from consumer.store.domains import DomainStore, hash_key, key_matches
 from consumer.store.jobs import JobStore
@@ -31,6 +31,7 @@ from deploy.devstack.processes import mailbus, run_with, settings_env
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.conftest import RunningWorker
 from tests.secret_watch import watched
+from tests.serving import ANY_PORT, gateways
 
 DOMAIN_KEY = "bad horse"
 PASSWORD = "old password"  # as in the migration guide's examples
@@ -69,18 +70,8 @@ async def ports(
     domain registered with its key.
     """
     await DomainStore(store.database).put("rest.example", hash_key(DOMAIN_KEY), [], True)
-    stop = asyncio.Event()
-    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    any_port = Listen("127.0.0.1", 0)
-    task = asyncio.create_task(
-        serve(settings, stop, rest=any_port, daemon=any_port, started=started)
-    )
-    async with asyncio.timeout(20):
-        bound = await asyncio.shield(started)
-    yield bound
-    stop.set()
-    async with asyncio.timeout(30):
-        await task
+    async with gateways(settings, rest=ANY_PORT, daemon=ANY_PORT) as bound:
+        yield bound
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,10 @@ that does not exist fails it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
@@ -23,7 +20,7 @@ from xml.etree import ElementTree
 import pytest
 from pydantic import SecretStr
 
-from consumer.service.gateway import Listen, serve
+from consumer.service.gateway import Listen
 from consumer.settings import Settings
 from consumer.vault import new_key
 from deploy.devstack.ports import free_port
@@ -31,6 +28,7 @@ from deploy.devstack.processes import run_with
 from deploy.devstack.tls import self_signed
 from tests.conftest import RunningWorker
 from tests.secret_watch import watched
+from tests.serving import gateways
 
 SEEDS_VARIABLE = "SMTP_MAILER_SEEDS"
 BESIDE = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "smtp-mailer"
@@ -156,27 +154,6 @@ def settings(settings: Settings, seeds: Path, suite: str, tmp_path: Path) -> Set
     return settings.model_copy(update=update)
 
 
-@contextlib.asynccontextmanager
-async def daemon_gateway(settings: Settings) -> AsyncIterator[None]:
-    """The daemon gateway serving at the suites' address until the block ends."""
-    stop = asyncio.Event()
-    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop, rest=None, daemon=LISTEN, started=started))
-    async with asyncio.timeout(20):
-        await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        where = f"{LISTEN.host}:{LISTEN.port}"
-        pytest.fail(
-            f"the daemon gateway did not start at {where}: {task.exception()!r}", pytrace=False
-        )
-    try:
-        yield
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await task
-
-
 def suite_copy_of(into: Path) -> Path:
     """Where :func:`suite_copy` copies the old project's folder."""
     return into / "smtp-mailer"
@@ -265,7 +242,7 @@ async def test_the_old_daemon_suite_passes_against_the_gateway(
     assert listing.is_file(), f"phpunit listed no cases:\n{listed.stdout}{listed.stderr}"
     declared = declared_cases(listing)
     assert declared, f"{SUITES[suite].test} declares no case"
-    async with daemon_gateway(settings):
+    async with gateways(settings, daemon=LISTEN):
         ran = await phpunit(settings, "--log-junit", str(report), test_file)
     assert report.is_file(), f"phpunit wrote no report:\n{ran.stdout}{ran.stderr}"
     cases = run_cases(report)

@@ -29,7 +29,7 @@ from consumer.core.smtp_request import (
     smtp_override_url,
 )
 from consumer.errors import ConfigurationError, GatewayRequestError
-from consumer.service.gateway import Listen, check_settings, serve
+from consumer.service.gateway import Listen, check_settings
 from consumer.settings import Settings
 from consumer.store.domains import hash_key
 from consumer.store.jobs import JobStore
@@ -39,6 +39,7 @@ from tests.broker import drain_events, job, listen_events, take
 from tests.conftest import SMTP_PASSWORD, SMTP_USER, RunningWorker, settled_record
 from tests.doubles import offline_settings
 from tests.secret_watch import watched
+from tests.serving import ANY_PORT, gateways
 
 DEFAULT = "smtp://relay:default-pw@smtp.example.com:2525?security=starttls&verify=false"
 GATEWAY_PASSWORD = "old password"
@@ -273,17 +274,8 @@ def daemon_settings(sealing: Settings, smtp: CaptureServer) -> Settings:
 async def daemon_port(daemon_settings: Settings, channel: AbstractChannel) -> AsyncIterator[int]:
     """The daemon gateway on a free loopback port, a worker behind it."""
     running = RunningWorker(daemon_settings)
-    stop = asyncio.Event()
-    started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(daemon_settings, stop, rest=None, daemon=Listen("127.0.0.1", 0), started=started)
-    )
-    async with asyncio.timeout(20):
-        bound = await asyncio.shield(started)
-    yield bound["daemon"]
-    stop.set()
-    async with asyncio.timeout(30):
-        await task
+    async with gateways(daemon_settings, daemon=ANY_PORT) as bound:
+        yield bound["daemon"]
     await running.shutdown()
 
 
