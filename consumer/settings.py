@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 2**20
@@ -26,6 +26,19 @@ def _path_list(value: Any) -> Any:
             return json.loads(value)
         return [part for part in value.split(os.pathsep) if part]
     return value
+
+
+def _comma_list(value: Any) -> Any:
+    """A list setting written ``a,b,c`` (or as a JSON list)."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _lower(value: str | None) -> str | None:
+    return value.lower() if value is not None else None
 
 
 class Settings(BaseSettings):
@@ -92,7 +105,8 @@ class Settings(BaseSettings):
     # Without a hash the daemon gateway is open (the old MAILER_AUTH = false): loopback
     # only, unless this says otherwise.
     gateway_open_beyond_loopback: bool = False
-    gateway_domain: str | None = None
+    # Domains compare in lower case, as a job's domain is stored.
+    gateway_domain: Annotated[str | None, AfterValidator(_lower)] = None
     # The old daemon's template directory (EMAIL_TEMPLATE_DIR): its files are the gateway
     # domain's templates, kept in the template store.
     gateway_template_dir: Path | None = None
@@ -116,6 +130,8 @@ class Settings(BaseSettings):
     # Daemon requests may name their own SMTP server (smtpHost, smtpUser, ...): it is sealed
     # into the job with MAILBUS_SECRET_KEY, which the daemon gateway then needs. Off: refused.
     gateway_smtp_overrides: bool = False
+    # The hosts such a request may name besides the default server's (comma-separated).
+    gateway_smtp_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = []
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

@@ -25,7 +25,7 @@ from consumer.store.jobs import JobStore
 from consumer.store.templates import TemplateStore
 from deploy.devstack.ports import free_port
 from deploy.devstack.smtp_capture import CaptureServer
-from tests.broker import encode, job, publish_raw
+from tests.broker import encode, job, publish_raw, take
 from tests.conftest import RunningWorker
 from tests.serving import ANY_PORT, gateways
 
@@ -95,6 +95,14 @@ async def test_any_json_value_is_answered_with_the_old_words(port: int) -> None:
     assert await ask(port, {"ping": ""}) == answer("success", None, "pong")
     # A password sent to an open gateway is ignored beside a request.
     assert await ask(port, {"ping": None, "auth": "x"}) == answer("success", None, "pong")
+    for schedule in (10**20, -1, "tomorrow"):
+        late = {"to": ["a@example.org"], "body": "b", "scheduleTime": schedule}
+        refused = await ask(port, {"queueMail": late})
+        assert (refused["status"], refused["message"]) == ("error", "invalid payload")
+        assert "scheduleTime" in refused["data"]["payload"][0]
+    assert await ask(port, {"getQueueList": {"limit": 500, "page": 10**30}}) == answer(
+        "success", {"items": [], "total": 0}, "found 0 mails in queue"
+    )
     missing = await ask(port, {"sendMail": {"subject": "s", "body": "b"}})
     assert (missing["status"], missing["message"]) == ("error", "invalid payload")
     assert "to" in missing["data"]["payload"][0]
@@ -242,29 +250,57 @@ async def test_the_queue_is_the_domains_waiting_jobs(
     assert len(smtp.received()) == 1
 
 
-async def test_a_job_of_another_domain_is_not_in_the_gateways_queue(
+async def test_only_the_gateways_own_queued_mail_is_its_queue(
     settings: Settings, channel: AbstractChannel, store: JobStore, port: int
 ) -> None:
-    other = job(
-        id="other-domain-job",
-        domain="other.example",
-        send_at="2099-01-01T00:00:00+00:00",
-        **{"from": "app@other.example"},
-    )
-    await publish_raw(channel, Names(settings.prefix), encode(other))
+    later = "2099-01-01T00:00:00+00:00"
+    others = {
+        # Another domain's mail, and the gateway domain's mail another producer published.
+        "other-domain-job": job(domain="other.example", **{"from": "app@other.example"}),
+        "other-producer-job": job(domain=DOMAIN, **{"from": f"app@{DOMAIN}"}),
+    }
+    for job_id, body in others.items():
+        await publish_raw(
+            channel, Names(settings.prefix), encode({**body, "id": job_id, "send_at": later})
+        )
     async with asyncio.timeout(20):
-        while await store.get("other-domain-job") is None:  # noqa: ASYNC110 (a record, no event)
-            await asyncio.sleep(0.05)
+        for job_id in others:
+            while await store.get(job_id) is None:  # noqa: ASYNC110 (a record, no event)
+                await asyncio.sleep(0.05)
     assert (await ask(port, {"getQueueList": None}))["data"] == {"items": [], "total": 0}
-    for request in ("getQueuedMail", "removeQueuedMail"):
-        refused = await ask(port, {request: "other-domain-job"})
-        assert refused == answer("error", None, "queued mail not found")
+    for job_id in others:
+        for request in ("getQueuedMail", "removeQueuedMail"):
+            refused = await ask(port, {request: job_id})
+            assert refused == answer("error", None, "queued mail not found")
+        moved = await ask(port, {"updateQueuedMail": job_id, "content": {"scheduleTime": 1}})
+        assert moved == answer("error", None, "queued mail not found")
     assert await ask(port, {"clearQueue": None}) == answer(
         "success", {"removed": 0}, "removed 0 mails in queue"
     )
-    record = await store.get("other-domain-job")
-    assert record is not None
-    assert record["status"] == "scheduled"
+    for job_id in others:
+        record = await store.get(job_id)
+        assert record is not None
+        assert record["status"] == "scheduled"
+
+
+async def test_the_gateways_templates_serve_its_domains_mail_only(
+    settings: Settings, channel: AbstractChannel, store: JobStore, port: int
+) -> None:
+    added = {"addTemplate": "private.html", "content": "<p>for daemon.test only</p>"}
+    assert await ask(port, added) == answer("success", "private.html", "template added")
+    names = Names(settings.prefix)
+    borrowed = job(
+        domain="other.example",
+        template={"name": "private.html"},
+        subject="Borrowed",
+        **{"from": "app@other.example"},
+    )
+    del borrowed["text"]  # a templated job takes its bodies from the template
+    await publish_raw(channel, names, encode(borrowed))
+    async with asyncio.timeout(20):
+        [dead] = await take(channel, names.dead, 1)
+    assert dead.headers["x-mailbus-reason"] == "template"
+    assert "no template named 'private.html'" in str(dead.headers["x-mailbus-error"])
 
 
 async def test_send_mail_through_an_unreachable_outbox_fails_and_is_kept(
@@ -328,6 +364,11 @@ async def test_the_old_template_folder_is_the_domains_templates(
             assert await ask(port, {"getTemplate": "test-1.html"}) == answer(
                 "success", "<p>changed on disk</p>", "template found"
             )
+            # A file grown too large is left out: the version taken before is kept.
+            (folder / "test-2.html").write_text("<p>" + "x" * 2**20 + "</p>")
+            assert await ask(port, {"getTemplate": "test-2.html"}) == answer(
+                "success", "<p>two</p>", "template found"
+            )
             (folder / "test-2.html").unlink()  # removed by a deploy: gone at the next request
             assert await ask(port, {"getTemplate": "test-2.html"}) == answer(
                 "error", None, "unable to get template"
@@ -336,9 +377,17 @@ async def test_the_old_template_folder_is_the_domains_templates(
                 "success", "test-1.html", "template removed"
             )
             assert not (folder / "test-1.html").exists()
+            # A link is replaced by the file written, never followed out of the folder.
+            outside = tmp_path / "outside.txt"
+            outside.write_text("untouched")
+            (folder / "linked.html").symlink_to(outside)
+            linked = {"addTemplate": "linked.html", "content": "<p>linked</p>"}
+            assert await ask(port, linked) == answer("success", "linked.html", "template added")
+            assert outside.read_text() == "untouched"
+            assert not (folder / "linked.html").is_symlink()
             (folder / "test-3.html").write_text("<p>three</p>")
             assert await ask(port, {"clearTemplate": None}) == answer(
-                "success", {"removed": 1}, "removed 1 templates"
+                "success", {"removed": 2}, "removed 2 templates"
             )
     finally:
         await running.shutdown()

@@ -74,15 +74,31 @@ def test_fields_left_out_come_from_the_default_for_its_own_host() -> None:
 
 def test_another_host_starts_afresh_and_never_gets_the_default_credentials() -> None:
     url = smtp_override_url(
-        {"smtpHost": "mail.other.example", "smtpEncryption": "ssl"}, default_url=DEFAULT
+        {"smtpHost": "mail.other.example", "smtpEncryption": "ssl"},
+        default_url=DEFAULT,
+        hosts=["Mail.Other.Example."],
     )
     outbox = outbox_from_url(url or "")
     assert (outbox.host, outbox.port, outbox.security) == ("mail.other.example", 465, "tls")
     assert (outbox.username, outbox.password, outbox.verify_tls) == (None, None, True)
     tls = outbox_from_url(
-        smtp_override_url({"smtpHost": "::1", "smtpPort": "26"}, default_url=None) or ""
+        smtp_override_url({"smtpHost": "::1", "smtpPort": "26"}, default_url=None, hosts=["::1"])
+        or ""
     )
     assert (tls.host, tls.port, tls.security) == ("::1", 26, "starttls")
+
+
+def test_only_the_default_server_and_the_operators_hosts_can_be_named() -> None:
+    for host in ("169.254.169.254", "127.0.0.1", "mail.other.example", "smtp.example.com."):
+        fields = {"smtpHost": host, "smtpPort": "25"}
+        if host == "smtp.example.com.":  # the default's own host, however written
+            assert smtp_override_url(fields, default_url=DEFAULT) is not None
+            continue
+        with pytest.raises(GatewayRequestError, match="MAILBUS_GATEWAY_SMTP_HOSTS"):
+            smtp_override_url(fields, default_url=DEFAULT, hosts=["relay.example"])
+    # The same port digits Python would take: not other scripts' digits.
+    with pytest.raises(GatewayRequestError, match="smtpPort"):
+        smtp_override_url({"smtpPort": "\u00b2"}, default_url=DEFAULT)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +121,7 @@ def test_another_host_starts_afresh_and_never_gets_the_default_credentials() -> 
 )
 def test_refusals_say_why_and_never_echo_a_value(fields: dict[str, Any], reason: str) -> None:
     with pytest.raises(GatewayRequestError) as refused:
-        smtp_override_url(fields, default_url=None)
+        smtp_override_url(fields, default_url=None, hosts=["h"])
     assert reason in str(refused.value)
     assert "secret-1" not in str(refused.value)
 
@@ -119,8 +135,13 @@ def test_the_largest_request_seals_within_the_job_field() -> None:
         "smtpEncryption": "tls",
         "timeout": MAX_TIMEOUT,
     }
-    url = smtp_override_url(longest, default_url=DEFAULT.replace("smtp.", "x."))
-    token = Vault([new_key()]).encrypt(sealed_text("example.com", url or ""))
+    url = smtp_override_url(
+        longest,
+        default_url=DEFAULT.replace("smtp.", "x."),
+        hosts=[longest["smtpHost"]],
+    )
+    longest_domain = ".".join(["d" * 63] * 4)[:253]
+    token = Vault([new_key()]).encrypt(sealed_text(longest_domain, "x" * 200, url or ""))
     assert len(token) <= MAX_SMTP_SEALED
     assert Job.model_validate(job(smtp_sealed=token)).smtp_sealed == token
 
@@ -176,8 +197,9 @@ async def test_a_sealed_server_gets_the_mail_and_the_record_no_password(
 ) -> None:
     names = Names(sealing.prefix)
     events = await listen_events(channel, names)
-    token = Vault.from_settings(sealing).encrypt(sealed_text("example.com", secure_url(secure)))
-    body = job(subject="through the request's server", smtp_sealed=token)
+    sealed = sealed_text("example.com", "sealed-1", secure_url(secure))
+    token = Vault.from_settings(sealing).encrypt(sealed)
+    body = job(id="sealed-1", subject="through the request's server", smtp_sealed=token)
     job_id = await publish_job(channel, body, names=names)
     running = RunningWorker(sealing)
     store = JobStore.connect(sealing)
@@ -203,8 +225,8 @@ async def test_a_token_no_key_opens_is_dead_lettered_invalid(
     sealing: Settings, channel: AbstractChannel, smtp: CaptureServer, secure: CaptureServer
 ) -> None:
     names = Names(sealing.prefix)
-    forged = Vault([new_key()]).encrypt(sealed_text("example.com", secure_url(secure)))
-    job_id = await publish_job(channel, job(smtp_sealed=forged), names=names)
+    forged = Vault([new_key()]).encrypt(sealed_text("example.com", "f-1", secure_url(secure)))
+    job_id = await publish_job(channel, job(id="f-1", smtp_sealed=forged), names=names)
     running = RunningWorker(sealing)
     try:
         async with asyncio.timeout(20):
@@ -221,20 +243,33 @@ async def test_a_token_no_key_opens_is_dead_lettered_invalid(
     assert (record["status"], record["reason"], record["attempts"]) == ("dead", "invalid", 1)
 
 
-async def test_a_token_copied_into_another_domains_job_is_dead_lettered(
+async def test_a_token_copied_into_another_job_is_dead_lettered(
     sealing: Settings, channel: AbstractChannel, smtp: CaptureServer, secure: CaptureServer
 ) -> None:
     names = Names(sealing.prefix)
-    theirs = Vault.from_settings(sealing).encrypt(sealed_text("other.example", secure_url(secure)))
-    await publish_job(channel, job(smtp_sealed=theirs), names=names)
+    vault = Vault.from_settings(sealing)
+    copies = {
+        # Another domain's job, the same domain's other job, and a stored outbox password
+        # (the same key encrypts those): none is a server for this job.
+        "c-1": vault.encrypt(sealed_text("other.example", "c-1", secure_url(secure))),
+        "c-2": vault.encrypt(sealed_text("example.com", "another-job", secure_url(secure))),
+        "c-3": vault.encrypt(SMTP_PASSWORD),
+    }
+    for job_id, token in copies.items():
+        await publish_job(channel, job(id=job_id, smtp_sealed=token), names=names)
     running = RunningWorker(sealing)
     try:
         async with asyncio.timeout(20):
-            [dead] = await take(channel, names.dead, 1)
+            dead = await take(channel, names.dead, 3)
     finally:
         await running.shutdown()
-    assert dead.headers["x-mailbus-reason"] == "invalid"
-    assert "sealed for another domain" in str(dead.headers["x-mailbus-error"])
+    errors = sorted(str(message.headers["x-mailbus-error"]) for message in dead)
+    assert [message.headers["x-mailbus-reason"] for message in dead] == ["invalid"] * 3
+    assert errors == [
+        "smtp_sealed: not a sealed SMTP server",
+        "smtp_sealed: sealed for another job's mail",
+        "smtp_sealed: sealed for another job's mail",
+    ]
     assert (smtp.received(), secure.received()) == ([], [])
 
 
@@ -242,7 +277,7 @@ async def test_a_worker_without_a_key_dead_letters_a_sealed_job(
     settings: Settings, channel: AbstractChannel, worker: RunningWorker, smtp: CaptureServer
 ) -> None:
     names = Names(settings.prefix)
-    token = Vault([new_key()]).encrypt(sealed_text("example.com", "smtp://127.0.0.1:25"))
+    token = Vault([new_key()]).encrypt(sealed_text("example.com", "k-1", "smtp://127.0.0.1:25"))
     await publish_job(channel, job(smtp_sealed=token), names=names)
     async with asyncio.timeout(20):
         [dead] = await take(channel, names.dead, 1)

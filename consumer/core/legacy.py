@@ -22,7 +22,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from consumer.core.message import Job, describe_errors, json_body, validation_context
+from consumer.core.message import (
+    LATEST_SEND_AT,
+    Job,
+    describe_errors,
+    json_body,
+    validation_context,
+)
 from consumer.core.vocabulary import DaemonStatus, RestStatus
 from consumer.errors import GatewayRequestError
 
@@ -84,12 +90,21 @@ EMPTY_PAYLOAD = "payload cannot be empty"
 INVALID_PAYLOAD = "invalid payload"
 # Lists are paged as the daemon paged them: 500 items at most, pages counted from 0.
 PAGE_LIMIT = 500
+# The daemon's words for the rest of its answers.
+SEND_FAILED = "failed to send mail"
+QUEUE_FAILED = "failed to add mail to queue"
+QUEUED_MAIL_NOT_FOUND = "queued mail not found"
+QUEUED_MAIL_NOT_UPDATED = "unable to update queued mail"
+QUEUED_MAIL_NOT_REMOVED = "unable to remove queued mail"
+TEMPLATE_NOT_FOUND = "unable to get template"
+TEMPLATE_NOT_REMOVED = "unable to remove template"
+# A page may start this far into a list at most: beyond, nothing is listed anyway.
+MAX_PAGE_START = 10**6
 # PHPMailer's words for an SMTP server it could not reach: old clients look for them.
 CANNOT_CONNECT = "SMTP Error: Could not connect to SMTP host."
 # A queued mail's identifier as the daemon named its queue files: the (scheduled) time in
 # seconds and hundredths of microseconds, and 16 random hex digits.
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_QUEUE_ID = re.compile(r"^mail_[0-9]{16}\.[0-9]{8}_[0-9a-f]{16}\.json$")
 # The bytes that frame a daemon request: a newline, and JSON's strings and nesting.
 _FRAMING = re.compile(rb'[\n"\\{}\[\]]')
 _HTML_TAG = re.compile(r"<(?:!doctype|!--|/?[a-z][a-z0-9]*)[\s/>]", re.IGNORECASE)
@@ -356,10 +371,10 @@ def daemon_sent_reply(answer: Mapping[str, Any] | None, waited: float) -> bytes:
     if answer is not None and answer.get("status") == "sent":
         return daemon_reply("success", None, "mail sent successfully")
     if answer is not None and answer.get("unreachable"):
-        return daemon_reply("error", CANNOT_CONNECT, "failed to send mail")
+        return daemon_reply("error", CANNOT_CONNECT, SEND_FAILED)
     why = not_sent_because(answer, waited)
     if answer is None or answer.get("status") in ("deferred", "dead"):
-        return daemon_reply("error", why, "failed to send mail")
+        return daemon_reply("error", why, SEND_FAILED)
     return daemon_reply("success", None, why)
 
 
@@ -371,11 +386,6 @@ def queue_id(when: datetime, random_hex: str) -> str:
     return f"mail_{seconds:016d}.{micros * 100:08d}_{random_hex}.json"
 
 
-def is_queue_id(value: Any) -> bool:
-    """Whether ``value`` is an identifier :func:`queue_id` makes."""
-    return isinstance(value, str) and _QUEUE_ID.match(value) is not None
-
-
 def page(payload: Any) -> tuple[int, int]:
     """The ``(skip, limit)`` of a list request's ``{"limit", "page"}`` (either may be
     absent or null: 500 items, page 0); out-of-range values are held to the range.
@@ -385,7 +395,7 @@ def page(payload: Any) -> tuple[int, int]:
     limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else PAGE_LIMIT
     number = number if isinstance(number, int) and not isinstance(number, bool) else 0
     limit = min(max(limit, 1), PAGE_LIMIT)
-    return max(number, 0) * limit, limit
+    return min(max(number, 0) * limit, MAX_PAGE_START), limit
 
 
 def listing(items: list[str], total: int, noun: str) -> bytes:
@@ -456,13 +466,14 @@ def daemon_job(
     """
     if not isinstance(mail, dict):
         raise GatewayRequestError("invalid payload")
-    overrides = [name for name in SMTP_OVERRIDES if name in mail]
+    # An empty setting is as if left out: old clients sent their defaults as "" or null.
+    overrides = [name for name in SMTP_OVERRIDES if mail.get(name) not in (None, "")]
     if overrides and not smtp_overrides:
         raise GatewayRequestError(
             f"{', '.join(overrides)}: per-request SMTP settings are not supported; "
             "define an outbox for the domain instead (mailbus outbox add)"
         )
-    accepted = DAEMON_MAIL_FIELDS | set(overrides) | ({"scheduleTime"} if queued else set())
+    accepted = DAEMON_MAIL_FIELDS | set(SMTP_OVERRIDES) | ({"scheduleTime"} if queued else set())
     unknown = sorted(set(mail) - accepted)
     if unknown:
         raise GatewayRequestError(f"unknown field(s): {', '.join(unknown)}")
@@ -499,12 +510,21 @@ def daemon_job(
     }
     if reply_to:
         job["reply_to"] = reply_to[0]
-    schedule_time = mail.get("scheduleTime")
-    if schedule_time is not None:
-        if not isinstance(schedule_time, int) or isinstance(schedule_time, bool):
-            raise GatewayRequestError("scheduleTime: seconds since the Unix epoch")
-        job["send_at"] = datetime.fromtimestamp(schedule_time, UTC).isoformat()
+    if mail.get("scheduleTime") is not None:
+        job["send_at"] = schedule_time(mail["scheduleTime"]).isoformat()
     return job
+
+
+def schedule_time(value: Any) -> datetime:
+    """A ``scheduleTime``: whole seconds since the Unix epoch, from 1970 to before the
+    year 3000 (the contract's latest send time); else :class:`GatewayRequestError`.
+    """
+    latest = int(LATEST_SEND_AT.timestamp())
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < latest:
+        raise GatewayRequestError(
+            f"scheduleTime: whole seconds since the Unix epoch, before {LATEST_SEND_AT:%Y}"
+        )
+    return datetime.fromtimestamp(value, UTC)
 
 
 def _source_of(attachment: Mapping[str, Any]) -> str:

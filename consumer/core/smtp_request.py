@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -43,21 +43,29 @@ REQUEST_PREFIX = "request:"
 REQUESTED_LABEL = "request:*"
 
 
-def sealed_text(domain: str, url: str) -> str:
-    """What the gateway seals for a job of ``domain``: the domain and the server's URL, so
-    that a token copied into another domain's job is refused, not obeyed.
-    """
-    return f"{domain}\n{url}"
+# The first line of what is sealed: what the token is (the same key encrypts outbox
+# passwords, which must never pass for a server).
+_SEALED_SERVER = "mailbus smtp server v1"
 
 
-def url_sealed_for(text: str, domain: str) -> str:
-    """The URL in an opened token, if it was sealed for ``domain``; else
-    :class:`InvalidJobError`.
+def sealed_text(domain: str, job_id: str, url: str) -> str:
+    """What the gateway seals for the job ``job_id`` of ``domain``: what it is, whose it
+    is and the server's URL, so that a token copied into another job is refused, not
+    obeyed.
     """
-    sealed_for, newline, url = text.partition("\n")
-    if not newline or sealed_for != domain:
-        raise InvalidJobError("smtp_sealed: sealed for another domain's mail")
-    return url
+    return "\n".join((_SEALED_SERVER, domain, job_id, url))
+
+
+def url_sealed_for(text: str, domain: str, job_id: str) -> str:
+    """The URL in an opened token, if it was sealed as a server for the job ``job_id`` of
+    ``domain``; else :class:`InvalidJobError`.
+    """
+    parts = text.split("\n", 3)
+    if len(parts) != 4 or parts[0] != _SEALED_SERVER:
+        raise InvalidJobError("smtp_sealed: not a sealed SMTP server")
+    if parts[1:3] != [domain, job_id]:
+        raise InvalidJobError("smtp_sealed: sealed for another job's mail")
+    return parts[3]
 
 
 def metrics_label(outbox: str | None) -> str:
@@ -100,7 +108,7 @@ def _host(value: Any) -> str | None:
 def _port(value: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
         raise GatewayRequestError("smtpPort: a port number from 1 to 65535")
@@ -160,11 +168,15 @@ def _default(default_url: str | None, host: str | None) -> tuple[Outbox | None, 
     return default, default.timeout if timeouts else None
 
 
-def smtp_override_url(fields: Mapping[str, Any], *, default_url: str | None) -> str | None:
+def smtp_override_url(
+    fields: Mapping[str, Any], *, default_url: str | None, hosts: Collection[str] = ()
+) -> str | None:
     """The SMTP URL (:func:`~consumer.core.outboxes.outbox_from_url`'s format) for a daemon
     request's ``smtpHost``, ``smtpPort``, ``smtpUser``, ``smtpPassword``,
     ``smtpEncryption`` and ``timeout``, the fields it leaves out taken from ``default_url``
-    as the module says; None when it names no server.
+    as the module says; None when it names no server. A host other than the default's
+    must be one of ``hosts`` (``MAILBUS_GATEWAY_SMTP_HOSTS``): a client never makes the
+    workers connect where the operator did not say.
 
     Raises :class:`GatewayRequestError` with a reason the client can read (never a value).
     """
@@ -178,6 +190,10 @@ def smtp_override_url(fields: Mapping[str, Any], *, default_url: str | None) -> 
     security = _security(_given(fields, "smtpEncryption"))
     timeout: float | None = _timeout(_given(fields, "timeout"))
     default, default_timeout = _default(default_url, host)
+    if default is None and host is not None and host not in {_normal(h) for h in hosts}:
+        raise GatewayRequestError(
+            "smtpHost: not the default SMTP server nor one of MAILBUS_GATEWAY_SMTP_HOSTS"
+        )
     if default is None and host is None:
         raise GatewayRequestError(
             "smtpHost: required with smtpUser, smtpPassword, smtpPort or smtpEncryption, "

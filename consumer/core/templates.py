@@ -236,13 +236,25 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
 @dataclass(frozen=True)
 class Template:
-    """One version of a stored template: a subject and a text and/or HTML body."""
+    """One version of a stored template: a subject and a text and/or HTML body; ``domain``,
+    the one domain whose mail may use it (the daemon gateway's templates), else None (any).
+    """
 
     name: str
     version: int
     subject: str
     text: str | None
     html: str | None
+    domain: str | None = None
+
+    def usable_by(self, domain: str) -> bool:
+        """Whether mail of ``domain`` may render this template."""
+        return self.domain is None or self.domain == domain
+
+    @property
+    def body(self) -> str | None:
+        """The HTML body, else the text one: what the old daemon called the template."""
+        return self.html if self.html is not None else self.text
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class Composer:
             raise
         except Exception as exc:  # a stored document that is not a template
             raise TemplateError(f"template {ref.name!r}: {type(exc).__name__}: {exc}") from None
-        if template is None:
+        if template is None or not template.usable_by(job.domain):  # another's: as if none
             version = f" version {ref.version}" if ref.version is not None else ""
             raise TemplateError(f"no template named {ref.name!r}{version}")
         # Off the event loop: a render may take up to its deadline per part.

@@ -471,6 +471,9 @@ class Gateway:
         except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
             log.warning("gateway.unavailable", gateway="daemon", error=str(exc))
             reply = legacy.daemon_reply("error", str(exc), "mail service unavailable")
+        except Exception:  # one request's fault stays with it: answered, logged, not fatal
+            log.exception("gateway.request_failed", gateway="daemon", request=request.name)
+            reply = legacy.daemon_reply("error", None, "mail service unavailable")
         log.info("gateway.request", gateway="daemon", request=request.name)
         return reply
 
@@ -510,6 +513,11 @@ def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
         raise ConfigurationError(f"MAILBUS_GATEWAY_TEMPLATE_DIR: {folder} is not a directory")
     if settings.gateway_password_hash is not None:
         return
+    if daemon.host not in _LOOPBACK and settings.gateway_smtp_overrides:
+        raise ConfigurationError(
+            "an open daemon gateway (no MAILBUS_GATEWAY_PASSWORD_HASH) takes per-request SMTP "
+            "settings (MAILBUS_GATEWAY_SMTP_OVERRIDES) on loopback only"
+        )
     if daemon.host not in _LOOPBACK and not settings.gateway_open_beyond_loopback:
         raise ConfigurationError(
             f"the daemon gateway has no password (MAILBUS_GATEWAY_PASSWORD_HASH) and would "

@@ -94,13 +94,13 @@ class OutboxPicker:
             counts[REQUESTED_LABEL] = self.requested.connections
         return counts
 
-    async def sealed(self, token: str, domain: str) -> Choice:
-        """The server a job of ``domain`` brings sealed in ``token``, in place of the
-        domain's outboxes: no provider's limit holds it. Raises
+    async def sealed(self, token: str, domain: str, job_id: str) -> Choice:
+        """The server the job ``job_id`` of ``domain`` brings sealed in ``token``, in place
+        of the domain's outboxes: no provider's limit holds it. Raises
         :class:`~consumer.core.refusals.InvalidJobError` when no configured key opens the
-        token or it was sealed for another domain.
+        token or it was sealed for another job.
         """
-        return Choice(await self.requested.pool(token, domain))
+        return Choice(await self.requested.pool(token, domain, job_id))
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now

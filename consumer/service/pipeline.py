@@ -380,8 +380,9 @@ class Pipeline:
         """The server the job brings sealed, else the outbox it queued for, else whose
         turn it is: after a transient failure, another outbox of the domain if there is one.
         """
-        if attempt.job.smtp_sealed is not None:
-            return await self.picker.sealed(attempt.job.smtp_sealed, attempt.job.domain)
+        job = attempt.job
+        if job.smtp_sealed is not None:
+            return await self.picker.sealed(job.smtp_sealed, job.domain, attempt.job_id)
         claim = attempt.claim
         if claim.reserved is not None:
             choice = await self.picker.reserved(claim.reserved)

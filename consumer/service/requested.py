@@ -41,11 +41,11 @@ class RequestedServers:
         """Connections open to every requested server together (one metrics label)."""
         return sum(pool.connections for pool in list(self._pools.values()))
 
-    def opened(self, token: str, domain: str) -> str:
-        """The SMTP URL sealed in ``token`` for ``domain``'s mail; :class:`InvalidJobError`
-        when no configured key opens it (forged, sealed with a key since removed, or no key
-        at all) or it was sealed for another domain: such a job can never be sent, so it is
-        never retried.
+    def opened(self, token: str, domain: str, job_id: str) -> str:
+        """The SMTP URL sealed in ``token`` for the job ``job_id`` of ``domain``;
+        :class:`InvalidJobError` when no configured key opens it (forged, sealed with a key
+        since removed, or no key at all) or it was sealed for another job: such a job can
+        never be sent, so it is never retried.
         """
         if self.vault is None:
             raise InvalidJobError("smtp_sealed: this worker has no MAILBUS_SECRET_KEY to open it")
@@ -56,13 +56,13 @@ class RequestedServers:
                 "smtp_sealed: no key in MAILBUS_SECRET_KEY opens it (forged, or sealed with a "
                 "key since removed)"
             ) from None
-        return url_sealed_for(text, domain)
+        return url_sealed_for(text, domain, job_id)
 
-    async def pool(self, token: str, domain: str) -> Sender:
-        """The pool of the server sealed in ``token`` for ``domain`` (see :meth:`opened`
-        for refusals).
+    async def pool(self, token: str, domain: str, job_id: str) -> Sender:
+        """The pool of the server sealed in ``token`` for the job ``job_id`` of ``domain``
+        (see :meth:`opened` for refusals).
         """
-        url = self.opened(token, domain)
+        url = self.opened(token, domain, job_id)
         pool = self._pools.pop(url, None)
         if pool is None:
             try:

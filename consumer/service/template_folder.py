@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from consumer.core.legacy import body_fields
 from consumer.core.message import TEMPLATE_NAME_PATTERN
 from consumer.core.refusals import TemplateError
-from consumer.core.templates import Template
 from consumer.logging import get_logger
 from consumer.store.templates import TemplateStore
 
@@ -39,37 +39,49 @@ def template_file_name(value: object) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Read:
-    """The folder's template files: their contents by name, and the names skipped."""
+# What identifies a file's content without reading it: unchanged, it is not read again.
+_Stamp = tuple[int, int, int]  # inode, size, modification time (ns)
 
-    contents: dict[str, str]
+
+@dataclass(frozen=True)
+class _Listing:
+    """The folder's template files by name with their stamps, and the names skipped."""
+
+    files: dict[str, _Stamp]
     skipped: dict[str, str]
 
 
-def _read(folder: Path) -> _Read:
-    contents: dict[str, str] = {}
+def _list(folder: Path) -> _Listing:
+    files: dict[str, _Stamp] = {}
     skipped: dict[str, str] = {}
     with os.scandir(folder) as entries:
         for entry in entries:
             name = template_file_name(entry.name)
             if name is None or not entry.is_file(follow_symlinks=False):
-                continue
-            if len(contents) >= MAX_FILES:
+                continue  # links are not followed: a file here is a file here
+            stat = entry.stat(follow_symlinks=False)
+            if len(files) >= MAX_FILES:
                 skipped[name] = f"over {MAX_FILES} template files"
-                continue
-            if entry.stat(follow_symlinks=False).st_size > MAX_FILE_BYTES:
+            elif stat.st_size > MAX_FILE_BYTES:
                 skipped[name] = f"larger than {MAX_FILE_BYTES} bytes"
-                continue
-            try:
-                contents[name] = Path(entry.path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                skipped[name] = str(exc)
-    return _Read(contents, skipped)
+            else:
+                files[name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return _Listing(files, skipped)
 
 
-def _body(template: Template) -> str | None:
-    return template.html if template.html is not None else template.text
+def _write(path: Path, content: str) -> None:
+    """Write ``path`` whole or not at all, replacing it (a link is replaced, never
+    followed): a reader sees the old file or the new one.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(content)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 class TemplateFolder:
@@ -80,54 +92,65 @@ class TemplateFolder:
         self.store = store
         self.domain = domain
         self._lock = asyncio.Lock()  # one reconciliation at a time
+        self._synced: dict[str, _Stamp] = {}  # the files as last taken up
 
     async def sync(self) -> None:
         """Make the domain's stored templates what the folder holds: a changed file is a
-        new version, a removed file a removed template. A file that does not compile, or
-        whose name another domain's template has, is left out (and logged).
+        new version, a removed file a removed template. A file that cannot be taken (too
+        large, unreadable, not compiling, its name another's) is left out and logged, its
+        stored template kept; a folder that cannot be read changes nothing.
         """
         async with self._lock:
-            found = await asyncio.to_thread(_read, self.folder)
+            try:
+                found = await asyncio.to_thread(_list, self.folder)
+            except OSError as exc:
+                log.warning("gateway.template_folder_unreadable", error=str(exc))
+                return
             for name, why in found.skipped.items():
                 log.warning("gateway.template_file_skipped", name=name, error=why)
             stored, _ = await self.store.names(self.domain, 0, MAX_FILES + 1)
-            for name in set(stored) - found.contents.keys():
+            for name in set(stored) - found.files.keys() - found.skipped.keys():
                 await self.store.remove(name, domain=self.domain)
-            for name, content in found.contents.items():
-                await self._keep(name, content)
+            self._synced = {
+                name: stamp for name, stamp in self._synced.items() if name in found.files
+            }
+            for name, stamp in found.files.items():
+                if self._synced.get(name) != stamp:
+                    await self._take(name, stamp)
 
-    async def _keep(self, name: str, content: str) -> None:
-        current = await self.store.owned(name, self.domain)
-        if current is not None and _body(current) == content:
+    async def _take(self, name: str, stamp: _Stamp) -> None:
+        """Make the file ``name`` the current version of its template."""
+        try:
+            content = await asyncio.to_thread((self.folder / name).read_text, encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("gateway.template_file_skipped", name=name, error=str(exc))
             return
+        current = await self.store.owned(name, self.domain)
         if current is None and await self.store.get(name) is not None:
             log.warning("gateway.template_file_skipped", name=name, error="name taken")
             return
-        parts = body_fields(content)
-        try:
-            await self.store.put(name, "", parts.get("text"), parts.get("html"), domain=self.domain)
-        except TemplateError as exc:
-            log.warning("gateway.template_file_skipped", name=name, error=str(exc))
+        if current is None or current.body != content:
+            parts = body_fields(content)
+            try:
+                await self.store.put(
+                    name, "", parts.get("text"), parts.get("html"), domain=self.domain
+                )
+            except TemplateError as exc:
+                log.warning("gateway.template_file_skipped", name=name, error=str(exc))
+                return
+        self._synced[name] = stamp
 
     async def write(self, name: str, content: str) -> None:
-        """Write ``name``'s file (the name checked by :func:`template_file_name`)."""
-        path = self.folder / name
-        await asyncio.to_thread(path.write_text, content, encoding="utf-8")
+        """Write ``name``'s file (the name checked by :func:`template_file_name`), whole."""
+        await asyncio.to_thread(_write, self.folder / name, content)
 
-    async def delete(self, name: str) -> bool:
-        """Remove ``name``'s file; False if there was none."""
-        try:
+    async def delete(self, name: str) -> None:
+        """Remove ``name``'s file, if there is one."""
+        with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread((self.folder / name).unlink)
-        except FileNotFoundError:
-            return False
-        return True
 
-    async def clear(self) -> int:
-        """Remove every template file; returns how many there were."""
-        found = await asyncio.to_thread(_read, self.folder)
-        removed = 0
-        for name in (*found.contents, *found.skipped):
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread((self.folder / name).unlink)
-                removed += 1
-        return removed
+    async def clear(self) -> None:
+        """Remove every template file."""
+        found = await asyncio.to_thread(_list, self.folder)
+        for name in (*found.files, *found.skipped):
+            await self.delete(name)

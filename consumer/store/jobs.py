@@ -815,11 +815,13 @@ class JobStore:
             cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
             return [_record(doc) async for doc in cursor]
 
-    async def waiting_ids(self, domain: str, skip: int, limit: int) -> tuple[list[str], int]:
-        """A page of the ids of ``domain``'s waiting jobs (scheduled, queued or retrying),
-        soonest due first, and how many there are.
+    async def waiting_ids(
+        self, domain: str, tag: str, skip: int, limit: int
+    ) -> tuple[list[str], int]:
+        """A page of the ids of ``domain``'s waiting jobs (scheduled, queued or retrying)
+        tagged ``tag``, soonest due first, and how many there are.
         """
-        query: Document = {"status": {"$in": list(WAITING)}, "domain": domain}
+        query: Document = {"status": {"$in": list(WAITING)}, "domain": domain, "tags": tag}
         async with answering():
             total = await self.jobs.count_documents(query)
             cursor = self.jobs.find(query, {"_id": 1}).sort([("due_at", 1), ("_id", 1)])

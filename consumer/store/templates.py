@@ -22,7 +22,14 @@ from consumer.store.documents import Document, answering
 
 
 def _template(doc: Document) -> Template:
-    return Template(doc["name"], doc["version"], doc["subject"], doc.get("text"), doc.get("html"))
+    return Template(
+        doc["name"],
+        doc["version"],
+        doc["subject"],
+        doc.get("text"),
+        doc.get("html"),
+        doc.get("domain"),
+    )
 
 
 class TemplateStore:
