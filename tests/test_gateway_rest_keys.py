@@ -251,7 +251,8 @@ async def test_api_key_commands(settings: Settings, store: JobStore) -> None:
         (None, None, "text/xml", "xml"),
         (None, None, "application/json, text/plain", "json"),
         (None, None, "text/html,application/xhtml+xml,application/xml;q=0.9", "json"),
-        (None, None, "application/csv", Refused("csv")),
+        (None, None, "application/csv", "json"),  # only preferred: the mail still goes
+        (None, None, "text/html", "json"),
         ("jsonp", None, None, Refused("jsonp")),
         ("anything", None, None, Refused("anything")),
         (None, "php", None, Refused("php")),

@@ -64,15 +64,17 @@ def answer_format(
 ) -> RestFormat | Refused:
     """The format to answer in: the address's ``suffix`` (``xml`` of ``/api/mail.xml``) if
     any, else the ``format`` ``query`` parameter when it names one of the old server's
-    formats, else the ``Accept`` header's, else JSON. A format other than JSON or XML is
-    :class:`Refused`.
+    formats, else the ``Accept`` header's, else JSON. A format other than JSON or XML asked
+    for by the address or the parameter is :class:`Refused`; one the ``Accept`` header
+    prefers is answered in JSON (HTTP libraries send ``text/html`` unasked, and their mail
+    must not go unsent for it).
     """
     if suffix is not None:
         return _served(suffix)
     if query is not None and query.lower() in CODEIGNITER_FORMATS:
         return _served(query)
-    accepted = _accepted(accept or "")
-    return _served(accepted) if accepted is not None else "json"
+    accepted = _served(_accepted(accept or "") or "json")
+    return "json" if isinstance(accepted, Refused) else accepted
 
 
 def rest_xml(reply: Mapping[str, Any]) -> bytes:
