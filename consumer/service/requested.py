@@ -11,6 +11,7 @@ Such mail is held by no provider's rate limit: the request chose the server, not
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 
 from consumer.core.refusals import InvalidJobError
@@ -35,6 +36,7 @@ class RequestedServers:
         self.idle_seconds = idle_seconds
         # Keyed by the opened URL: each token of the same server differs (Fernet's IV).
         self._pools: OrderedDict[str, Sender] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def connections(self) -> int:
@@ -73,10 +75,15 @@ class RequestedServers:
         self._pools[url] = pool
         while len(self._pools) > MAX_SERVERS:
             _, evicted = self._pools.popitem(last=False)
-            await evicted.close()
+            # Closed aside: a slow server's QUIT must not hold up the job that evicted it.
+            closing = asyncio.create_task(evicted.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         return pool
 
     async def close(self) -> None:
-        """Close every pool's idle connections."""
+        """Close every pool's idle connections (those evicted before too)."""
         for pool in self._pools.values():
             await pool.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing))
