@@ -21,7 +21,13 @@ def test_shipped_schema_matches_the_model(repo_root: Path) -> None:
 def test_schema_forbids_unknown_fields_and_requires_the_essentials() -> None:
     schema = job_json_schema()
     assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"domain", "from", "to"}
+    assert set(schema["required"]) == {"domain"}
+    built, raw = schema["oneOf"]
+    assert set(built["required"]) == {"from", "to"}
+    assert set(raw["required"]) == {"raw_b64", "mail_from", "rcpt_to"}
+    # Each form rules out the other's fields.
+    assert {"required": ["raw_b64"]} in built["not"]["anyOf"]
+    assert {"required": ["from"]} in raw["not"]["anyOf"]
     assert "from" in schema["properties"]
     assert "from_" not in schema["properties"]
 

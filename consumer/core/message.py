@@ -24,12 +24,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
     model_validator,
 )
 
+from consumer.core.raw import RawMessage, decoded_size, read_raw
 from consumer.core.refusals import InvalidJobError, JobTooLargeError
 
 # A custom header is folded at its own white space only; a longer word would not fit in the
@@ -46,6 +48,24 @@ MAX_METADATA_BYTES = 16 * 1024
 # A sealed SMTP server (a Fernet token, url-safe base64): the longest URL a gateway seals
 # (see consumer.core.smtp_request) makes a token well under this.
 MAX_SMTP_SEALED = 4096
+# The fields of each form of job: built from parts, or a raw message with its envelope.
+# A raw job takes none of the built fields (its message says them itself), and the other
+# way round; every other field applies to both.
+BUILT_FIELDS = (
+    "from",
+    "reply_to",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "text",
+    "html",
+    "template",
+    "attachments",
+    "headers",
+    "charset",
+)
+RAW_FIELDS = ("raw_b64", "mail_from", "rcpt_to")
 # Header names the service writes itself; a job may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
     {
@@ -263,17 +283,48 @@ DomainName = Annotated[
 ]
 
 
-class Job(BaseModel):
-    """A mail job, version 1 of the mailbus AMQP contract."""
+def _either_form(schema: dict[str, Any]) -> None:
+    """The two forms of a job in the JSON Schema: the model's validator says the same."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, title="mailbus job v1")
+    def any_of(names: tuple[str, ...]) -> dict[str, Any]:
+        return {"anyOf": [{"required": [name]} for name in names]}
+
+    schema["oneOf"] = [
+        {
+            "title": "built",
+            "description": "A message mailbus builds from its parts.",
+            "required": ["from", "to"],
+            "properties": {"to": {"minItems": 1}},
+            "not": any_of(RAW_FIELDS),
+        },
+        {
+            "title": "raw",
+            "description": "An RFC 5322 message sent as given, to the envelope named.",
+            "required": list(RAW_FIELDS),
+            "not": any_of(BUILT_FIELDS),
+        },
+    ]
+
+
+class Job(BaseModel):
+    """A mail job, version 1 of the mailbus AMQP contract: a message built from its parts
+    (``from``, ``to``, ``subject``, ``text``...) or a raw one (``raw_b64``, ``mail_from``,
+    ``rcpt_to``).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        title="mailbus job v1",
+        json_schema_extra=_either_form,
+    )
 
     id: Annotated[str, Field(pattern=r"^[!-~]{1,200}$")] | None = None
     domain: DomainName
     domain_key: SecretStr | None = None
-    from_: Annotated[Mailbox, Field(alias="from")]
+    from_: Annotated[Mailbox | None, Field(alias="from")] = None
     reply_to: Mailbox | None = None
-    to: Annotated[list[Mailbox], Field(min_length=1, max_length=1000)]
+    to: Annotated[list[Mailbox], Field(max_length=1000)] = []
     cc: Annotated[list[Mailbox], Field(max_length=1000)] = []
     bcc: Annotated[list[Mailbox], Field(max_length=1000)] = []
     subject: HeaderText = Field("", max_length=998)
@@ -305,10 +356,55 @@ class Job(BaseModel):
         ]
         | None
     ) = None
+    raw_b64: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "The RFC 5322 message, standard base64 (no line breaks); decoded, at most "
+            "MAILBUS_MAX_MESSAGE_BYTES. Sent as given, with Message-ID and Date added where "
+            "absent and Bcc header fields removed."
+        ),
+    )
+    mail_from: EmailText | None = Field(None, description="The envelope sender of a raw job.")
+    rcpt_to: (
+        Annotated[
+            list[EmailText],
+            Field(
+                min_length=1,
+                max_length=1000,
+                description="The envelope recipients of a raw job: who gets it, Bcc included.",
+            ),
+        ]
+        | None
+    ) = None
     version: Literal[1] = 1
+    _raw: RawMessage | None = PrivateAttr(None)
 
     @model_validator(mode="after")
-    def _check_content(self) -> Job:
+    def _check_form(self) -> Job:
+        raw, envelope = self.raw_b64, (self.mail_from, self.rcpt_to)
+        if raw is None and envelope == (None, None):
+            return self._check_built()
+        if raw is None or None in envelope:
+            missing = [name for name in RAW_FIELDS if getattr(self, name) is None]
+            raise ValueError(
+                f"a raw job needs raw_b64, mail_from and rcpt_to: no {', '.join(missing)}"
+            )
+        given = {"from" if name == "from_" else name for name in self.model_fields_set}
+        built = [name for name in BUILT_FIELDS if name in given]
+        if built:
+            raise ValueError(
+                f"a raw job's message says its own headers and content: {', '.join(built)} "
+                "cannot be set"
+            )
+        self._raw = read_raw(raw)
+        return self
+
+    def _check_built(self) -> Job:
+        if self.from_ is None or not self.to:
+            raise ValueError(
+                "a job needs from and to (or, for a raw message, raw_b64, mail_from and rcpt_to)"
+            )
         if self.text is None and self.html is None and self.template is None:
             raise ValueError("a job needs text, html or a template")
         if self.template is not None and (self.text is not None or self.html is not None):
@@ -332,9 +428,36 @@ class Job(BaseModel):
             )
         return self
 
+    def raw_message(self) -> RawMessage | None:
+        """A raw job's message, read and checked; None for a built job."""
+        return self._raw
+
     def recipients(self) -> list[str]:
-        """Envelope recipients: To, Cc and Bcc, each address once, in order."""
+        """Envelope recipients, each address once, in order: a raw job's ``rcpt_to``, else
+        To, Cc and Bcc.
+        """
+        if self.rcpt_to is not None:
+            return list(dict.fromkeys(self.rcpt_to))
         return list(dict.fromkeys(a.email for a in (*self.to, *self.cc, *self.bcc)))
+
+    def envelope_sender(self) -> str:
+        """The envelope sender (MAIL FROM): a raw job's ``mail_from``, else the From."""
+        if self.mail_from is not None:
+            return self.mail_from
+        assert self.from_ is not None  # a built job has one: see _check_built
+        return self.from_.email
+
+    def sender_addresses(self) -> list[str]:
+        """Every address the domain's sender rule applies to: a built job's From; a raw
+        job's envelope sender and its message's From addresses.
+        """
+        if self._raw is not None:
+            return [self.envelope_sender(), *self._raw.senders]
+        return [self.envelope_sender()]
+
+    def subject_line(self) -> str:
+        """The subject records show: the job's, or a raw message's Subject header."""
+        return self._raw.subject if self._raw is not None else self.subject
 
 
 def json_object(body: bytes, what: str, *, max_bytes: int | None = None) -> dict[str, Any]:
@@ -359,7 +482,12 @@ def json_object(body: bytes, what: str, *, max_bytes: int | None = None) -> dict
 
 
 def parse_job(
-    body: bytes, message_id: str | None, *, max_bytes: int | None = None, special_use: bool = False
+    body: bytes,
+    message_id: str | None,
+    *,
+    max_bytes: int | None = None,
+    max_message_bytes: int | None = None,
+    special_use: bool = False,
 ) -> tuple[Job, str]:
     """Validate a message body and return the job with its id.
 
@@ -367,10 +495,18 @@ def parse_job(
     publishing the same bytes twice without an id is still one job. The body wins because
     some clients fill ``message_id`` with a random value of their own.
     Raises :class:`InvalidJobError` with a readable reason; a body over ``max_bytes`` is
-    a :class:`JobTooLargeError` before it is decoded. With ``special_use``, addresses at
+    a :class:`JobTooLargeError` before it is decoded, and so is a raw message (``raw_b64``)
+    of more than ``max_message_bytes`` once decoded. With ``special_use``, addresses at
     special-use domains (``.test``, ``.localhost``) are accepted.
     """
     raw = json_object(body, "body", max_bytes=max_bytes)
+    message = raw.get("raw_b64")
+    if max_message_bytes is not None and isinstance(message, str):
+        size = decoded_size(message)
+        if size > max_message_bytes:
+            raise JobTooLargeError(
+                f"the raw message is {size} bytes, more than the limit of {max_message_bytes}"
+            )
     try:
         job = Job.model_validate(raw, context=validation_context(special_use=special_use))
     except ValidationError as exc:

@@ -161,6 +161,8 @@ def build_message(
     html in multipart/related; other attachments wrap it all in multipart/mixed. Bodies
     are written in ``charset``; headers that need it are RFC 2047 encoded in UTF-8.
     """
+    if job.from_ is None:
+        raise InvalidJobError("a raw job's message is sent as given, not built")
     msg = EmailMessage(policy=BUILD_POLICY)
     msg["From"] = job.from_.header()
     msg["To"] = [a.header() for a in job.to]
@@ -204,9 +206,10 @@ class Mail:
     """A built message and its bytes on the wire (CRLF line ends, 7-bit bodies): serializing
     a message is a good part of a mail's cost, so it is done once. ``utf8``: its headers
     hold a non-ASCII address and are raw UTF-8, so it needs a server that takes SMTPUTF8.
+    A raw job's mail has no ``message``: its bytes are the producer's (:func:`raw_mail`).
     """
 
-    message: EmailMessage
+    message: EmailMessage | None
     wire: bytes
     utf8: bool = False
 
@@ -272,3 +275,25 @@ def build_mail(
         raise
     except Exception as exc:
         raise InvalidJobError(f"the message cannot be built: {type(exc).__name__}: {exc}") from None
+
+
+def raw_mail(job: Job, job_id: str, now: datetime, *, limit: int) -> Mail:
+    """The mail of a raw job: its message's bytes as given, with a ``Message-ID`` (derived
+    from the job id, as for built mail) and a ``Date`` (``now``) added at the top where it
+    has none, and its Bcc fields left out. Raises :class:`MessageTooLargeError` when the
+    bytes are more than ``limit``.
+    """
+    raw = job.raw_message()
+    if raw is None:
+        raise InvalidJobError("a built job has no raw message")
+    added = []
+    if not raw.has_message_id:
+        added.append(f"Message-ID: {message_id_for(job_id, job.domain)}")
+    if not raw.has_date:
+        added.append(f"Date: {format_datetime(now)}")
+    wire = raw.wire(added)
+    if len(wire) > limit:
+        raise MessageTooLargeError(
+            f"the message is {len(wire)} bytes, more than the limit of {limit}"
+        )
+    return Mail(None, wire, raw.utf8)

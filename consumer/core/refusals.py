@@ -19,7 +19,9 @@ class InvalidJobError(DeadLetterError, ValueError):
 
 
 class JobTooLargeError(InvalidJobError):
-    """The job's body is bigger than ``MAILBUS_MAX_JOB_BYTES``; refused before decoding."""
+    """The job's body is bigger than ``MAILBUS_MAX_JOB_BYTES``, or its raw message than
+    ``MAILBUS_MAX_MESSAGE_BYTES``; refused before decoding.
+    """
 
     reason: DeadReason = "too_large"
 

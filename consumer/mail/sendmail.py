@@ -38,9 +38,12 @@ class SendmailPipe:
         raises :class:`SendmailError`, ``OSError`` (no such program) or ``TimeoutError``
         (killed after the outbox's timeout).
         """
-        # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
-        utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
-        data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
+        if mail.message is None:  # a raw job's bytes, sent as given
+            data = mail.wire.replace(b"\r\n", b"\n")
+        else:
+            # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
+            utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
+            data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:
             process = await asyncio.create_subprocess_exec(
                 self.outbox.command,

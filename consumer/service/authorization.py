@@ -329,8 +329,19 @@ class Authorizer:
         return f"no domain key for {domain}, and no allowed broker user"
 
     async def _sender_refusal(self, job: Job, domain: str, doc: Document | None) -> str | None:
-        """Why the job's From may not be used by ``domain``, or None."""
-        sender = job.from_.email.rpartition("@")[2].lower()
+        """Why the job's senders (its From; a raw job's envelope sender and From) may not
+        be used by ``domain``, or None.
+        """
+        for address in dict.fromkeys(job.sender_addresses()):
+            refused = await self._address_refusal(address.rpartition("@")[2].lower(), domain, doc)
+            if refused is not None:
+                return refused
+        return None
+
+    async def _address_refusal(self, sender: str, domain: str, doc: Document | None) -> str | None:
+        """Why ``domain`` (registered as ``doc``, None when open) may not send as the
+        sender domain ``sender``, or None.
+        """
         if doc is not None:
             allowed = doc.get("senders") or [domain]
             if any(_under(sender, a) for a in allowed):

@@ -22,7 +22,7 @@ from consumer.core.content import Content
 from consumer.core.headers import DUE_HEADER
 from consumer.core.leases import Release
 from consumer.core.message import Job, parse_job
-from consumer.core.mime import Mail, build_mail
+from consumer.core.mime import Mail, build_mail, raw_mail
 from consumer.core.outcomes import (
     Context,
     Crashed,
@@ -125,6 +125,7 @@ class Pipeline:
                 body,
                 message_id,
                 max_bytes=self.settings.max_job_bytes,
+                max_message_bytes=self.settings.max_message_bytes,
                 special_use=self.settings.allow_special_use_domains,
             )
             due = due_time(job, headers, now)
@@ -223,14 +224,19 @@ class Pipeline:
             )
         # Built before the outbox is chosen: a token is taken as close to the send as can
         # be, and a message that can never be sent takes none.
+        content: Content | None = None  # a raw job's message is its own: none to build
+        charset = attempt.job.charset or "utf-8"
         try:
-            content = await self.composer.compose(attempt.job)
-            if content.template is not None:
-                name, version = content.template
-                attempt.details["template"] = {"name": name, "version": version}
-                attempt.ctx = dataclasses.replace(attempt.ctx, template=content.template)
-            charset = attempt.job.charset or "utf-8"
-            mail = self._build(attempt, content, charset)
+            if attempt.job.raw_b64 is not None:
+                limit = self.settings.max_message_bytes
+                mail = raw_mail(attempt.job, attempt.job_id, attempt.now, limit=limit)
+            else:
+                content = await self.composer.compose(attempt.job)
+                if content.template is not None:
+                    name, version = content.template
+                    attempt.details["template"] = {"name": name, "version": version}
+                    attempt.ctx = dataclasses.replace(attempt.ctx, template=content.template)
+                mail = self._build(attempt, content, charset)
         except DeadLetterError as exc:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
@@ -253,10 +259,11 @@ class Pipeline:
         structlog.contextvars.bind_contextvars(outbox=outbox.name)
         if choice.throttle is not None:
             return await self._throttled(attempt, choice.throttle)
-        if attempt.job.charset is None and outbox.charset not in (None, charset):
+        wanted = outbox.charset if attempt.job.charset is None else None
+        if content is not None and wanted not in (None, charset):
             # The one case for a second build: an outbox that asks for its own charset.
             try:
-                mail = self._build(attempt, content, outbox.charset)
+                mail = self._build(attempt, content, wanted)
             except DeadLetterError as exc:
                 return await self._dead(attempt, exc.reason, str(exc))
         return await self._send(attempt, pool, mail, recipients)
@@ -300,7 +307,7 @@ class Pipeline:
     ) -> Outcome:
         started = time.perf_counter()
         try:
-            result = await pool.send(mail, attempt.job.from_.email, recipients)
+            result = await pool.send(mail, attempt.job.envelope_sender(), recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
             return await self._failed(attempt, classify(exc))
         seconds = time.perf_counter() - started

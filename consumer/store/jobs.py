@@ -181,8 +181,8 @@ def _summary(job: Job, now: datetime) -> Document:
     return {
         "created_at": now,
         "domain": job.domain,
-        "from": job.from_.email,
-        "subject": job.subject,
+        "from": job.envelope_sender(),
+        "subject": job.subject_line(),
         "recipients": len(job.recipients()),
         "tags": job.tags,
         "metadata": job.metadata,
