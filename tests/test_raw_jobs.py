@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -313,3 +315,12 @@ async def test_a_raw_job_with_utf8_headers_and_envelope_goes_with_smtputf8(
     assert (mail.mail_from, mail.rcpt_tos) == ("zoë@example.com", ("jürgen@example.org",))
     assert mail.data == message
     assert mail.message()["Subject"] == "¡hola!"
+
+
+def test_the_producer_guides_raw_example_is_a_valid_job(repo_root: Path) -> None:
+    guide = (repo_root / "producer_examples" / "README.md").read_text()
+    blocks = re.findall(r"^```json\n(.*?)^```$", guide, re.MULTILINE | re.DOTALL)
+    [example] = [json.loads(b) for b in blocks if '"raw_b64"' in b]
+    parsed_job, job_id = parse_job(encode(example), None)
+    assert (job_id, parsed_job.subject_line()) == ("invoice-42", "Your invoice")
+    assert parsed_job.sender_addresses() == ["bounces@shop.example", "orders@shop.example"]
