@@ -18,8 +18,10 @@ from consumer.amqp.publish import publish_job
 from consumer.core.message import parse_job
 from consumer.core.mime import message_id_for, raw_mail
 from consumer.core.names import Names
+from consumer.core.outboxes import Outbox
 from consumer.core.raw import decoded_size
 from consumer.core.refusals import InvalidJobError, JobTooLargeError
+from consumer.mail.sendmail import SendmailPipe
 from consumer.settings import Settings
 from consumer.store.domains import DomainStore
 from consumer.store.jobs import JobStore
@@ -27,6 +29,8 @@ from consumer.store.suppressions import SuppressionStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import encode, job, take
 from tests.conftest import RunningWorker, settled_record
+from tests.test_sendmail import sendmail as sendmail
+from tests.test_sendmail import spooled
 
 HEAD = (
     b"From: Sender <sender@example.com>\r\n"
@@ -324,3 +328,12 @@ def test_the_producer_guides_raw_example_is_a_valid_job(repo_root: Path) -> None
     parsed_job, job_id = parse_job(encode(example), None)
     assert (job_id, parsed_job.subject_line()) == ("invoice-42", "Your invoice")
     assert parsed_job.sender_addresses() == ["bounces@shop.example", "orders@shop.example"]
+
+
+async def test_a_sendmail_outbox_gets_the_raw_bytes_with_local_line_ends(sendmail: Path) -> None:
+    outbox = Outbox("local", "", 0, transport="sendmail", command=str(sendmail), timeout=10)
+    mail = raw_mail(parsed(DATED + HEAD + b"\r\n" + BODY), "x", datetime.now(UTC), limit=10_000)
+    await SendmailPipe(outbox, 1).send(mail, "bounces@example.com", ["ann@example.org"])
+    [accepted] = spooled(sendmail)
+    assert accepted["argv"] == ["-i", "-f", "bounces@example.com", "--", "ann@example.org"]
+    assert str(accepted["data"]).encode() == (DATED + HEAD + b"\r\n" + BODY).replace(b"\r\n", b"\n")
