@@ -24,7 +24,9 @@ LEAKED_KEY = watched("dk-s3cret-0042")
 INVALID = [
     pytest.param(b'{"domain": "example.com", "to": [', "body is not UTF-8 JSON", id="malformed"),
     pytest.param(
-        encode({k: v for k, v in job().items() if k != "to"}), "to: Field required", id="missing-to"
+        encode({k: v for k, v in job().items() if k != "to"}),
+        "a job needs from and to",
+        id="missing-to",
     ),
     pytest.param(
         encode(job(priority="high")), "priority: Extra inputs are not permitted", id="unknown-field"
