@@ -305,6 +305,14 @@ class Job(BaseModel):
         ]
         | None
     ) = None
+    sandbox: bool = Field(
+        False,
+        description=(
+            "Staging and CI: the job is authorized, rendered, recorded and announced as in "
+            "production, but not delivered (or only to the catch-all outbox "
+            "MAILBUS_SANDBOX_OUTBOX names); events and the record say sandbox."
+        ),
+    )
     version: Literal[1] = 1
 
     @model_validator(mode="after")
