@@ -132,14 +132,15 @@ class Pipeline:
         except InvalidJobError as exc:
             return Dead(Context(message_id), exc.reason, str(exc))
         structlog.contextvars.bind_contextvars(job_id=job_id, domain=job.domain)
-        ctx = Context(job_id, job, sandbox=job.sandbox)
+        ctx = Context(job_id, job)
         try:
             refusal = await self.authorizer.refusal(job, authority)
-            if refusal is not None:  # nothing is recorded for a job nobody may send
-                return Dead(ctx, "unauthorized", refusal)
             # The domain's registration is the one authorization just read (kept a while).
             sandbox = sandboxed(job, await self.authorizer.domain(job.domain))
-            ctx = dataclasses.replace(ctx, authorized=True, sandbox=sandbox)
+            ctx = dataclasses.replace(ctx, sandbox=sandbox)
+            if refusal is not None:  # nothing is recorded for a job nobody may send
+                return Dead(ctx, "unauthorized", refusal)
+            ctx = dataclasses.replace(ctx, authorized=True)
             # What is kept of the body from here on (records, copies): never its key,
             # once a seal can carry its authorization instead.
             if self.settings.secret_key is not None:
