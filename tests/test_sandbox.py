@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -14,6 +15,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 
 from consumer.amqp.publish import publish_job
+from consumer.cli.config_file import load
 from consumer.clock import utcnow
 from consumer.core.event_contract import EVENTS
 from consumer.core.names import Names
@@ -257,3 +259,23 @@ async def test_the_catch_all_refusing_an_address_suppresses_nobody() -> None:
     assert outcome.ctx.outbox == "catch-all"
     assert [h.recipients for h in catch_all.handed] == [["a@example.org"]]
     assert rig.suppressions.bounced == []  # the real address is none of its business
+
+
+async def test_the_config_file_carries_a_domains_sandbox_mode(
+    settings: Settings, tmp_path: Path
+) -> None:
+    entry = f'[domains."{STAGING}"]\nkey_hash = "{hash_key(STAGING_KEY)}"\n'
+    source = tmp_path / "mailbus.toml"
+    source.write_text(entry + "sandbox = true\n")
+    imported = await mailbus(settings, "config", "import", str(source))
+    assert imported.stdout.splitlines() == [f"domain {STAGING}: created"], imported.stderr
+    exported = await mailbus(settings, "config", "export")
+    assert load(exported.stdout).domains[STAGING].sandbox is True
+
+    source.write_text(entry)  # the key as it is, the mode off
+    turned_off = await mailbus(settings, "config", "import", str(source))
+    assert turned_off.stdout.splitlines() == [f"domain {STAGING}: updated"], turned_off.stderr
+    async with Mongo.connect(settings) as mongo:
+        stored = await mongo.domains.get(STAGING)
+    assert stored is not None
+    assert stored["sandbox"] is False
