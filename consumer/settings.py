@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # Addresses at special-use domains (.test, .localhost), as staging setups with a mail
     # catcher use: refused unless this is on (.example is an ordinary name).
     allow_special_use_domains: bool = False
+    # Sandbox mode (a sandboxed domain, or a job's "sandbox": true) is not delivered, or,
+    # with this set, only to the outbox of this name: a catch-all such as MailHog.
+    sandbox_outbox: str | None = Field(None, min_length=1)
     # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;

@@ -285,7 +285,8 @@ class SenderDouble:
 
 class PickerDouble:
     """The outbox picker: ``choose`` answers ``choice`` (or raises it), ``reserved``
-    answers ``reserved_choice``; both keep what they were asked.
+    answers ``reserved_choice``, ``sandbox`` answers ``sandbox_choice`` (or raises it);
+    each keeps what it was asked.
     """
 
     def __init__(
@@ -293,11 +294,14 @@ class PickerDouble:
         choice: Choice | Exception | None = None,
         *,
         reserved_choice: Choice | None = None,
+        sandbox_choice: Choice | Exception | None = None,
     ) -> None:
         self.choice = choice
         self.reserved_choice = reserved_choice
+        self.sandbox_choice = sandbox_choice
         self.chosen: list[tuple[str, str | None]] = []
         self.asked_reserved: list[Reservation] = []
+        self.asked_sandbox: list[str] = []
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         self.chosen.append((domain, avoid))
@@ -309,15 +313,29 @@ class PickerDouble:
         self.asked_reserved.append(reservation)
         return self.reserved_choice
 
+    async def sandbox(self, name: str) -> Choice:
+        self.asked_sandbox.append(name)
+        if self.sandbox_choice is None:
+            raise AssertionError(f"no sandbox choice set for {name!r}")
+        if isinstance(self.sandbox_choice, Exception):
+            raise self.sandbox_choice
+        return self.sandbox_choice
+
 
 class AuthorizerDouble:
     """Refuses every job with ``refusal`` when it is set, or raises ``error``; keeps the
-    authorities asked about.
+    authorities asked about. Every domain is registered as ``registration`` (None: open).
     """
 
-    def __init__(self, refusal: str | None = None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        refusal: str | None = None,
+        error: Exception | None = None,
+        registration: Document | None = None,
+    ) -> None:
         self.refusal_text = refusal
         self.error = error
+        self.registration = registration
         self.asked: list[tuple[str, Authority]] = []
 
     async def refusal(self, job: Job, authority: Authority) -> str | None:
@@ -325,6 +343,9 @@ class AuthorizerDouble:
         if self.error is not None:
             raise self.error
         return self.refusal_text
+
+    async def domain(self, name: str) -> Document | None:
+        return self.registration
 
 
 class ComposerDouble:

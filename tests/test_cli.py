@@ -160,6 +160,7 @@ HELP = [
     ["domain", "ls"],
     ["domain", "show"],
     ["domain", "rm"],
+    ["domain", "sandbox"],
     ["domain", "api-key"],
     ["domain", "api-key", "add"],
     ["domain", "api-key", "ls"],

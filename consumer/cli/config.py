@@ -79,9 +79,14 @@ class Importer:
                 kept = old.get("key_hash")
                 key_hash = kept if kept and key_matches(key, kept) else hash_key(key)
             users = sorted(set(entry.allow_users))
-            if old and (old.get("key_hash"), old.get("allow_users")) == (key_hash, users):
+            same = bool(old) and (old.get("key_hash"), old.get("allow_users")) == (key_hash, users)
+            sandbox_changed = bool(old.get("sandbox")) != entry.sandbox
+            if same and not sandbox_changed:
                 continue
-            await self.domains.put(name, key_hash, users, replace=True)
+            if not same:
+                await self.domains.put(name, key_hash, users, replace=True)
+            if sandbox_changed:  # its own write: a put keeps the domain's sandbox mode
+                await self.domains.set_sandbox(name, entry.sandbox)
             self._said("domain", name, not old)
         for name in stored.keys() - {n.lower() for n in config.domains} if self.prune else ():
             await self.domains.remove(name)

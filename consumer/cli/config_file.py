@@ -46,6 +46,7 @@ class DomainEntry(_Entry):
     key_env: str | None = None
     key_hash: str | None = None
     allow_users: list[str] = []
+    sandbox: bool = False
 
 
 class OutboxEntry(_Entry):
@@ -136,7 +137,12 @@ def export(providers: list[Document], domains: list[Document], outboxes: list[Do
         },
         "domains": {
             d["_id"]: _without_none(
-                {"key_hash": d.get("key_hash"), "allow_users": d.get("allow_users", [])}
+                {
+                    "key_hash": d.get("key_hash"),
+                    "allow_users": d.get("allow_users", []),
+                    # Only when on: files exported before sandbox mode read the same.
+                    "sandbox": True if d.get("sandbox") else None,
+                }
             )
             for d in domains
         },

@@ -84,6 +84,20 @@ async def _rm(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _sandbox(args: argparse.Namespace, settings: Settings) -> int:
+    on = args.mode == "on"
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.domains.set_sandbox(args.domain, on)
+    if not found:
+        return fail("domain sandbox", f"{args.domain!r} is not registered (mailbus domain add)")
+    domain = args.domain.lower()
+    if on:
+        print(f"domain {domain!r} in sandbox mode: its mail is sent to no real recipient")
+    else:
+        print(f"domain {domain!r} out of sandbox mode: its mail is delivered")
+    return 0
+
+
 def _read_api_key() -> str:
     """One key from standard input, read no further than a key can be long."""
     key = sys.stdin.readline(MAX_KEY_CHARS + 2).rstrip("\r\n")
@@ -253,4 +267,17 @@ def add_parser(verbs: Subparsers) -> None:
         action = actions.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ".")
         action.add_argument("domain", help="the sending domain")
         action.set_defaults(handler=handler)
+    sandbox = actions.add_parser(
+        "sandbox",
+        help="turn a registered domain's sandbox mode on or off (staging, CI)",
+        description="In sandbox mode a domain's jobs are authorized, rendered, recorded and "
+        'announced (mail.sent, marked "sandbox": true) as in production, but not delivered; '
+        "with MAILBUS_SANDBOX_OUTBOX set, they are delivered to that catch-all outbox only, "
+        "with their envelope recipients as they are. No provider's rate limit is spent. A "
+        'single job can ask for the same with "sandbox": true. `add --replace` keeps the '
+        "mode; workers see a change within 5 seconds.",
+    )
+    sandbox.add_argument("domain", help="the registered sending domain")
+    sandbox.add_argument("mode", choices=("on", "off"), help="on: sandbox its mail; off: deliver")
+    sandbox.set_defaults(handler=_sandbox)
     _add_api_key_parser(actions)

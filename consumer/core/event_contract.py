@@ -45,6 +45,11 @@ class _Job(_Strict):
     domain: str | None = Field(None, description="absent when the job never parsed")
     tags: list[str] = Field([], description="the job's tags, echoed")
     metadata: dict[str, Any] = Field({}, description="the job's metadata, echoed")
+    sandbox: bool = Field(
+        False,
+        description="present (true) for a sandboxed job: its domain's flag or its own; "
+        "mail.sent then means not delivered, or delivered to the sandbox outbox only",
+    )
 
 
 class _Attempted(_Job):

@@ -26,6 +26,8 @@ def event_for(outcome: Outcome) -> Event | None:
         body["outbox"] = ctx.outbox
     if ctx.template is not None:
         body["template"] = {"name": ctx.template[0], "version": ctx.template[1]}
+    if ctx.sandbox:  # absent otherwise: production events read as they always have
+        body["sandbox"] = True
     match outcome:
         case Sent(result=result, suppressed=suppressed):
             key = "mail.sent"
@@ -74,12 +76,14 @@ def cancelled_event(job_id: str, record: Mapping[str, Any] | None) -> Event:
             previous_status=record.get("status"),
             due_at=_iso(record.get("due_at")),
         )
+        if record.get("sandbox"):
+            body["sandbox"] = True
     return "mail.cancelled", body
 
 
 def rescheduled_event(job_id: str, record: Mapping[str, Any], due_at: datetime) -> Event:
     """``mail.scheduled`` again, for a job moved to ``due_at`` (``record`` is the one before)."""
-    return "mail.scheduled", {
+    body: dict[str, Any] = {
         "id": job_id,
         "event": "mail.scheduled",
         "domain": record.get("domain"),
@@ -90,6 +94,9 @@ def rescheduled_event(job_id: str, record: Mapping[str, Any], due_at: datetime) 
         "previous_due_at": _iso(record.get("due_at")),
         "rescheduled": True,
     }
+    if record.get("sandbox"):
+        body["sandbox"] = True
+    return "mail.scheduled", body
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -124,4 +131,5 @@ def reply_for(outcome: Outcome) -> dict[str, Any] | None:
 
 
 def _answer(ctx: Context, status: ReplyStatus, **fields: Any) -> dict[str, Any]:
-    return {"id": ctx.job_id, "status": status, **fields}
+    sandbox = {"sandbox": True} if ctx.sandbox else {}
+    return {"id": ctx.job_id, "status": status, **fields, **sandbox}

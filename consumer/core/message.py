@@ -377,6 +377,14 @@ class Job(BaseModel):
         ]
         | None
     ) = None
+    sandbox: bool = Field(
+        False,
+        description=(
+            "Staging and CI: the job is authorized, rendered, recorded and announced as in "
+            "production, but not delivered (or only to the catch-all outbox "
+            "MAILBUS_SANDBOX_OUTBOX names); events and the record say sandbox."
+        ),
+    )
     version: Literal[1] = 1
     _raw: RawMessage | None = PrivateAttr(None)
 

@@ -35,6 +35,8 @@ class Context:
     provider: str | None = None
     # The job may send for its domain: its copies carry that, sealed, instead of its key.
     authorized: bool = False
+    # Sandbox mode (the job's flag or its domain's): not delivered, or only to the catch-all.
+    sandbox: bool = False
 
 
 @dataclass(frozen=True)

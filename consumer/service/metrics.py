@@ -95,6 +95,13 @@ class Metrics:
         self.sent = Counter(
             "mailbus_jobs_sent", "Mails the SMTP server accepted", outbox, registry=r
         )
+        self.sandboxed = Counter(
+            "mailbus_jobs_sandboxed",
+            "Sandboxed mails sent: not delivered (no outbox), or to the sandbox outbox; "
+            "never counted in mailbus_jobs_sent",
+            outbox,
+            registry=r,
+        )
         self.deferred = Counter(
             "mailbus_jobs_deferred",
             "Jobs put off: retry, rate_limited",
@@ -155,6 +162,8 @@ class Metrics:
         ctx = outcome.ctx
         outbox = [metrics_label(ctx.outbox), ctx.provider or ""]
         match outcome:
+            case Sent() if ctx.sandbox:  # kept out of production's figures and latencies
+                self.sandboxed.labels(*outbox).inc()
             case Sent(seconds=seconds):
                 self.sent.labels(*outbox).inc()
                 self.send_seconds.labels(outbox[0]).observe(seconds)

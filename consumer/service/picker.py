@@ -24,6 +24,7 @@ from consumer.clock import utcnow
 from consumer.core.outboxes import Outbox
 from consumer.core.ratelimit import MICROS, Grant, Mode, Reservation
 from consumer.core.smtp_request import REQUESTED_LABEL
+from consumer.errors import ConfigurationError
 from consumer.mail.sendmail import SendmailPipe
 from consumer.mail.transport import Sender, SMTPPool
 from consumer.service.requested import RequestedServers
@@ -101,6 +102,20 @@ class OutboxPicker:
         token or it was sealed for another job.
         """
         return Choice(await self.requested.pool(token, domain, job_id))
+
+    async def sandbox(self, name: str) -> Choice:
+        """The catch-all outbox ``name`` (``MAILBUS_SANDBOX_OUTBOX``) a sandboxed job goes
+        to, whatever domain either belongs to; no provider's token is taken, so sandboxed
+        mail spends no limit. Raises :class:`~consumer.errors.ConfigurationError` when
+        there is no such outbox or it is disabled.
+        """
+        doc = await self.outboxes.get(name)
+        if doc is None or not doc.get("active", True):
+            raise ConfigurationError(
+                f"MAILBUS_SANDBOX_OUTBOX names {name!r}, which is not an active outbox "
+                "(mailbus outbox ls)"
+            )
+        return Choice(await self._pool(outbox_from_document(doc, self.vault)))
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         """The outbox whose turn it is among those whose provider allows a send now

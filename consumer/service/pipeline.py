@@ -36,6 +36,7 @@ from consumer.core.outcomes import (
 )
 from consumer.core.refusals import DeadLetterError, InvalidJobError
 from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
+from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
@@ -135,6 +136,9 @@ class Pipeline:
         ctx = Context(job_id, job)
         try:
             refusal = await self.authorizer.refusal(job, authority)
+            # The domain's registration is the one authorization just read (kept a while).
+            sandbox = sandboxed(job, await self.authorizer.domain(job.domain))
+            ctx = dataclasses.replace(ctx, sandbox=sandbox)
             if refusal is not None:  # nothing is recorded for a job nobody may send
                 return Dead(ctx, "unauthorized", refusal)
             ctx = dataclasses.replace(ctx, authorized=True)
@@ -216,6 +220,8 @@ class Pipeline:
         """The steps of a claimed job: its recipients, its message, an outbox, the
         hand-over.
         """
+        if attempt.ctx.sandbox:
+            attempt.details["sandbox"] = True
         recipients = await self._recipients(attempt)
         if not recipients:
             suppressed = ", ".join(attempt.details.get("suppressed", ()))
@@ -244,6 +250,8 @@ class Pipeline:
         if attempt.send_at is not None:
             # Claimed ahead, ready to go: the outbox and its token are taken at its time.
             await asyncio.sleep(max((attempt.send_at - self.clock()).total_seconds(), 0.0))
+        if attempt.ctx.sandbox and self.settings.sandbox_outbox is None:
+            return await self._accepted(attempt, NOT_DELIVERED, 0.0)  # built, never handed over
         try:
             choice = await self._choose(attempt)
         except DeadLetterError as exc:  # a sealed server no key opens: never retried
@@ -351,11 +359,11 @@ class Pipeline:
                     ),
                 )
                 # The next attempt sees only its own refusals: unknown ones are noted now.
-                await self._suppress_unknown(final)
+                await self._suppress_unknown(attempt, final)
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
         await self._record_sent(attempt, result, refused)
-        await self._suppress_unknown(final)
+        await self._suppress_unknown(attempt, final)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
         accepted = SendResult(result.code, result.message, every_refusal)
         return Sent(ctx, accepted, tuple(attempt.details.get("suppressed", ())), seconds)
@@ -373,21 +381,24 @@ class Pipeline:
                 failure.describe(),
                 outbox=ctx.outbox,
             )
-            await self._suppress_unknown(failure.refusals)
+            await self._suppress_unknown(attempt, failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
         await self.store.mark_retry(
             attempt.job_id, self.worker_id, failure.describe(), due, attempt.body, ctx.outbox
         )
         # Every recipient was refused, some only for now: the unknown ones are not retried.
-        await self._suppress_unknown(failure.refusals)
+        await self._suppress_unknown(attempt, failure.refusals)
         return Later(ctx, due, "retry", failure)
 
     async def _choose(self, attempt: Attempt) -> Choice | None:
-        """The server the job brings sealed, else the outbox it queued for, else whose
-        turn it is: after a transient failure, another outbox of the domain if there is one.
+        """The catch-all outbox for a sandboxed job, else the server the job brings
+        sealed, else the outbox it queued for, else whose turn it is: after a transient
+        failure, another outbox of the domain if there is one.
         """
         job = attempt.job
+        if attempt.ctx.sandbox and (catch_all := self.settings.sandbox_outbox) is not None:
+            return await self.picker.sandbox(catch_all)
         if job.smtp_sealed is not None:
             return await self.picker.sealed(job.smtp_sealed, job.domain, attempt.job_id)
         claim = attempt.claim
@@ -408,14 +419,17 @@ class Pipeline:
             self.jitter(),
         )
 
-    async def _suppress_unknown(self, refused: Mapping[str, tuple[int, str]]) -> None:
+    async def _suppress_unknown(
+        self, attempt: Attempt, refused: Mapping[str, tuple[int, str]]
+    ) -> None:
         """Put recipients a server called unknown on the suppression list, for a while.
 
-        Runs after the job's own record is written; failing here loses no mail.
+        Runs after the job's own record is written; failing here loses no mail. A
+        sandboxed job's catch-all knows nothing of the real addresses: it suppresses none.
         """
         unknown = unknown_recipients(refused)
         days = self.settings.bounce_suppression_days
-        if not unknown or days <= 0:
+        if not unknown or days <= 0 or attempt.ctx.sandbox:
             return
         try:
             await self.suppressions.add_bounced(unknown, days)

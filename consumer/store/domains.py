@@ -171,6 +171,18 @@ class DomainStore:
             )
         return result.modified_count == 1
 
+    async def set_sandbox(self, domain: str, sandbox: bool) -> bool:
+        """Turn ``domain``'s sandbox mode on or off (its mail is then not delivered, or only
+        to the sandbox outbox); False when it is not registered. A ``put`` with ``replace``
+        keeps it: only this changes it.
+        """
+        async with answering():
+            result = await self.domains.update_one(
+                {"_id": domain.lower()},
+                {"$set": {"sandbox": sandbox, "updated_at": utcnow()}},
+            )
+        return result.matched_count == 1
+
     async def remove(self, domain: str) -> bool:
         """Unregister (the domain is open again); False if it was not registered."""
         async with answering():
@@ -182,6 +194,7 @@ def describe(doc: Document) -> Document:
     """A domain document fit for printing: the key only as set or not, API keys by name."""
     shown = {k: v for k, v in doc.items() if k not in ("key_hash", "api_keys")}
     shown["key"] = "set" if doc.get("key_hash") else None
+    shown["sandbox"] = bool(doc.get("sandbox"))
     shown["api_keys"] = api_key_names(doc)
     return shown
 

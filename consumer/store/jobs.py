@@ -152,6 +152,7 @@ JobRecord = TypedDict(
         "last_error": str,
         "suppressed": list[str],
         "template": dict[str, Any],
+        "sandbox": bool,
         "expire_at": datetime,
         "history": list[dict[str, Any]],
     },
@@ -177,8 +178,10 @@ def _record(doc: Document | None) -> JobRecord | None:
 
 
 def _summary(job: Job, now: datetime) -> Document:
-    """The fields a new record starts with, shown by ``mailbus jobs ls``."""
-    return {
+    """The fields a new record starts with, shown by ``mailbus jobs ls`` (``sandbox``
+    only for a job that says so; its domain's flag is written when it is sent).
+    """
+    summary: Document = {
         "created_at": now,
         "domain": job.domain,
         "from": job.envelope_sender(),
@@ -187,6 +190,9 @@ def _summary(job: Job, now: datetime) -> Document:
         "tags": job.tags,
         "metadata": job.metadata,
     }
+    if job.sandbox:
+        summary["sandbox"] = True
+    return summary
 
 
 def _held(job_id: str | Document, worker_id: str) -> Document:
