@@ -204,11 +204,15 @@ class Mail:
     """A built message and its bytes on the wire (CRLF line ends, 7-bit bodies): serializing
     a message is a good part of a mail's cost, so it is done once. ``utf8``: its headers
     hold a non-ASCII address and are raw UTF-8, so it needs a server that takes SMTPUTF8.
+    ``signed``: ``wire`` begins with a DKIM-Signature over those exact bytes
+    (:mod:`consumer.core.dkim`), so they go as they are, never written again from
+    ``message``.
     """
 
     message: EmailMessage
     wire: bytes
     utf8: bool = False
+    signed: bool = False
 
 
 def needs_utf8(message: EmailMessage) -> bool:

@@ -38,9 +38,11 @@ class SendmailPipe:
         raises :class:`SendmailError`, ``OSError`` (no such program) or ``TimeoutError``
         (killed after the outbox's timeout).
         """
-        # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
-        utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
-        data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
+        if mail.signed:  # written again, the bytes would no longer match their signature
+            data = mail.wire.replace(b"\r\n", b"\n")
+        else:  # like SMTPUTF8: raw UTF-8 headers only when an address needs them
+            utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
+            data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:
             process = await asyncio.create_subprocess_exec(
                 self.outbox.command,
