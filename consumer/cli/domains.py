@@ -7,6 +7,7 @@ import secrets
 import sys
 from datetime import datetime
 
+from consumer.cli.dkim import add_dkim_parser
 from consumer.cli.output import fail, pretty_json, table
 from consumer.cli.parsing import Subparsers
 from consumer.core.api_keys import (
@@ -254,3 +255,4 @@ def add_parser(verbs: Subparsers) -> None:
         action.add_argument("domain", help="the sending domain")
         action.set_defaults(handler=handler)
     _add_api_key_parser(actions)
+    add_dkim_parser(actions)

@@ -127,11 +127,11 @@ def dns_name(selector: str, domain: str) -> str:
     return f"{selector}._domainkey.{domain}."
 
 
-def dns_record(selector: str, domain: str, pem: bytes) -> str:
-    """The TXT record to publish for the private key ``pem``, in zone-file form, its
-    text split into strings of at most 255 characters (a resolver joins them).
+def dns_record(selector: str, domain: str, value: str) -> str:
+    """The TXT record to publish the key record text ``value`` (:func:`public_value`),
+    in zone-file form, split into strings of at most 255 characters (a resolver joins
+    them).
     """
-    value = public_value(pem)
     strings = " ".join(f'"{value[i : i + _TXT_STRING]}"' for i in range(0, len(value), _TXT_STRING))
     return f"{dns_name(selector, domain)} IN TXT {strings}"
 
