@@ -29,6 +29,7 @@ from consumer.core.vocabulary import DeadReason
 from consumer.errors import StoreUnavailableError
 from consumer.service.authorization import Authority, Authorizer
 from consumer.service.compose import Composer
+from consumer.service.dkim import DkimSigner
 from consumer.service.picker import Choice, OutboxPicker
 from consumer.service.pipeline import Pipeline
 from consumer.settings import Settings
@@ -382,6 +383,13 @@ class SuppressionsDouble:
             raise unavailable()
 
 
+class SignerDouble:
+    """DKIM signing: no domain has a key, so mail goes as it was built."""
+
+    async def sign(self, mail: Mail, domain: str) -> Mail:
+        return mail
+
+
 @dataclass
 class Rig:
     """A real :class:`Pipeline` on doubles; its clock reads :data:`NOW` and its retry
@@ -406,6 +414,7 @@ class Rig:
             authorizer=cast(Authorizer, self.authorizer),
             composer=cast(Composer, self.composer),
             suppressions=cast(SuppressionStore, self.suppressions),
+            signer=cast(DkimSigner, SignerDouble()),
             worker_id=WORKER,
             clock=lambda: NOW,
             jitter=lambda: 0.0,

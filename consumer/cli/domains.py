@@ -7,6 +7,7 @@ import secrets
 import sys
 from datetime import datetime
 
+from consumer.cli.dkim import add_dkim_parser
 from consumer.cli.output import fail, pretty_json, table
 from consumer.cli.parsing import Subparsers
 from consumer.core.api_keys import (
@@ -281,3 +282,4 @@ def add_parser(verbs: Subparsers) -> None:
     sandbox.add_argument("mode", choices=("on", "off"), help="on: sandbox its mail; off: deliver")
     sandbox.set_defaults(handler=_sandbox)
     _add_api_key_parser(actions)
+    add_dkim_parser(actions)

@@ -140,7 +140,16 @@ async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
             if doc.get("password"):
                 await mongo.outboxes.store_password(doc["_id"], vault.rotate(doc["password"]))
                 rotated += 1
-    print(f"re-encrypted {rotated} outbox password(s) with the first MAILBUS_SECRET_KEY key")
+        dkim_keys = 0
+        for domain in await mongo.domains.find():
+            for key in domain.get("dkim_keys", []):
+                token = vault.rotate(key["private_key"])
+                await mongo.domains.store_dkim_key(domain["_id"], key["selector"], token)
+                dkim_keys += 1
+    print(
+        f"re-encrypted {rotated} outbox password(s) and {dkim_keys} DKIM key(s) with the "
+        "first MAILBUS_SECRET_KEY key"
+    )
     return 0
 
 
@@ -243,8 +252,8 @@ def add_parser(verbs: Subparsers) -> None:
     key.set_defaults(handler=_new_key)
     rotate = actions.add_parser(
         "rotate-key",
-        help="re-encrypt every stored password with the first key",
-        description="Re-encrypt every stored outbox password with the first key of "
-        "MAILBUS_SECRET_KEY.",
+        help="re-encrypt every stored password and DKIM key with the first key",
+        description="Re-encrypt every stored outbox password and domain DKIM key with the "
+        "first key of MAILBUS_SECRET_KEY.",
     )
     rotate.set_defaults(handler=_rotate)

@@ -207,11 +207,15 @@ class Mail:
     a message is a good part of a mail's cost, so it is done once. ``utf8``: its headers
     hold a non-ASCII address and are raw UTF-8, so it needs a server that takes SMTPUTF8.
     A raw job's mail has no ``message``: its bytes are the producer's (:func:`raw_mail`).
+    ``signed``: ``wire`` begins with a DKIM-Signature over those exact bytes
+    (:mod:`consumer.core.dkim`), so they go as they are, never written again from
+    ``message``.
     """
 
     message: EmailMessage | None
     wire: bytes
     utf8: bool = False
+    signed: bool = False
 
 
 def needs_utf8(message: EmailMessage) -> bool:

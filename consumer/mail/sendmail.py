@@ -38,10 +38,11 @@ class SendmailPipe:
         raises :class:`SendmailError`, ``OSError`` (no such program) or ``TimeoutError``
         (killed after the outbox's timeout).
         """
-        if mail.message is None:  # a raw job's bytes, sent as given
+        # A raw job's bytes go as given, and signed ones as signed: written again from the
+        # message, they would no longer match their signature.
+        if mail.message is None or mail.signed:
             data = mail.wire.replace(b"\r\n", b"\n")
-        else:
-            # Like SMTPUTF8: raw UTF-8 headers only when an address needs them.
+        else:  # like SMTPUTF8: raw UTF-8 headers only when an address needs them
             utf8 = mail.utf8 or not (sender + "".join(recipients)).isascii()
             data = mail.message.as_bytes(policy=UTF8_POLICY if utf8 else None)
         async with self._slots:

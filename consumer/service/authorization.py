@@ -255,7 +255,7 @@ def _suffixes(name: str) -> list[str]:
     return [".".join(labels[i:]) for i in range(len(labels))]
 
 
-class _Recent(Generic[Answer]):
+class Recent(Generic[Answer]):
     """Answers by name, each kept for ``CACHE_SECONDS`` (at most ``_MAX_REMEMBERED``)."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -290,8 +290,8 @@ class Authorizer:
         self.domains = domains
         self.open_domains = open_domains
         self.clock = clock
-        self._domains: _Recent[Document | None] = _Recent(clock)
-        self._owners: _Recent[str | None] = _Recent(clock)
+        self._domains: Recent[Document | None] = Recent(clock)
+        self._owners: Recent[str | None] = Recent(clock)
         self._keys = VerifiedKeys()
 
     async def refusal(self, job: Job, authority: Authority) -> str | None:

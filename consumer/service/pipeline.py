@@ -45,6 +45,7 @@ from consumer.mail.failures import classify
 from consumer.mail.transport import Sender
 from consumer.service.authorization import Authority, Authorizer, without_domain_key
 from consumer.service.compose import Composer
+from consumer.service.dkim import DkimSigner
 from consumer.service.picker import Choice, OutboxPicker, Throttle
 from consumer.settings import Settings
 from consumer.store.documents import Document
@@ -85,6 +86,7 @@ class Pipeline:
         authorizer: Authorizer,
         composer: Composer,
         suppressions: SuppressionStore,
+        signer: DkimSigner,
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
@@ -95,6 +97,7 @@ class Pipeline:
         self.authorizer = authorizer
         self.composer = composer
         self.suppressions = suppressions
+        self.signer = signer
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
@@ -274,6 +277,13 @@ class Pipeline:
                 mail = self._build(attempt, content, wanted)
             except DeadLetterError as exc:
                 return await self._dead(attempt, exc.reason, str(exc))
+        try:
+            # Last, over the very bytes handed over: a retry is a new attempt, signed anew.
+            mail = await self.signer.sign(mail, attempt.job.domain)
+        except ConfigurationError as exc:  # a DKIM key an operator can fix: retry later
+            return await self._failed(attempt, Failure(True, None, str(exc)))
+        except ValueError as exc:  # a message with nothing to sign for (no From)
+            return await self._dead(attempt, "invalid", str(exc))
         return await self._send(attempt, pool, mail, recipients)
 
     async def _recipients(self, attempt: Attempt) -> list[str]:

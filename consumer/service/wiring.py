@@ -12,6 +12,7 @@ from consumer.mail.attachments import AttachmentLoader, attachment_budget
 from consumer.mail.fetch import Fetcher, fetch_limits
 from consumer.service.authorization import Authorizer
 from consumer.service.compose import Composer
+from consumer.service.dkim import DkimSigner
 from consumer.service.picker import OutboxPicker
 from consumer.service.pipeline import Pipeline
 from consumer.service.requested import RequestedServers
@@ -69,6 +70,7 @@ def build_worker(settings: Settings) -> Worker:
         authorizer=authorizer,
         composer=composer,
         suppressions=mongo.suppressions,
+        signer=DkimSigner(mongo.domains, vault),
         worker_id=worker_id,
         clock=clock.now,
     )

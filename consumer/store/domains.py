@@ -1,5 +1,7 @@
 """Registered sending domains in MongoDB: a salted hash of the domain key, allowed users,
-the sender domains its mail may use, and the salted hashes of its REST API keys.
+the sender domains its mail may use, the salted hashes of its REST API keys, and its DKIM
+keys (``dkim_keys``: selector, algorithm, the private key encrypted with
+``MAILBUS_SECRET_KEY``; ``dkim_active``: the selector that signs).
 
 A domain that is not registered is open: any job may send for it (unless
 ``MAILBUS_OPEN_DOMAINS`` is off), with a From that is not under a registered domain. A
@@ -111,7 +113,7 @@ class DomainStore:
         }
         async with answering():
             if replace:
-                # Every field but the API keys, which their own commands manage.
+                # Every field but the API and DKIM keys, which their own commands manage.
                 fields = {k: v for k, v in doc.items() if k != "_id"}
                 await self.domains.update_one({"_id": doc["_id"]}, {"$set": fields}, upsert=True)
                 return True
@@ -183,6 +185,93 @@ class DomainStore:
             )
         return result.matched_count == 1
 
+    async def add_dkim_key(
+        self, domain: str, entry: Document, *, activate: bool, limit: int
+    ) -> Literal["added", "unregistered", "exists", "full"]:
+        """Add a DKIM key ``entry`` (``selector``, ``algorithm``, ``private_key`` encrypted)
+        to a registered domain that has fewer than ``limit``, else say why not. It signs
+        when ``activate`` is set or when the domain had no signing key.
+        """
+        domain = domain.lower()
+        selector = entry["selector"]
+        async with answering():
+            result = await self.domains.update_one(
+                {
+                    "_id": domain,
+                    "dkim_keys.selector": {"$ne": selector},
+                    f"dkim_keys.{limit - 1}": {"$exists": False},
+                },
+                {"$push": {"dkim_keys": {**entry, "created_at": utcnow()}}},
+            )
+            if result.modified_count == 1:
+                # A later key waits for its DNS record unless told to sign now.
+                match = {"_id": domain} if activate else {"_id": domain, "dkim_active": None}
+                await self.domains.update_one(match, {"$set": {"dkim_active": selector}})
+                return "added"
+            doc = await self.domains.find_one({"_id": domain})
+        if doc is None:
+            return "unregistered"
+        if selector in dkim_selectors(doc):
+            return "exists"
+        return "full"
+
+    async def activate_dkim_key(self, domain: str, selector: str) -> bool:
+        """Make ``selector`` the key that signs ``domain``'s mail; False when it has none."""
+        async with answering():
+            result = await self.domains.update_one(
+                {"_id": domain.lower(), "dkim_keys.selector": selector},
+                {"$set": {"dkim_active": selector}},
+            )
+        return result.matched_count == 1
+
+    async def remove_dkim_key(
+        self, domain: str, selector: str
+    ) -> Literal["removed", "missing", "active"]:
+        """Remove the DKIM key ``selector`` of ``domain``. The signing key goes only when
+        it is the last one (the domain's mail is then unsigned); else "active".
+        """
+        domain = domain.lower()
+        async with answering():
+            result = await self.domains.update_one(
+                {
+                    "_id": domain,
+                    "dkim_keys.selector": selector,
+                    "$or": [
+                        {"dkim_active": {"$ne": selector}},
+                        {"dkim_keys.1": {"$exists": False}},
+                    ],
+                },
+                {"$pull": {"dkim_keys": {"selector": selector}}},
+            )
+            if result.modified_count == 1:
+                await self.domains.update_one(
+                    {"_id": domain, "dkim_active": selector}, {"$unset": {"dkim_active": ""}}
+                )
+                return "removed"
+            doc = await self.domains.find_one({"_id": domain})
+        return "active" if doc is not None and selector in dkim_selectors(doc) else "missing"
+
+    async def signing_dkim_key(self, domain: str) -> Document | None:
+        """The DKIM key entry that signs ``domain``'s mail (its private key encrypted), or
+        None: not registered, or no key.
+        """
+        async with answering():
+            doc = await self.domains.find_one(
+                {"_id": domain.lower()}, {"dkim_keys": 1, "dkim_active": 1}
+            )
+        if doc is None:
+            return None
+        active = doc.get("dkim_active")
+        return next((k for k in doc.get("dkim_keys", []) if k.get("selector") == active), None)
+
+    async def store_dkim_key(self, domain: str, selector: str, private_key: str) -> None:
+        """Replace the encrypted private key of ``domain``'s ``selector`` (key rotation)."""
+        async with answering():
+            await self.domains.update_one(
+                {"_id": domain, "dkim_keys.selector": selector},
+                {"$set": {"dkim_keys.$.private_key": private_key}},
+            )
+
     async def remove(self, domain: str) -> bool:
         """Unregister (the domain is open again); False if it was not registered."""
         async with answering():
@@ -191,12 +280,20 @@ class DomainStore:
 
 
 def describe(doc: Document) -> Document:
-    """A domain document fit for printing: the key only as set or not, API keys by name."""
-    shown = {k: v for k, v in doc.items() if k not in ("key_hash", "api_keys")}
+    """A domain document fit for printing: the key only as set or not, API keys by name,
+    DKIM keys by selector (never a private key, even encrypted).
+    """
+    shown = {k: v for k, v in doc.items() if k not in ("key_hash", "api_keys", "dkim_keys")}
     shown["key"] = "set" if doc.get("key_hash") else None
     shown["sandbox"] = bool(doc.get("sandbox"))
     shown["api_keys"] = api_key_names(doc)
+    shown["dkim_selectors"] = dkim_selectors(doc)
     return shown
+
+
+def dkim_selectors(doc: Document) -> list[str]:
+    """The selectors of a domain document's DKIM keys, oldest first."""
+    return [str(key.get("selector")) for key in doc.get("dkim_keys", [])]
 
 
 def api_key_names(doc: Document) -> list[str]:
