@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings as django_settings
+from django.core.mail import get_connection, send_mail
 from pydantic import SecretStr
 
 from consumer.core.api_keys import MAX_API_KEYS
@@ -201,14 +203,10 @@ async def test_the_same_id_submitted_twice_is_sent_once(
 async def test_django_send_mail_through_the_gateway(
     settings: Settings, smtp: CaptureServer, port: int
 ) -> None:
-    from django.conf import settings as django_settings  # noqa: PLC0415 (a test-only library)
-
     if not django_settings.configured:
         django_settings.configure()
 
     def send() -> int:
-        from django.core.mail import get_connection, send_mail  # noqa: PLC0415
-
         connection = get_connection(
             "django.core.mail.backends.smtp.EmailBackend",
             host="127.0.0.1",
