@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     # Daemon requests may name their own SMTP server (smtpHost, smtpUser, ...): it is sealed
     # into the job with MAILBUS_SECRET_KEY, which the daemon gateway then needs. Off: refused.
     gateway_smtp_overrides: bool = False
+    # The SMTP submission gateway: recipients one message may have, and AUTH without TLS
+    # on a loopback listener (an application on the same host).
+    gateway_smtp_max_recipients: int = Field(100, ge=1, le=1000)
+    gateway_smtp_loopback_plain_auth: bool = False
     # The hosts such a request may name besides the default server's (comma-separated).
     gateway_smtp_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = []
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).

@@ -16,30 +16,35 @@ from consumer.store.domains import hash_key
 
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    rest: Listen | None = args.rest
-    daemon: Listen | None = args.daemon
-    if rest is None and daemon is None:
-        return fail("gateway serve", "give --rest, --daemon or both", code=2)
+    listens: dict[str, Listen | None] = {
+        name: getattr(args, name) for name in ("rest", "daemon", "smtp", "smtps")
+    }
+    if all(listen is None for listen in listens.values()):
+        return fail("gateway serve", "give --rest, --daemon, --smtp or --smtps", code=2)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started: asyncio.Future[dict[str, int]] = loop.create_future()
     tls = settings.gateway_tls_cert is not None
-    started.add_done_callback(lambda done: _announce(rest, daemon, done.result(), tls=tls))
-    await serve(settings, stop, rest=rest, daemon=daemon, started=started)
+    started.add_done_callback(lambda done: _announce(listens, done.result(), tls=tls))
+    await serve(settings, stop, **listens, started=started)
     return 0
 
 
-def _announce(
-    rest: Listen | None, daemon: Listen | None, ports: dict[str, int], *, tls: bool
-) -> None:
+def _announce(listens: dict[str, Listen | None], ports: dict[str, int], *, tls: bool) -> None:
     """Say where the gateways listen (the ports bound, when 0 was asked for)."""
-    if rest is not None:
-        print(f"REST gateway: PUT http://{rest.host}:{ports['rest']}/api/mail", flush=True)
-    if daemon is not None:
-        scheme = "tls" if tls else "tcp"
-        print(f"daemon gateway: {scheme}://{daemon.host}:{ports['daemon']}", flush=True)
+    shown = {
+        "rest": ("REST gateway", "http", "/api/mail"),
+        "daemon": ("daemon gateway", "tls" if tls else "tcp", ""),
+        "smtp": ("SMTP gateway", "smtp", " (STARTTLS)" if tls else ""),
+        "smtps": ("SMTP gateway", "smtps", ""),
+    }
+    for name, listen in listens.items():
+        if listen is not None:
+            what, scheme, tail = shown[name]
+            verb = "PUT " if name == "rest" else ""
+            print(f"{what}: {verb}{scheme}://{listen.host}:{ports[name]}{tail}", flush=True)
 
 
 def _read_password() -> str:
@@ -109,8 +114,18 @@ def add_parser(verbs: Subparsers) -> None:
         "wrong passwords or keys within MAILBUS_GATEWAY_AUTH_WINDOW it is refused unhashed. "
         "With MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY (a PEM certificate chain "
         "and its key, the old MAILER_SSL_CERT and MAILER_SSL_KEY) the daemon gateway serves "
-        "TLS only, its handshake within the header timeout. SIGTERM lets requests in "
-        "progress finish.",
+        "TLS only, its handshake within the header timeout. "
+        "--smtp and --smtps take mail by SMTP submission, as every application framework "
+        "sends it: AUTH PLAIN or LOGIN as DOMAIN (a registered domain; its domain key or one of "
+        "its API keys) or NAME@DOMAIN (its API key named NAME), over TLS (STARTTLS with the "
+        "certificate above, or --smtps) unless MAILBUS_GATEWAY_SMTP_LOOPBACK_PLAIN_AUTH allows "
+        "plain text on a loopback listener; each message becomes a raw job, answered 250 once "
+        "the broker confirmed it and 451 while the broker or the registry is away; at most "
+        "MAILBUS_GATEWAY_SMTP_MAX_RECIPIENTS recipients and MAILBUS_MAX_MESSAGE_BYTES a "
+        "message; X-Mailbus-Send-At, -Delay, -Id, -Tags and -Expires-At header fields steer "
+        "the job and are removed; the jobs are sealed with MAILBUS_SECRET_KEY, which the "
+        "workers share. SIGTERM lets requests in progress finish (SMTP sessions are then "
+        "told 421).",
     )
     run.add_argument(
         "--rest",
@@ -123,6 +138,19 @@ def add_parser(verbs: Subparsers) -> None:
         type=listen_address,
         metavar="[HOST:]PORT",
         help="serve the daemon's JSON over TCP here (the old default port was 3000)",
+    )
+    run.add_argument(
+        "--smtp",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="take mail by SMTP submission here (STARTTLS when MAILBUS_GATEWAY_TLS_CERT is "
+        "set; port 587 is the standard one)",
+    )
+    run.add_argument(
+        "--smtps",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="take mail by SMTP submission over implicit TLS here (port 465 is the standard one)",
     )
     run.set_defaults(handler=_serve)
     hashing = actions.add_parser(

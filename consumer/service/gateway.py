@@ -42,6 +42,7 @@ from consumer.service.authorization import (
     seal,
 )
 from consumer.service.daemon_api import DaemonApi
+from consumer.service.smtp_intake import SubmissionServer, session_factory
 from consumer.service.tls import daemon_context
 from consumer.settings import Settings
 from consumer.store.mongo import Mongo
@@ -231,8 +232,10 @@ class Gateway:
         self.guards: dict[asyncio.BaseTransport, _GuardedConnection] = {}
         self.failures = FailedLogins(settings.gateway_auth_failures, settings.gateway_auth_window)
         self.trusted = TrustedAddresses()
-        self._passwords = VerifiedKeys()
-        self._api_keys = VerifiedKeys()
+        # Hashes checked once per key, shared by the daemon, REST and SMTP gateways.
+        self.passwords = VerifiedKeys()
+        self.api_keys = VerifiedKeys()
+        self.sessions: set[SubmissionServer] = set()
         self.vault = Vault.optional(settings)  # seals the domain onto API-key requests' jobs
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -374,7 +377,7 @@ class Gateway:
             if self.failures.blocked(address):
                 log.warning("gateway.throttled", gateway="rest", address=address)
                 return legacy.rest_reply("failed", TOO_MANY_FAILURES)
-            if api_key is not None and not await api_key_matches(self._api_keys, doc, api_key):
+            if api_key is not None and not await api_key_matches(self.api_keys, doc, api_key):
                 self.failures.failed(address)
                 return legacy.rest_reply("failed", legacy.INVALID_API_KEY)
             if api_key is None and await self.authorizer.refusal(job, Authority()) is not None:
@@ -454,7 +457,7 @@ class Gateway:
                     return legacy.daemon_reply("error", TOO_MANY_FAILURES, legacy.UNAUTHORIZED)
                 password = legacy.daemon_password(value)
                 stored = self.daemon_password.get_secret_value()
-                if password is None or not await self._passwords.matches(password, stored):
+                if password is None or not await self.passwords.matches(password, stored):
                     self.failures.failed(address)
                     log.warning("gateway.unauthorized", gateway="daemon")
                     return legacy.daemon_reply("error", None, legacy.UNAUTHORIZED)
@@ -482,9 +485,21 @@ class Gateway:
         return await self.authorizer.refusal(job, Authority(self.user))
 
     async def finish(self) -> None:
-        """Wait for the daemon requests in progress (bounded by the drain timeout)."""
+        """Wait for the daemon requests and SMTP submissions in progress (bounded by the
+        drain timeout together), then tell every SMTP session left 421 and close it.
+        """
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.drain_timeout)
+        for session in list(self.sessions):
+            if not session.submitting:
+                session.shut()
+        while any(s.submitting for s in self.sessions):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.shut()
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -533,25 +548,47 @@ def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
     )
 
 
+def check_submission(settings: Settings, *, smtp: Listen | None, smtps: Listen | None) -> None:
+    """Refuse to serve SMTP submission without what it needs: MAILBUS_SECRET_KEY (its jobs
+    carry the domain the gateway vouches for, sealed) and, for implicit TLS, a certificate.
+    """
+    if smtp is None and smtps is None:
+        return
+    if settings.secret_key is None:
+        raise ConfigurationError(
+            "the SMTP gateway needs MAILBUS_SECRET_KEY, shared with the workers: it seals "
+            "the domain a client authenticated for onto each job"
+        )
+    if smtps is not None and settings.gateway_tls_cert is None:
+        raise ConfigurationError(
+            "--smtps needs MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY"
+        )
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
     *,
     rest: Listen | None,
     daemon: Listen | None,
+    smtp: Listen | None = None,
+    smtps: Listen | None = None,
     started: asyncio.Future[dict[str, int]] | None = None,
 ) -> None:
-    """Serve the gateways until ``stop`` is set, then let the requests in progress finish.
+    """Serve the gateways until ``stop`` is set, then let the requests in progress finish
+    (SMTP sessions not submitting a message are told 421 and closed).
 
     ``started`` (if given) is resolved with the ports bound, by gateway name.
     """
     check_settings(settings, daemon=daemon)
-    tls = daemon_context(settings) if daemon is not None else None
+    check_submission(settings, smtp=smtp, smtps=smtps)
+    tls = daemon_context(settings) if (daemon or smtp or smtps) is not None else None
     async with Gateway.connected(settings) as gateway:
         ports: dict[str, int] = {}
         runner: web.AppRunner | None = None
         rest_server: asyncio.Server | None = None
         server: asyncio.Server | None = None
+        submission: list[asyncio.Server] = []
         try:
             if rest is not None:
                 runner = web.AppRunner(
@@ -575,14 +612,30 @@ async def serve(
                     ssl_handshake_timeout=gateway.header_timeout if tls is not None else None,
                 )
                 ports["daemon"] = server.sockets[0].getsockname()[1]
+            loop = asyncio.get_running_loop()
+            for name, listen, implicit in (("smtp", smtp, False), ("smtps", smtps, True)):
+                if listen is None:
+                    continue
+                factory = session_factory(
+                    gateway, tls=tls, implicit=implicit, loopback=listen.host in _LOOPBACK
+                )
+                listening = await loop.create_server(
+                    factory,
+                    listen.host,
+                    listen.port,
+                    ssl=tls if implicit else None,
+                    ssl_handshake_timeout=gateway.header_timeout if implicit else None,
+                )
+                submission.append(listening)
+                ports[name] = listening.sockets[0].getsockname()[1]
             log.info("gateway.listening", **ports)
             if started is not None:
                 started.set_result(ports)
             await stop.wait()
         finally:
-            for listening in (server, rest_server):
-                if listening is not None:
-                    listening.close()
+            for open_server in (server, rest_server, *submission):
+                if open_server is not None:
+                    open_server.close()
             await gateway.finish()
             if runner is not None:
                 await runner.cleanup()

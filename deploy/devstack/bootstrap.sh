@@ -22,6 +22,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 command -v amqp-publish >/dev/null || need_apt+=(amqp-tools)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v nc >/dev/null || need_apt+=(netcat-openbsd)
+# msmtp: a sendmail-compatible client of the SMTP gateway, as cron uses one.
+command -v msmtp >/dev/null || need_apt+=(msmtp)
 # PHPUnit and the PHP extensions it needs: the old SMTP mailer daemon's end-to-end suites
 # run against the daemon gateway (tests/test_smtp_mailer_suites.py).
 command -v phpunit >/dev/null || need_apt+=(phpunit)
