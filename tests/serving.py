@@ -16,14 +16,21 @@ ANY_PORT = Listen("127.0.0.1", 0)
 
 @contextlib.asynccontextmanager
 async def gateways(
-    settings: Settings, *, rest: Listen | None = None, daemon: Listen | None = None
+    settings: Settings,
+    *,
+    rest: Listen | None = None,
+    daemon: Listen | None = None,
+    smtp: Listen | None = None,
+    smtps: Listen | None = None,
 ) -> AsyncIterator[dict[str, int]]:
     """Serve until the block ends, then stop as on SIGTERM; yields the ports bound, by
     gateway name. A gateway that cannot start raises what stopped it.
     """
     stop = asyncio.Event()
     started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop, rest=rest, daemon=daemon, started=started))
+    task = asyncio.create_task(
+        serve(settings, stop, rest=rest, daemon=daemon, smtp=smtp, smtps=smtps, started=started)
+    )
     async with asyncio.timeout(20):
         await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
