@@ -11,7 +11,7 @@ from consumer.core.leases import Release, released
 from consumer.core.message import Job
 from consumer.core.schedule import CLAIM_AHEAD
 from consumer.settings import Settings
-from consumer.store.jobs import ClaimState, JobStore
+from consumer.store.jobs import ClaimState, JobFilter, JobStore
 from tests.broker import job
 
 
@@ -278,22 +278,27 @@ async def test_a_job_known_to_have_a_record_is_claimed_without_an_insert(
 async def test_records_carry_two_indexes_and_an_upgrade_drops_the_retired_ones(
     store: JobStore,
 ) -> None:
-    """Each secondary index costs every write of every mail: the records keep the TTL and
-    (status, updated_at), and the two an earlier version declared go at start-up.
+    """Each secondary index costs every write of every mail: the records keep the TTL,
+    (status, updated_at), created_at and search, and the two an earlier version declared
+    go at start-up.
     """
     await store.jobs.create_index([("status", 1), ("due_at", 1)])
     await store.jobs.create_index("updated_at")
     await store.ensure_indexes()
     indexes = await store.jobs.index_information()
-    assert sorted(indexes) == ["_id_", "expire_at_1", "status_1_updated_at_-1"]
+    assert sorted(indexes) == [
+        "_id_",
+        "created_at_1",
+        "expire_at_1",
+        "search_1",
+        "status_1_updated_at_-1",
+    ]
     await store.ensure_indexes()  # idempotent
     assert sorted(await store.jobs.index_information()) == sorted(indexes)
 
 
-async def test_listings_come_in_their_order_from_the_one_index(store: JobStore) -> None:
-    """Without a status, newest change first across every status; scheduled ones soonest
-    due first.
-    """
+async def test_listings_come_newest_first(store: JobStore) -> None:
+    """Newest first across every status, or within the one asked for."""
     now = utcnow()
     for n, status in enumerate(["sent", "scheduled", "failed", "scheduled", "dead"]):
         await store.jobs.insert_one(
@@ -301,14 +306,15 @@ async def test_listings_come_in_their_order_from_the_one_index(store: JobStore) 
                 "_id": f"list-{n}",
                 "status": status,
                 "domain": "example.com",
+                "created_at": now + timedelta(seconds=n),
                 "updated_at": now + timedelta(seconds=n),
                 "due_at": now + timedelta(minutes=10 - n),
             }
         )
     newest_first = [r["_id"] for r in await store.find()]
     assert newest_first == ["list-4", "list-3", "list-2", "list-1", "list-0"]
-    soonest_first = [r["_id"] for r in await store.find("scheduled")]
-    assert soonest_first == ["list-3", "list-1"]
+    scheduled = [r["_id"] for r in await store.find(JobFilter(status="scheduled"))]
+    assert scheduled == ["list-3", "list-1"]
 
 
 async def test_the_sent_write_pushes_no_history_and_the_record_still_tells_it(

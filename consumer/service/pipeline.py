@@ -49,7 +49,14 @@ from consumer.service.dkim import DkimSigner
 from consumer.service.picker import Choice, OutboxPicker, Throttle
 from consumer.settings import Settings
 from consumer.store.documents import Document
-from consumer.store.jobs import DUE_TOLERANCE, Claim, ClaimState, JobStore, exhausted_error
+from consumer.store.jobs import (
+    DUE_TOLERANCE,
+    Claim,
+    ClaimState,
+    JobStore,
+    exhausted_error,
+    smtp_reply,
+)
 from consumer.store.suppressions import SuppressionStore
 
 log = get_logger(__name__)
@@ -366,6 +373,7 @@ class Pipeline:
                         attempt.body,
                         ctx.outbox,
                         partial,
+                        reply=smtp_reply(code, failure.message),
                     ),
                 )
                 # The next attempt sees only its own refusals: unknown ones are noted now.
@@ -390,12 +398,19 @@ class Pipeline:
                 reason,
                 failure.describe(),
                 outbox=ctx.outbox,
+                reply=smtp_reply(failure.code, failure.message),
             )
             await self._suppress_unknown(attempt, failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
         await self.store.mark_retry(
-            attempt.job_id, self.worker_id, failure.describe(), due, attempt.body, ctx.outbox
+            attempt.job_id,
+            self.worker_id,
+            failure.describe(),
+            due,
+            attempt.body,
+            ctx.outbox,
+            reply=smtp_reply(failure.code, failure.message),
         )
         # Every recipient was refused, some only for now: the unknown ones are not retried.
         await self._suppress_unknown(attempt, failure.refusals)

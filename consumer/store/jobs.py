@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,6 +55,12 @@ from consumer.store.commands import CommandCounter
 from consumer.store.documents import Document, answering
 
 HISTORY_LENGTH = 20
+# The longest SMTP reply or error text a record keeps (a server's text is not bounded).
+REPLY_LENGTH = 500
+# The envelope recipients a record can be found by: the first ones of a larger job.
+SEARCH_RECIPIENTS = 100
+# The most records one listing returns.
+MAX_PAGE = 1000
 # A scheduled job whose due time is this close is claimable: copies arrive a hair early.
 DUE_TOLERANCE = timedelta(milliseconds=5)
 DUPLICATE_KEY = 11000
@@ -102,6 +109,72 @@ class Change:
     before: JobRecord | None
 
 
+TimeField = Literal["created", "updated"]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What ``mailbus jobs ls`` selects: every field given must hold.
+
+    One of recipient, sender, tag and domain, in that order, is looked up in the
+    ``search`` index; the others, and subject, outbox, status and the time range, are
+    checked on the records that lookup (or the status or ``created_at`` index) finds.
+    Addresses and domains compare in lower case, the subject as a case-insensitive prefix.
+    """
+
+    recipient: str | None = None
+    sender: str | None = None
+    tag: str | None = None
+    domain: str | None = None
+    subject: str | None = None
+    outbox: str | None = None
+    status: JobStatus | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    # Which time ``since`` and ``until`` bound: when the job was first seen, or last changed.
+    time: TimeField = "created"
+
+    def query(self) -> Document:
+        """The MongoDB filter; its first field is the one an index serves best (the test
+        server plans with a filter's first indexed field).
+        """
+        # Each search key, and the same test on the record's own field for the ones after
+        # the first (the recipient, when given, is always first).
+        lookups: list[tuple[str, str, Any]] = []
+        if self.recipient is not None:
+            key = f"to:{self.recipient.lower()}"
+            lookups.append((key, "search", key))
+        if self.sender is not None:
+            exactly = {"$regex": f"^{re.escape(self.sender)}$", "$options": "i"}
+            lookups.append((f"from:{self.sender.lower()}", "from", exactly))
+        if self.tag is not None:
+            lookups.append((f"tag:{self.tag}", "tags", self.tag))
+        if self.domain is not None:
+            lookups.append((f"domain:{self.domain.lower()}", "domain", self.domain.lower()))
+        query: Document = {"search": lookups[0][0]} if lookups else {}
+        if self.status is not None:
+            query["status"] = self.status
+        span: Document = {}
+        if self.since is not None:
+            span["$gte"] = self.since
+        if self.until is not None:
+            span["$lte"] = self.until
+        if span and self.time == "created":
+            query["created_at"] = span
+        elif span:
+            query["updated_at"] = span
+            if "$lte" in span:
+                # Changed by then, so created by then: the created_at index bounds it.
+                query["created_at"] = {"$lte": span["$lte"]}
+        for _key, field, test in lookups[1:]:
+            query[field] = test
+        if self.subject is not None:
+            query["subject"] = {"$regex": f"^{re.escape(self.subject)}", "$options": "i"}
+        if self.outbox is not None:
+            query["outbox"] = self.outbox
+        return query
+
+
 def exhausted_error(attempts: int) -> str:
     """Why a job was recorded dead at its claim: its last attempt never finished."""
     return f"{attempts} attempts made, the last never finished (its worker stopped mid-job)"
@@ -114,6 +187,29 @@ def _not_unavailable(exc: Exception) -> bool:
 
 def _history(event: str, now: datetime, **fields: Any) -> Document:
     return {"$each": [{"at": now, "event": event, **fields}], "$slice": -HISTORY_LENGTH}
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= REPLY_LENGTH else text[: REPLY_LENGTH - 1] + "…"
+
+
+def smtp_reply(code: int | None, message: str) -> Document | None:
+    """An SMTP server's reply as records keep it (its text bounded); None without a code
+    (nothing was said over SMTP: a connection error, a sendmail program).
+    """
+    return None if code is None else {"code": code, "message": _bounded(message)}
+
+
+def _bounded_reply(reply: Document) -> Document:
+    message = reply.get("message")
+    return {**reply, "message": _bounded(message)} if isinstance(message, str) else reply
+
+
+def _outcome_fields(error: str, reply: Document | None) -> Document:
+    """What a history entry says of a failed attempt: the error and, when the server said
+    it, its reply.
+    """
+    return {"error": _bounded(error), **({"smtp": reply} if reply is not None else {})}
 
 
 # Indexes earlier versions declared on ``jobs``, dropped as each cost every write.
@@ -131,6 +227,7 @@ JobRecord = TypedDict(
         "from": str,
         "subject": str | None,
         "recipients": int,
+        "search": list[str],
         "tags": list[str],
         "metadata": dict[str, Any],
         "created_at": datetime,
@@ -181,18 +278,32 @@ def _summary(job: Job, now: datetime) -> Document:
     """The fields a new record starts with, shown by ``mailbus jobs ls`` (``sandbox``
     only for a job that says so; its domain's flag is written when it is sent).
     """
+    recipients = job.recipients()
+    sender = job.envelope_sender()
     summary: Document = {
         "created_at": now,
         "domain": job.domain,
-        "from": job.envelope_sender(),
+        "from": sender,
         "subject": job.subject_line(),
-        "recipients": len(job.recipients()),
+        "recipients": len(recipients),
+        "search": _search_keys(job.domain, sender, recipients, job.tags),
         "tags": job.tags,
         "metadata": job.metadata,
     }
     if job.sandbox:
         summary["sandbox"] = True
     return summary
+
+
+def _search_keys(domain: str, sender: str, recipients: list[str], tags: list[str]) -> list[str]:
+    """The keys a listing finds a record by, all in one multikey index (one index costs
+    every write less than one per filter: see :meth:`JobStore.ensure_indexes`).
+    Addresses in lower case; recipients bounded by :data:`SEARCH_RECIPIENTS`.
+    """
+    keys = [f"to:{r.lower()}" for r in recipients[:SEARCH_RECIPIENTS]]
+    keys += [f"from:{sender.lower()}", f"domain:{domain}"]
+    keys += [f"tag:{t}" for t in tags]
+    return list(dict.fromkeys(keys))
 
 
 def _held(job_id: str | Document, worker_id: str) -> Document:
@@ -309,14 +420,18 @@ class JobStore:
         idempotent.
 
         Every secondary index costs each of a mail's writes (about 0.3 ms of the test
-        server's CPU per mail each, measured by ``make bench``), so the records carry two:
-        the TTL, and (status, updated_at), which serves every listing (by merging its
-        statuses when none is asked for), today's counts and the last errors. A listing
-        of scheduled jobs sorts the scheduled ones by due time after the index found them.
+        server's CPU per mail each, measured by ``make bench``), so the records carry four:
+        the TTL; (status, updated_at), which serves a listing by status, today's counts
+        and the last errors; ``created_at``, the order of listings, their pages and a
+        time range; and ``search``, one multikey index over the keys a listing finds a
+        record by (recipients, sender, tags, domain: see :class:`JobFilter`), cheaper
+        than an index for each.
         """
         async with answering():
             await self.jobs.create_index("expire_at", expireAfterSeconds=0)
             await self.jobs.create_index([("status", 1), ("updated_at", -1)])
+            await self.jobs.create_index("created_at")
+            await self.jobs.create_index("search")
             existing = await self.jobs.index_information()
             for name in _RETIRED_INDEXES & existing.keys():
                 await self.jobs.drop_index(name)
@@ -560,7 +675,7 @@ class JobStore:
                     {
                         **(details or {}),
                         "sent_at": now,
-                        "smtp": reply,
+                        "smtp": _bounded_reply(reply),
                         "refused": refused,
                         "outbox": outbox,
                     },
@@ -598,11 +713,14 @@ class JobStore:
         body: bytes,
         outbox: str | None = None,
         partial: tuple[list[str], Document] | None = None,
+        *,
+        reply: Document | None = None,
     ) -> None:
         """The attempt failed transiently: the job waits for ``due_at`` (and can be moved).
 
         ``partial``, after a delivery some recipients accepted: the recipients still owed
-        the mail, and every refusal so far.
+        the mail, and every refusal so far. ``reply``, the SMTP server's (see
+        :func:`smtp_reply`), is kept in the attempt's history entry.
         """
         now = self.now()
         changes: Document = {
@@ -610,7 +728,7 @@ class JobStore:
             "due_at": due_at,
             "ready_at": due_at,
             "updated_at": now,
-            "last_error": error,
+            "last_error": _bounded(error),
             "body": body,
             "outbox": outbox,
         }
@@ -622,7 +740,11 @@ class JobStore:
                 {
                     "$set": changes,
                     "$unset": {"lease_until": "", "reserved": ""},
-                    "$push": {"history": _history("deferred", now, error=error, due_at=due_at)},
+                    "$push": {
+                        "history": _history(
+                            "deferred", now, **_outcome_fields(error, reply), due_at=due_at
+                        )
+                    },
                 },
             )
 
@@ -669,9 +791,12 @@ class JobStore:
         error: str,
         details: Document | None = None,
         outbox: str | None = None,
+        *,
+        reply: Document | None = None,
     ) -> None:
         """The claimed job will never be sent: record ``failed`` or ``dead`` and why, and
-        the outbox that refused it when one was chosen (else the last attempt's stays).
+        the outbox that refused it when one was chosen (else the last attempt's stays);
+        ``reply``, the SMTP server's refusal, is kept in the history entry.
         """
         now = self.now()
         if outbox is not None:
@@ -683,9 +808,9 @@ class JobStore:
                     status,
                     now,
                     self._retention,
-                    {**(details or {}), "reason": reason, "last_error": error},
+                    {**(details or {}), "reason": reason, "last_error": _bounded(error)},
                     reason=reason,
-                    error=error,
+                    **_outcome_fields(error, reply),
                 ),
             )
 
@@ -806,20 +931,37 @@ class JobStore:
             return Change(False, _record(await self.jobs.find_one({"_id": job_id}, _BULKY)))
 
     async def find(
-        self, status: JobStatus | None = None, domain: str | None = None, limit: int = 50
+        self, where: JobFilter | None = None, limit: int = 50, after: str | None = None
     ) -> list[JobRecord]:
-        """Records for listings, without bodies or history: scheduled ones soonest first,
-        others most recently changed first.
+        """Records ``where`` selects, without bodies or history, newest first (by
+        ``created_at``, then id); at most ``limit`` (capped at :data:`MAX_PAGE`).
+
+        ``after`` is the id of the last record of the previous page: the page goes on from
+        it, so jobs created while an operator pages through never shift a page (they come
+        before the first one). Raises :class:`LookupError` when that record is gone.
         """
-        # Every status named, none asked: the (status, updated_at) index then serves the
-        # sort by merging its statuses' runs.
-        query: Document = {"status": status if status is not None else {"$in": list(STATUSES)}}
-        if domain is not None:
-            query["domain"] = domain
-        order = [("due_at", 1)] if status == "scheduled" else [("updated_at", -1)]
+        where = where or JobFilter()
+        limit = max(1, min(limit, MAX_PAGE))
+        order = [("created_at", -1), ("_id", -1)]
+        query = where.query()
+        found: list[JobRecord] = []
         async with answering():
-            cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit)
-            return [_record(doc) async for doc in cursor]
+            if after is not None:
+                last = await self.jobs.find_one({"_id": after}, {"created_at": 1})
+                if last is None or "created_at" not in last:
+                    raise LookupError(f"no job {after!r} to go on from")
+                # Its twins first (created in the same millisecond), then older records; the
+                # created_at equality leads, as the test server plans with a filter's first
+                # indexed field.
+                created, span = last["created_at"], query.pop("created_at", {})
+                twins = {"created_at": {"$eq": created, **span}, **query, "_id": {"$lt": after}}
+                cursor = self.jobs.find(twins, _BULKY).sort(order).limit(limit)
+                found = [_record(doc) async for doc in cursor]
+                query["created_at"] = {**span, "$lt": created}
+            if len(found) < limit:
+                cursor = self.jobs.find(query, _BULKY).sort(order).limit(limit - len(found))
+                found += [_record(doc) async for doc in cursor]
+        return found
 
     async def waiting_ids(
         self, domain: str, tag: str, skip: int, limit: int
