@@ -187,6 +187,7 @@ class StoreDouble:
         body: bytes,
         outbox: str | None = None,
         partial: tuple[list[str], Document] | None = None,
+        reply: Document | None = None,
     ) -> None:
         self._note(
             "mark_retry",
@@ -197,6 +198,7 @@ class StoreDouble:
             body=body,
             outbox=outbox,
             partial=partial,
+            reply=reply,
         )
 
     async def mark_throttled(
@@ -225,6 +227,7 @@ class StoreDouble:
         error: str,
         details: Document | None = None,
         outbox: str | None = None,
+        reply: Document | None = None,
     ) -> None:
         self._note(
             "mark_failed",
@@ -235,6 +238,7 @@ class StoreDouble:
             error=error,
             details=details,
             outbox=outbox,
+            reply=reply,
         )
 
 
