@@ -20,16 +20,18 @@ from django.core.mail import get_connection, send_mail
 from pydantic import SecretStr
 
 from consumer.core.api_keys import MAX_API_KEYS
+from consumer.service.authorization import CACHE_SECONDS as DOMAIN_CACHE_SECONDS
 from consumer.settings import Settings
 from consumer.store.domains import DomainStore, hash_key
 from consumer.store.jobs import JobStore
 from consumer.vault import new_key
-from deploy.devstack.processes import run_with
+from deploy.devstack.processes import mailbus, run_with
 from deploy.devstack.smtp_capture import CaptureServer
 from deploy.devstack.tls import self_signed
 from tests.conftest import RunningWorker, settled_record
 from tests.secret_watch import watched
 from tests.serving import ANY_PORT, gateways
+from tests.test_dkim import verifies
 
 DOMAIN = "submit.example"
 DOMAIN_KEY = watched("dk-submit-0042-correct")
@@ -297,3 +299,24 @@ async def test_an_idle_session_is_told_421_when_the_gateway_stops(
         said = await reader.read()
     writer.close()
     assert said.startswith(b"421 4.3.2")
+
+
+async def test_submitted_mail_arrives_dkim_signed_and_verifies(
+    settings: Settings, smtp: CaptureServer, port: int
+) -> None:
+    generated = await mailbus(settings, "domain", "dkim", "generate", DOMAIN)
+    assert generated.returncode == 0, generated.stderr
+    zone = (await mailbus(settings, "domain", "dkim", "show", DOMAIN)).stdout
+    await asyncio.sleep(DOMAIN_CACHE_SECONDS)  # the worker's view of the domain, refreshed
+
+    def submit() -> dict[str, Any]:
+        with client(port) as session:
+            return session.sendmail("app@submit.example", ["reader@example.org"], MESSAGE)
+
+    assert await in_thread(submit) == {}
+    async with asyncio.timeout(20):
+        [received] = await smtp.wait_for(1)
+    assert received.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256")
+    assert verifies(received.data, zone)
+    assert received.data.endswith(SENT.split(b"\r\n\r\n", 1)[1])  # the body as submitted
+    assert not verifies(received.data.replace(b"Hello over SMTP", b"Hello over SMTp"), zone)
