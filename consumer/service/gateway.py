@@ -359,6 +359,10 @@ class Gateway:
             log.warning("gateway.unavailable", gateway="rest", error=str(exc))
             reply = legacy.rest_reply("failed", f"mail service unavailable: {exc}")
             return _rest_reply(reply, form, 503)
+        except Exception:  # a broker restarting fails in many types: the client tries later
+            log.exception("gateway.request_failed", gateway="rest")
+            reply = legacy.rest_reply("failed", "mail service unavailable")
+            return _rest_reply(reply, form, 503)
         log.info("gateway.request", gateway="rest", status=reply["status"], id=reply.get("id"))
         return _rest_reply(reply, form, _REST_STATUS.get(reply["message"], 200))
 

@@ -21,13 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-import aio_pika
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from consumer.clock import utcnow
 from consumer.core import legacy
 from consumer.core.submission import raw_job, read_steering, split_steering
-from consumer.errors import GatewayRequestError, MailbusError, StoreUnavailableError
+from consumer.errors import GatewayRequestError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.service.authorization import Authority, api_key_matches
 
@@ -223,8 +222,10 @@ class SubmissionHandler:
             if refusal is not None:
                 return f"550 5.7.1 {_one_line(refusal)}"
             job_id, _ = await self.gateway.publish(raw, now=False, vouched=submitter.domain)
-        except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
-            log.warning("gateway.unavailable", gateway="smtp", error=str(exc))
+        except Exception as exc:
+            # The broker's failures come in many types (aio-pika's, aiormq's, closed
+            # channels while it restarts); each means the same to the client: try later.
+            log.warning("gateway.unavailable", gateway="smtp", error=f"{type(exc).__name__}: {exc}")
             return UNAVAILABLE
         log.info("gateway.request", gateway="smtp", id=job_id, recipients=len(envelope.rcpt_tos))
         return f"250 2.0.0 Queued as {job_id}"
