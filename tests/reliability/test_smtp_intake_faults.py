@@ -35,12 +35,12 @@ from tests.reliability.accounts import Account, dead_ids, settle, subjects
 from tests.reliability.test_kill_workers import held_by
 from tests.serving import ANY_PORT, gateways
 
-MESSAGES = 150
+MESSAGES = 100
 DOMAIN, KEY = "intake.example", "dk-intake-faults-0042"
 # How long a client keeps trying one message (a 4xx, or the connection lost) before it
 # gives up: longer than the broker's restart.
 GIVE_UP_SECONDS = 90.0
-PACE = 0.1  # seconds between two messages: the submissions last about 15 s
+PACE = 0.1  # seconds between two messages: the submissions last about 10 s
 
 
 @pytest.fixture
@@ -117,14 +117,14 @@ async def test_smtp_submissions_across_a_worker_kill_and_a_broker_restart(
                 asyncio.to_thread(submit_all, ports["smtp"], ids, answers, accepted)
             )
             async with asyncio.timeout(60):
-                while len(accepted) < 40:  # noqa: ASYNC110 (the client's progress)
+                while len(accepted) < 25:  # noqa: ASYNC110 (the client's progress)
                     await asyncio.sleep(0.05)
             victim = workers[0]
             in_flight_at_kill = len(await held_by(store, victim.pid))
             os.kill(victim.pid, signal.SIGKILL)
             workers.append(spawn_worker(settings, tmp_path / "worker2.log"))
             async with asyncio.timeout(60):
-                while len(accepted) < 80:  # noqa: ASYNC110 (the client's progress)
+                while len(accepted) < 50:  # noqa: ASYNC110 (the client's progress)
                     await asyncio.sleep(0.05)
             await asyncio.to_thread(own_rabbit.stop, True)
             await asyncio.sleep(1)
