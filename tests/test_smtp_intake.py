@@ -320,3 +320,27 @@ async def test_submitted_mail_arrives_dkim_signed_and_verifies(
     assert verifies(received.data, zone)
     assert received.data.endswith(SENT.split(b"\r\n\r\n", 1)[1])  # the body as submitted
     assert not verifies(received.data.replace(b"Hello over SMTP", b"Hello over SMTp"), zone)
+
+
+async def test_implicit_tls_with_auth_login(
+    settings: Settings, store: JobStore, worker: RunningWorker, smtp: CaptureServer, tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    secured = settings.model_copy(update={"gateway_tls_cert": cert, "gateway_tls_key": key})
+    domains = DomainStore(store.database)
+    await domains.put(DOMAIN, hash_key(DOMAIN_KEY), [], True)
+    assert await domains.add_api_key(DOMAIN, "app", hash_key(API_KEY), MAX_API_KEYS) == "added"
+    trusted = ssl.create_default_context(cafile=str(cert))
+
+    def submit(port: int) -> dict[str, Any]:
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=20, context=trusted) as session:
+            session.ehlo()
+            session.user, session.password = f"app@{DOMAIN}", API_KEY
+            session.auth("LOGIN", session.auth_login)
+            return session.sendmail("app@submit.example", ["reader@example.org"], MESSAGE)
+
+    async with gateways(secured, smtps=ANY_PORT) as ports:
+        assert await in_thread(submit, ports["smtps"]) == {}
+    async with asyncio.timeout(20):
+        [received] = await smtp.wait_for(1)
+    assert received.message()["Subject"] == "Café by SMTP"
