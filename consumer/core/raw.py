@@ -13,13 +13,19 @@ import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email import policy
+from email import errors, policy
 from email.parser import Parser
 
 # RFC 5322 2.1.1: a line is at most 998 characters, CRLF not counted.
 MAX_LINE = 998
 # The Subject kept for records: the longest a built job's subject may be.
 MAX_SUBJECT = 998
+# A header section a submitted mail may have: far above any real one (a few KB), low
+# enough that reading it costs a worker little.
+MAX_HEADER_BYTES = 64 * 1024
+# The author and sender fields the sender rule applies to, and how many addresses in all.
+SENDER_FIELDS = ("From", "Sender", "Resent-From", "Resent-Sender")
+MAX_SENDERS = 50
 # Header fields a raw message may not carry out to its recipients.
 _WITHHELD = frozenset({b"bcc"})
 # A field begins at a line that does not start with white space (RFC 5322 2.2.3).
@@ -76,6 +82,8 @@ def read_raw(text: str) -> RawMessage:
     head, blank, body = data.partition(b"\r\n\r\n" if crlf else b"\n\n")
     if not blank or not head:
         raise ValueError("the raw message has no blank line ending its header section")
+    if len(head) > MAX_HEADER_BYTES:  # the parser's cost grows with it: bounded first
+        raise ValueError(f"the raw message's header section is over {MAX_HEADER_BYTES} bytes")
     if re.search(rb"(?<!\r)\n", head) if crlf else b"\r" in head:
         raise ValueError("the raw message's header section mixes CRLF and LF line ends")
     lines = head.replace(b"\r\n", b"\n").split(b"\n")
@@ -118,8 +126,22 @@ def _read_headers(head: str) -> tuple[tuple[str, ...], str, bool, bool]:
     authors = msg.get_all("From") or []
     if len(authors) != 1:
         raise ValueError(f"the raw message needs one From header, not {len(authors)}")
-    addresses = authors[0].addresses
-    if not addresses or not all(a.username and a.domain for a in addresses):
-        raise ValueError(f"the raw message's From is not an address: {str(authors[0])[:100]!r}")
+    # Every header naming an author or sender is held to the sender rule: one that the
+    # parser read only in part (a defect) might be read otherwise by the receiver.
+    senders: list[str] = []
+    for name in SENDER_FIELDS:
+        for field in msg.get_all(name) or []:
+            if any(not isinstance(d, errors.NonASCIILocalPartDefect) for d in field.defects):
+                raise ValueError(f"the raw message's {name} is malformed: {str(field)[:100]!r}")
+            addresses = field.addresses
+            if not all(a.username and a.domain for a in addresses) or (
+                name == "From" and not addresses
+            ):
+                raise ValueError(
+                    f"the raw message's {name} is not an address: {str(field)[:100]!r}"
+                )
+            senders += [a.addr_spec for a in addresses]
+    if len(senders) > MAX_SENDERS:
+        raise ValueError(f"the raw message names over {MAX_SENDERS} authors and senders")
     subject = str(msg.get("Subject", ""))[:MAX_SUBJECT]
-    return tuple(a.addr_spec for a in addresses), subject, "Message-ID" in msg, "Date" in msg
+    return tuple(senders), subject, "Message-ID" in msg, "Date" in msg

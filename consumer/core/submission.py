@@ -8,6 +8,7 @@ so that a signature made before submission still holds.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from consumer.core.message import MAX_TAGS
+from consumer.core.raw import MAX_HEADER_BYTES
 from consumer.errors import GatewayRequestError
 
 SMTP_TAG = "gateway:smtp"
@@ -56,25 +58,26 @@ def split_steering(message: bytes) -> tuple[bytes, dict[str, str]]:
     """
     end = _HEADER_END.search(message)
     head, rest = (message[: end.start(1)], message[end.start(1) :]) if end else (message, b"")
+    if len(head) > MAX_HEADER_BYTES:  # bounded before it is read
+        raise GatewayRequestError(f"a header section over {MAX_HEADER_BYTES} bytes")
     kept: list[bytes] = []
-    fields: dict[str, str] = {}
-    dropping = False
+    parts: dict[str, list[bytes]] = {}
+    dropping: list[bytes] | None = None  # the parts of the steering field being read
     for line in _LINE.findall(head):
         if line[:1] in (b" ", b"\t"):  # a continuation of the field above
-            if dropping:
-                name, value = fields.popitem()
-                fields[name] = value + " " + line.strip().decode("utf-8", "replace")
+            if dropping is not None:
+                dropping.append(line.strip())
             else:
                 kept.append(line)
             continue
         name, colon, value = line.partition(b":")
-        dropping = bool(colon) and name.strip().lower().startswith(STEERING_PREFIX)
-        if dropping:
-            key = name.strip().lower().decode("ascii", "replace")
-            fields.pop(key, None)
-            fields[key] = value.strip().decode("utf-8", "replace")
+        key = name.strip().lower()
+        if colon and key.startswith(STEERING_PREFIX):
+            dropping = parts[key.decode("ascii", "replace")] = [value.strip()]
         else:
+            dropping = None
             kept.append(line)
+    fields = {key: b" ".join(value).decode("utf-8", "replace") for key, value in parts.items()}
     return b"".join(kept) + rest, fields
 
 
@@ -118,6 +121,18 @@ def read_steering(fields: Mapping[str, str], now: datetime) -> Steering:
     return Steering(job_id, send_at, expires_at, tags)
 
 
+def submission_id(domain: str, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> str:
+    """The job id of a submission that names none: the same message to the same envelope
+    is the same job, so a client resending after an answer it never got (a broker that
+    stored the job but could not confirm it) does not send it twice.
+    """
+    digest = hashlib.sha256()
+    for part in (domain, mail_from, *rcpt_to):
+        digest.update(part.lower().encode() + b"\0")
+    digest.update(message)
+    return "smtp:" + digest.hexdigest()
+
+
 def raw_job(
     *,
     domain: str,
@@ -128,14 +143,13 @@ def raw_job(
 ) -> dict[str, Any]:
     """The raw v1 job of a message submitted for ``domain`` with its envelope."""
     job: dict[str, Any] = {
+        "id": steering.job_id or submission_id(domain, mail_from, rcpt_to, message),
         "domain": domain,
         "mail_from": mail_from,
         "rcpt_to": list(rcpt_to),
         "raw_b64": base64.b64encode(message).decode("ascii"),
         "tags": [SMTP_TAG, *steering.tags],
     }
-    if steering.job_id is not None:
-        job["id"] = steering.job_id
     if steering.send_at is not None:
         job["send_at"] = steering.send_at.isoformat()
     if steering.expires_at is not None:

@@ -93,9 +93,13 @@ class SMTPPool:
         """Send ``mail`` on a pooled connection; raises aiosmtplib's exceptions on failure.
 
         Its serialized bytes go as they are, with SMTPUTF8 when an address in the envelope
-        or the headers is not ASCII (a server without it refuses: ``SMTPNotSupported``).
+        or the headers is not ASCII (a server without it refuses: ``SMTPNotSupported``),
+        and BODY=8BITMIME when the bytes are not all ASCII (a raw job's 8-bit body, which
+        a 7-bit relay would otherwise convert, breaking its signatures).
         """
         options = ["SMTPUTF8"] if mail.utf8 or not (sender + "".join(recipients)).isascii() else []
+        if not mail.wire.isascii():
+            options.append("BODY=8BITMIME")
         async with self._slots:
             smtp = await self._take()
             self._busy += 1

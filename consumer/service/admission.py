@@ -53,6 +53,15 @@ class ConnectionSlots(Generic[C]):
             if self._reading.pop(connection, None) is not None:
                 self._answering.add(connection)
 
+    def waiting(self, connection: C, drop: Callable[[], None]) -> None:
+        """``connection`` was answered and waits for its next request (a session that
+        stays open): it may be let go to make room again.
+        """
+        with self._lock:
+            if connection in self._answering:
+                self._answering.discard(connection)
+                self._reading[connection] = drop
+
     def release(self, connection: C) -> None:
         """``connection`` is closed: its slot is free (a no-op for one never admitted)."""
         with self._lock:

@@ -558,6 +558,11 @@ def check_submission(settings: Settings, *, smtp: Listen | None, smtps: Listen |
     """
     if smtp is None and smtps is None:
         return
+    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
+        raise ConfigurationError(
+            "MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY go together: "
+            "both for TLS, neither for plain TCP"
+        )
     if settings.secret_key is None:
         raise ConfigurationError(
             "the SMTP gateway needs MAILBUS_SECRET_KEY, shared with the workers: it seals "

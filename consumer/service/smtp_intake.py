@@ -29,6 +29,7 @@ from consumer.core.submission import raw_job, read_steering, split_steering
 from consumer.errors import GatewayRequestError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.service.authorization import Authority, api_key_matches
+from consumer.settings import Settings
 
 if TYPE_CHECKING:
     from consumer.service.gateway import Gateway
@@ -44,6 +45,10 @@ TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 UNAVAILABLE = "451 4.3.0 Mail service unavailable, try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 BUSY = "421 4.7.0 Too many connections, try again later"
+# Room a raw job's JSON takes beside its message (envelope, tags, id, times), and the
+# headers a worker may add to it (Message-ID, Date, a DKIM signature).
+_JOB_OVERHEAD = 256 * 1024
+_ADDED_HEADERS = 4096
 # A refusal's reason on one reply line: bounded, one line.
 _REASON_CHARS = 300
 
@@ -214,7 +219,10 @@ class SubmissionHandler:
                 message=message,
                 steering=read_steering(fields, utcnow()),
             )
-            job = legacy.checked_job(raw, special_use=self.settings.allow_special_use_domains)
+            # Reading the headers costs up to a fraction of a second: off the event loop.
+            job = await asyncio.to_thread(
+                legacy.checked_job, raw, special_use=self.settings.allow_special_use_domains
+            )
         except GatewayRequestError as exc:
             return f"554 5.6.0 {_one_line(str(exc))}"
         try:
@@ -238,6 +246,7 @@ class SubmissionServer(SMTP):
         super().__init__(handler, **options)
         self.gateway = handler.gateway
         self.submitting = False  # a message is being taken in: not to be cut off
+        self.refused = False  # no slot was free: closed at once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Take a slot, or answer 421 when every slot is busy (once: STARTTLS makes the
@@ -246,6 +255,7 @@ class SubmissionServer(SMTP):
         if self._original_transport is None:
             stream = cast(asyncio.Transport, transport)
             if not self.gateway.slots.admit(self, stream.abort):
+                self.refused = True
                 stream.write(f"{BUSY}\r\n".encode())
                 stream.close()
                 return
@@ -256,16 +266,26 @@ class SubmissionServer(SMTP):
         """Free the slot."""
         self.gateway.slots.release(self)
         self.gateway.sessions.discard(self)
-        super().connection_lost(error)
+        if not self.refused:  # a refused one never began a session to end
+            super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """A message coming in: this session is being answered, not let go for room."""
-        self.gateway.slots.answering(self)
-        self.submitting = True
+        """A message coming in from a client that authenticated and named its recipients:
+        this session is being answered, not let go for room, until the answer is given.
+        """
+        session, envelope = self.session, self.envelope
+        taking = bool(session and session.authenticated and envelope and envelope.rcpt_tos)
+        if taking:
+            self.gateway.slots.answering(self)
+            self.submitting = True
         try:
             await super().smtp_DATA(arg)
         finally:
-            self.submitting = False
+            if taking:
+                self.submitting = False
+                transport = cast(asyncio.Transport | None, self.transport)
+                if transport is not None:
+                    self.gateway.slots.waiting(self, transport.abort)
 
     def shut(self) -> None:
         """Say 421 and close (the gateway is stopping)."""
@@ -274,6 +294,17 @@ class SubmissionServer(SMTP):
             with contextlib.suppress(ConnectionError, ssl.SSLError, RuntimeError):
                 transport.write(f"{SHUTTING_DOWN}\r\n".encode())
             transport.close()
+
+
+def message_limit(settings: Settings) -> int:
+    """The largest message a client may submit: MAILBUS_MAX_MESSAGE_BYTES, and no more than
+    a job can carry once base64-encoded (MAILBUS_MAX_JOB_BYTES), so that nothing is
+    accepted that a worker would refuse as too large.
+    """
+    return min(
+        settings.max_message_bytes - _ADDED_HEADERS,
+        (settings.max_job_bytes - _JOB_OVERHEAD) * 3 // 4,
+    )
 
 
 def session_factory(
@@ -297,7 +328,7 @@ def session_factory(
         return SubmissionServer(
             handler,
             ident="mailbus",
-            data_size_limit=settings.max_message_bytes,
+            data_size_limit=message_limit(settings),
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=None if implicit else tls,
