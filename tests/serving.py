@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 
 from consumer.service.gateway import Listen, serve
 from consumer.settings import Settings
+from deploy.devstack.processes import settings_env
 
 ANY_PORT = Listen("127.0.0.1", 0)
 
@@ -42,3 +45,34 @@ async def gateways(
         stop.set()
         async with asyncio.timeout(30):
             await task
+
+
+@contextlib.asynccontextmanager
+async def gateway_command(
+    settings: Settings, *listens: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
+    """``mailbus gateway serve LISTENS...`` (``--daemon 127.0.0.1:0``, ...) as a process;
+    yields it and the lines announcing where each gateway listens. SIGTERM ends it, and it
+    must then exit 0.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "consumer", "--env-file", os.devnull, "gateway", "serve"),
+        *listens,
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            lines = [(await process.stdout.readline()).decode().strip() for _ in listens[1::2]]
+        yield process, lines
+    finally:
+        process.terminate()
+        async with asyncio.timeout(30):
+            assert await process.wait() == 0
+
+
+def announced_port(line: str) -> int:
+    """The port in a gateway's announcement (``daemon gateway: tcp://127.0.0.1:PORT``)."""
+    return int(line.rsplit(":", 1)[1].split("/", 1)[0].split(" ", 1)[0])

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import ssl
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,9 @@ from consumer.errors import ConfigurationError
 from consumer.service.gateway import Listen, serve
 from consumer.settings import Settings
 from consumer.store.domains import hash_key
-from deploy.devstack.processes import mailbus, settings_env
+from deploy.devstack.processes import mailbus
 from deploy.devstack.tls import self_signed
-from tests.serving import ANY_PORT, gateways
+from tests.serving import ANY_PORT, announced_port, gateway_command, gateways
 
 PASSWORD = "tls password"
 PONG = {"status": "success", "data": None, "message": "pong"}
@@ -136,20 +134,6 @@ async def test_the_command_announces_tls_and_its_help_names_the_settings(
     helped = await mailbus(settings, "gateway", "serve", "--help")
     assert "MAILBUS_GATEWAY_TLS_CERT" in helped.stdout
     assert "MAILBUS_GATEWAY_TLS_KEY" in helped.stdout
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "consumer", "--env-file", os.devnull),
-        *("gateway", "serve", "--daemon", "127.0.0.1:0"),
-        env=settings_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await process.stdout.readline()).decode()
+    async with gateway_command(settings, "--daemon", "127.0.0.1:0") as (_, [line]):
         assert line.startswith("daemon gateway: tls://127.0.0.1:"), line
-        assert await tls_ping(settings, int(line.rsplit(":", 1)[1])) == PONG
-    finally:
-        process.terminate()
-        async with asyncio.timeout(30):
-            assert await process.wait() == 0
+        assert await tls_ping(settings, announced_port(line)) == PONG

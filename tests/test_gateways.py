@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,11 +25,11 @@ from consumer.settings import Settings
 from consumer.store.domains import DomainStore, hash_key, key_matches
 from consumer.store.jobs import JobStore
 from consumer.vault import new_key
-from deploy.devstack.processes import mailbus, run_with, settings_env
-from deploy.devstack.smtp_capture import CaptureServer
+from deploy.devstack.processes import mailbus, run_with
+from deploy.devstack.smtp_capture import Captured, CaptureServer
 from tests.conftest import RunningWorker
 from tests.secret_watch import watched
-from tests.serving import ANY_PORT, gateways
+from tests.serving import ANY_PORT, announced_port, gateway_command, gateways
 
 DOMAIN_KEY = "bad horse"
 PASSWORD = "old password"  # as in the migration guide's examples
@@ -118,6 +116,28 @@ async def nc(settings: Settings, port: int, request: str) -> dict[str, Any]:
     return answer
 
 
+async def rest_mail_arrived(smtp: CaptureServer) -> Captured:
+    """The one mail ``REST_MAIL`` made, once it has arrived with the old REST server's
+    headers and envelope (Bcc by envelope only).
+    """
+    async with asyncio.timeout(30):
+        [mail] = await smtp.wait_for(1)
+    message = mail.message()
+    assert message["Subject"] == "Mail service test"
+    assert message["From"] == "Mail Server <address@rest.example>"
+    assert message["To"] == "John Doe <johndoe@example.org>"
+    assert message["Cc"] == "someone@example.org, other@example.org"
+    assert message["Reply-To"] == "Mail Server <address@rest.example>"
+    assert "Bcc" not in message
+    assert sorted(mail.rcpt_tos) == [
+        "hidden@example.org",
+        "johndoe@example.org",
+        "other@example.org",
+        "someone@example.org",
+    ]
+    return mail
+
+
 REST_MAIL = {
     "domain": "rest.example",
     "domain_key": DOMAIN_KEY,
@@ -140,20 +160,8 @@ async def test_rest_put_saves_the_mail_and_it_goes_out(
     report.write_text("quarterly figures\n")
     answer = await curl_put(settings, ports["rest"], attach_list=str(report))
     assert (answer["status"], answer["message"]) == ("success", "Message saved")
-    async with asyncio.timeout(30):
-        [mail] = await smtp.wait_for(1)
+    mail = await rest_mail_arrived(smtp)
     message = mail.message()
-    assert message["Subject"] == "Mail service test"
-    assert message["To"] == "John Doe <johndoe@example.org>"
-    assert message["Cc"] == "someone@example.org, other@example.org"
-    assert message["Reply-To"] == "Mail Server <address@rest.example>"
-    assert "Bcc" not in message
-    assert sorted(mail.rcpt_tos) == [
-        "hidden@example.org",
-        "johndoe@example.org",
-        "other@example.org",
-        "someone@example.org",
-    ]
     body = message.get_body(("html",))
     assert body is not None
     assert body.get_content().strip() == "<html><body><p>Café & more</p></body></html>"
@@ -457,27 +465,12 @@ async def test_hash_password_and_an_open_daemon_only_on_loopback(settings: Setti
 async def test_gateway_command_serves_until_sigterm(
     settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "consumer", "--env-file", os.devnull),
-        *("gateway", "serve", "--daemon", "127.0.0.1:0"),
-        env=settings_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(30):
-            line = (await process.stdout.readline()).decode()
+    async with gateway_command(settings, "--daemon", "127.0.0.1:0") as (_, [line]):
         assert line.startswith("daemon gateway: tcp://127.0.0.1:"), line
-        port = int(line.rsplit(":", 1)[1])
         mail = {"to": ["cli@example.org"], "subject": "via the command", "body": "hello"}
-        answer = await nc(settings, port, daemon_request("sendMail", mail))
+        answer = await nc(settings, announced_port(line), daemon_request("sendMail", mail))
         assert answer["message"] == "mail sent successfully"
         assert [m.message()["Subject"] for m in smtp.received()] == ["via the command"]
-    finally:
-        process.terminate()
-        async with asyncio.timeout(30):
-            assert await process.wait() == 0
 
 
 def readme_blocks(readme: str) -> list[tuple[str, list[str]]]:

@@ -509,17 +509,22 @@ class Gateway:
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
+def _check_tls_pair(settings: Settings) -> None:
+    """Refuse a certificate without its key, or a key without its certificate."""
+    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
+        raise ConfigurationError(
+            "MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY go together: "
+            "both for TLS, neither for plain TCP"
+        )
+
+
 def check_settings(settings: Settings, *, daemon: Listen | None) -> None:
     """Refuse to serve the daemon gateway without what it needs, and an open one (no
     password hash) beyond loopback unless MAILBUS_GATEWAY_OPEN_BEYOND_LOOPBACK says so.
     """
     if daemon is None:
         return
-    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
-        raise ConfigurationError(
-            "MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY go together: "
-            "both for TLS, neither for plain TCP"
-        )
+    _check_tls_pair(settings)
     if settings.gateway_domain is None:
         raise ConfigurationError("the daemon gateway needs MAILBUS_GATEWAY_DOMAIN")
     if settings.gateway_smtp_overrides and settings.secret_key is None:
@@ -558,11 +563,7 @@ def check_submission(settings: Settings, *, smtp: Listen | None, smtps: Listen |
     """
     if smtp is None and smtps is None:
         return
-    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
-        raise ConfigurationError(
-            "MAILBUS_GATEWAY_TLS_CERT and MAILBUS_GATEWAY_TLS_KEY go together: "
-            "both for TLS, neither for plain TCP"
-        )
+    _check_tls_pair(settings)
     if settings.secret_key is None:
         raise ConfigurationError(
             "the SMTP gateway needs MAILBUS_SECRET_KEY, shared with the workers: it seals "
