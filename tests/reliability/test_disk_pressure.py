@@ -37,8 +37,15 @@ async def test_a_full_disk_is_a_transient_failure_and_leaks_nothing(
 ) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
+    # Retries at least 0.5 s apart: at the session's 0.2 s a job could spend all its
+    # attempts within the 1.5 s the disk is full (seen: dead 'attempts_exhausted').
     settings = settings.model_copy(
-        update={"attachment_tmp_dir": spool, "attachment_allow_private": True}
+        update={
+            "attachment_tmp_dir": spool,
+            "attachment_allow_private": True,
+            "retry_base_delay": 0.5,
+            "retry_max_delay": 2.0,
+        }
     )
     names = Names(settings.prefix)
     url = files.route("/files/big.bin", Route(body=FILE, content_type="application/octet-stream"))
