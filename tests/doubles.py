@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast
@@ -25,6 +25,7 @@ from consumer.core.mime import Mail
 from consumer.core.outboxes import Outbox, outbox_from_url
 from consumer.core.outcomes import Outcome, SendResult
 from consumer.core.ratelimit import Reservation
+from consumer.core.suppression import Scope
 from consumer.core.vocabulary import DeadReason
 from consumer.errors import StoreUnavailableError
 from consumer.service.authorization import Authority, Authorizer
@@ -369,20 +370,32 @@ class ComposerDouble:
 
 
 class SuppressionsDouble:
-    """The suppression list: ``suppressed`` (lower-cased addresses), and the bounces
-    added; ``failing`` makes ``add_bounced`` find MongoDB away.
+    """The suppression list: ``suppressed`` (lower-cased addresses, suppressed for every
+    domain), and the automatic entries added as (address to reason, scope, source, days);
+    ``failing`` makes ``add_automatic`` find MongoDB away.
     """
 
     def __init__(self, suppressed: Iterable[str] = (), *, failing: bool = False) -> None:
         self.suppressed = {a.lower() for a in suppressed}
         self.failing = failing
-        self.bounced: list[tuple[dict[str, str], float]] = []
+        self.added: list[tuple[dict[str, str], Scope, str, float | None]] = []
+        self.asked: list[tuple[str, str | None]] = []
 
-    async def among(self, addresses: Iterable[str]) -> set[str]:
+    async def among(
+        self, addresses: Iterable[str], *, domain: str, list_name: str | None = None
+    ) -> set[str]:
+        self.asked.append((domain, list_name))
         return {a.lower() for a in addresses} & self.suppressed
 
-    async def add_bounced(self, refusals: dict[str, str], days: float) -> None:
-        self.bounced.append((dict(refusals), days))
+    async def add_automatic(
+        self,
+        reasons: Mapping[str, str],
+        *,
+        scope: Scope,
+        source: str,
+        days: float | None = None,
+    ) -> None:
+        self.added.append((dict(reasons), scope, source, days))
         if self.failing:
             raise unavailable()
 

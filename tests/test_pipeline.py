@@ -27,6 +27,7 @@ from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Se
 from consumer.core.ratelimit import Reservation
 from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
 from consumer.core.schedule import CLAIM_AHEAD, to_epoch_ms
+from consumer.core.suppression import Scope
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
 from consumer.service import pipeline as pipeline_module
 from consumer.service.authorization import Authority
@@ -662,7 +663,7 @@ async def test_an_accepted_mail_is_recorded_sent() -> None:
         {},
         "o1",
     )
-    assert rig.suppressions.bounced == []
+    assert rig.suppressions.added == []
     assert rig.pipeline.leases_held() == frozenset()
 
 
@@ -708,7 +709,7 @@ async def test_a_permanent_refusal_is_recorded_failed() -> None:
         "550 no such user",
         "o1",
     )
-    assert rig.suppressions.bounced == []  # no enhanced status: not called unknown
+    assert rig.suppressions.added == []  # no enhanced status: not called unknown
 
 
 @pytest.mark.parametrize(
@@ -794,7 +795,9 @@ async def test_every_recipient_unknown_is_failed_and_suppressed() -> None:
     assert outcome.error == "550 <a@example.org> 5.1.1 no such user"
     assert rig.store.called("mark_failed")["status"] == "failed"
     # Only the unknown one: a policy refusal says nothing of the address.
-    assert rig.suppressions.bounced == [({"a@example.org": "550 5.1.1 no such user"}, 30.0)]
+    assert rig.suppressions.added == [
+        ({"a@example.org": "550 5.1.1 no such user"}, Scope("example.com"), "bounce", 30.0)
+    ]
 
 
 async def test_recipients_refused_some_for_now_are_retried_and_the_unknown_suppressed() -> None:
@@ -809,7 +812,9 @@ async def test_recipients_refused_some_for_now_are_retried_and_the_unknown_suppr
     assert isinstance(outcome, Later)
     assert (outcome.why, outcome.due_at) == ("retry", FIRST_RETRY)
     assert rig.store.called("mark_retry")["error"] == "452 <b@example.org> 4.2.2 mailbox full"
-    assert rig.suppressions.bounced == [({"a@example.org": "550 5.1.1 no such user"}, 30.0)]
+    assert rig.suppressions.added == [
+        ({"a@example.org": "550 5.1.1 no such user"}, Scope("example.com"), "bounce", 30.0)
+    ]
 
 
 async def test_a_refusal_while_others_accept_is_recorded_with_the_sent_mail() -> None:
@@ -830,7 +835,9 @@ async def test_a_refusal_while_others_accept_is_recorded_with_the_sent_mail() ->
         "b@example.org": {"code": 550, "message": "5.1.1 no such user"},
         "c@example.org": {"code": 554, "message": "5.7.1 spam"},
     }
-    assert rig.suppressions.bounced == [({"b@example.org": "550 5.1.1 no such user"}, 30.0)]
+    assert rig.suppressions.added == [
+        ({"b@example.org": "550 5.1.1 no such user"}, Scope("example.com"), "bounce", 30.0)
+    ]
 
 
 async def test_no_bounce_is_suppressed_when_bounce_suppression_is_off() -> None:
@@ -841,7 +848,7 @@ async def test_no_bounce_is_suppressed_when_bounce_suppression_is_off() -> None:
     )
     outcome = await rig.process(encode(job(to=["a@example.org", "b@example.org"])))
     assert isinstance(outcome, Sent)
-    assert rig.suppressions.bounced == []
+    assert rig.suppressions.added == []
 
 
 async def test_a_bounce_not_suppressed_for_mongodb_being_away_loses_no_mail() -> None:
@@ -852,7 +859,7 @@ async def test_a_bounce_not_suppressed_for_mongodb_being_away_loses_no_mail() ->
     )
     outcome = await rig.process(encode(job(to=["a@example.org", "b@example.org"])))
     assert isinstance(outcome, Sent)
-    assert len(rig.suppressions.bounced) == 1
+    assert len(rig.suppressions.added) == 1
     assert rig.store.names == ["claim", "mark_sent"]
 
 
@@ -887,7 +894,9 @@ async def test_a_partial_delivery_suppresses_the_unknown_recipient() -> None:
     rig = Rig(sender=SenderDouble(replies=[PARTIAL]))
     outcome = await rig.process(THREE)
     assert isinstance(outcome, Later)
-    assert rig.suppressions.bounced == [({"c@example.org": "550 5.1.1 no such user"}, 30.0)]
+    assert rig.suppressions.added == [
+        ({"c@example.org": "550 5.1.1 no such user"}, Scope("example.com"), "bounce", 30.0)
+    ]
 
 
 async def test_the_attempt_after_a_partial_delivery_goes_to_the_pending_only() -> None:
@@ -953,7 +962,9 @@ async def test_a_partial_delivery_at_the_last_attempt_is_sent_with_every_refusal
         "b@example.org": {"code": 451, "message": "4.3.0 try later"},
         "c@example.org": {"code": 550, "message": "5.1.1 no such user"},
     }
-    assert rig.suppressions.bounced == [({"c@example.org": "550 5.1.1 no such user"}, 30.0)]
+    assert rig.suppressions.added == [
+        ({"c@example.org": "550 5.1.1 no such user"}, Scope("example.com"), "bounce", 30.0)
+    ]
 
 
 async def test_a_partial_delivery_record_waits_for_mongodb(

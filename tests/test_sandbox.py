@@ -258,7 +258,7 @@ async def test_the_catch_all_refusing_an_address_suppresses_nobody() -> None:
     outcome = await rig.process(encode(job(to=["a@example.org"], sandbox=True)))
     assert outcome.ctx.outbox == "catch-all"
     assert [h.recipients for h in catch_all.handed] == [["a@example.org"]]
-    assert rig.suppressions.bounced == []  # the real address is none of its business
+    assert rig.suppressions.added == []  # the real address is none of its business
 
 
 async def test_the_config_file_carries_a_domains_sandbox_mode(

@@ -56,3 +56,7 @@ RestStatus = Literal["success", "failed"]
 RestFormat = Literal["json", "xml"]
 REST_FORMATS: Final[tuple[RestFormat, ...]] = get_args(RestFormat)
 DaemonStatus = Literal["success", "error"]
+
+# Who put an address on the suppression list: an operator, a server's refusal or a later
+# bounce (``bounce``), the recipient's complaint or one-click unsubscribe.
+SuppressionSource = Literal["manual", "bounce", "complaint", "unsubscribe"]

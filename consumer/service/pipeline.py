@@ -38,6 +38,7 @@ from consumer.core.refusals import DeadLetterError, InvalidJobError
 from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
+from consumer.core.suppression import Scope
 from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
@@ -299,7 +300,7 @@ class Pipeline:
         """
         pending = attempt.claim.pending
         owed = list(pending) if pending is not None else attempt.job.recipients()
-        suppressed = await self.suppressions.among(owed)
+        suppressed = await self.suppressions.among(owed, domain=attempt.job.domain)
         if suppressed:
             attempt.details["suppressed"] = sorted(suppressed)
         return [r for r in owed if r.lower() not in suppressed]
@@ -447,7 +448,8 @@ class Pipeline:
     async def _suppress_unknown(
         self, attempt: Attempt, refused: Mapping[str, tuple[int, str]]
     ) -> None:
-        """Put recipients a server called unknown on the suppression list, for a while.
+        """Put recipients a server called unknown on the job's domain's suppression list,
+        for a while.
 
         Runs after the job's own record is written; failing here loses no mail. A
         sandboxed job's catch-all knows nothing of the real addresses: it suppresses none.
@@ -457,7 +459,9 @@ class Pipeline:
         if not unknown or days <= 0 or attempt.ctx.sandbox:
             return
         try:
-            await self.suppressions.add_bounced(unknown, days)
+            await self.suppressions.add_automatic(
+                unknown, scope=Scope(attempt.job.domain), source="bounce", days=days
+            )
         except StoreUnavailableError as exc:
             log.warning("job.suppression_not_recorded", error=str(exc), recipients=sorted(unknown))
             return
