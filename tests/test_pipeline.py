@@ -912,13 +912,6 @@ async def test_the_attempt_after_a_partial_delivery_goes_to_the_pending_only() -
     assert outcome.result.refused == {"c@example.org": (550, "5.1.1 no such user")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline bug: a retry after a partial delivery whose every pending recipient is"
-    " refused raises SMTPRecipientsRefused and goes to _failed, so the job ends failed and"
-    " dead-lettered (mail.failed) though the mail was delivered to the others; the operator"
-    " guide says it counts as delivered and the refusals are recorded on it",
-)
 @pytest.mark.parametrize(
     ("attempt", "code", "text"),
     [(2, 550, "5.1.1 no such user"), (3, 451, "4.3.0 try later")],
@@ -938,6 +931,17 @@ async def test_a_retry_after_a_partial_delivery_refused_for_everyone_left_is_sen
         **earlier,
         "b@example.org": {"code": code, "message": text},
     }
+
+
+async def test_a_partial_deliverys_retry_deferred_for_everyone_left_keeps_them_pending() -> None:
+    earlier = {"c@example.org": {"code": 550, "message": "5.1.1 no such user"}}
+    claim = claimed(2, pending=("b@example.org",), refused=earlier)
+    error = aiosmtplib.SMTPRecipientsRefused([refused(451, "4.3.0 try later", "b@example.org")])
+    rig = Rig(store=StoreDouble(claim=claim), sender=SenderDouble(replies=[error]))
+    outcome = await rig.process(THREE)
+    assert isinstance(outcome, Later)
+    assert outcome.why == "retry"
+    assert rig.store.called("mark_retry")["partial"] == (["b@example.org"], earlier)
 
 
 async def test_a_second_partial_delivery_keeps_the_earlier_refusals() -> None:

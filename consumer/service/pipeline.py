@@ -335,7 +335,13 @@ class Pipeline:
         try:
             result = await pool.send(mail, attempt.job.envelope_sender(), recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
-            return await self._failed(attempt, classify(exc))
+            failure = classify(exc)
+            if attempt.claim.pending is not None and failure.refusals and failure.code:
+                # Everyone left refused, after an earlier attempt delivered to the others:
+                # the mail is out, so this is one more partial delivery, never a failure.
+                left = SendResult(failure.code, failure.message, dict(failure.refusals))
+                return await self._accepted(attempt, left, time.perf_counter() - started)
+            return await self._failed(attempt, failure)
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
         return await self._accepted(attempt, result, seconds)
