@@ -26,6 +26,7 @@ from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Sent, Skip
 from consumer.core.ratelimit import Reservation
 from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
+from consumer.core.replies import parse_rules
 from consumer.core.schedule import CLAIM_AHEAD, to_epoch_ms
 from consumer.core.suppression import Scope
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
@@ -1018,3 +1019,74 @@ async def test_a_scheduled_record_never_keeps_the_domain_key_once_it_can_be_seal
     outcome = await rig.process(body)
     assert isinstance(outcome, Later)
     assert b"dk-secret-123" not in rig.store.called("schedule")["body"]
+
+
+# Replies judged under the provider's rules; throttling replies slow the provider.
+
+PROVIDER_OUTBOX = dataclasses.replace(outbox_from_url("smtp://127.0.0.1:2525"), provider="p")
+
+
+def provider_rig(*replies: SendResult | Exception, rules: str = "", **settings: Any) -> Rig:
+    """A rig whose outbox belongs to provider ``p``, whose reply rules are ``rules``."""
+    sender = SenderDouble(PROVIDER_OUTBOX, replies=replies)
+    picker = PickerDouble(Choice(sender))
+    picker.rules["p"] = parse_rules([rules] if rules else [])
+    return Rig(sender=sender, picker=picker, settings=offline_settings(**settings))
+
+
+@pytest.mark.parametrize(
+    ("rules", "retried"),
+    [
+        ("transient: 550 5.7.1 rate limited", True),
+        ("transient: 550 5.7.1 spam", False),
+        ("", False),
+    ],
+)
+async def test_a_providers_rule_makes_a_refusal_transient(rules: str, retried: bool) -> None:
+    refusal = aiosmtplib.SMTPDataError(550, "5.7.1 Rate limited, try later")
+    rig = provider_rig(refusal, rules=rules)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later if retried else Dead)
+    assert rig.picker is not None
+    assert rig.picker.slowed == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "rules"),
+    [
+        (aiosmtplib.SMTPResponseException(421, "4.7.0 slow down"), ""),
+        (aiosmtplib.SMTPDataError(451, "4.7.1 too many messages"), ""),
+        (aiosmtplib.SMTPDataError(550, "5.7.1 quota exceeded"), "throttle: 5.7 quota"),
+        (
+            aiosmtplib.SMTPRecipientsRefused([refused(450, "4.7.1 later", "rcpt@example.org")]),
+            "",
+        ),
+    ],
+)
+async def test_a_throttling_reply_slows_the_provider(reply: Exception, rules: str) -> None:
+    rig = provider_rig(reply, rules=rules)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert outcome.failure is not None
+    assert outcome.failure.throttle
+    assert rig.picker is not None
+    assert rig.picker.slowed == [("p", 300.0)]
+    assert rig.store.names == ["claim", "mark_retry"]  # the retry waits for the slowed bucket
+
+
+async def test_a_recipient_throttled_while_others_accept_slows_the_provider() -> None:
+    reply = SendResult(250, "2.0.0 Ok", {"b@example.org": (450, "4.7.1 too fast")})
+    rig = provider_rig(reply)
+    outcome = await rig.process(THREE)
+    assert isinstance(outcome, Later)
+    assert rig.store.called("mark_retry")["partial"][0] == ["b@example.org"]
+    assert rig.picker is not None
+    assert rig.picker.slowed == [("p", 300.0)]
+
+
+async def test_no_provider_is_slowed_when_throttling_is_off() -> None:
+    rig = provider_rig(aiosmtplib.SMTPResponseException(421, "4.7.0 slow down"), throttle_seconds=0)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert rig.picker is not None
+    assert rig.picker.slowed == []

@@ -4,6 +4,9 @@ A provider document holds its limits, its burst and, per limit, the bucket's the
 arrival time and its queue's next wake-up slot (see :mod:`consumer.core.ratelimit`). Taking a
 token is one atomic update whose arithmetic runs on the server against the server's clock
 (``$$NOW``), so workers on machines whose clocks disagree still share one exact bucket.
+The document also holds the provider's reply rules (see :mod:`consumer.core.replies`), in
+their written form, and ``slowed_until`` (server microseconds): while it is ahead, takes
+count every interval :data:`~consumer.core.ratelimit.SLOWDOWN` times as long.
 """
 
 from __future__ import annotations
@@ -271,6 +274,17 @@ class ProviderStore:
                 {"_id": name}, provider_document(name, limits, burst, replies), upsert=True
             )
         return result.upserted_id is not None
+
+    async def set_reply_rules(self, name: str, replies: Sequence[ReplyRule]) -> bool:
+        """Replace the provider's reply rules, its buckets untouched; False if there is no
+        such provider.
+        """
+        written = [str(rule) for rule in replies]
+        async with answering():
+            result = await self.providers.update_one(
+                {"_id": name}, {"$set": {"replies": written, "updated_at": utcnow()}}
+            )
+        return result.matched_count == 1
 
     async def reply_rules(self, name: str) -> tuple[ReplyRule, ...]:
         """The provider's rules for SMTP replies (none for a provider not defined)."""
