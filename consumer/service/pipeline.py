@@ -456,9 +456,9 @@ class Pipeline:
         return await self.picker.choose(attempt.job.domain, avoid=claim.last_outbox)
 
     async def _reply_rules(self, attempt: Attempt) -> tuple[ReplyRule, ...]:
-        """The rules for the replies of the attempt's provider (read once an attempt). None
-        when MongoDB does not answer: the codes alone decide then, as the mail may be out
-        and its record must not wait for them.
+        """The rules for the replies of the attempt's provider, read once an attempt. None
+        are read when MongoDB does not answer: the codes alone decide then, as the mail
+        may be out and its record must not wait for them.
         """
         provider = attempt.ctx.provider
         if attempt.rules is None and provider is not None:
