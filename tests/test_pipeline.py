@@ -26,7 +26,7 @@ from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Sent, Skip
 from consumer.core.ratelimit import Reservation
 from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
-from consumer.core.replies import parse_rules
+from consumer.core.replies import ReplyRule, parse_rules
 from consumer.core.schedule import CLAIM_AHEAD, to_epoch_ms
 from consumer.core.suppression import Scope
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
@@ -1090,3 +1090,15 @@ async def test_no_provider_is_slowed_when_throttling_is_off() -> None:
     assert isinstance(outcome, Later)
     assert rig.picker is not None
     assert rig.picker.slowed == []
+
+
+async def test_rules_that_cannot_be_read_leave_the_codes_to_decide() -> None:
+    class Unreadable(PickerDouble):
+        async def reply_rules(self, provider: str) -> tuple[ReplyRule, ...]:
+            raise unavailable()
+
+    sender = SenderDouble(PROVIDER_OUTBOX, replies=[aiosmtplib.SMTPDataError(451, "4.3.0 busy")])
+    rig = Rig(sender=sender, picker=Unreadable(Choice(sender)))
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert rig.store.names == ["claim", "mark_retry"]

@@ -457,14 +457,14 @@ class Pipeline:
 
     async def _reply_rules(self, attempt: Attempt) -> tuple[ReplyRule, ...]:
         """The rules for the replies of the attempt's provider, read once an attempt. None
-        are read when MongoDB does not answer: the codes alone decide then, as the mail
-        may be out and its record must not wait for them.
+        are read when MongoDB does not answer (or holds a rule no command wrote): the
+        codes alone decide then, as the mail may be out and its record must not wait.
         """
         provider = attempt.ctx.provider
         if attempt.rules is None and provider is not None:
             try:
                 attempt.rules = await self.picker.reply_rules(provider)
-            except StoreUnavailableError as exc:
+            except (StoreUnavailableError, ConfigurationError) as exc:
                 log.warning("job.reply_rules_unread", provider=provider, error=str(exc))
         return attempt.rules or ()
 
