@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(8, ge=1, le=100)
     retry_base_delay: float = Field(30.0, gt=0)
     retry_max_delay: float = Field(3600.0, gt=0)
+    # A provider answering that it throttles (421, 4.7.x, a reply rule) goes at half its
+    # rate for this long after its last such reply; 0: never slowed.
+    throttle_seconds: float = Field(300.0, ge=0, le=86400)
     smtp_timeout: float = Field(30.0, gt=0)
     smtp_pool_size: int = Field(8, ge=1, le=1000)
     smtp_idle_seconds: float = Field(30.0, gt=0)

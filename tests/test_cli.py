@@ -152,6 +152,7 @@ HELP = [
     ["outbox", "rotate-key"],
     ["provider"],
     ["provider", "set"],
+    ["provider", "replies"],
     ["provider", "ls"],
     ["provider", "show"],
     ["provider", "rm"],

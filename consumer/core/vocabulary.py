@@ -48,6 +48,11 @@ FAILED_REASONS: Final[frozenset[DeadReason]] = frozenset({"permanent", "attempts
 # did not answer).
 LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "store"]
 
+# What an SMTP reply means for the job (``consumer.core.retry.reply_verdict``): try again
+# later, never, or later and slower (the provider is throttling: its bucket is slowed).
+ReplyVerdict = Literal["transient", "permanent", "throttle"]
+REPLY_VERDICTS: Final[tuple[ReplyVerdict, ...]] = get_args(ReplyVerdict)
+
 # What a ``reply_to`` caller ("send now and tell me") is told of its job.
 ReplyStatus = Literal["sent", "dead", "deferred", "skipped"]
 # What the older systems' clients are told: the REST server, and the TCP daemon.
