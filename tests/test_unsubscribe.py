@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from consumer.core.content import Content
 from consumer.core.message import Job, parse_job
 from consumer.core.mime import build_mail
+from consumer.core.outcomes import Later
 from consumer.core.refusals import InvalidJobError
 from consumer.core.unsubscribe import (
     ONE_CLICK,
@@ -27,6 +28,7 @@ from consumer.core.unsubscribe import (
 from consumer.settings import Settings
 from consumer.vault import Vault, new_key
 from tests.broker import encode, job
+from tests.doubles import Rig
 
 NOW = datetime(2035, 1, 1, tzinfo=UTC)
 LATER = NOW + timedelta(days=180)
@@ -166,3 +168,15 @@ def test_the_base_url_is_https() -> None:
     for bad in ("http://mail.example.com", "https://mail.example.com/?a=b", "https://x y"):
         with pytest.raises(ValidationError):
             Settings(unsubscribe_url=bad, _env_file=None)
+
+
+async def test_without_the_url_a_job_asking_for_a_link_waits_and_says_why() -> None:
+    rig = Rig()
+    outcome = await rig.process(encode(job(unsubscribe={"list": "news"})))
+    assert isinstance(outcome, Later)
+    assert outcome.why == "retry"
+    assert outcome.failure is not None
+    assert "MAILBUS_UNSUBSCRIBE_URL" in outcome.failure.describe()
+    assert rig.sender.handed == []
+    # The job's list is held against the suppressions with its domain.
+    assert rig.suppressions.asked == [("example.com", "news")]
