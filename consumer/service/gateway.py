@@ -478,6 +478,9 @@ class Gateway:
         except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
             log.warning("gateway.unavailable", gateway="unsubscribe", error=str(exc))
             return _plain("mail service unavailable, try again later", 503)
+        except Exception:  # a broker restarting fails in many types: the client tries later
+            log.exception("gateway.request_failed", gateway="unsubscribe")
+            return _plain("mail service unavailable, try again later", 503)
         log.info(
             "gateway.unsubscribed",
             domain=asked.domain,
