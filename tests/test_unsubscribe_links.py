@@ -43,8 +43,8 @@ def settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def rest(settings: Settings, worker: RunningWorker) -> AsyncIterator[str]:
-    """The REST gateway's address on loopback, a worker behind it."""
+async def rest(settings: Settings, channel: AbstractChannel) -> AsyncIterator[str]:
+    """The REST gateway's address on loopback (the test's topology declared and removed)."""
     async with gateways(settings, rest=ANY_PORT) as bound:
         yield f"http://127.0.0.1:{bound['rest']}"
 
@@ -60,6 +60,7 @@ async def test_a_link_in_the_mail_unsubscribes_from_its_list_only(
     channel: AbstractChannel,
     smtp: CaptureServer,
     store: JobStore,
+    worker: RunningWorker,
     rest: str,
 ) -> None:
     names = Names(settings.prefix)
