@@ -41,6 +41,18 @@ def _lower(value: str | None) -> str | None:
     return value.lower() if value is not None else None
 
 
+def _https_base(value: str | None) -> str | None:
+    """An https base URL without a final slash (checked as links are made of it)."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("an https URL (https://host[:port][/path]) with no query or fragment")
+    if not value.isascii() or any(c.isspace() or c in "<>," for c in value):
+        raise ValueError("an ASCII URL without white space, '<', '>' or ','")
+    return value.rstrip("/")
+
+
 class Settings(BaseSettings):
     """Runtime configuration, read from the environment (prefix ``MAILBUS_``) and ``.env``."""
 
@@ -139,6 +151,10 @@ class Settings(BaseSettings):
     gateway_smtp_loopback_plain_auth: bool = False
     # The hosts such a request may name besides the default server's (comma-separated).
     gateway_smtp_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = []
+    # One-click unsubscribe: the public https URL under which the REST gateway serves
+    # /unsubscribe/TOKEN (links are BASE/unsubscribe/TOKEN), and how long a link works.
+    unsubscribe_url: Annotated[str | None, AfterValidator(_https_base)] = None
+    unsubscribe_days: float = Field(180.0, gt=0, le=3650)
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.unsubscribe import Unsubscribe
 from consumer.core.vocabulary import FAILED_REASONS, ReplyStatus
 
 Event = tuple[str, dict[str, Any]]
@@ -97,6 +98,19 @@ def rescheduled_event(job_id: str, record: Mapping[str, Any], due_at: datetime) 
     if record.get("sandbox"):
         body["sandbox"] = True
     return "mail.scheduled", body
+
+
+def unsubscribed_event(request: Unsubscribe, at: datetime) -> Event:
+    """``mail.unsubscribed``: ``request``'s recipient left its list, at ``at``."""
+    body = {
+        "event": "mail.unsubscribed",
+        "domain": request.domain,
+        "list": request.list_name,
+        "recipient": request.recipient.lower(),
+        "id": request.job_id,
+        "at": at.isoformat(),
+    }
+    return "mail.unsubscribed", body
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -46,6 +46,7 @@ from consumer.core.retry import (
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.suppression import Scope
+from consumer.core.unsubscribe import link_headers
 from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
@@ -66,6 +67,7 @@ from consumer.store.jobs import (
     smtp_reply,
 )
 from consumer.store.suppressions import SuppressionStore
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 Written = TypeVar("Written")
@@ -88,6 +90,7 @@ class Attempt:
     details: Document = field(default_factory=dict)
     send_at: datetime | None = None  # claimed ahead: not handed over before this
     rules: tuple[ReplyRule, ...] | None = None  # the provider's, once a reply needed them
+    added: dict[str, str] = field(default_factory=dict)  # headers mailbus adds: unsubscribe
 
 
 class Pipeline:
@@ -104,6 +107,7 @@ class Pipeline:
         suppressions: SuppressionStore,
         signer: DkimSigner,
         worker_id: str,
+        vault: Vault | None = None,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -117,6 +121,7 @@ class Pipeline:
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
+        self.vault = vault  # MAILBUS_SECRET_KEY's: signs unsubscribe links
         self._sending: set[str] = set()
 
     def leases_held(self) -> frozenset[str]:
@@ -256,6 +261,7 @@ class Pipeline:
                 limit = self.settings.max_message_bytes
                 mail = raw_mail(attempt.job, attempt.job_id, attempt.now, limit=limit)
             else:
+                attempt.added = self._unsubscribe_headers(attempt)
                 content = await self.composer.compose(attempt.job)
                 if content.template is not None:
                     name, version = content.template
@@ -266,6 +272,8 @@ class Pipeline:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
             return await self._failed(attempt, classify(exc))
+        except ConfigurationError as exc:  # no unsubscribe URL or key yet: retry later
+            return await self._failed(attempt, Failure(True, None, str(exc)))
         if attempt.send_at is not None:
             # Claimed ahead, ready to go: the outbox and its token are taken at its time.
             await asyncio.sleep(max((attempt.send_at - self.clock()).total_seconds(), 0.0))
@@ -308,10 +316,30 @@ class Pipeline:
         """
         pending = attempt.claim.pending
         owed = list(pending) if pending is not None else attempt.job.recipients()
-        suppressed = await self.suppressions.among(owed, domain=attempt.job.domain)
+        asked = attempt.job.unsubscribe
+        suppressed = await self.suppressions.among(
+            owed, domain=attempt.job.domain, list_name=asked.list_ if asked else None
+        )
         if suppressed:
             attempt.details["suppressed"] = sorted(suppressed)
         return [r for r in owed if r.lower() not in suppressed]
+
+    def _unsubscribe_headers(self, attempt: Attempt) -> dict[str, str]:
+        """The job's List-Unsubscribe headers, when it asks for them; raises
+        :class:`ConfigurationError` when mailbus cannot make its link.
+        """
+        if attempt.job.unsubscribe is None:
+            return {}
+        base_url = self.settings.unsubscribe_url
+        if base_url is None or self.vault is None:
+            raise ConfigurationError(
+                "the job asks for an unsubscribe link: set MAILBUS_UNSUBSCRIBE_URL and "
+                "MAILBUS_SECRET_KEY (shared with the REST gateway that serves the link)"
+            )
+        expires = attempt.now + timedelta(days=self.settings.unsubscribe_days)
+        return link_headers(
+            attempt.job, attempt.job_id, base_url=base_url, vault=self.vault, expires=expires
+        )
 
     def _build(self, attempt: Attempt, content: Content, charset: str) -> Mail:
         return build_mail(
@@ -321,6 +349,7 @@ class Pipeline:
             content,
             charset=charset,
             limit=self.settings.max_message_bytes,
+            added=attempt.added,
         )
 
     async def _throttled(self, attempt: Attempt, throttle: Throttle) -> Outcome:
