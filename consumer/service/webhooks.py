@@ -410,7 +410,9 @@ class WebhookService:
             "error": attempt.error,
             "retry_in": retry_in,
         }
-        log.info("webhooks.attempt", **{k: v for k, v in record.items() if k != "domain"})
+        # structlog's own "event" is the log line's name; the domain is bound already.
+        shown = {k: v for k, v in record.items() if k not in ("event", "domain")}
+        log.info("webhooks.attempt", type=record["event"], **shown)
         try:
             await self.mongo.webhooks.log(record, self.settings.webhook_log_days)
         except StoreUnavailableError as exc:
