@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -26,6 +27,7 @@ from consumer.core.webhooks import (
     next_step,
     secret_bytes,
     signature,
+    signed_headers,
     webhook_id,
 )
 from consumer.mail.webhooks import WebhookPoster
@@ -61,6 +63,17 @@ def test_signatures_match_the_specifications_vector_and_an_independent_receiver(
     for bad in ("secret", "whsec_not base64!", "whsec_c2hvcnQ=", "whsec_" + "A" * 300):
         with pytest.raises(ValueError, match="webhook secret"):
             secret_bytes(bad)
+
+
+def test_the_operator_guides_receiver_verifies_what_mailbus_signs(repo_root: Path) -> None:
+    guide = (repo_root / "deploy" / "README.md").read_text()
+    code = guide.split("### Webhooks", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(code, scope)  # noqa: S102 (the guide's own example)
+    secret, body, now = new_secret(), b'{"event": "mail.sent"}', int(time.time())
+    headers = signed_headers(secret_bytes(secret), webhook_id("e", "wh_1"), now, body)
+    assert scope["verify"](secret, headers, body)
+    assert not scope["verify"](secret, headers, body + b" ")
 
 
 def test_subscriptions_and_ids() -> None:

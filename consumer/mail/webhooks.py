@@ -50,7 +50,8 @@ class WebhookPoster:
             self._checked_address,
             httpx.Timeout(timeout),
             ssl_context=ssl_context,
-            headers={"user-agent": "mailbus-webhooks"},
+            # identity: the start of a failing answer is logged as text.
+            headers={"user-agent": "mailbus-webhooks", "accept-encoding": "identity"},
         )
 
     async def close(self) -> None:

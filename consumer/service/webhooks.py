@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import random
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,8 @@ log = get_logger(__name__)
 # The largest event body delivered: events carry a job's tags and metadata, both bounded
 # by the job contract, far below this.
 MAX_EVENT_BYTES = 1024 * 1024
+# How long the active endpoints, read from MongoDB, are used before they are read again.
+ENDPOINTS_SECONDS = 5.0
 # An event whose endpoints could not be read (MongoDB away) comes back this much later.
 STORE_RETRY_SECONDS = 5
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError)
@@ -160,6 +163,9 @@ class WebhookService:
         self._tasks: set[asyncio.Task[None]] = set()
         # The last delivery of each job under way: the next one waits for it.
         self._tails: dict[str, asyncio.Future[None]] = {}
+        self._reading = asyncio.Lock()
+        self._read_at: float | None = None
+        self._by_domain: dict[str, list[Document]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebhookService:
@@ -243,6 +249,7 @@ class WebhookService:
                 await before
             await work
         finally:
+            work.close()  # a no-op once it ran; one cancelled while waiting never starts
             done.set_result(None)
             if self._tails.get(key) is done:
                 del self._tails[key]
@@ -294,7 +301,7 @@ class WebhookService:
 
     async def _endpoints(self, domain: str, event_type: str, retry: Retry | None) -> list[Document]:
         if retry is None:
-            endpoints = await self.mongo.webhooks.of_domain(domain)
+            endpoints = (await self._active()).get(domain.lower(), [])
             return [e for e in endpoints if subscribed(e.get("events", []), event_type)]
         endpoint = await self.mongo.webhooks.get(retry.endpoint)
         if endpoint is None or not endpoint.get("active", False):
@@ -306,6 +313,20 @@ class WebhookService:
             )
             return []
         return [endpoint]
+
+    async def _active(self) -> dict[str, list[Document]]:
+        """The active endpoints by domain, read again when ENDPOINTS_SECONDS old: one query
+        every few seconds, whatever the rate of events, rather than one per event on the
+        database the workers send through.
+        """
+        async with self._reading:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= ENDPOINTS_SECONDS:
+                by_domain: dict[str, list[Document]] = {}
+                for endpoint in await self.mongo.webhooks.active():
+                    by_domain.setdefault(endpoint["domain"], []).append(endpoint)
+                self._by_domain, self._read_at = by_domain, now
+            return self._by_domain
 
     async def _deliver(
         self,
@@ -380,7 +401,10 @@ class WebhookService:
         reason = _GIVEN_UP.get(step.status)
         if reason is not None:
             if step.status == "gone":
-                await self.mongo.webhooks.deactivate(entry["endpoint"], "410 Gone")
+                try:
+                    await self.mongo.webhooks.deactivate(entry["endpoint"], "410 Gone")
+                except StoreUnavailableError as exc:  # it answers 410 again next time
+                    log.warning("webhooks.not_turned_off", error=str(exc))
             log.warning("webhooks.given_up", endpoint=entry["endpoint"], reason=reason)
             await self._out().webhook_dead_letter(
                 message,

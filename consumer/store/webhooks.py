@@ -60,11 +60,10 @@ class WebhookStore:
             cursor = self.endpoints.find(query).sort([("domain", 1), ("created_at", 1)])
             return [doc async for doc in cursor]
 
-    async def of_domain(self, domain: str) -> list[Document]:
-        """The active endpoints of ``domain``."""
+    async def active(self) -> list[Document]:
+        """Every active endpoint (an operator's list: a few, never one per job)."""
         async with answering():
-            cursor = self.endpoints.find({"domain": domain.lower(), "active": True})
-            return [doc async for doc in cursor]
+            return [doc async for doc in self.endpoints.find({"active": True})]
 
     async def get(self, endpoint_id: str) -> Document | None:
         """One endpoint, active or not."""
