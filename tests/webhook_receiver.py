@@ -101,8 +101,7 @@ async def receiving() -> AsyncIterator[Receiver]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    assert site._server is not None
-    receiver.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    receiver.port = runner.addresses[0][1]
     try:
         yield receiver
     finally:
