@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
 from consumer.cli.app import _parser
-from consumer.core.headers import ERROR_HEADER, REASON_HEADER, WEBHOOK_HEADER
+from consumer.core.headers import ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER, WEBHOOK_HEADER
 from consumer.core.names import Names
 from consumer.core.webhooks import (
     Attempt,
@@ -231,3 +231,32 @@ async def test_a_private_address_is_refused_and_given_up(
     assert json.loads(letter.body) == event
     assert " refused " in logged
     assert "MAILBUS_WEBHOOK_ALLOW_PRIVATE" in logged
+
+
+async def test_an_endpoint_failing_past_the_maximum_age_is_given_up(
+    settings: Settings, channel: AbstractChannel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = hooked(settings, webhook_allow_private=True, webhook_max_age=2.5)
+    names = Names(settings.prefix)
+    async with receiving() as receiver:
+        receiver.answer["/down"] = lambda _: 503
+        added = await cli(settings, capsys, "webhook", "add", "example.com", receiver.url("/down"))
+        receiver.secrets["/down"] = watched(added.split("secret (shown once): ")[1].strip())
+        async with webhook_service(settings):
+            event = {"event": "mail.dead", "id": "d-1", "domain": "example.com", "attempts": 0}
+            events = await channel.get_exchange(names.events, ensure=False)
+            await events.publish(
+                aio_pika.Message(json.dumps(event).encode(), message_id="e-2"),
+                routing_key="mail.dead",
+            )
+            [letter] = await take(channel, names.webhooks_dead, 1)
+        logged = await cli(settings, capsys, "webhook", "log", "--limit", "10")
+    headers = letter.headers or {}
+    tried = len(receiver.requests)
+    assert headers[REASON_HEADER] == "expired"
+    assert headers[ATTEMPTS_HEADER] == tried
+    assert tried >= 2
+    assert len({r.webhook_id for r in receiver.requests}) == 1
+    assert all(r.verified for r in receiver.requests)
+    assert logged.count(" failed ") == tried - 1
+    assert logged.count(" dead ") == 1
