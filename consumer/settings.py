@@ -155,6 +155,17 @@ class Settings(BaseSettings):
     # /unsubscribe/TOKEN (links are BASE/unsubscribe/TOKEN), and how long a link works.
     unsubscribe_url: Annotated[str | None, AfterValidator(_https_base)] = None
     unsubscribe_days: float = Field(180.0, gt=0, le=3650)
+    # Webhooks (`mailbus webhook serve`): deliveries at once, one attempt's time (connect,
+    # send, answer), retry backoff, how long an event is retried before it is given up,
+    # how long attempts are kept for `mailbus webhook log`, and whether endpoints may be
+    # at private addresses (as URL attachments may not).
+    webhook_prefetch: int = Field(16, ge=1, le=1000)
+    webhook_timeout: float = Field(10.0, gt=0, le=300)
+    webhook_retry_base_delay: float = Field(5.0, gt=0)
+    webhook_retry_max_delay: float = Field(3600.0, gt=0)
+    webhook_max_age: float = Field(3 * 86400.0, gt=0)
+    webhook_log_days: float = Field(7.0, gt=0)
+    webhook_allow_private: bool = False
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)

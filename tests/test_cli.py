@@ -194,6 +194,12 @@ HELP = [
     ["gateway"],
     ["gateway", "serve"],
     ["gateway", "hash-password"],
+    ["webhook"],
+    ["webhook", "add"],
+    ["webhook", "ls"],
+    ["webhook", "rm"],
+    ["webhook", "log"],
+    ["webhook", "serve"],
 ]
 
 

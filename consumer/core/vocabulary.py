@@ -65,3 +65,13 @@ DaemonStatus = Literal["success", "error"]
 # Who put an address on the suppression list: an operator, a server's refusal or a later
 # bounce (``bounce``), the recipient's complaint or one-click unsubscribe.
 SuppressionSource = Literal["manual", "bounce", "complaint", "unsubscribe"]
+
+# What one webhook delivery attempt ended in (``mailbus webhook log``): ``delivered`` (2xx),
+# ``failed`` (tried again later), ``dead`` (past MAILBUS_WEBHOOK_MAX_AGE), ``refused`` (a
+# URL that can never be delivered to), ``gone`` (410: the endpoint was turned off),
+# ``removed`` (the endpoint was removed or turned off before a retry).
+WebhookStatus = Literal["delivered", "failed", "dead", "refused", "gone", "removed"]
+# Why a webhook delivery is given up (its ``x-mailbus-reason`` in ``mailbus.webhooks.dead``):
+# retried past MAILBUS_WEBHOOK_MAX_AGE, a URL that can never be delivered to, an endpoint
+# that answered 410 Gone, or a delivery that is no event (or a copy with a broken seal).
+WebhookDeadReason = Literal["expired", "refused", "gone", "invalid"]
