@@ -60,3 +60,11 @@ DaemonStatus = Literal["success", "error"]
 # Who put an address on the suppression list: an operator, a server's refusal or a later
 # bounce (``bounce``), the recipient's complaint or one-click unsubscribe.
 SuppressionSource = Literal["manual", "bounce", "complaint", "unsubscribe"]
+
+# A bounce that came back after the hand-over: ``hard`` (the address failed for good:
+# Action failed, a 5.x.x status) suppresses it; ``soft`` (delayed, 4.x.x) is only counted.
+BounceKind = Literal["hard", "soft"]
+BOUNCE_KINDS: Final[tuple[BounceKind, ...]] = get_args(BounceKind)
+# What the bounces and complaints that come back are counted as (status, metrics, digest).
+FeedbackTally = Literal["hard", "soft", "complaints"]
+FEEDBACK_TALLIES: Final[tuple[FeedbackTally, ...]] = get_args(FeedbackTally)

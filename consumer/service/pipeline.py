@@ -36,6 +36,7 @@ from consumer.core.outcomes import (
 )
 from consumer.core.refusals import DeadLetterError, InvalidJobError
 from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
+from consumer.core.returns import ReturnPaths
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.suppression import Scope
@@ -98,7 +99,9 @@ class Pipeline:
         worker_id: str,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
+        returns: ReturnPaths | None = None,
     ) -> None:
+        """``returns``: the bounce domain's return addresses (MAILBUS_BOUNCE_DOMAIN), if set."""
         self.settings = settings
         self.store = store
         self.picker = picker
@@ -109,6 +112,7 @@ class Pipeline:
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
+        self.returns = returns
         self._sending: set[str] = set()
 
     def leases_held(self) -> frozenset[str]:
@@ -333,12 +337,22 @@ class Pipeline:
     ) -> Outcome:
         started = time.perf_counter()
         try:
-            result = await pool.send(mail, attempt.job.envelope_sender(), recipients)
+            result = await pool.send(mail, self._envelope_sender(attempt), recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
             return await self._failed(attempt, classify(exc))
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
         return await self._accepted(attempt, result, seconds)
+
+    def _envelope_sender(self, attempt: Attempt) -> str:
+        """MAIL FROM: the job's return address at the bounce domain when one is set (the
+        header From is untouched); the job's own sender for sandboxed mail and for a server
+        the job names itself, whose bounces are its owner's to read.
+        """
+        job = attempt.job
+        if self.returns is None or attempt.ctx.sandbox or job.smtp_sealed is not None:
+            return job.envelope_sender()
+        return self.returns.address(attempt.job_id)
 
     async def _dead(self, attempt: Attempt, reason: DeadReason, error: str) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""
