@@ -14,19 +14,25 @@ from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractChannel
+from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
+from consumer.cli.status import render
+from consumer.clock import utcnow
 from consumer.core.event_contract import EVENTS, MailBounced, MailComplained
 from consumer.core.names import Names
 from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import Sent
 from consumer.core.reports import Bounce, Complaint, UnreadableReportError, read_report
 from consumer.core.returns import ReturnPaths, carried_whole, search_key
+from consumer.core.vocabulary import FeedbackTally
 from consumer.errors import ConfigurationError
+from consumer.service.alerts import digest_job
+from consumer.service.metrics import Metrics
 from consumer.service.picker import Choice
+from consumer.service.status import gather
 from consumer.settings import Settings
-from consumer.store.feedback import FeedbackCounts
 from consumer.store.jobs import JobStore
 from consumer.store.suppressions import SuppressionStore
 from consumer.vault import Vault, new_key
@@ -142,6 +148,17 @@ async def test_sandboxed_mail_keeps_the_jobs_own_envelope_sender() -> None:
     rig.pipeline.returns = ReturnPaths(BOUNCES, KEYS)
     await rig.process(encode(job(sandbox=True)))
     assert [h.sender for h in catch_all.handed] == ["sender@example.com"]
+
+
+def test_the_metrics_and_the_digest_say_what_came_back() -> None:
+    metrics = Metrics(lambda: 0, dict, dict)
+    metrics.watch_feedback(lambda: {"hard": 3, "soft": 2, "complaints": 1})
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'mailbus_feedback_last_day{kind="hard"} 3.0' in scraped
+    assert 'mailbus_feedback_last_day{kind="complaints"} 1.0' in scraped
+    counts: dict[FeedbackTally, int] = {"hard": 3, "soft": 2, "complaints": 1}
+    digest = digest_job([], 0, "admin@example.net", "alerts@example.net", utcnow(), counts)
+    assert "3 hard bounce(s), 2 soft, 1 complaint(s)" in digest["text"]
 
 
 # Reports.
@@ -285,10 +302,9 @@ async def test_a_bounce_and_a_complaint_come_back_to_the_jobs_that_sent_the_mail
     }
     assert suppressions[(RCPT, "bounce")]["expire_at"] is not None
     assert suppressions[("fan@receiver.example", "complaint")]["expire_at"] is None
-    counts = await FeedbackCounts(store.database).since(
-        record["created_at"], record["created_at"].replace(year=2100)
-    )
-    assert counts == {"hard": 1, "soft": 0, "complaints": 1}
+    status = await gather(settings, utcnow())
+    assert status["today"]["feedback"] == {"hard": 1, "soft": 0, "complaints": 1}
+    assert "came back: 1 hard bounces, 0 soft, 1 complaints" in render(status)
 
     seen: list[tuple[str, Any]] = []
 
