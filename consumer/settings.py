@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # address of its own there (VERP, signed with MAILBUS_SECRET_KEY), and the gateway's
     # --bounces listener (the domain's MX) takes what comes back, up to this size a message.
     bounce_domain: Annotated[str | None, AfterValidator(_lower)] = Field(
-        None, min_length=3, max_length=190
+        None, max_length=190, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$"
     )
     bounce_max_message_bytes: int = Field(MiB, ge=4096, le=16 * MiB)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;

@@ -242,6 +242,22 @@ def _submit(port: int, rcpt: str, message: bytes) -> tuple[int, bytes]:
         return session.data(message)
 
 
+def _probe(port: int, rcpt: str, tries: int) -> list[int]:
+    """RCPT after RCPT of addresses that are no return address, until the listener ends
+    the session: the codes answered.
+    """
+    codes: list[int] = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as session:
+        session.ehlo("prober.example")
+        session.mail("<>")
+        try:
+            for n in range(tries):
+                codes.append(session.rcpt(f"{n}{rcpt}")[0])
+        except smtplib.SMTPServerDisconnected:
+            pass
+    return codes
+
+
 async def test_a_bounce_and_a_complaint_come_back_to_the_jobs_that_sent_the_mail(
     settings: Settings,
     channel: AbstractChannel,
@@ -283,6 +299,8 @@ async def test_a_bounce_and_a_complaint_come_back_to_the_jobs_that_sent_the_mail
         assert again[0] == 250
         arf = samples.arf_complaint(complained, "fan@receiver.example")
         assert (await asyncio.to_thread(_submit, port, complained.upper(), arf))[0] == 250
+        probed = await asyncio.to_thread(_probe, port, returned, 30)
+        assert probed == [550] * 19 + [421]
         dropped = await asyncio.to_thread(_submit, port, returned, samples.plain_mail(returned))
         assert dropped[0] == 250
         assert b"dropped" in dropped[1]

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 # A report goes to one return address; a few more allow for an MTA that batches.
 MAX_RECIPIENTS = 10
+# Addresses a session may try that are no return address: past them it is closed, so
+# that one connection cannot probe for ever.
+MAX_REFUSED = 20
 NO_SUCH_ADDRESS = "550 5.1.1 No such return address"
+TOO_MANY_REFUSED = "421 4.7.0 Too many unknown recipients, closing"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 ACCEPTED = "250 2.0.0 OK"
 DROPPED = "250 2.0.0 Accepted and dropped: not a report mailbus reads"
@@ -84,6 +88,11 @@ class BounceHandler:
             return TOO_MANY_RECIPIENTS
         if self.returns.read(address) is None:
             log.warning("bounce.refused", reason="no such return address", rcpt=address[:100])
+            assert isinstance(server, BounceServer)  # this handler serves no other
+            server.unknown += 1
+            if server.unknown >= MAX_REFUSED:
+                server.close_after_reply()
+                return TOO_MANY_REFUSED
             return NO_SUCH_ADDRESS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -188,9 +197,19 @@ class BounceServer(SubmissionServer):
     is being answered, not let go for room, until its answer is given.
     """
 
+    unknown = 0  # recipients refused in this session: no return address
+
     def taking(self) -> bool:
         """Its recipients are valid return addresses: the DATA about to come is taken in."""
         return bool(self.envelope and self.envelope.rcpt_tos)
+
+    def close_after_reply(self) -> None:
+        """Close the connection once the reply being given is written."""
+        transport = cast(asyncio.Transport | None, self.transport)
+        if transport is not None:
+            # The reply is written before the loop runs this (no await between them), and
+            # closing flushes it.
+            asyncio.get_running_loop().call_soon(transport.close)
 
 
 def bounce_factory(
