@@ -30,7 +30,7 @@ from consumer.core.events import Event, bounced_event, complained_event
 from consumer.core.reports import Report, UnreadableReportError, read_report
 from consumer.core.returns import JobRef, ReturnPaths
 from consumer.core.suppression import Scope
-from consumer.core.vocabulary import SuppressionSource
+from consumer.core.vocabulary import FeedbackKind, SuppressionSource, tally_of
 from consumer.logging import get_logger
 from consumer.service.smtp_intake import UNAVAILABLE, SubmissionServer
 from consumer.store.documents import Document
@@ -141,7 +141,8 @@ class BounceHandler:
                 await self._record(
                     record,
                     bounce.recipient,
-                    {"kind": bounce.kind, "status": bounce.status, "diagnostic": bounce.diagnostic},
+                    bounce.kind,
+                    {"status": bounce.status, "diagnostic": bounce.diagnostic},
                     key,
                     event=bounced_event(job_id, record, bounce),
                     suppression=(reason, "bounce", self.days) if suppress else None,
@@ -156,7 +157,8 @@ class BounceHandler:
                 await self._record(
                     record,
                     who,
-                    {"kind": "complaint", "feedback_type": complaint.feedback_type},
+                    "complaint",
+                    {"feedback_type": complaint.feedback_type},
                     key,
                     event=complained_event(job_id, record, complaint, who),
                     suppression=(f"complaint ({complaint.feedback_type})", "complaint", None),
@@ -166,6 +168,7 @@ class BounceHandler:
         self,
         record: JobRecord,
         recipient: str,
+        kind: FeedbackKind,
         fields: Document,
         key: str,
         *,
@@ -185,10 +188,9 @@ class BounceHandler:
                 {recipient: reason[:200]}, scope=Scope(domain), source=source, days=days
             )
         await gateway.outgoing.event(*event)
-        entry = {"at": now, "recipient": recipient, "key": key, **fields}
+        entry = {"at": now, "kind": kind, "recipient": recipient, "key": key, **fields}
         if await gateway.jobs.add_feedback(job_id, entry):
-            kind = fields["kind"]
-            await gateway.feedback.add("complaints" if kind == "complaint" else kind, now)
+            await gateway.feedback.add(tally_of(kind), now)
             log.info("bounce.recorded", id=job_id, kind=kind, suppressed=bool(suppression))
 
 
