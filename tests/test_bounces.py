@@ -8,6 +8,7 @@ suppressions and the events say so.
 from __future__ import annotations
 
 import asyncio
+import base64
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -129,14 +130,33 @@ def test_a_bounce_domain_without_a_secret_key_fails_at_start() -> None:
     assert paths.keys[0] not in Vault.from_settings(keyed).derived_keys("signing")
 
 
-async def test_the_envelope_sender_is_the_return_address_and_the_from_is_untouched() -> None:
+RAW = b"From: Sender <sender@example.com>\r\nTo: rcpt@example.org\r\nSubject: Raw\r\n\r\nHi\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        job(id="order-7"),
+        {
+            "id": "order-7",
+            "domain": "example.com",
+            "raw_b64": base64.b64encode(RAW).decode(),
+            "mail_from": "sender@example.com",
+            "rcpt_to": ["rcpt@example.org"],
+        },
+    ],
+    ids=["built", "raw"],
+)
+async def test_the_envelope_sender_is_the_return_address_and_the_from_is_untouched(
+    body: dict[str, Any],
+) -> None:
     rig = Rig()
     rig.pipeline.returns = paths = ReturnPaths(BOUNCES, KEYS)
-    outcome = await rig.process(encode(job(id="order-7")), "order-7")
+    outcome = await rig.process(encode(body), "order-7")
     assert isinstance(outcome, Sent)
     [handed] = rig.sender.handed
     assert handed.sender == paths.address("order-7")
-    assert handed.mail.message["From"] == "Sender <sender@example.com>"
+    assert b"\r\nFrom: Sender <sender@example.com>\r\n" in b"\r\n" + handed.mail.wire
 
 
 async def test_sandboxed_mail_keeps_the_jobs_own_envelope_sender() -> None:
