@@ -41,6 +41,18 @@ def _lower(value: str | None) -> str | None:
     return value.lower() if value is not None else None
 
 
+def _https_base(value: str | None) -> str | None:
+    """An https base URL without a final slash (checked as links are made of it)."""
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError("an https URL (https://host[:port][/path]) with no query or fragment")
+    if not value.isascii() or any(c.isspace() or c in "<>," for c in value):
+        raise ValueError("an ASCII URL without white space, '<', '>' or ','")
+    return value.rstrip("/")
+
+
 class Settings(BaseSettings):
     """Runtime configuration, read from the environment (prefix ``MAILBUS_``) and ``.env``."""
 
@@ -147,6 +159,21 @@ class Settings(BaseSettings):
     gateway_smtp_loopback_plain_auth: bool = False
     # The hosts such a request may name besides the default server's (comma-separated).
     gateway_smtp_hosts: Annotated[list[str], NoDecode, BeforeValidator(_comma_list)] = []
+    # One-click unsubscribe: the public https URL under which the REST gateway serves
+    # /unsubscribe/TOKEN (links are BASE/unsubscribe/TOKEN), and how long a link works.
+    unsubscribe_url: Annotated[str | None, AfterValidator(_https_base)] = None
+    unsubscribe_days: float = Field(180.0, gt=0, le=3650)
+    # Webhooks (`mailbus webhook serve`): deliveries at once, one attempt's time (connect,
+    # send, answer), retry backoff, how long an event is retried before it is given up,
+    # how long attempts are kept for `mailbus webhook log`, and whether endpoints may be
+    # at private addresses (as URL attachments may not).
+    webhook_prefetch: int = Field(16, ge=1, le=1000)
+    webhook_timeout: float = Field(10.0, gt=0, le=300)
+    webhook_retry_base_delay: float = Field(5.0, gt=0)
+    webhook_retry_max_delay: float = Field(3600.0, gt=0)
+    webhook_max_age: float = Field(3 * 86400.0, gt=0)
+    webhook_log_days: float = Field(7.0, gt=0)
+    webhook_allow_private: bool = False
     # /metrics, /healthz and /readyz; off unless a port is set (0: any free port).
     http_host: str = "127.0.0.1"
     http_port: int | None = Field(None, ge=0, le=65535)
@@ -160,6 +187,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(8, ge=1, le=100)
     retry_base_delay: float = Field(30.0, gt=0)
     retry_max_delay: float = Field(3600.0, gt=0)
+    # A provider answering that it throttles (421, 4.7.x, a reply rule) goes at half its
+    # rate for this long after its last such reply; 0: never slowed.
+    throttle_seconds: float = Field(300.0, ge=0, le=86400)
     smtp_timeout: float = Field(30.0, gt=0)
     smtp_pool_size: int = Field(8, ge=1, le=1000)
     smtp_idle_seconds: float = Field(30.0, gt=0)

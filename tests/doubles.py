@@ -25,6 +25,7 @@ from consumer.core.mime import Mail
 from consumer.core.outboxes import Outbox, outbox_from_url
 from consumer.core.outcomes import Outcome, SendResult
 from consumer.core.ratelimit import Reservation
+from consumer.core.replies import ReplyRule
 from consumer.core.suppression import Scope
 from consumer.core.vocabulary import DeadReason
 from consumer.errors import StoreUnavailableError
@@ -57,6 +58,7 @@ def offline_settings(**changes: Any) -> Settings:
         "retry_base_delay": 30.0,
         "retry_max_delay": 3600.0,
         "bounce_suppression_days": 30.0,
+        "throttle_seconds": 300.0,
     }
     values.update(changes)
     if isinstance(values["secret_key"], str):
@@ -308,6 +310,8 @@ class PickerDouble:
         self.chosen: list[tuple[str, str | None]] = []
         self.asked_reserved: list[Reservation] = []
         self.asked_sandbox: list[str] = []
+        self.rules: dict[str, tuple[ReplyRule, ...]] = {}  # each provider's reply rules
+        self.slowed: list[tuple[str, float]] = []
 
     async def choose(self, domain: str, avoid: str | None = None) -> Choice | None:
         self.chosen.append((domain, avoid))
@@ -318,6 +322,13 @@ class PickerDouble:
     async def reserved(self, reservation: Reservation) -> Choice | None:
         self.asked_reserved.append(reservation)
         return self.reserved_choice
+
+    async def reply_rules(self, provider: str) -> tuple[ReplyRule, ...]:
+        return self.rules.get(provider, ())
+
+    async def slow(self, provider: str, seconds: float) -> datetime | None:
+        self.slowed.append((provider, seconds))
+        return NOW + timedelta(seconds=seconds)
 
     async def sandbox(self, name: str) -> Choice:
         self.asked_sandbox.append(name)

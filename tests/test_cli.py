@@ -152,6 +152,7 @@ HELP = [
     ["outbox", "rotate-key"],
     ["provider"],
     ["provider", "set"],
+    ["provider", "replies"],
     ["provider", "ls"],
     ["provider", "show"],
     ["provider", "rm"],
@@ -193,6 +194,12 @@ HELP = [
     ["gateway"],
     ["gateway", "serve"],
     ["gateway", "hash-password"],
+    ["webhook"],
+    ["webhook", "add"],
+    ["webhook", "ls"],
+    ["webhook", "rm"],
+    ["webhook", "log"],
+    ["webhook", "serve"],
 ]
 
 

@@ -20,6 +20,7 @@ CONFIG = """
 [providers.gmail]
 limits = ["500/day", "20/minute"]
 burst = 5
+replies = ["transient: 550 5.7.1 rate limited"]
 
 [domains."Example.com"]
 key_env = "TEST_EXAMPLE_KEY"
@@ -48,6 +49,7 @@ active = false
     [
         ("[providers.p]\nlimits = ['5/fortnight']", "provider p: a limit looks like"),
         ("[providers.p]\nlimits = []", "providers.p.limits"),
+        ("[providers.p]\nlimits = ['5/s']\nreplies = ['maybe: 550']", "provider p: a reply rule"),
         ("[outboxes.o]\ndomain = 'a.example'\nhost = 'h'\nprovider = 'nope'", "not defined"),
         ("[outboxes.o]\ndomain = 'a.example'\nhots = 'h'", "outboxes.o.hots: Extra inputs"),
         ("[outboxes.o]\ndomain = 'a.example'\nsecurity = 'ssl'", "outboxes.o.security"),
@@ -107,6 +109,15 @@ async def test_import_then_export_round_trip(
         after = await jobs.database["providers"].find_one({"_id": "gmail"})
     assert after is not None
     assert after["limits"] == buckets["limits"]  # not refilled by re-applying
+    assert after["replies"] == ["transient: 550 5.7.1 rate limited"]
+
+    source.write_text(CONFIG.replace("transient: 550 5.7.1 rate limited", "throttle: 4.7"))
+    ruled = await mailbus(keyed, "config", "import", str(source))
+    assert ruled.stdout.strip() == "provider gmail: updated"
+    async with JobStore.connect(keyed) as jobs:
+        after = await jobs.database["providers"].find_one({"_id": "gmail"})
+    assert after is not None
+    assert (after["replies"], after["limits"]) == (["throttle: 4.7"], buckets["limits"])
 
     exported = await mailbus(keyed, "config", "export")
     assert password not in exported.stdout
@@ -116,6 +127,7 @@ async def test_import_then_export_round_trip(
     assert reread.outboxes["local"].active is False
     assert reread.outboxes["gmail-1"].charset == "iso-8859-1"
     assert reread.providers["gmail"].limits == ["500/day", "20/minute"]
+    assert reread.providers["gmail"].replies == ["throttle: 4.7"]
     assert reread.domains["example.com"].key_hash == domain["key_hash"]
 
     # The exported file applies cleanly without the secrets: stored ones are kept.

@@ -95,6 +95,10 @@ def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Pat
     served = _parser().parse_args(gateway["command"])
     assert (served.verb, served.gateway_verb) == ("gateway", "serve")
     assert (served.rest.port, served.daemon.port) == (8000, 3000)
+    webhooks = services["webhooks"]
+    assert webhooks["profiles"] == ["webhooks"]
+    delivering = _parser().parse_args(webhooks["command"])
+    assert (delivering.verb, delivering.webhook_verb) == ("webhook", "serve")
     env_file = deploy / "compose" / worker["env_file"].replace("mailbus.env", "mailbus.env.example")
     assert "MAILBUS_AMQP_URL" in env_file.read_text()
     [cluster] = yaml_documents(deploy / "compose" / "docker-compose.cluster.yml")
@@ -145,13 +149,20 @@ def test_kubernetes_manifests(deploy: Path) -> None:
     assert auth["key"] in secret["stringData"]
 
 
-def test_systemd_unit_restarts_and_outlasts_the_drain(deploy: Path) -> None:
+@pytest.mark.parametrize(
+    ("unit_file", "command"),
+    [("mailbus-worker@.service", ["worker"]), ("mailbus-webhooks.service", ["webhook", "serve"])],
+)
+def test_systemd_unit_restarts_and_outlasts_the_drain(
+    deploy: Path, unit_file: str, command: list[str]
+) -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read_string((deploy / "systemd" / "mailbus-worker@.service").read_text())
+    unit.read_string((deploy / "systemd" / unit_file).read_text())
     service = unit["Service"]
-    assert service["ExecStart"].split()[1:] == ["worker"]
+    assert service["ExecStart"].split()[1:] == command
     assert service["ExecStart"].split()[0].endswith("/bin/mailbus")
     assert service["Restart"] == "always"
     assert float(service["TimeoutStopSec"]) > Settings(_env_file=None).drain_timeout
-    assert "MAILBUS_HTTP_PORT=%i" in service["Environment"]
+    if unit_file.endswith("@.service"):
+        assert "MAILBUS_HTTP_PORT=%i" in service["Environment"]

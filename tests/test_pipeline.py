@@ -26,6 +26,7 @@ from consumer.core.outboxes import outbox_from_url
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, SendResult, Sent, Skip
 from consumer.core.ratelimit import Reservation
 from consumer.core.refusals import AttachmentError, DeadLetterError, TemplateError
+from consumer.core.replies import ReplyRule, parse_rules
 from consumer.core.schedule import CLAIM_AHEAD, to_epoch_ms
 from consumer.core.suppression import Scope
 from consumer.errors import AttachmentUnavailableError, ConfigurationError
@@ -912,13 +913,6 @@ async def test_the_attempt_after_a_partial_delivery_goes_to_the_pending_only() -
     assert outcome.result.refused == {"c@example.org": (550, "5.1.1 no such user")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline bug: a retry after a partial delivery whose every pending recipient is"
-    " refused raises SMTPRecipientsRefused and goes to _failed, so the job ends failed and"
-    " dead-lettered (mail.failed) though the mail was delivered to the others; the operator"
-    " guide says it counts as delivered and the refusals are recorded on it",
-)
 @pytest.mark.parametrize(
     ("attempt", "code", "text"),
     [(2, 550, "5.1.1 no such user"), (3, 451, "4.3.0 try later")],
@@ -938,6 +932,17 @@ async def test_a_retry_after_a_partial_delivery_refused_for_everyone_left_is_sen
         **earlier,
         "b@example.org": {"code": code, "message": text},
     }
+
+
+async def test_a_partial_deliverys_retry_deferred_for_everyone_left_keeps_them_pending() -> None:
+    earlier = {"c@example.org": {"code": 550, "message": "5.1.1 no such user"}}
+    claim = claimed(2, pending=("b@example.org",), refused=earlier)
+    error = aiosmtplib.SMTPRecipientsRefused([refused(451, "4.3.0 try later", "b@example.org")])
+    rig = Rig(store=StoreDouble(claim=claim), sender=SenderDouble(replies=[error]))
+    outcome = await rig.process(THREE)
+    assert isinstance(outcome, Later)
+    assert outcome.why == "retry"
+    assert rig.store.called("mark_retry")["partial"] == (["b@example.org"], earlier)
 
 
 async def test_a_second_partial_delivery_keeps_the_earlier_refusals() -> None:
@@ -1014,3 +1019,86 @@ async def test_a_scheduled_record_never_keeps_the_domain_key_once_it_can_be_seal
     outcome = await rig.process(body)
     assert isinstance(outcome, Later)
     assert b"dk-secret-123" not in rig.store.called("schedule")["body"]
+
+
+# Replies judged under the provider's rules; throttling replies slow the provider.
+
+PROVIDER_OUTBOX = dataclasses.replace(outbox_from_url("smtp://127.0.0.1:2525"), provider="p")
+
+
+def provider_rig(*replies: SendResult | Exception, rules: str = "", **settings: Any) -> Rig:
+    """A rig whose outbox belongs to provider ``p``, whose reply rules are ``rules``."""
+    sender = SenderDouble(PROVIDER_OUTBOX, replies=replies)
+    picker = PickerDouble(Choice(sender))
+    picker.rules["p"] = parse_rules([rules] if rules else [])
+    return Rig(sender=sender, picker=picker, settings=offline_settings(**settings))
+
+
+@pytest.mark.parametrize(
+    ("rules", "retried"),
+    [
+        ("transient: 550 5.7.1 rate limited", True),
+        ("transient: 550 5.7.1 spam", False),
+        ("", False),
+    ],
+)
+async def test_a_providers_rule_makes_a_refusal_transient(rules: str, retried: bool) -> None:
+    refusal = aiosmtplib.SMTPDataError(550, "5.7.1 Rate limited, try later")
+    rig = provider_rig(refusal, rules=rules)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later if retried else Dead)
+    assert rig.picker is not None
+    assert rig.picker.slowed == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "rules"),
+    [
+        (aiosmtplib.SMTPResponseException(421, "4.7.0 slow down"), ""),
+        (aiosmtplib.SMTPDataError(451, "4.7.1 too many messages"), ""),
+        (aiosmtplib.SMTPDataError(550, "5.7.1 quota exceeded"), "throttle: 5.7 quota"),
+        (
+            aiosmtplib.SMTPRecipientsRefused([refused(450, "4.7.1 later", "rcpt@example.org")]),
+            "",
+        ),
+    ],
+)
+async def test_a_throttling_reply_slows_the_provider(reply: Exception, rules: str) -> None:
+    rig = provider_rig(reply, rules=rules)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert outcome.failure is not None
+    assert outcome.failure.throttle
+    assert rig.picker is not None
+    assert rig.picker.slowed == [("p", 300.0)]
+    assert rig.store.names == ["claim", "mark_retry"]  # the retry waits for the slowed bucket
+
+
+async def test_a_recipient_throttled_while_others_accept_slows_the_provider() -> None:
+    reply = SendResult(250, "2.0.0 Ok", {"b@example.org": (450, "4.7.1 too fast")})
+    rig = provider_rig(reply)
+    outcome = await rig.process(THREE)
+    assert isinstance(outcome, Later)
+    assert rig.store.called("mark_retry")["partial"][0] == ["b@example.org"]
+    assert rig.picker is not None
+    assert rig.picker.slowed == [("p", 300.0)]
+
+
+async def test_no_provider_is_slowed_when_throttling_is_off() -> None:
+    rig = provider_rig(aiosmtplib.SMTPResponseException(421, "4.7.0 slow down"), throttle_seconds=0)
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert rig.picker is not None
+    assert rig.picker.slowed == []
+
+
+async def test_rules_that_cannot_be_read_leave_the_codes_to_decide() -> None:
+    class Unreadable(PickerDouble):
+        async def reply_rules(self, provider: str) -> tuple[ReplyRule, ...]:
+            raise unavailable()
+
+    sender = SenderDouble(PROVIDER_OUTBOX, replies=[aiosmtplib.SMTPDataError(451, "4.3.0 busy")])
+    rig = Rig(sender=sender, picker=Unreadable(Choice(sender)))
+    outcome = await rig.process(BODY)
+    assert isinstance(outcome, Later)
+    assert rig.store.names == ["claim", "mark_retry"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import signal
 import subprocess
 from collections.abc import Iterable
@@ -51,7 +52,12 @@ async def test_provider_commands(settings: Settings) -> None:
     assert made.returncode == 0, made.stderr
     assert "created: 500/day, 20/minute, burst 5" in made.stdout
     listed = await mailbus(settings, "provider", "ls")
-    assert listed.stdout.splitlines()[1].split(None, 2) == ["gmail", "5", "500/day, 20/minute"]
+    assert re.split(r"\s{2,}", listed.stdout.splitlines()[1].strip()) == [
+        "gmail",
+        "5",
+        "500/day, 20/minute",
+        "0",  # reply rules
+    ]
     shown = json.loads((await mailbus(settings, "provider", "show", "gmail")).stdout)
     assert [(x["count"], x["period"], x["interval"]) for x in shown["limits"]] == [
         (500, 86400, 172_800_000),

@@ -296,7 +296,13 @@ async def test_unknown_recipients_are_suppressed_automatically(
     suppressions = SuppressionStore(store.database)
     await until(lambda: _suppressed(suppressions, "gone@example.org"), 10)
     [entry] = await suppressions.find()
-    assert (entry["_id"], entry["source"]) == ("gone@example.org", "bounce")
+    # Suppressed for the job's domain only: another domain's mail still goes.
+    assert (entry["address"], entry["domain"], entry["list"], entry["source"]) == (
+        "gone@example.org",
+        "example.com",
+        None,
+        "bounce",
+    )
     assert "5.1.1" in entry["reason"]
     days = (entry["expire_at"] - utcnow()).total_seconds() / 86400
     assert 29.9 < days <= 30
@@ -311,7 +317,7 @@ async def test_unknown_recipients_are_suppressed_automatically(
 
 
 async def _suppressed(suppressions: SuppressionStore, address: str) -> bool:
-    return address in await suppressions.among([address])
+    return address in await suppressions.among([address], domain="example.com")
 
 
 async def test_charset_per_job_and_per_outbox(
@@ -388,8 +394,8 @@ async def test_suppress_commands(settings: Settings) -> None:
     listed = await mailbus(settings, "suppress", "ls")
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
     assert sorted(rows) == ["a@example.org", "b@example.org", "c@example.org"]
-    assert rows["a@example.org"][1:4:2] == ["manual", "-"]
-    assert rows["c@example.org"][3] != "-"
+    assert [rows["a@example.org"][i] for i in (1, 2, 4)] == ["global", "manual", "-"]
+    assert rows["c@example.org"][4] != "-"
     removed = await mailbus(settings, "suppress", "rm", "a@example.org", "nobody@example.org")
     assert removed.returncode == 1
     assert "'nobody@example.org' was not suppressed" in removed.stderr

@@ -84,7 +84,12 @@ async def test_status_reports_a_scripted_scenario(
     assert today["by_provider"] == {"capped": counts}
     # Three sends were attempted through the provider, each taking a token of four.
     assert status["providers"] == {
-        "capped": {"tokens": 1, "burst": 4, "limits": [{"limit": "1/hour", "tokens": 1}]}
+        "capped": {
+            "tokens": 1,
+            "burst": 4,
+            "slowdown": 1,
+            "limits": [{"limit": "1/hour", "tokens": 1}],
+        }
     }
     errors = status["last_errors"]
     assert [e["id"] for e in errors] == ["refused"]

@@ -107,6 +107,10 @@ class Outgoing:
         A wait shorter than the ladder's resolution goes straight to ``destination``.
         """
         seconds = ladder.route((due - now).total_seconds()).ladder_seconds or 0
+        await self.after(message, seconds, destination)
+
+    async def after(self, message: aio_pika.Message, seconds: int, destination: str) -> None:
+        """Send ``message`` down the ladder to reach ``destination`` in ``seconds`` (whole)."""
         key = ladder.routing_key(seconds, destination)
         await self.ladder_top.publish(message, routing_key=key, mandatory=True)
 
@@ -124,21 +128,34 @@ class Outgoing:
         """Publish ``body`` with ``headers`` (what is left of ``message`` once its secrets
         are out) to the dead-letter exchange, saying why; ``message_id`` names its job.
         """
-        marked = {
-            **own_headers(headers),
-            REASON_HEADER: reason,
-            ERROR_HEADER: error[:1000],
-            ATTEMPTS_HEADER: attempts,
-            DEAD_AT_HEADER: to_epoch_ms(utcnow()),
-        }
+        marked = _dead_marks(headers, reason, error, attempts)
         if code is not None:
             marked[CODE_HEADER] = code
-        letter = copy_of(message, marked, body, message_id)
+        letter = self._letter(copy_of(message, marked, body, message_id))
+        await self.dead.publish(letter, routing_key=reason, mandatory=True)
+
+    async def webhook_dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        headers: Mapping[str, Any],
+        queue: str,
+        reason: str,
+        error: str,
+        attempts: int,
+    ) -> None:
+        """Publish a webhook delivery given up on (the event ``message``, ``headers`` naming
+        its endpoint) to the webhooks' dead-letter ``queue``, saying why.
+        """
+        marked = _dead_marks(headers, reason, error, attempts)
+        letter = self._letter(copy_of(message, marked))
+        await self.channel.default_exchange.publish(letter, routing_key=queue, mandatory=True)
+
+    def _letter(self, letter: aio_pika.Message) -> aio_pika.Message:
         if self.dead_letter_days > 0:
             # Per-message TTL: retention without a cron, and without queue arguments that
             # could never change on an existing queue. A replayed copy does not keep it.
             letter.expiration = self.dead_letter_days * 86400
-        await self.dead.publish(letter, routing_key=reason, mandatory=True)
+        return letter
 
     async def job(self, message: aio_pika.Message) -> None:
         """Publish a job mailbus makes itself (an admin digest) to the send queue."""
@@ -172,3 +189,16 @@ class Outgoing:
             correlation_id=message.correlation_id,
         )
         await self.channel.default_exchange.publish(answer, routing_key=message.reply_to)
+
+
+def _dead_marks(
+    headers: Mapping[str, Any], reason: str, error: str, attempts: int
+) -> dict[str, Any]:
+    """A dead letter's headers: its own, and why, the last error, attempts and when."""
+    return {
+        **own_headers(headers),
+        REASON_HEADER: reason,
+        ERROR_HEADER: error[:1000],
+        ATTEMPTS_HEADER: attempts,
+        DEAD_AT_HEADER: to_epoch_ms(utcnow()),
+    }

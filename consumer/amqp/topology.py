@@ -18,7 +18,9 @@ from consumer.core.names import (
     Names,
     consumed_queue_arguments,
     ladder_queue_arguments,
+    webhooks_queue_arguments,
 )
+from consumer.core.webhooks import DESTINATION as WEBHOOK_DESTINATION
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,23 @@ async def declare(channel: AbstractChannel, names: Names, delivery_limit: int) -
         await below.bind(level_exchange, routing_key=ladder.passed_pattern(level))
         below = level_exchange
     return Topology(exchange, dead_exchange, events, below, tuple(consume), control)
+
+
+async def declare_webhooks(
+    channel: AbstractChannel, names: Names, delivery_limit: int
+) -> AbstractQueue:
+    """Declare the webhooks queue, bound to every ``mail.*`` event and to the retries the
+    ladder brings back, and its dead-letter queue; after :func:`declare`. Returns the queue.
+    """
+    # Reached through the default exchange, by its name: no exchange of its own.
+    await channel.declare_queue(
+        names.webhooks_dead, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    queue = await channel.declare_queue(
+        names.webhooks_queue,
+        durable=True,
+        arguments=webhooks_queue_arguments(names, delivery_limit),
+    )
+    await queue.bind(names.events, routing_key="mail.#")
+    await queue.bind(names.deliver, routing_key=ladder.deliver_pattern(WEBHOOK_DESTINATION))
+    return queue

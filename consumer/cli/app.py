@@ -28,6 +28,7 @@ from consumer.cli import providers as cli_providers
 from consumer.cli import status as cli_status
 from consumer.cli import suppressions as cli_suppressions
 from consumer.cli import templates as cli_templates
+from consumer.cli import webhooks as cli_webhooks
 from consumer.cli.output import fail
 from consumer.cli.parsing import Handler
 from consumer.core import ladder
@@ -222,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_suppressions.add_parser(verbs)
     cli_status.add_parser(verbs)
     cli_gateway.add_parser(verbs)
+    cli_webhooks.add_parser(verbs)
     return parser
 
 

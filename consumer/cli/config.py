@@ -13,6 +13,7 @@ from typing import Any
 from consumer.cli.config_file import ConfigFile, export, load
 from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
+from consumer.core.replies import rules_of
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.documents import Document
@@ -59,10 +60,14 @@ class Importer:
     async def _providers(self, config: ConfigFile) -> None:
         stored = {doc["_id"]: doc for doc in await self.providers.find()}
         for name, entry in config.providers.items():
-            limits, old = entry.parsed(), stored.get(name)
+            limits, rules, old = entry.parsed(), entry.rules(), stored.get(name)
             if old is not None and (limits_of(old), old.get("burst")) == (limits, entry.burst):
-                continue  # re-applying must not refill the buckets
-            await self.providers.put(name, limits, entry.burst)
+                # Re-applying must not refill the buckets (nor end a slowdown).
+                if rules_of(old.get("replies")) != rules:
+                    await self.providers.set_reply_rules(name, rules)
+                    self._said("provider", name, False)
+                continue
+            await self.providers.put(name, limits, entry.burst, rules)
             self._said("provider", name, old is None)
         for name in stored.keys() - config.providers.keys() if self.prune else ():
             await self.providers.remove(name)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from consumer.core.message import Charset
 from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox, Security
 from consumer.core.ratelimit import Limit, parse_limit
+from consumer.core.replies import ReplyRule, parse_rules, rules_of
 from consumer.errors import ConfigurationError
 from consumer.store.documents import Document
 from consumer.store.providers import limits_of
@@ -34,10 +35,16 @@ class ProviderEntry(_Entry):
 
     limits: list[str] = Field(min_length=1)
     burst: int = Field(1, ge=1)
+    # Reply rules in the form ``mailbus provider set --reply`` takes.
+    replies: list[str] = []
 
     def parsed(self) -> list[Limit]:
         """The limits, parsed (a bad one raises :class:`ConfigurationError`)."""
         return [parse_limit(text) for text in self.limits]
+
+    def rules(self) -> tuple[ReplyRule, ...]:
+        """The reply rules, parsed (a bad one raises :class:`ConfigurationError`)."""
+        return parse_rules(self.replies)
 
 
 class DomainEntry(_Entry):
@@ -112,6 +119,7 @@ def load(text: str) -> ConfigFile:
     for name, provider in config.providers.items():
         try:
             provider.parsed()
+            provider.rules()
         except ConfigurationError as exc:
             raise ConfigurationError(f"provider {name}: {exc}") from None
     for name, outbox in config.outboxes.items():
@@ -125,16 +133,21 @@ def password_variable(outbox: str) -> str:
     return "MAILBUS_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", outbox.upper())
 
 
+def _provider_entry(doc: Document) -> dict[str, Any]:
+    """``[providers.NAME]`` of a stored provider; ``replies`` only when it has rules."""
+    entry: dict[str, Any] = {
+        "limits": [str(lim) for lim in limits_of(doc)],
+        "burst": int(doc.get("burst", 1)),
+    }
+    if rules := rules_of(doc.get("replies")):
+        entry["replies"] = [str(rule) for rule in rules]
+    return entry
+
+
 def export(providers: list[Document], domains: list[Document], outboxes: list[Document]) -> str:
     """The stored configuration as TOML, secrets left out (see the module's docstring)."""
     tree: dict[str, Any] = {
-        "providers": {
-            p["_id"]: {
-                "limits": [str(lim) for lim in limits_of(p)],
-                "burst": int(p.get("burst", 1)),
-            }
-            for p in providers
-        },
+        "providers": {p["_id"]: _provider_entry(p) for p in providers},
         "domains": {
             d["_id"]: _without_none(
                 {

@@ -92,7 +92,10 @@ def add_parser(verbs: Subparsers) -> None:
         "asked for by /api/mail.xml, /api/mail/format/xml, ?format=xml or an Accept header "
         "naming xml (but not html); any other format the old server knew (jsonp, serialized, "
         "php, html, csv) asked for by the address or ?format= is refused with HTTP 406 and a "
-        "JSON answer (one an Accept header prefers is answered in JSON). "
+        "JSON answer (one an Accept header prefers is answered in JSON). --rest also serves "
+        "the one-click unsubscribe links workers put in mail (GET /unsubscribe/TOKEN: a page "
+        "asking to confirm; POST: the recipient leaves that list): expose it at "
+        "MAILBUS_UNSUBSCRIBE_URL over https; tokens are checked with MAILBUS_SECRET_KEY. "
         "--daemon serves the SMTP mailer daemon's JSON over TCP, one request (any JSON value) "
         "a connection, every request the daemon served: sendMail, queueMail, ping, status, "
         "the queue (getQueueList, getQueuedMail, updateQueuedMail, removeQueuedMail, "
@@ -142,7 +145,8 @@ def add_parser(verbs: Subparsers) -> None:
         "--rest",
         type=listen_address,
         metavar="[HOST:]PORT",
-        help="serve PUT /api/mail here (host defaults to 127.0.0.1; port 0 picks one)",
+        help="serve PUT /api/mail and /unsubscribe/TOKEN here (host defaults to 127.0.0.1; "
+        "port 0 picks one)",
     )
     run.add_argument(
         "--daemon",

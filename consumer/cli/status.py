@@ -54,8 +54,10 @@ def _today(status: dict[str, Any]) -> str:
 def _tokens(status: dict[str, Any]) -> str:
     rows: Rows = [("PROVIDER", "LIMIT", "TOKENS LEFT")]
     for name, tokens in status["providers"].items():
+        slowed = " (slowed: throttling)" if tokens["slowdown"] > 1 else ""
         for limit in tokens["limits"]:
-            rows.append((name, limit["limit"], f"{limit['tokens']} of {tokens['burst']}"))
+            left = f"{limit['tokens']} of {tokens['burst']}{slowed}"
+            rows.append((name, limit["limit"], left))
     return table(rows) if len(rows) > 1 else "No providers: outboxes send without limits."
 
 

@@ -131,6 +131,19 @@ class MailComplained(_Job):
     feedback_type: str = Field(description="the report's Feedback-Type: abuse, fraud, other...")
 
 
+class MailUnsubscribed(_Strict):
+    """A recipient used a one-click unsubscribe link: mail of ``domain`` for ``list`` no
+    longer goes to them. Published on each use of the link (a second click says it again).
+    """
+
+    event: Literal["mail.unsubscribed"]
+    domain: str
+    list: str = Field(description="the list (or topic) the recipient left")
+    recipient: str = Field(description="the address, lower case, as it is suppressed")
+    id: str | None = Field(None, description="the id of the job whose mail carried the link")
+    at: datetime = Field(description="when the gateway took the request")
+
+
 EventBody = Annotated[
     MailSent
     | MailFailed
@@ -138,7 +151,8 @@ EventBody = Annotated[
     | MailScheduled
     | MailCancelled
     | MailBounced
-    | MailComplained,
+    | MailComplained
+    | MailUnsubscribed,
     Field(discriminator="event"),
 ]
 EVENTS: TypeAdapter[EventBody] = TypeAdapter(EventBody)

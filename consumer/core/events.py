@@ -8,6 +8,7 @@ from typing import Any, assert_never
 
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.reports import Bounce, Complaint
+from consumer.core.unsubscribe import Unsubscribe
 from consumer.core.vocabulary import FAILED_REASONS, ReplyStatus
 
 Event = tuple[str, dict[str, Any]]
@@ -132,6 +133,19 @@ def complained_event(
     body = _about(job_id, record, "mail.complained")
     body.update(recipient=recipient, feedback_type=complaint.feedback_type)
     return "mail.complained", body
+
+
+def unsubscribed_event(request: Unsubscribe, at: datetime) -> Event:
+    """``mail.unsubscribed``: ``request``'s recipient left its list, at ``at``."""
+    body = {
+        "event": "mail.unsubscribed",
+        "domain": request.domain,
+        "list": request.list_name,
+        "recipient": request.recipient.lower(),
+        "id": request.job_id,
+        "at": at.isoformat(),
+    }
+    return "mail.unsubscribed", body
 
 
 def _iso(value: datetime | None) -> str | None:

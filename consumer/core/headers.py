@@ -45,3 +45,12 @@ SEALED_HEADERS = (USER_HEADER, DOMAIN_HEADER, RELEASED_BY_HEADER, RELEASED_AT_HE
 
 # The one x-mailbus-* header a producer may set: an absolute due time gives no authority.
 PRODUCER_HEADERS = frozenset({DUE_HEADER})
+
+
+# On a webhook retry's copy of an event (``consumer.service.webhooks``): the endpoint it is
+# for, the attempt it is, when the first attempt was (epoch ms), and a seal over those
+# with MAILBUS_SECRET_KEY; a copy without a valid seal is not delivered.
+WEBHOOK_HEADER = "x-mailbus-webhook"
+WEBHOOK_ATTEMPT_HEADER = "x-mailbus-webhook-attempt"
+WEBHOOK_SINCE_HEADER = "x-mailbus-webhook-since"
+WEBHOOK_SEAL_HEADER = "x-mailbus-webhook-seal"

@@ -33,6 +33,7 @@ from pydantic import (
 
 from consumer.core.raw import RawMessage, decoded_size, read_raw
 from consumer.core.refusals import InvalidJobError, JobTooLargeError
+from consumer.core.suppression import LIST_NAME
 
 # A custom header is folded at its own white space only; a longer word would not fit in the
 # 998 characters RFC 5322 allows on a line.
@@ -64,6 +65,7 @@ BUILT_FIELDS = (
     "attachments",
     "headers",
     "charset",
+    "unsubscribe",
 )
 RAW_FIELDS = ("raw_b64", "mail_from", "rcpt_to")
 # Header names the service writes itself; a job may not set them through ``headers``.
@@ -274,6 +276,37 @@ class Attachment(BaseModel):
         return self
 
 
+def _ascii_address(value: str) -> str:
+    if not value.isascii():
+        raise ValueError("an ASCII address: a mailto: URI in a header is written as it is")
+    return value
+
+
+class UnsubscribeRequest(BaseModel):
+    """A one-click unsubscribe link (RFC 8058) for the job's list, and a mailto: beside it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    list_: Annotated[
+        str,
+        Field(
+            alias="list",
+            pattern=f"^{LIST_NAME.pattern}$",
+            description=(
+                "The list (or topic) the recipient leaves: one who did is left out of the "
+                "domain's later jobs for this list, not of its other mail."
+            ),
+        ),
+    ]
+    mailto: Annotated[EmailText, AfterValidator(_ascii_address)] | None = Field(
+        None, description="An address that takes unsubscribe requests by mail, also listed."
+    )
+
+
+# Headers the service writes for a job that asks for an unsubscribe link.
+UNSUBSCRIBE_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
+
+
 HeaderName = Annotated[str, Field(pattern=r"^[!-9;-~]{1,76}$")]
 # Lower case from here on: records, outboxes and registrations compare domains exactly.
 DomainName = Annotated[
@@ -377,6 +410,15 @@ class Job(BaseModel):
         ]
         | None
     ) = None
+    unsubscribe: UnsubscribeRequest | None = Field(
+        None,
+        description=(
+            "Add List-Unsubscribe (a signed one-click link to the gateway, "
+            "MAILBUS_UNSUBSCRIBE_URL) and List-Unsubscribe-Post. The link names one "
+            "recipient: the job must have exactly one in to, cc and bcc together. Built "
+            "jobs only."
+        ),
+    )
     sandbox: bool = Field(
         False,
         description=(
@@ -424,6 +466,8 @@ class Job(BaseModel):
         )
         if reserved:
             raise ValueError(f"headers owned by mailbus cannot be set: {', '.join(reserved)}")
+        if self.unsubscribe is not None:
+            self._check_unsubscribe()
         unfoldable = sorted(
             name
             for name, value in self.headers.items()
@@ -435,6 +479,18 @@ class Job(BaseModel):
                 f"be folded: {', '.join(unfoldable)}"
             )
         return self
+
+    def _check_unsubscribe(self) -> None:
+        # The link unsubscribes one recipient: sent to several, any of them could use it
+        # to unsubscribe the one it names.
+        if len(self.recipients()) != 1:
+            raise ValueError(
+                "a job with an unsubscribe link has exactly one recipient in to, cc and bcc "
+                "together: the link names who it unsubscribes"
+            )
+        own = sorted(h for h in self.headers if h.lower() in UNSUBSCRIBE_HEADERS)
+        if own:
+            raise ValueError(f"unsubscribe writes these headers itself: {', '.join(own)}")
 
     def raw_message(self) -> RawMessage | None:
         """A raw job's message, read and checked; None for a built job."""

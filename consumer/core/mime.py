@@ -6,6 +6,7 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
@@ -153,9 +154,17 @@ def set_bodies(msg: EmailMessage, text: str | None, html: str | None, charset: s
 
 
 def build_message(
-    job: Job, job_id: str, now: datetime, content: Content, charset: str = "utf-8"
+    job: Job,
+    job_id: str,
+    now: datetime,
+    content: Content,
+    charset: str = "utf-8",
+    *,
+    added: Mapping[str, str] | None = None,
 ) -> EmailMessage:
     """Return the message to send for ``job``; raises :class:`InvalidJobError` if it cannot.
+    ``added``: headers mailbus writes for the job besides its own (its unsubscribe link),
+    set before anything signs the message.
 
     Layout: text and html become multipart/alternative; inline parts (``cid``) join the
     html in multipart/related; other attachments wrap it all in multipart/mixed. Bodies
@@ -173,7 +182,7 @@ def build_message(
     msg["Subject"] = content.subject
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id_for(job_id, job.domain)
-    for name, value in job.headers.items():
+    for name, value in (*job.headers.items(), *(added or {}).items()):
         msg[name] = value
     try:
         set_bodies(msg, content.text, content.html, charset)
@@ -265,16 +274,24 @@ def _broken_header(message: EmailMessage, wire: bytes) -> str | None:
 
 
 def build_mail(
-    job: Job, job_id: str, now: datetime, content: Content, *, charset: str, limit: int
+    job: Job,
+    job_id: str,
+    now: datetime,
+    content: Content,
+    *,
+    charset: str,
+    limit: int,
+    added: Mapping[str, str] | None = None,
 ) -> Mail:
-    """The mail of ``job`` built and serialized (:func:`build_message`, :func:`serialize`).
+    """The mail of ``job`` built and serialized (:func:`build_message`, :func:`serialize`),
+    with the ``added`` headers.
 
     Whatever building it raises is the job's doing (the ``email`` package refuses what
     it cannot write in its own ways), so it is an :class:`InvalidJobError`: the job is
     dead-lettered once rather than redelivered to fail again.
     """
     try:
-        return serialize(build_message(job, job_id, now, content, charset), limit)
+        return serialize(build_message(job, job_id, now, content, charset, added=added), limit)
     except DeadLetterError:
         raise
     except Exception as exc:

@@ -61,6 +61,19 @@ class Names:
         """Topic exchange at the foot of the ladder; routes to the send queues."""
         return f"{self.prefix}.deliver"
 
+    @property
+    def webhooks_queue(self) -> str:
+        """Quorum queue of the events webhooks deliver (``mailbus webhook serve``), bound
+        to the events exchange and, for retries, at the ladder's foot; declared by that
+        command alone, so that nothing gathers there on an install without webhooks.
+        """
+        return f"{self.prefix}.webhooks"
+
+    @property
+    def webhooks_dead(self) -> str:
+        """Quorum queue of webhook deliveries given up on (not job dead letters)."""
+        return f"{self.prefix}.webhooks.dead"
+
     def queues(self) -> tuple[str, ...]:
         """Every queue the topology declares."""
         ladder_queues = tuple(self.delay(level) for level in range(ladder.LEVELS))
@@ -121,4 +134,16 @@ def ladder_queue_arguments(names: Names, level: int) -> dict[str, Any]:
         "x-dead-letter-exchange": below,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
+    }
+
+
+def webhooks_queue_arguments(names: Names, delivery_limit: int) -> dict[str, Any]:
+    """Arguments of the webhooks queue: as a consumed queue's, but what the broker gives up
+    on (past the delivery limit) goes to the webhooks' own dead-letter queue, never among
+    the jobs' dead letters.
+    """
+    return {
+        **consumed_queue_arguments(names, delivery_limit),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": names.webhooks_dead,
     }

@@ -110,6 +110,8 @@ class Failure:
     refusals: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     # The server could not be reached at all (nothing was said over SMTP).
     unreachable: bool = False
+    # The server said it is throttling (421, 4.7.x, or the provider's rule): slow down.
+    throttle: bool = False
 
     def describe(self) -> str:
         """One line for records and dead letters: ``451 try later`` or the error text."""

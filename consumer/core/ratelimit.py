@@ -21,6 +21,10 @@ server's clock whatever the workers' clocks or delays. Several jobs may take a b
 tokens at once: the slots are those the same tokens taken one by one would have had.
 Times are integer microseconds since the epoch, so the
 arithmetic is exact; intervals are rounded up, never allowing more than the limit.
+
+A provider answering that it is throttling (see :func:`consumer.core.retry.reply_verdict`)
+is *slowed* for a while: every interval is :data:`SLOWDOWN` times as long, so its limits
+allow half the rate, until the slowdown ends by itself.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Literal
 from consumer.errors import ConfigurationError
 
 MICROS = 1_000_000
+# How many times longer a slowed provider's intervals are: half its rate.
+SLOWDOWN = 2
 # Seconds per period, by every name ``--limit`` accepts.
 PERIODS = {
     "s": 1,
@@ -122,9 +128,11 @@ def take(
     mode: Mode,
     count: int = 1,
     horizon_us: int = 0,
+    slowdown: int = 1,
 ) -> tuple[list[Grant], list[Bucket]]:
     """Take tokens for ``count`` jobs at ``now_us``, each due within ``horizon_us``, for
-    jobs that are new (``try``, ``enqueue``) or waking for their wake-up slot (``queued``).
+    jobs that are new (``try``, ``enqueue``) or waking for their wake-up slot (``queued``),
+    every interval ``slowdown`` times as long.
 
     A granted token's ``slot_us`` is the moment it conforms: now, or up to the horizon
     later, the job then sending no earlier. A block of tokens is handed out as the same
@@ -133,7 +141,8 @@ def take(
     empty. Jobs refused with ``enqueue`` get the next wake-up slots; refused otherwise,
     nothing changes for them and the slot says when the next token comes.
     """
-    spares = [(burst - 1) * lim.interval_us for lim in limits]
+    intervals = [lim.interval_us * slowdown for lim in limits]
+    spares = [(burst - 1) * interval for interval in intervals]
     tats = [b.tat for b in buckets]
     queues = [b.queue for b in buckets]
 
@@ -143,15 +152,13 @@ def take(
     grants: list[Grant] = []
     if mode == "queued" or earliest(queues) <= now_us:
         while len(grants) < count and (start := earliest(tats)) <= now_us + horizon_us:
-            tats = [
-                max(tat, start) + lim.interval_us for lim, tat in zip(limits, tats, strict=True)
-            ]
+            tats = [max(tat, start) + step for step, tat in zip(intervals, tats, strict=True)]
             queues = [max(queue, tat) for queue, tat in zip(queues, tats, strict=True)]
             grants.append(Grant(True, start, now_us))
     while len(grants) < count:
         if mode == "enqueue":
             slot = earliest(queues)
-            queues = [max(q, slot) + lim.interval_us for lim, q in zip(limits, queues, strict=True)]
+            queues = [max(q, slot) + step for step, q in zip(intervals, queues, strict=True)]
             grants.append(Grant(False, slot, now_us, queued=True))
         else:
             grants.append(Grant(False, earliest(tats if mode == "queued" else queues), now_us))
@@ -169,7 +176,7 @@ class Reservation:
     slot_us: int
 
 
-def tokens_left(limit: Limit, burst: int, bucket: Bucket, now_us: int) -> int:
+def tokens_left(limit: Limit, burst: int, bucket: Bucket, now_us: int, slowdown: int = 1) -> int:
     """Sends ``limit`` would allow back to back at ``now_us``: from 0 to ``burst``."""
-    spare = (now_us - bucket.tat) // limit.interval_us + burst
+    spare = (now_us - bucket.tat) // (limit.interval_us * slowdown) + burst
     return max(0, min(burst, spare))

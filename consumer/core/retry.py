@@ -1,4 +1,5 @@
-"""Retry policy: classify a send failure by exception type and SMTP code, and pick the backoff.
+"""Retry policy: what an SMTP reply means (by its codes and the provider's rules), whether
+to try again, and the backoff.
 
 This module is the one place that decides "try again later" versus "never".
 """
@@ -6,21 +7,17 @@ This module is the one place that decides "try again later" versus "never".
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from consumer.core.outcomes import Failure
-from consumer.core.vocabulary import DeadReason
+from consumer.core.replies import ReplyRule
+from consumer.core.vocabulary import DeadReason, ReplyVerdict
 
 # RFC 3463 enhanced status codes that say the address itself is bad: unknown mailbox (5.1.1),
 # unknown domain (5.1.2), bad syntax (5.1.3), moved (5.1.6), domain accepts no mail (5.1.10).
 UNKNOWN_ADDRESS_STATUSES = frozenset({"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
 _ENHANCED_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-
-
-def is_transient_code(code: int) -> bool:
-    """A 4xx SMTP reply: the same command may succeed later."""
-    return 400 <= code < 500
 
 
 def enhanced_status(text: str) -> str | None:
@@ -29,25 +26,53 @@ def enhanced_status(text: str) -> str | None:
     return ".".join(found.groups()) if found else None
 
 
-def unknown_recipients(refused: Mapping[str, tuple[int, str]]) -> dict[str, str]:
+def reply_verdict(code: int, text: str, rules: Sequence[ReplyRule] = ()) -> ReplyVerdict:
+    """What the SMTP reply ``code`` ``text`` means: the first of the provider's ``rules``
+    that matches it decides; without one, its codes do.
+
+    A 5xx reply is permanent, any other transient. The enhanced status code (RFC 3463)
+    must agree with the basic code's class (RFC 2034); a server whose two codes disagree
+    (``550 4.2.0``, ``451 5.7.1``) is taken at the transient one, since a retry that was
+    not needed costs an attempt and a failure that was not final loses the mail. A
+    transient ``421`` (the server closes the session) or ``4.7.x`` (policy: too fast,
+    too many) is a throttle.
+    """
+    status = enhanced_status(text)
+    for rule in rules:
+        if rule.matches(code, status, text):
+            return rule.verdict
+    if 500 <= code < 600 and (status is None or status.startswith("5.")):
+        return "permanent"
+    if code == 421 or (status is not None and status.startswith("4.7.")):
+        return "throttle"
+    return "transient"
+
+
+def unknown_recipients(
+    refused: Mapping[str, tuple[int, str]], rules: Sequence[ReplyRule] = ()
+) -> dict[str, str]:
     """The refused recipients a server called non-existent, with its reply.
 
-    Decided by the 5xx code and its enhanced status code (a structured field, not prose):
-    a policy or spam refusal (5.7.x) does not make an address unknown.
+    Decided by a permanent verdict and the enhanced status code (a structured field, not
+    prose): a policy or spam refusal (5.7.x) does not make an address unknown.
     """
     return {
         rcpt: f"{code} {text}"
         for rcpt, (code, text) in refused.items()
-        if 500 <= code < 600 and enhanced_status(text) in UNKNOWN_ADDRESS_STATUSES
+        if enhanced_status(text) in UNKNOWN_ADDRESS_STATUSES
+        and reply_verdict(code, text, rules) == "permanent"
     }
 
 
 def split_refusals(
-    refused: Mapping[str, tuple[int, str]],
+    refused: Mapping[str, tuple[int, str]], rules: Sequence[ReplyRule] = ()
 ) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, str]]]:
     """Recipients a server refused while accepting others: (final, worth retrying)."""
-    final = {rcpt: reply for rcpt, reply in refused.items() if not is_transient_code(reply[0])}
-    later = {rcpt: reply for rcpt, reply in refused.items() if is_transient_code(reply[0])}
+    final: dict[str, tuple[int, str]] = {}
+    later: dict[str, tuple[int, str]] = {}
+    for rcpt, (code, text) in refused.items():
+        permanent = reply_verdict(code, text, rules) == "permanent"
+        (final if permanent else later)[rcpt] = (code, text)
     return final, later
 
 

@@ -48,6 +48,11 @@ FAILED_REASONS: Final[frozenset[DeadReason]] = frozenset({"permanent", "attempts
 # did not answer).
 LaterWhy = Literal["scheduled", "waiting", "retry", "rate_limited", "leased", "store"]
 
+# What an SMTP reply means for the job (``consumer.core.retry.reply_verdict``): try again
+# later, never, or later and slower (the provider is throttling: its bucket is slowed).
+ReplyVerdict = Literal["transient", "permanent", "throttle"]
+REPLY_VERDICTS: Final[tuple[ReplyVerdict, ...]] = get_args(ReplyVerdict)
+
 # What a ``reply_to`` caller ("send now and tell me") is told of its job.
 ReplyStatus = Literal["sent", "dead", "deferred", "skipped"]
 # What the older systems' clients are told: the REST server, and the TCP daemon.
@@ -79,3 +84,14 @@ def tally_of(kind: FeedbackKind) -> FeedbackTally:
             return kind
         case "complaint":
             return "complaints"
+
+
+# What one webhook delivery attempt ended in (``mailbus webhook log``): ``delivered`` (2xx),
+# ``failed`` (tried again later), ``dead`` (past MAILBUS_WEBHOOK_MAX_AGE), ``refused`` (a
+# URL that can never be delivered to), ``gone`` (410: the endpoint was turned off),
+# ``removed`` (the endpoint was removed or turned off before a retry).
+WebhookStatus = Literal["delivered", "failed", "dead", "refused", "gone", "removed"]
+# Why a webhook delivery is given up (its ``x-mailbus-reason`` in ``mailbus.webhooks.dead``):
+# retried past MAILBUS_WEBHOOK_MAX_AGE, a URL that can never be delivered to, an endpoint
+# that answered 410 Gone, or a delivery that is no event (or a copy with a broken seal).
+WebhookDeadReason = Literal["expired", "refused", "gone", "invalid"]

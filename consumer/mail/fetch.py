@@ -144,11 +144,16 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
 
 
 async def checked_address(
-    host: str, port: int, *, resolver: Resolver = resolve, allow_private: bool = False
+    host: str,
+    port: int,
+    *,
+    resolver: Resolver = resolve,
+    allow_private: bool = False,
+    setting: str = "MAILBUS_ATTACHMENT_ALLOW_PRIVATE",
 ) -> IPAddress:
     """The address to connect to for ``host``: its first, once every address it has passed
-    :func:`refused_address` (unless ``allow_private``). Raises :class:`AttachmentError`
-    for a refused address.
+    :func:`refused_address` (unless ``allow_private``, the value of ``setting``, which the
+    error names). Raises :class:`AttachmentError` for a refused address.
     """
     addresses = await resolver(host, port)
     if not allow_private:
@@ -156,8 +161,7 @@ async def checked_address(
             why = refused_address(ip)
             if why is not None:
                 raise AttachmentError(
-                    f"{host} resolves to {why} address {ip}, which is not allowed"
-                    " (MAILBUS_ATTACHMENT_ALLOW_PRIVATE)"
+                    f"{host} resolves to {why} address {ip}, which is not allowed ({setting})"
                 )
     if not addresses:
         raise AttachmentUnavailableError(f"{host}: no address")
@@ -207,6 +211,33 @@ class _CheckedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=5.0,
             network_backend=backend,
         )
+
+
+def checked_client(
+    check: Callable[[str, int], Awaitable[IPAddress]],
+    timeout: httpx.Timeout,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.AsyncClient:
+    """An httpx client each of whose connections goes to the address ``check`` gives its
+    host (:func:`checked_address`, which refuses private ones). It follows no redirect
+    (the caller checks and follows them), takes no proxy from the environment (which would
+    bypass the check) and keeps no cookies. ``ssl_context``: what TLS trusts (httpx's
+    default: the public authorities).
+    """
+    backend = _CheckedBackend(check)
+    transport = _CheckedTransport(backend, ssl_context or httpx.create_ssl_context())
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+        headers=headers,
+        # One client serves every job: a cookie one server set would go with another
+        # producer's requests, and a jar would grow without end.
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    )
 
 
 def filename_of(url: httpx.URL, disposition: str | None = None) -> str | None:
@@ -281,19 +312,11 @@ class Fetcher:
         """
         self.limits = limits
         self._resolver = resolver
-        backend = _CheckedBackend(self._checked_address)
-        transport = _CheckedTransport(backend, ssl_context or httpx.create_ssl_context())
-        timeout = httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout)
-        # trust_env off: a proxy from the environment would bypass the address check.
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            timeout=timeout,
-            follow_redirects=False,
-            trust_env=False,
+        self._client = checked_client(
+            self._checked_address,
+            httpx.Timeout(limits.read_timeout, connect=limits.connect_timeout),
+            ssl_context=ssl_context,
             headers={"Accept-Encoding": "gzip, deflate"},
-            # One client serves every job: a cookie one attachment server set would go
-            # with another producer's fetches, and a jar would grow without end.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -26,10 +26,18 @@ from consumer.amqp.outgoing import Outgoing
 from consumer.amqp.publish import Replies, job_message, jobs_exchange
 from consumer.clock import utcnow
 from consumer.core import legacy
+from consumer.core.events import unsubscribed_event
 from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
 from consumer.core.rest_formats import Refused, answer_format, rest_xml
 from consumer.core.returns import ReturnPaths
+from consumer.core.unsubscribe import (
+    LINK_PATH,
+    TokenRefused,
+    confirmation_page,
+    read_token,
+    token_digest,
+)
 from consumer.core.vocabulary import RestFormat
 from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
 from consumer.logging import get_logger
@@ -59,6 +67,16 @@ _READ_SIZE = 64 * 1024
 # After answering before the whole body came (413, 408), the rest is read and dropped
 # this long so that the client sees the answer, not a reset (aiohttp's default is 10 s).
 _LINGER_SECONDS = 2.0
+_Handler = Callable[[web.Request], Awaitable[web.Response]]
+# The one-click POST's body is one short field (RFC 8058): more is refused unread.
+_UNSUBSCRIBE_BODY = 1024
+# A page or answer about a link: never cached, framed, or sent on as a referrer (the
+# token is in its address), and it runs nothing.
+_UNSUBSCRIBE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+}
 # What a REST client gets when every connection is busy answering.
 _REST_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -102,6 +120,11 @@ def too_large(limit: int, full: int) -> str:
 
 # The HTTP status of a REST answer other than 200, by its message: the old servers' own.
 _REST_STATUS = {TOO_MANY_FAILURES: 429, legacy.INVALID_API_KEY: 403}
+
+
+def _plain(text: str, status: int = 200) -> web.Response:
+    """An unsubscribe answer: a line of plain text."""
+    return web.Response(text=text + "\n", status=status, headers=_UNSUBSCRIBE_HEADERS)
 
 
 def _rest_reply(reply: Mapping[str, Any], form: RestFormat, status: int = 200) -> web.Response:
@@ -209,12 +232,13 @@ class Gateway:
         self.settings = settings
         self.exchange = exchange
         self.replies = replies
-        # The bounce listener's: records, suppressions, counts, events.
+        # The bounce listener's job records and counts (it shares the suppressions and
+        # the outgoing events below).
         self.jobs = mongo.jobs
-        self.suppressions = mongo.suppressions
         self.feedback = mongo.feedback
-        self.outgoing = outgoing
         self.authorizer = Authorizer(mongo.domains, open_domains=settings.open_domains)
+        self.suppressions = mongo.suppressions
+        self.outgoing = outgoing
         self.user = broker_login(settings.amqp_url.get_secret_value())
         # No password hash: the daemon's clients send none (its MAILER_AUTH = false).
         self.daemon_password = settings.gateway_password_hash
@@ -317,20 +341,32 @@ class Gateway:
     # The REST server's PUT /api/mail.
 
     def rest_app(self) -> web.Application:
-        """The aiohttp application serving ``PUT /api/mail``."""
+        """The aiohttp application serving ``PUT /api/mail`` and the one-click unsubscribe
+        links (``GET`` and ``POST /unsubscribe/TOKEN``).
+        """
         app = web.Application(client_max_size=self.limit)
         for path in REST_PATHS:
             for suffix in _FORMAT_SUFFIXES:
-                app.router.add_put(path + suffix, self._rest)
+                app.router.add_put(path + suffix, self._answered(self._rest_response))
+        link = LINK_PATH + "{token}"
+        app.router.add_get(link, self._answered(self._unsubscribe), allow_head=False)
+        app.router.add_post(link, self._answered(self._unsubscribe))
         return app
 
-    async def _rest(self, request: web.Request) -> web.Response:
-        guard = self.guards.get(request.transport) if request.transport else None
-        if guard is not None:
-            guard.headers_read()
-        response = await self._rest_response(request)
-        response.force_close()  # one request a connection: none left idle, none to drip
-        return response
+    def _answered(self, handler: _Handler) -> _Handler:
+        """``handler`` for a guarded connection: its headers came in time, and it is closed
+        after one answer.
+        """
+
+        async def answer(request: web.Request) -> web.Response:
+            guard = self.guards.get(request.transport) if request.transport else None
+            if guard is not None:
+                guard.headers_read()
+            response = await handler(request)
+            response.force_close()  # one request a connection: none left idle, none to drip
+            return response
+
+        return answer
 
     async def _rest_response(self, request: web.Request) -> web.Response:
         form = answer_format(
@@ -405,6 +441,60 @@ class Gateway:
         if mail.send_now:
             return legacy.rest_send_now_reply(answer, self.waited, job_id)
         return legacy.rest_reply("success", "Message saved", job_id)
+
+    # One-click unsubscribe (RFC 8058): the link's token is the only authority.
+
+    async def _unsubscribe(self, request: web.Request) -> web.Response:
+        """GET shows the confirmation page; POST (the one-click request, or the page's
+        form) suppresses the link's recipient for its list and announces it. Idempotent.
+        """
+        address = request.remote or ""
+        token = request.match_info["token"]
+        if request.method == hdrs.METH_POST:
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    await request.clone(client_max_size=_UNSUBSCRIBE_BODY).read()
+            except web.HTTPRequestEntityTooLarge:
+                return _plain(f"body larger than {_UNSUBSCRIBE_BODY} bytes", 413)
+            except TimeoutError:
+                return _plain(f"body not sent within {self.read_timeout} s", 408)
+        if self.vault is None:
+            log.warning("gateway.unsubscribe_unavailable", note="no MAILBUS_SECRET_KEY")
+            return _plain("unsubscribe links are not served here now", 503)
+        async with self.failures.turn(address):
+            if self.failures.blocked(address):
+                log.warning("gateway.throttled", gateway="unsubscribe", address=address)
+                return _plain(TOO_MANY_FAILURES, 429)
+            try:
+                asked = read_token(token, self.vault, utcnow())
+            except TokenRefused as exc:
+                self.failures.failed(address)
+                log.warning(
+                    "gateway.unsubscribe_refused", token=token_digest(token), error=str(exc)
+                )
+                return _plain(str(exc), 400)
+        if request.method != hdrs.METH_POST:
+            page = confirmation_page(asked)
+            return web.Response(text=page, content_type="text/html", headers=_UNSUBSCRIBE_HEADERS)
+        try:
+            await self.suppressions.add_automatic(
+                {asked.recipient: "one-click unsubscribe"}, scope=asked.scope, source="unsubscribe"
+            )
+            await self.outgoing.event(*unsubscribed_event(asked, utcnow()))
+        except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
+            log.warning("gateway.unavailable", gateway="unsubscribe", error=str(exc))
+            return _plain("mail service unavailable, try again later", 503)
+        except Exception:  # a broker restarting fails in many types: the client tries later
+            log.exception("gateway.request_failed", gateway="unsubscribe")
+            return _plain("mail service unavailable, try again later", 503)
+        log.info(
+            "gateway.unsubscribed",
+            domain=asked.domain,
+            list=asked.list_name,
+            id=asked.job_id,
+            token=token_digest(token),
+        )
+        return _plain("unsubscribed")
 
     # The daemon's JSON over TCP.
 

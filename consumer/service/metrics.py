@@ -45,7 +45,9 @@ class _Pools(Collector):
 
 
 class _Tokens(Collector):
-    """Tokens left per provider limit, read from MongoDB at scrape time."""
+    """Tokens left per provider limit, and each provider's slowdown, read from MongoDB at
+    scrape time.
+    """
 
     def __init__(self, providers: Callable[[], list[Document] | None]) -> None:
         self.providers = providers
@@ -56,11 +58,20 @@ class _Tokens(Collector):
             "Sends each provider limit allows now (absent while MongoDB does not answer)",
             labels=["provider", "limit"],
         )
+        slowed = GaugeMetricFamily(
+            "mailbus_provider_slowdown",
+            "How many times longer each provider's intervals are now: 1, or 2 while it is "
+            "slowed after throttling replies",
+            labels=["provider"],
+        )
         now = utcnow()
         for doc in self.providers() or []:
-            for limit in tokens_of(doc, now)["limits"]:
+            tokens = tokens_of(doc, now)
+            for limit in tokens["limits"]:
                 family.add_metric([doc["_id"], limit["limit"]], limit["tokens"])
+            slowed.add_metric([doc["_id"]], tokens["slowdown"])
         yield family
+        yield slowed
 
 
 class _Commands(Collector):
@@ -137,6 +148,12 @@ class Metrics:
             ["reason", *outbox],
             registry=r,
         )
+        self.throttled = Counter(
+            "mailbus_smtp_throttled",
+            "Attempts put off after a throttling reply (421, 4.7.x, a reply rule's throttle)",
+            outbox,
+            registry=r,
+        )
         self.dead = Counter(
             "mailbus_jobs_dead",
             "Jobs dead-lettered, by reason (failed ones too)",
@@ -207,7 +224,9 @@ class Metrics:
                 if reason in FAILED_REASONS:
                     self.failed.labels(reason, *outbox).inc()
                 self.dead.labels(reason).inc()
-            case Later(why=why):
+            case Later(why=why, failure=failure):
+                if failure is not None and failure.throttle:
+                    self.throttled.labels(*outbox).inc()
                 match why:
                     case "retry" | "rate_limited":
                         self.deferred.labels(why, *outbox).inc()

@@ -23,6 +23,7 @@ import structlog
 from consumer.clock import utcnow
 from consumer.core.outboxes import Outbox
 from consumer.core.ratelimit import MICROS, Grant, Mode, Reservation
+from consumer.core.replies import ReplyRule
 from consumer.core.smtp_request import REQUESTED_LABEL
 from consumer.errors import ConfigurationError
 from consumer.mail.sendmail import SendmailPipe
@@ -181,6 +182,16 @@ class OutboxPicker:
         if refusal is None:
             return Choice(pool)
         return Choice(pool, Throttle(reservation, self.clock() + timedelta(seconds=refusal.wait)))
+
+    async def reply_rules(self, provider: str) -> tuple[ReplyRule, ...]:
+        """``provider``'s rules for SMTP replies, read when a reply needs judging."""
+        return await self.providers.reply_rules(provider)
+
+    async def slow(self, provider: str, seconds: float) -> datetime | None:
+        """Slow ``provider``'s buckets for ``seconds`` (it is throttling); when that ends,
+        or None when it is not defined.
+        """
+        return await self.providers.slow(provider, seconds)
 
     async def _token(self, provider: str, mode: Mode) -> Grant | None:
         """``provider``'s answer for one job, taken in one command with the other jobs of

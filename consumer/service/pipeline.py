@@ -35,11 +35,19 @@ from consumer.core.outcomes import (
     Skip,
 )
 from consumer.core.refusals import DeadLetterError, InvalidJobError
-from consumer.core.retry import Decision, decide, split_refusals, unknown_recipients
+from consumer.core.replies import ReplyRule
+from consumer.core.retry import (
+    Decision,
+    decide,
+    reply_verdict,
+    split_refusals,
+    unknown_recipients,
+)
 from consumer.core.returns import ReturnPaths
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.suppression import Scope
+from consumer.core.unsubscribe import link_headers
 from consumer.core.vocabulary import DeadReason, final_status
 from consumer.errors import AttachmentUnavailableError, ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
@@ -60,6 +68,7 @@ from consumer.store.jobs import (
     smtp_reply,
 )
 from consumer.store.suppressions import SuppressionStore
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 Written = TypeVar("Written")
@@ -81,6 +90,8 @@ class Attempt:
     ctx: Context
     details: Document = field(default_factory=dict)
     send_at: datetime | None = None  # claimed ahead: not handed over before this
+    rules: tuple[ReplyRule, ...] | None = None  # the provider's, once a reply needed them
+    added: dict[str, str] = field(default_factory=dict)  # headers mailbus adds: unsubscribe
 
 
 class Pipeline:
@@ -97,6 +108,7 @@ class Pipeline:
         suppressions: SuppressionStore,
         signer: DkimSigner,
         worker_id: str,
+        vault: Vault | None = None,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
         returns: ReturnPaths | None = None,
@@ -112,6 +124,7 @@ class Pipeline:
         self.worker_id = worker_id
         self.clock = clock
         self.jitter = jitter
+        self.vault = vault  # MAILBUS_SECRET_KEY's: signs unsubscribe links
         self.returns = returns
         self._sending: set[str] = set()
 
@@ -252,6 +265,7 @@ class Pipeline:
                 limit = self.settings.max_message_bytes
                 mail = raw_mail(attempt.job, attempt.job_id, attempt.now, limit=limit)
             else:
+                attempt.added = self._unsubscribe_headers(attempt)
                 content = await self.composer.compose(attempt.job)
                 if content.template is not None:
                     name, version = content.template
@@ -262,6 +276,8 @@ class Pipeline:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
             return await self._failed(attempt, classify(exc))
+        except ConfigurationError as exc:  # no unsubscribe URL or key yet: retry later
+            return await self._failed(attempt, Failure(True, None, str(exc)))
         if attempt.send_at is not None:
             # Claimed ahead, ready to go: the outbox and its token are taken at its time.
             await asyncio.sleep(max((attempt.send_at - self.clock()).total_seconds(), 0.0))
@@ -304,10 +320,30 @@ class Pipeline:
         """
         pending = attempt.claim.pending
         owed = list(pending) if pending is not None else attempt.job.recipients()
-        suppressed = await self.suppressions.among(owed, domain=attempt.job.domain)
+        asked = attempt.job.unsubscribe
+        suppressed = await self.suppressions.among(
+            owed, domain=attempt.job.domain, list_name=asked.list_ if asked else None
+        )
         if suppressed:
             attempt.details["suppressed"] = sorted(suppressed)
         return [r for r in owed if r.lower() not in suppressed]
+
+    def _unsubscribe_headers(self, attempt: Attempt) -> dict[str, str]:
+        """The job's List-Unsubscribe headers, when it asks for them; raises
+        :class:`ConfigurationError` when mailbus cannot make its link.
+        """
+        if attempt.job.unsubscribe is None:
+            return {}
+        base_url = self.settings.unsubscribe_url
+        if base_url is None or self.vault is None:
+            raise ConfigurationError(
+                "the job asks for an unsubscribe link: set MAILBUS_UNSUBSCRIBE_URL and "
+                "MAILBUS_SECRET_KEY (shared with the REST gateway that serves the link)"
+            )
+        expires = attempt.now + timedelta(days=self.settings.unsubscribe_days)
+        return link_headers(
+            attempt.job, attempt.job_id, base_url=base_url, vault=self.vault, expires=expires
+        )
 
     def _build(self, attempt: Attempt, content: Content, charset: str) -> Mail:
         return build_mail(
@@ -317,6 +353,7 @@ class Pipeline:
             content,
             charset=charset,
             limit=self.settings.max_message_bytes,
+            added=attempt.added,
         )
 
     async def _throttled(self, attempt: Attempt, throttle: Throttle) -> Outcome:
@@ -339,7 +376,13 @@ class Pipeline:
         try:
             result = await pool.send(mail, self._envelope_sender(attempt), recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
-            return await self._failed(attempt, classify(exc))
+            failure = classify(exc, await self._reply_rules(attempt))
+            if attempt.claim.pending is not None and failure.refusals and failure.code:
+                # Everyone left refused, after an earlier attempt delivered to the others:
+                # the mail is out, so this is one more partial delivery, never a failure.
+                left = SendResult(failure.code, failure.message, dict(failure.refusals))
+                return await self._accepted(attempt, left, time.perf_counter() - started)
+            return await self._failed(attempt, failure)
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
         return await self._accepted(attempt, result, seconds)
@@ -367,11 +410,13 @@ class Pipeline:
         ones it deferred (4xx) while attempts remain; they alone get the next attempt.
         """
         ctx = attempt.ctx
-        final, deferred = split_refusals(result.refused)
+        rules = await self._reply_rules(attempt) if result.refused else ()
+        final, deferred = split_refusals(result.refused, rules)
         refused = {**(attempt.claim.refused or {}), **_as_documents(final)}
+        throttled = [r for r in deferred.values() if reply_verdict(*r, rules) == "throttle"]
         if deferred:
             rcpt, (code, text) = min(deferred.items())
-            failure = Failure(True, code, f"<{rcpt}> {text}")
+            failure = Failure(True, code, f"<{rcpt}> {text}", throttle=bool(throttled))
             decision = self._decide(failure, attempt)
             if decision.retry_in is not None:
                 due = self.clock() + timedelta(seconds=decision.retry_in)
@@ -391,11 +436,14 @@ class Pipeline:
                         reply=smtp_reply(code, failure.message),
                     ),
                 )
+                await self._slow_provider(attempt, failure)
                 # The next attempt sees only its own refusals: unknown ones are noted now.
                 await self._suppress_unknown(attempt, final)
                 return Later(ctx, due, "retry", failure)
             refused.update(_as_documents(deferred))
         await self._record_sent(attempt, result, refused)
+        if throttled:
+            await self._slow_provider(attempt, Failure(True, *throttled[0], throttle=True))
         await self._suppress_unknown(attempt, final)
         every_refusal = {r: (int(d["code"]), str(d["message"])) for r, d in refused.items()}
         accepted = SendResult(result.code, result.message, every_refusal)
@@ -415,6 +463,7 @@ class Pipeline:
                 outbox=ctx.outbox,
                 reply=smtp_reply(failure.code, failure.message),
             )
+            await self._slow_provider(attempt, failure)
             await self._suppress_unknown(attempt, failure.refusals)
             return Dead(ctx, reason, failure.describe(), failure.code)
         due = self.clock() + timedelta(seconds=decision.retry_in)
@@ -427,6 +476,7 @@ class Pipeline:
             ctx.outbox,
             reply=smtp_reply(failure.code, failure.message),
         )
+        await self._slow_provider(attempt, failure)
         # Every recipient was refused, some only for now: the unknown ones are not retried.
         await self._suppress_unknown(attempt, failure.refusals)
         return Later(ctx, due, "retry", failure)
@@ -448,6 +498,40 @@ class Pipeline:
                 return choice
         return await self.picker.choose(attempt.job.domain, avoid=claim.last_outbox)
 
+    async def _reply_rules(self, attempt: Attempt) -> tuple[ReplyRule, ...]:
+        """The rules for the replies of the attempt's provider, read once an attempt. None
+        are read when MongoDB does not answer (or holds a rule no command wrote): the
+        codes alone decide then, as the mail may be out and its record must not wait.
+        """
+        provider = attempt.ctx.provider
+        if attempt.rules is None and provider is not None:
+            try:
+                attempt.rules = await self.picker.reply_rules(provider)
+            except (StoreUnavailableError, ConfigurationError) as exc:
+                log.warning("job.reply_rules_unread", provider=provider, error=str(exc))
+        return attempt.rules or ()
+
+    async def _slow_provider(self, attempt: Attempt, failure: Failure) -> None:
+        """After a throttling reply, slow the provider for ``MAILBUS_THROTTLE_SECONDS``: its
+        jobs, this one's retry among them, then go at half its rate. Done once the job's
+        own record is written: a slowdown MongoDB did not take loses no mail.
+        """
+        provider, seconds = attempt.ctx.provider, self.settings.throttle_seconds
+        if not failure.throttle or provider is None or seconds <= 0:
+            return
+        try:
+            until = await self.picker.slow(provider, seconds)
+        except StoreUnavailableError as exc:
+            log.warning("provider.slowdown_not_recorded", provider=provider, error=str(exc))
+            return
+        if until is not None:
+            log.info(
+                "provider.slowed",
+                provider=provider,
+                until=until.isoformat(),
+                reply=failure.describe(),
+            )
+
     def _decide(self, failure: Failure, attempt: Attempt) -> Decision:
         settings = self.settings
         return decide(
@@ -468,7 +552,7 @@ class Pipeline:
         Runs after the job's own record is written; failing here loses no mail. A
         sandboxed job's catch-all knows nothing of the real addresses: it suppresses none.
         """
-        unknown = unknown_recipients(refused)
+        unknown = unknown_recipients(refused, attempt.rules or ())
         days = self.settings.bounce_suppression_days
         if not unknown or days <= 0 or attempt.ctx.sandbox:
             return

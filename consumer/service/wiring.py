@@ -73,6 +73,7 @@ def build_worker(settings: Settings) -> Worker:
         suppressions=mongo.suppressions,
         signer=DkimSigner(mongo.domains, vault),
         worker_id=worker_id,
+        vault=vault,
         clock=clock.now,
         returns=ReturnPaths.configured(settings),
     )

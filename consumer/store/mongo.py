@@ -15,6 +15,7 @@ from consumer.store.outboxes import OutboxStore
 from consumer.store.providers import ProviderStore
 from consumer.store.suppressions import SuppressionStore
 from consumer.store.templates import TemplateStore
+from consumer.store.webhooks import WebhookStore
 
 
 class Mongo:
@@ -30,6 +31,7 @@ class Mongo:
         self.suppressions = SuppressionStore(database)
         self.alerts = AlertStore(database)
         self.feedback = FeedbackCounts(database)
+        self.webhooks = WebhookStore(database)
 
     @classmethod
     def connect(cls, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Mongo:

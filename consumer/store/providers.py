@@ -4,6 +4,9 @@ A provider document holds its limits, its burst and, per limit, the bucket's the
 arrival time and its queue's next wake-up slot (see :mod:`consumer.core.ratelimit`). Taking a
 token is one atomic update whose arithmetic runs on the server against the server's clock
 (``$$NOW``), so workers on machines whose clocks disagree still share one exact bucket.
+The document also holds the provider's reply rules (see :mod:`consumer.core.replies`), in
+their written form, and ``slowed_until`` (server microseconds): while it is ahead, takes
+count every interval :data:`~consumer.core.ratelimit.SLOWDOWN` times as long.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from consumer.clock import utcnow
-from consumer.core.ratelimit import MICROS, Bucket, Grant, Limit, Mode, tokens_left
+from consumer.core.ratelimit import MICROS, SLOWDOWN, Bucket, Grant, Limit, Mode, tokens_left
+from consumer.core.replies import ReplyRule, rules_of
 from consumer.store.documents import Document, answering
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -26,6 +30,11 @@ _NOW_US = {
         MICROS // 1000,
     ]
 }
+
+
+# A limit's interval as a take counts it: longer while the provider is slowed (the take
+# sets ``last_take.slowdown`` first).
+_INTERVAL = {"$multiply": ["$$limit.interval", "$last_take.slowdown"]}
 
 
 def _earliest(limits: object, field: str) -> Document:
@@ -39,7 +48,7 @@ def _earliest(limits: object, field: str) -> Document:
             "in": {
                 "$subtract": [
                     f"$$limit.{field}",
-                    {"$multiply": [{"$subtract": ["$burst", 1]}, "$$limit.interval"]},
+                    {"$multiply": [{"$subtract": ["$burst", 1]}, _INTERVAL]},
                 ]
             },
         }
@@ -71,7 +80,7 @@ def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
                                             "tat": {
                                                 "$add": [
                                                     {"$max": ["$$limit.tat", "$$start"]},
-                                                    "$$limit.interval",
+                                                    _INTERVAL,
                                                 ]
                                             }
                                         },
@@ -110,7 +119,7 @@ def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
                                     "queue": {
                                         "$add": [
                                             {"$max": ["$$limit.queue", "$$slot"]},
-                                            "$$limit.interval",
+                                            _INTERVAL,
                                         ]
                                     }
                                 },
@@ -127,6 +136,17 @@ def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
     )
     stages: list[Document] = [
         {"$set": {"last_take": {"now": _NOW_US}}},
+        {
+            "$set": {
+                "last_take.slowdown": {
+                    "$cond": [
+                        {"$gt": [{"$ifNull": ["$slowed_until", 0]}, "$last_take.now"]},
+                        SLOWDOWN,
+                        1,
+                    ]
+                }
+            }
+        },
         {"$set": {"last_take.open": may_take}},
         {
             "$set": {
@@ -187,11 +207,14 @@ def _take_update(mode: Mode, count: int, horizon_us: int) -> list[Document]:
     return stages
 
 
-def provider_document(name: str, limits: Sequence[Limit], burst: int) -> Document:
-    """A provider's stored form, its buckets full."""
+def provider_document(
+    name: str, limits: Sequence[Limit], burst: int, replies: Sequence[ReplyRule] = ()
+) -> Document:
+    """A provider's stored form, its buckets full (and not slowed)."""
     return {
         "_id": name,
         "burst": burst,
+        "replies": [str(rule) for rule in replies],
         "limits": [
             {
                 "count": lim.count,
@@ -215,15 +238,25 @@ def tokens_of(doc: Document, now: datetime) -> dict[str, Any]:
     """A provider's tokens left now: per limit, and the fewest (what a send needs)."""
     burst = int(doc.get("burst", 1))
     now_us = int(now.timestamp() * MICROS)
+    slowdown = slowdown_of(doc, now)
     left = {}
     for limit, state in zip(limits_of(doc), doc.get("limits", []), strict=True):
         bucket = Bucket(int(state.get("tat", 0)), int(state.get("queue", 0)))
-        left[str(limit)] = tokens_left(limit, burst, bucket, now_us)
+        left[str(limit)] = tokens_left(limit, burst, bucket, now_us, slowdown)
     return {
         "tokens": min(left.values(), default=burst),
         "burst": burst,
+        "slowdown": slowdown,
         "limits": [{"limit": name, "tokens": tokens} for name, tokens in left.items()],
     }
+
+
+def slowdown_of(doc: Document, now: datetime) -> int:
+    """How many times longer the provider's intervals are at ``now``: 1, or
+    :data:`~consumer.core.ratelimit.SLOWDOWN` while it is slowed.
+    """
+    slowed = int(doc.get("slowed_until", 0)) > now.timestamp() * MICROS
+    return SLOWDOWN if slowed else 1
 
 
 class ProviderStore:
@@ -232,13 +265,49 @@ class ProviderStore:
     def __init__(self, database: AsyncDatabase[Document]) -> None:
         self.providers = database["providers"]
 
-    async def put(self, name: str, limits: Sequence[Limit], burst: int) -> bool:
+    async def put(
+        self, name: str, limits: Sequence[Limit], burst: int, replies: Sequence[ReplyRule] = ()
+    ) -> bool:
         """Create or replace a provider (its buckets start full); True when it is new."""
         async with answering():
             result = await self.providers.replace_one(
-                {"_id": name}, provider_document(name, limits, burst), upsert=True
+                {"_id": name}, provider_document(name, limits, burst, replies), upsert=True
             )
         return result.upserted_id is not None
+
+    async def set_reply_rules(self, name: str, replies: Sequence[ReplyRule]) -> bool:
+        """Replace the provider's reply rules, its buckets untouched; False if there is no
+        such provider.
+        """
+        written = [str(rule) for rule in replies]
+        async with answering():
+            result = await self.providers.update_one(
+                {"_id": name}, {"$set": {"replies": written, "updated_at": utcnow()}}
+            )
+        return result.matched_count == 1
+
+    async def reply_rules(self, name: str) -> tuple[ReplyRule, ...]:
+        """The provider's rules for SMTP replies (none for a provider not defined)."""
+        async with answering():
+            doc = await self.providers.find_one({"_id": name}, {"replies": 1})
+        return rules_of(doc.get("replies")) if doc is not None else ()
+
+    async def slow(self, name: str, seconds: float) -> datetime | None:
+        """Slow the provider for ``seconds`` from now, on the server's clock (a slowdown
+        already running ends then instead); when it ends, or None for a provider not
+        defined.
+        """
+        until = {"$add": [_NOW_US, round(seconds * MICROS)]}
+        async with answering():
+            doc = await self.providers.find_one_and_update(
+                {"_id": name},
+                [{"$set": {"slowed_until": until}}],
+                projection={"slowed_until": 1},
+                return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            return None
+        return datetime.fromtimestamp(int(doc["slowed_until"]) / MICROS, UTC)
 
     async def find(self) -> list[Document]:
         """Every provider, by name."""

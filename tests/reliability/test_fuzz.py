@@ -21,7 +21,7 @@ from consumer.core.message import job_json_schema
 from tests.broker import encode, job
 from tests.reliability.fuzz_target import check
 
-ATHERIS_SECONDS = int(os.environ.get("RELIABILITY_ATHERIS_SECONDS", "20"))
+ATHERIS_SECONDS = int(os.environ.get("RELIABILITY_ATHERIS_SECONDS", "10"))
 # Where the atheris run starts: valid jobs using most of the contract, for libFuzzer to
 # mutate into the corners.
 SEEDS = [

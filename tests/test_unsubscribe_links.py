@@ -1,0 +1,145 @@
+"""One-click unsubscribe end to end: a worker sends a job's link through the capture SMTP
+server, the REST gateway serves it (a page on GET, the unsubscribe on POST), and the
+next mail of that list to that recipient is held back while other mail goes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractChannel
+from pydantic import SecretStr
+
+from consumer.amqp.publish import publish_job
+from consumer.clock import utcnow
+from consumer.core.event_contract import EVENTS, MailUnsubscribed
+from consumer.core.names import Names
+from consumer.core.unsubscribe import Unsubscribe, make_token
+from consumer.settings import Settings
+from consumer.store.jobs import JobStore
+from consumer.store.suppressions import SuppressionStore
+from consumer.vault import Vault, new_key
+from deploy.devstack.smtp_capture import CaptureServer
+from tests.broker import drain_events, job, listen_events, until
+from tests.conftest import RunningWorker, settled_record
+from tests.secret_watch import watched
+from tests.serving import ANY_PORT, gateways
+
+BASE = "https://unsub.example"
+ONE_CLICK = {"List-Unsubscribe": "One-Click"}
+RECIPIENT = "reader@example.org"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The test's settings with the key that signs links and the gateway's public URL."""
+    return settings.model_copy(
+        update={"secret_key": SecretStr(watched(new_key())), "unsubscribe_url": BASE}
+    )
+
+
+@pytest.fixture
+async def rest(settings: Settings, channel: AbstractChannel) -> AsyncIterator[str]:
+    """The REST gateway's address on loopback (the test's topology declared and removed)."""
+    async with gateways(settings, rest=ANY_PORT) as bound:
+        yield f"http://127.0.0.1:{bound['rest']}"
+
+
+def newsletter(job_id: str, list_name: str = "news", **fields: object) -> dict[str, object]:
+    """A job of example.com to the reader, asking for a link to leave ``list_name``."""
+    unsubscribe = {"list": list_name, "mailto": "unsub@example.com"}
+    return job(id=job_id, to=[RECIPIENT], unsubscribe=unsubscribe, **fields)
+
+
+async def test_a_link_in_the_mail_unsubscribes_from_its_list_only(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    worker: RunningWorker,
+    rest: str,
+) -> None:
+    names = Names(settings.prefix)
+    events = await listen_events(channel, names)
+    await publish_job(channel, newsletter("news-1"), names=names)
+    async with asyncio.timeout(20):
+        [mail] = await smtp.wait_for(1)
+    message = mail.message()
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    link, mailto = (part.strip() for part in str(message["List-Unsubscribe"]).split(","))
+    assert mailto == "<mailto:unsub@example.com>"
+    assert link.startswith(f"<{BASE}/unsubscribe/")
+    path = link[len(BASE) + 1 : -1]
+    suppressions = SuppressionStore(store.database)
+
+    async with aiohttp.ClientSession(rest) as http:
+        async with http.get(path) as page:  # what a link scanner does: nothing happens
+            assert page.status == 200
+            assert page.content_type == "text/html"
+            assert 'method="post"' in await page.text()
+            assert page.headers["Referrer-Policy"] == "no-referrer"
+        assert await suppressions.find(address=RECIPIENT) == []
+        for _ in range(2):  # the one-click POST, then the page's form: the same answer
+            async with http.post(path, data=ONE_CLICK) as done:
+                assert (done.status, await done.text()) == (200, "unsubscribed\n")
+
+    [entry] = await suppressions.find(address=RECIPIENT)
+    assert (entry["domain"], entry["list"], entry["source"]) == (
+        "example.com",
+        "news",
+        "unsubscribe",
+    )
+    seen: list[MailUnsubscribed] = []
+
+    async def announced() -> bool:
+        for _, body in await drain_events(channel, events):
+            parsed = EVENTS.validate_python(body)
+            if isinstance(parsed, MailUnsubscribed):
+                seen.append(parsed)
+        return bool(seen)
+
+    await until(announced, 10)
+    said = seen[0]
+    assert (said.domain, said.list, said.recipient, said.id) == (
+        "example.com",
+        "news",
+        RECIPIENT,
+        "news-1",
+    )
+
+    other = {"domain": "example.net", "from": {"email": "s@example.net"}}
+    await publish_job(channel, newsletter("news-2"), names=names)
+    await publish_job(channel, newsletter("offers-1", "offers"), names=names)
+    await publish_job(channel, newsletter("net-news-1", **other), names=names)
+    async with asyncio.timeout(20):
+        delivered = await smtp.wait_for(3)
+    held = await settled_record(store, "news-2")
+    assert (held["status"], held["suppressed"]) == ("dead", [RECIPIENT])
+    assert sorted(m.mail_from for m in delivered[1:]) == ["s@example.net", "sender@example.com"]
+    assert len(smtp.received()) == 3
+
+
+async def test_forged_altered_and_expired_links_are_refused(settings: Settings, rest: str) -> None:
+    vault = Vault.from_settings(settings)
+    good = Unsubscribe("example.com", "news", RECIPIENT, None, utcnow() + timedelta(days=1))
+    token = make_token(good, vault)
+    expired = make_token(Unsubscribe(**{**good.__dict__, "expires": utcnow()}), vault)
+    foreign = make_token(good, Vault([new_key()]))
+    altered = token[:5] + ("A" if token[5] != "A" else "B") + token[6:]
+    async with aiohttp.ClientSession(rest) as http:
+        for bad, why in (
+            (foreign, "not an unsubscribe link"),
+            (altered, "not an unsubscribe link"),
+            (expired, "this unsubscribe link has expired"),
+        ):
+            for method in ("GET", "POST"):
+                async with http.request(method, f"/unsubscribe/{bad}", data=ONE_CLICK) as refused:
+                    assert (refused.status, await refused.text()) == (400, why + "\n")
+        async with http.post(f"/unsubscribe/{token}", data="x" * 4096) as large:
+            assert large.status == 413
+        async with http.post(f"/unsubscribe/{token}", data=ONE_CLICK) as done:
+            assert done.status == 200
