@@ -49,6 +49,9 @@ def configure_logging(settings: Settings) -> None:
     )
     # Library loggers (aio-pika, pymongo) stay quiet unless something is wrong.
     logging.basicConfig(stream=sys.stderr, level=max(level, logging.WARNING), force=True)
+    # flufl.bounce logs a traceback for each hostile bounce a detector chokes on; the bounce
+    # listener logs the reason it dropped the message instead, once, in one line.
+    logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

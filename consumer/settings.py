@@ -101,8 +101,16 @@ class Settings(BaseSettings):
     # Sandbox mode (a sandboxed domain, or a job's "sandbox": true) is not delivered, or,
     # with this set, only to the outbox of this name: a catch-all such as MailHog.
     sandbox_outbox: str | None = Field(None, min_length=1)
-    # Recipients a server calls unknown (5.1.x) are suppressed for this long; 0: never.
+    # Recipients a server calls unknown (5.1.x), or a hard bounce names later, are
+    # suppressed for this long; 0: never.
     bounce_suppression_days: float = Field(30.0, ge=0)
+    # Bounces and complaints: with a bounce domain, each mail's envelope sender is a return
+    # address of its own there (VERP, signed with MAILBUS_SECRET_KEY), and the gateway's
+    # --bounces listener (the domain's MX) takes what comes back, up to this size a message.
+    bounce_domain: Annotated[str | None, AfterValidator(_lower)] = Field(
+        None, max_length=190, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$"
+    )
+    bounce_max_message_bytes: int = Field(MiB, ge=4096, le=16 * MiB)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;
     # without credentials of its own it logs in as the AMQP URL's user.
     management_url: SecretStr | None = None

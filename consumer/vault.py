@@ -34,11 +34,9 @@ class Vault:
             )
         try:
             self._fernet = MultiFernet([Fernet(key.encode()) for key in keys])
+            self._raw = [base64.urlsafe_b64decode(key) for key in keys]
             # Signing keys derived from, never equal to, the encryption keys.
-            self._signing = [
-                hashlib.sha256(b"mailbus-signing\0" + base64.urlsafe_b64decode(key)).digest()
-                for key in keys
-            ]
+            self._signing = self.derived_keys("signing")
         except ValueError:
             raise ConfigurationError(
                 "MAILBUS_SECRET_KEY must be Fernet keys (32 url-safe base64 bytes), "
@@ -55,6 +53,13 @@ class Vault:
     def optional(cls, settings: Settings) -> Vault | None:
         """The vault of ``MAILBUS_SECRET_KEY``, or None when it is unset (no passwords)."""
         return cls.from_settings(settings) if settings.secret_key is not None else None
+
+    def derived_keys(self, purpose: str) -> list[bytes]:
+        """Keys for one ``purpose`` (a word no other use shares), one per configured key
+        and in their order: the first signs, every one verifies.
+        """
+        label = f"mailbus-{purpose}\0".encode()
+        return [hashlib.sha256(label + raw).digest() for raw in self._raw]
 
     def encrypt(self, secret: str) -> str:
         """``secret`` encrypted with the first key."""

@@ -25,6 +25,7 @@ async def gateways(
     daemon: Listen | None = None,
     smtp: Listen | None = None,
     smtps: Listen | None = None,
+    bounces: Listen | None = None,
 ) -> AsyncIterator[dict[str, int]]:
     """Serve until the block ends, then stop as on SIGTERM; yields the ports bound, by
     gateway name. A gateway that cannot start raises what stopped it.
@@ -32,7 +33,16 @@ async def gateways(
     stop = asyncio.Event()
     started: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(
-        serve(settings, stop, rest=rest, daemon=daemon, smtp=smtp, smtps=smtps, started=started)
+        serve(
+            settings,
+            stop,
+            rest=rest,
+            daemon=daemon,
+            smtp=smtp,
+            smtps=smtps,
+            bounces=bounces,
+            started=started,
+        )
     )
     async with asyncio.timeout(20):
         await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -17,10 +17,10 @@ from consumer.store.domains import hash_key
 
 async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     listens: dict[str, Listen | None] = {
-        name: getattr(args, name) for name in ("rest", "daemon", "smtp", "smtps")
+        name: getattr(args, name) for name in ("rest", "daemon", "smtp", "smtps", "bounces")
     }
     if all(listen is None for listen in listens.values()):
-        return fail("gateway serve", "give --rest, --daemon, --smtp or --smtps", code=2)
+        return fail("gateway serve", "give --rest, --daemon, --smtp, --smtps or --bounces", code=2)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,6 +39,7 @@ def _announce(listens: dict[str, Listen | None], ports: dict[str, int], *, tls: 
         "daemon": ("daemon gateway", "tls" if tls else "tcp", ""),
         "smtp": ("SMTP gateway", "smtp", " (STARTTLS)" if tls else ""),
         "smtps": ("SMTP gateway", "smtps", ""),
+        "bounces": ("bounce listener", "smtp", " (MX of the bounce domain)"),
     }
     for name, listen in listens.items():
         if listen is not None:
@@ -127,7 +128,17 @@ def add_parser(verbs: Subparsers) -> None:
         "MAILBUS_GATEWAY_SMTP_MAX_RECIPIENTS recipients and MAILBUS_MAX_MESSAGE_BYTES a "
         "message; X-Mailbus-Send-At, -Delay, -Id, -Tags and -Expires-At header fields steer "
         "the job and are removed; the jobs are sealed with MAILBUS_SECRET_KEY, which the "
-        "workers share. SIGTERM lets requests in progress finish (SMTP sessions are then "
+        "workers share. "
+        "--bounces is the MX of MAILBUS_BOUNCE_DOMAIN: with that domain set, the workers send "
+        "each mail with a return address of its own there (VERP, signed with "
+        "MAILBUS_SECRET_KEY), and this listener takes delivery status notifications (RFC "
+        "3464), complaints (ARF, RFC 5965) and the common non-standard bounces sent to valid "
+        "return addresses only (any other recipient is refused 550), at most "
+        "MAILBUS_BOUNCE_MAX_MESSAGE_BYTES a message, no AUTH; a hard bounce or a complaint "
+        "suppresses its recipient for the job's domain, every one is kept on the job's record "
+        "and published as mail.bounced or mail.complained; mail that is no readable report "
+        "is answered 250 and dropped. SIGTERM lets requests in progress finish (SMTP "
+        "sessions are then "
         "told 421).",
     )
     run.add_argument(
@@ -155,6 +166,13 @@ def add_parser(verbs: Subparsers) -> None:
         type=listen_address,
         metavar="[HOST:]PORT",
         help="take mail by SMTP submission over implicit TLS here (port 465 is the standard one)",
+    )
+    run.add_argument(
+        "--bounces",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="take bounces and complaints for MAILBUS_BOUNCE_DOMAIN here, as its MX (port 25 "
+        "is the standard one)",
     )
     run.set_defaults(handler=_serve)
     hashing = actions.add_parser(

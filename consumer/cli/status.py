@@ -39,6 +39,11 @@ def _today(status: dict[str, Any]) -> str:
         f"Since {today['since']}: {today['sent']} sent, {today['failed']} failed, "
         f"{today['dead']} dead"
     )
+    back = today["feedback"]
+    head += (
+        f"; came back: {back['hard']} hard bounces, {back['soft']} soft, "
+        f"{back['complaints']} complaints"
+    )
     rows: Rows = [("BY", "NAME", "SENT", "FAILED", "DEAD")]
     for kind in ("domain", "outbox", "provider"):
         for name, counts in today[f"by_{kind}"].items():

@@ -106,6 +106,31 @@ class MailCancelled(_Job):
     due_at: datetime | None = None
 
 
+class MailBounced(_Job):
+    """A bounce came back to the mail's return address (MAILBUS_BOUNCE_DOMAIN) after the
+    server took it: ``hard`` (failed for good; the recipient is then suppressed for the
+    job's domain) or ``soft`` (delayed).
+    """
+
+    event: Literal["mail.bounced"]
+    recipient: str
+    kind: Literal["hard", "soft"]
+    status: str | None = Field(None, description="the enhanced status code, e.g. 5.1.1")
+    diagnostic: str | None = Field(
+        None, description="the remote server's words, one line of at most 300 characters"
+    )
+
+
+class MailComplained(_Job):
+    """A recipient complained (an ARF feedback report came back to the return address);
+    the recipient is suppressed for the job's domain for good.
+    """
+
+    event: Literal["mail.complained"]
+    recipient: str
+    feedback_type: str = Field(description="the report's Feedback-Type: abuse, fraud, other...")
+
+
 class MailUnsubscribed(_Strict):
     """A recipient used a one-click unsubscribe link: mail of ``domain`` for ``list`` no
     longer goes to them. Published on each use of the link (a second click says it again).
@@ -120,7 +145,14 @@ class MailUnsubscribed(_Strict):
 
 
 EventBody = Annotated[
-    MailSent | MailFailed | MailDeferred | MailScheduled | MailCancelled | MailUnsubscribed,
+    MailSent
+    | MailFailed
+    | MailDeferred
+    | MailScheduled
+    | MailCancelled
+    | MailBounced
+    | MailComplained
+    | MailUnsubscribed,
     Field(discriminator="event"),
 ]
 EVENTS: TypeAdapter[EventBody] = TypeAdapter(EventBody)

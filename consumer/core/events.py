@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
+from consumer.core.reports import Bounce, Complaint
 from consumer.core.unsubscribe import Unsubscribe
 from consumer.core.vocabulary import FAILED_REASONS, ReplyStatus
 
@@ -98,6 +99,40 @@ def rescheduled_event(job_id: str, record: Mapping[str, Any], due_at: datetime) 
     if record.get("sandbox"):
         body["sandbox"] = True
     return "mail.scheduled", body
+
+
+def _about(job_id: str, record: Mapping[str, Any], event: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": job_id,
+        "event": event,
+        "domain": record.get("domain"),
+        "tags": record.get("tags", []),
+        "metadata": record.get("metadata", {}),
+    }
+    if record.get("sandbox"):
+        body["sandbox"] = True
+    return body
+
+
+def bounced_event(job_id: str, record: Mapping[str, Any], bounce: Bounce) -> Event:
+    """``mail.bounced``: a bounce came back for one recipient of the job (``record``)."""
+    body = _about(job_id, record, "mail.bounced")
+    body.update(
+        recipient=bounce.recipient,
+        kind=bounce.kind,
+        status=bounce.status,
+        diagnostic=bounce.diagnostic,
+    )
+    return "mail.bounced", body
+
+
+def complained_event(
+    job_id: str, record: Mapping[str, Any], complaint: Complaint, recipient: str
+) -> Event:
+    """``mail.complained``: ``recipient`` of the job (``record``) complained."""
+    body = _about(job_id, record, "mail.complained")
+    body.update(recipient=recipient, feedback_type=complaint.feedback_type)
+    return "mail.complained", body
 
 
 def unsubscribed_event(request: Unsubscribe, at: datetime) -> Event:

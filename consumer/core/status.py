@@ -12,6 +12,7 @@ from typing import Any
 
 from consumer.core import ladder
 from consumer.core.names import Names
+from consumer.core.vocabulary import FEEDBACK_TALLIES, FeedbackTally
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,14 @@ def ladder_of(names: Names, figures: Figures) -> dict[str, Any]:
 
 
 def today_of(
-    rows: Iterable[Mapping[str, Any]], providers: Mapping[str, str], since: datetime
+    rows: Iterable[Mapping[str, Any]],
+    providers: Mapping[str, str],
+    since: datetime,
+    feedback: Mapping[FeedbackTally, int],
 ) -> dict[str, Any]:
     """Fold counts by (status, domain, outbox) into totals and per domain, outbox and
-    provider (``providers`` maps outbox names to theirs).
+    provider (``providers`` maps outbox names to theirs); ``feedback`` is what came back
+    (bounces hard and soft, complaints).
     """
     totals = dict.fromkeys(OUTCOMES, 0)
     by: dict[str, dict[str, dict[str, int]]] = {
@@ -85,6 +90,7 @@ def today_of(
         "since": since.isoformat(),
         **totals,
         **{f"by_{kind}": dict(sorted(counts.items())) for kind, counts in by.items()},
+        "feedback": {tally: feedback.get(tally, 0) for tally in FEEDBACK_TALLIES},
     }
 
 

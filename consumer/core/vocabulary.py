@@ -66,6 +66,26 @@ DaemonStatus = Literal["success", "error"]
 # bounce (``bounce``), the recipient's complaint or one-click unsubscribe.
 SuppressionSource = Literal["manual", "bounce", "complaint", "unsubscribe"]
 
+# A bounce that came back after the hand-over: ``hard`` (the address failed for good:
+# Action failed, a 5.x.x status) suppresses it; ``soft`` (delayed, 4.x.x) is only counted.
+BounceKind = Literal["hard", "soft"]
+BOUNCE_KINDS: Final[tuple[BounceKind, ...]] = get_args(BounceKind)
+# What came back, as a job's record keeps it: a bounce of either kind, or a complaint.
+FeedbackKind = Literal["hard", "soft", "complaint"]
+# What the bounces and complaints that come back are counted as (status, metrics, digest).
+FeedbackTally = Literal["hard", "soft", "complaints"]
+FEEDBACK_TALLIES: Final[tuple[FeedbackTally, ...]] = get_args(FeedbackTally)
+
+
+def tally_of(kind: FeedbackKind) -> FeedbackTally:
+    """The count a bounce or complaint of ``kind`` adds to."""
+    match kind:
+        case "hard" | "soft":
+            return kind
+        case "complaint":
+            return "complaints"
+
+
 # What one webhook delivery attempt ended in (``mailbus webhook log``): ``delivered`` (2xx),
 # ``failed`` (tried again later), ``dead`` (past MAILBUS_WEBHOOK_MAX_AGE), ``refused`` (a
 # URL that can never be delivered to), ``gone`` (410: the endpoint was turned off),

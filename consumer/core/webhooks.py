@@ -29,9 +29,6 @@ SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (the form's prefix, not a secret)
 MIN_SECRET_BYTES: Final = 24
 MAX_SECRET_BYTES: Final = 64
 ANY_EVENT: Final = "*"
-# Event types announced before their producers ship; accepted so that endpoints can be
-# set up for them now.
-PLANNED_EVENTS: Final = frozenset({"mail.bounced", "mail.complained", "mail.unsubscribed"})
 MAX_URL_LENGTH: Final = 2048
 # The ladder's destination word for webhook retries (``consumer.core.ladder``).
 DESTINATION: Final = "webhook"
@@ -47,7 +44,7 @@ def contract_events() -> frozenset[str]:
 
 def known_events() -> frozenset[str]:
     """The event types an endpoint may subscribe to (besides ``*``)."""
-    return contract_events() | PLANNED_EVENTS
+    return contract_events()
 
 
 def check_events(names: Iterable[str]) -> list[str]:

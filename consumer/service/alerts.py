@@ -10,17 +10,19 @@ digest's own dead letter is never noted, so an alert never alerts about itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from consumer.clock import utcnow
 from consumer.core.message import json_body, parse_job
 from consumer.core.refusals import InvalidJobError
+from consumer.core.vocabulary import FeedbackTally
 from consumer.errors import ConfigurationError
 from consumer.logging import get_logger
 from consumer.store.alerts import AlertStore
 from consumer.store.documents import Document
+from consumer.store.feedback import FeedbackCounts
 
 log = get_logger(__name__)
 DIGEST_PREFIX = "mailbus-admin-digest-"
@@ -54,9 +56,16 @@ def alert_document(
 
 
 def digest_job(
-    alerts: Sequence[Document], total: int, admin: str, sender: str, cutoff: datetime
+    alerts: Sequence[Document],
+    total: int,
+    admin: str,
+    sender: str,
+    cutoff: datetime,
+    feedback: Mapping[FeedbackTally, int] | None = None,
 ) -> dict[str, Any]:
-    """The v1 job of a digest listing ``alerts`` (the first of ``total``) up to ``cutoff``."""
+    """The v1 job of a digest listing ``alerts`` (the first of ``total``) up to ``cutoff``,
+    with the bounces and complaints of the day before it (``feedback``), when known.
+    """
     stamp = cutoff.strftime("%Y%m%dT%H%M%S.%fZ")
     first = alerts[0]["at"] if alerts else cutoff
     lines = [
@@ -73,6 +82,12 @@ def digest_job(
     if total > len(alerts):
         lines.append(f"... and {total - len(alerts)} more.")
     lines += ["", "`mailbus dead ls` lists them; `mailbus dead replay` sends them again."]
+    if feedback is not None:
+        lines += [
+            "",
+            f"Came back in the 24 hours before: {feedback.get('hard', 0)} hard bounce(s), "
+            f"{feedback.get('soft', 0)} soft, {feedback.get('complaints', 0)} complaint(s).",
+        ]
     return {
         "id": DIGEST_PREFIX + stamp,
         "domain": sender.rpartition("@")[2],
@@ -99,9 +114,17 @@ class Digests:
     """What every worker looks at now and then when ``MAILBUS_ADMIN_EMAIL`` is set."""
 
     def __init__(
-        self, alerts: AlertStore, admin: str, sender: str, interval: float, publish: Publish
+        self,
+        alerts: AlertStore,
+        admin: str,
+        sender: str,
+        interval: float,
+        publish: Publish,
+        feedback: FeedbackCounts | None = None,
     ) -> None:
+        """``feedback``: where bounces and complaints are counted, for the digest to say."""
         self.alerts = alerts
+        self.feedback = feedback
         self.admin = admin
         self.sender = sender
         self.interval = timedelta(seconds=interval)
@@ -116,7 +139,10 @@ class Digests:
         if now < cutoff:
             return (cutoff - now).total_seconds()
         listed, total = await self.alerts.waiting_until(cutoff, LISTED)
-        job = digest_job(listed, total, self.admin, self.sender, cutoff)
+        came_back = None
+        if self.feedback is not None:
+            came_back = await self.feedback.since(cutoff - timedelta(days=1), cutoff)
+        job = digest_job(listed, total, self.admin, self.sender, cutoff, came_back)
         # Published before the dead letters are marked: a crash in between repeats the
         # same job id, which is sent once.
         await self.publish(job)

@@ -30,6 +30,7 @@ from consumer.core.events import unsubscribed_event
 from consumer.core.message import Job
 from consumer.core.names import SEND_KEY, SEND_NOW_KEY, Names
 from consumer.core.rest_formats import Refused, answer_format, rest_xml
+from consumer.core.returns import ReturnPaths
 from consumer.core.unsubscribe import (
     LINK_PATH,
     TokenRefused,
@@ -49,6 +50,7 @@ from consumer.service.authorization import (
     broker_login,
     seal,
 )
+from consumer.service.bounces import bounce_factory
 from consumer.service.daemon_api import DaemonApi
 from consumer.service.smtp_intake import SubmissionServer, session_factory
 from consumer.service.tls import daemon_context
@@ -230,6 +232,10 @@ class Gateway:
         self.settings = settings
         self.exchange = exchange
         self.replies = replies
+        # The bounce listener's job records and counts (it shares the suppressions and
+        # the outgoing events below).
+        self.jobs = mongo.jobs
+        self.feedback = mongo.feedback
         self.authorizer = Authorizer(mongo.domains, open_domains=settings.open_domains)
         self.suppressions = mongo.suppressions
         self.outgoing = outgoing
@@ -666,6 +672,22 @@ def check_submission(settings: Settings, *, smtp: Listen | None, smtps: Listen |
         )
 
 
+def check_bounces(settings: Settings, *, bounces: Listen | None) -> ReturnPaths | None:
+    """The return addresses the bounce listener takes mail for; refuses to serve it
+    without MAILBUS_BOUNCE_DOMAIN and MAILBUS_SECRET_KEY.
+    """
+    if bounces is None:
+        return None
+    _check_tls_pair(settings)
+    returns = ReturnPaths.configured(settings)
+    if returns is None:
+        raise ConfigurationError(
+            "--bounces needs MAILBUS_BOUNCE_DOMAIN: the domain whose MX it is, the workers' "
+            "return addresses"
+        )
+    return returns
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -674,6 +696,7 @@ async def serve(
     daemon: Listen | None,
     smtp: Listen | None = None,
     smtps: Listen | None = None,
+    bounces: Listen | None = None,
     started: asyncio.Future[dict[str, int]] | None = None,
 ) -> None:
     """Serve the gateways until ``stop`` is set, then let the requests in progress finish
@@ -683,7 +706,9 @@ async def serve(
     """
     check_settings(settings, daemon=daemon)
     check_submission(settings, smtp=smtp, smtps=smtps)
-    tls = daemon_context(settings) if (daemon or smtp or smtps) is not None else None
+    returns = check_bounces(settings, bounces=bounces)
+    listening_tls = (daemon or smtp or smtps or bounces) is not None
+    tls = daemon_context(settings) if listening_tls else None
     async with Gateway.connected(settings) as gateway:
         ports: dict[str, int] = {}
         runner: web.AppRunner | None = None
@@ -729,6 +754,12 @@ async def serve(
                 )
                 submission.append(listening)
                 ports[name] = listening.sockets[0].getsockname()[1]
+            if bounces is not None and returns is not None:
+                listening = await loop.create_server(
+                    bounce_factory(gateway, returns, tls), bounces.host, bounces.port
+                )
+                submission.append(listening)
+                ports["bounces"] = listening.sockets[0].getsockname()[1]
             log.info("gateway.listening", **ports)
             if started is not None:
                 started.set_result(ports)

@@ -19,7 +19,7 @@ from consumer.clock import utcnow
 from consumer.core.headers import DUE_HEADER
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.smtp_request import metrics_label
-from consumer.core.vocabulary import FAILED_REASONS
+from consumer.core.vocabulary import FAILED_REASONS, FEEDBACK_TALLIES, FeedbackTally
 from consumer.store.documents import Document
 from consumer.store.providers import tokens_of
 
@@ -86,6 +86,29 @@ class _Commands(Collector):
         )
         for name, count in sorted(self.counts().items()):
             family.add_metric([name], count)
+        yield family
+
+
+class _Feedback(Collector):
+    """Bounces and complaints of the last 24 hours, read from MongoDB at scrape time: the
+    whole installation's (the gateway's bounce listener records them), so a gauge, the
+    same on every worker.
+    """
+
+    def __init__(self, counts: Callable[[], Mapping[FeedbackTally, int] | None]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mailbus_feedback_last_day",
+            "Bounces (hard, soft) and complaints that came back in the last 24 hours "
+            "(absent while MongoDB does not answer)",
+            labels=["kind"],
+        )
+        counts = self.counts()
+        if counts is not None:
+            for kind in FEEDBACK_TALLIES:
+                family.add_metric([kind], counts.get(kind, 0))
         yield family
 
 
@@ -167,6 +190,12 @@ class Metrics:
         (called from the HTTP thread at each scrape).
         """
         self.registry.register(_Tokens(providers))
+
+    def watch_feedback(self, counts: Callable[[], Mapping[FeedbackTally, int] | None]) -> None:
+        """Show ``mailbus_feedback_last_day``, reading the counts with ``counts`` (called
+        from the HTTP thread at each scrape).
+        """
+        self.registry.register(_Feedback(counts))
 
     def observe(
         self,

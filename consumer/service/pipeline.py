@@ -43,6 +43,7 @@ from consumer.core.retry import (
     split_refusals,
     unknown_recipients,
 )
+from consumer.core.returns import ReturnPaths
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.suppression import Scope
@@ -110,7 +111,9 @@ class Pipeline:
         vault: Vault | None = None,
         clock: Callable[[], datetime] = utcnow,
         jitter: Callable[[], float] = random.random,
+        returns: ReturnPaths | None = None,
     ) -> None:
+        """``returns``: the bounce domain's return addresses (MAILBUS_BOUNCE_DOMAIN), if set."""
         self.settings = settings
         self.store = store
         self.picker = picker
@@ -122,6 +125,7 @@ class Pipeline:
         self.clock = clock
         self.jitter = jitter
         self.vault = vault  # MAILBUS_SECRET_KEY's: signs unsubscribe links
+        self.returns = returns
         self._sending: set[str] = set()
 
     def leases_held(self) -> frozenset[str]:
@@ -370,7 +374,7 @@ class Pipeline:
     ) -> Outcome:
         started = time.perf_counter()
         try:
-            result = await pool.send(mail, attempt.job.envelope_sender(), recipients)
+            result = await pool.send(mail, self._envelope_sender(attempt), recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
             failure = classify(exc, await self._reply_rules(attempt))
             if attempt.claim.pending is not None and failure.refusals and failure.code:
@@ -382,6 +386,16 @@ class Pipeline:
         seconds = time.perf_counter() - started
         log.debug("job.accepted", seconds=round(seconds, 4))
         return await self._accepted(attempt, result, seconds)
+
+    def _envelope_sender(self, attempt: Attempt) -> str:
+        """MAIL FROM: the job's return address at the bounce domain when one is set (the
+        header From is untouched); the job's own sender for sandboxed mail and for a server
+        the job names itself, whose bounces are its owner's to read.
+        """
+        job = attempt.job
+        if self.returns is None or attempt.ctx.sandbox or job.smtp_sealed is not None:
+            return job.envelope_sender()
+        return self.returns.address(attempt.job_id)
 
     async def _dead(self, attempt: Attempt, reason: DeadReason, error: str) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""

@@ -19,7 +19,7 @@ import warnings
 from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
@@ -239,10 +239,16 @@ class SubmissionHandler:
         return f"250 2.0.0 Queued as {job_id}"
 
 
+class GatewayHandler(Protocol):
+    """An aiosmtpd handler of the gateway's: submission, or the bounce listener's."""
+
+    gateway: Gateway
+
+
 class SubmissionServer(SMTP):
     """One SMTP session, holding one of the gateways' connection slots."""
 
-    def __init__(self, handler: SubmissionHandler, **options: Any) -> None:
+    def __init__(self, handler: GatewayHandler, **options: Any) -> None:
         super().__init__(handler, **options)
         self.gateway = handler.gateway
         self.submitting = False  # a message is being taken in: not to be cut off
@@ -273,8 +279,7 @@ class SubmissionServer(SMTP):
         """A message coming in from a client that authenticated and named its recipients:
         this session is being answered, not let go for room, until the answer is given.
         """
-        session, envelope = self.session, self.envelope
-        taking = bool(session and session.authenticated and envelope and envelope.rcpt_tos)
+        taking = self.taking()
         if taking:
             self.gateway.slots.answering(self)
             self.submitting = True
@@ -286,6 +291,13 @@ class SubmissionServer(SMTP):
                 transport = cast(asyncio.Transport | None, self.transport)
                 if transport is not None:
                     self.gateway.slots.waiting(self, transport.abort)
+
+    def taking(self) -> bool:
+        """Whether the DATA about to come is a message this session takes in: its client
+        authenticated and named recipients.
+        """
+        session, envelope = self.session, self.envelope
+        return bool(session and session.authenticated and envelope and envelope.rcpt_tos)
 
     def shut(self) -> None:
         """Say 421 and close (the gateway is stopping)."""

@@ -32,13 +32,14 @@ async def gather(settings: Settings, now: datetime) -> dict[str, Any]:
         errors = await mongo.jobs.last_errors(LAST_ERRORS)
         outboxes = await mongo.outboxes.find()
         providers = await mongo.providers.find()
+        feedback = await mongo.feedback.since(since, now)
     provider_of = {o["_id"]: o["provider"] for o in outboxes if o.get("provider")}
     return {
         "at": now.isoformat(),
         "queue_source": source,
         "queues": queues_of(names, figures),
         "ladder": ladder_of(names, figures),
-        "today": today_of(counts, provider_of, since),
+        "today": today_of(counts, provider_of, since, feedback),
         "providers": {p["_id"]: tokens_of(p, now) for p in providers},
         "last_errors": [error_of(doc) for doc in errors],
     }

@@ -8,6 +8,7 @@ import uuid
 
 from consumer.clock import StoreClock
 from consumer.core.outboxes import outbox_from_url
+from consumer.core.returns import ReturnPaths
 from consumer.mail.attachments import AttachmentLoader, attachment_budget
 from consumer.mail.fetch import Fetcher, fetch_limits
 from consumer.service.authorization import Authorizer
@@ -74,6 +75,7 @@ def build_worker(settings: Settings) -> Worker:
         worker_id=worker_id,
         vault=vault,
         clock=clock.now,
+        returns=ReturnPaths.configured(settings),
     )
     return Worker(
         settings=settings,

@@ -26,6 +26,7 @@ from consumer.core.names import DUE_KEY, Names
 from consumer.core.outcomes import Context, Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.refusals import InvalidJobError
 from consumer.core.schedule import CLAIM_AHEAD, carried_headers, claims_ahead
+from consumer.core.vocabulary import FeedbackTally
 from consumer.errors import StoreUnavailableError, connection_failure
 from consumer.logging import get_logger
 from consumer.mail.fetch import Fetcher
@@ -107,7 +108,14 @@ class Worker:
             sender = settings.admin_from or f"mailbus@{admin.rpartition('@')[2]}"
             check_addresses(admin, sender)
             interval = settings.admin_digest_seconds
-            self.digests = Digests(self.mongo.alerts, admin, sender, interval, self._publish_digest)
+            self.digests = Digests(
+                self.mongo.alerts,
+                admin,
+                sender,
+                interval,
+                self._publish_digest,
+                self.mongo.feedback,
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain and close everything; serve the HTTP
@@ -120,6 +128,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         readiness = Readiness(loop, self._ready, self.store.ping)
         self.metrics.watch_providers(lambda: on_loop(loop, self.mongo.providers.find))
+        self.metrics.watch_feedback(lambda: on_loop(loop, self._last_day_feedback))
         with serving(
             self.settings.http_host,
             port,
@@ -135,6 +144,11 @@ class Worker:
         """Consuming, on a connection that is up (read from the HTTP thread)."""
         connection = self._connection
         return self._consuming and connection is not None and connection.connected.is_set()
+
+    async def _last_day_feedback(self) -> Mapping[FeedbackTally, int]:
+        """Bounces and complaints that came back in the last 24 hours."""
+        now = utcnow()
+        return await self.mongo.feedback.since(now - timedelta(days=1), now)
 
     async def _run(self, stop: asyncio.Event) -> None:
         connection = await self._connect(stop)

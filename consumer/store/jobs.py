@@ -39,6 +39,7 @@ from consumer.clock import utcnow
 from consumer.core.leases import Release
 from consumer.core.message import Job
 from consumer.core.ratelimit import Reservation
+from consumer.core.returns import JobRef, search_key
 from consumer.core.schedule import CLAIM_AHEAD
 from consumer.core.vocabulary import (
     STATUSES,
@@ -55,6 +56,8 @@ from consumer.store.commands import CommandCounter
 from consumer.store.documents import Document, answering
 
 HISTORY_LENGTH = 20
+# Bounces and complaints a record keeps (the latest), in ``feedback``.
+FEEDBACK_LENGTH = 20
 # The longest SMTP reply or error text a record keeps (a server's text is not bounded).
 REPLY_LENGTH = 500
 # The envelope recipients a record can be found by: the first ones of a larger job.
@@ -252,6 +255,7 @@ JobRecord = TypedDict(
         "sandbox": bool,
         "expire_at": datetime,
         "history": list[dict[str, Any]],
+        "feedback": list[dict[str, Any]],
     },
     total=False,
 )
@@ -274,9 +278,10 @@ def _record(doc: Document | None) -> JobRecord | None:
     return cast(JobRecord | None, doc)
 
 
-def _summary(job: Job, now: datetime) -> Document:
+def _summary(job_id: str, job: Job, now: datetime) -> Document:
     """The fields a new record starts with, shown by ``mailbus jobs ls`` (``sandbox``
-    only for a job that says so; its domain's flag is written when it is sent).
+    only for a job that says so; its domain's flag is written when it is sent). An id too
+    long for a return address adds the search key its bounces find the record by.
     """
     recipients = job.recipients()
     sender = job.envelope_sender()
@@ -286,7 +291,7 @@ def _summary(job: Job, now: datetime) -> Document:
         "from": sender,
         "subject": job.subject_line(),
         "recipients": len(recipients),
-        "search": _search_keys(job.domain, sender, recipients, job.tags),
+        "search": _search_keys(job.domain, sender, recipients, job.tags, search_key(job_id)),
         "tags": job.tags,
         "metadata": job.metadata,
     }
@@ -295,7 +300,9 @@ def _summary(job: Job, now: datetime) -> Document:
     return summary
 
 
-def _search_keys(domain: str, sender: str, recipients: list[str], tags: list[str]) -> list[str]:
+def _search_keys(
+    domain: str, sender: str, recipients: list[str], tags: list[str], returned: str | None
+) -> list[str]:
     """The keys a listing finds a record by, all in one multikey index (one index costs
     every write less than one per filter: see :meth:`JobStore.ensure_indexes`).
     Addresses in lower case; recipients bounded by :data:`SEARCH_RECIPIENTS`.
@@ -303,6 +310,8 @@ def _search_keys(domain: str, sender: str, recipients: list[str], tags: list[str
     keys = [f"to:{r.lower()}" for r in recipients[:SEARCH_RECIPIENTS]]
     keys += [f"from:{sender.lower()}", f"domain:{domain}"]
     keys += [f"tag:{t}" for t in tags]
+    if returned is not None:
+        keys.append(returned)
     return list(dict.fromkeys(keys))
 
 
@@ -476,7 +485,7 @@ class JobStore:
         lease_until = now + self._lease
         record = {
             "_id": job_id,
-            **_summary(job, now),
+            **_summary(job_id, job, now),
             "status": "sending",
             "lease_until": lease_until,
             "ready_at": lease_until,
@@ -533,7 +542,7 @@ class JobStore:
                 "updated_at": now,
             },
             "$inc": {"attempts": 1},
-            "$setOnInsert": _summary(job, now),
+            "$setOnInsert": _summary(job_id, job, now),
             "$push": {"history": _history("claimed", now, worker=worker_id)},
         }
         async with answering():
@@ -619,7 +628,7 @@ class JobStore:
         """
         now = self.now()
         record = {
-            **_summary(job, now),
+            **_summary(job_id, job, now),
             "status": "scheduled",
             "due_at": due_at,
             "ready_at": due_at,
@@ -992,6 +1001,27 @@ class JobStore:
             sent = await self.jobs.count_documents({**recent, "status": "sent"})
             failed = await self.jobs.count_documents({**recent, "$or": [gave_up, deferred]})
         return sent, failed
+
+    async def returned(self, ref: JobRef) -> JobRecord | None:
+        """The record a return address names (by id, or by the search key of a long id),
+        with what a bounce is checked against: domain, search keys (the recipients),
+        tags, metadata, sandbox and the keys of the feedback recorded.
+        """
+        query: Document = {"_id": ref.job_id} if ref.job_id is not None else {"search": ref.key}
+        fields = dict.fromkeys(("domain", "search", "tags", "metadata", "sandbox"), 1)
+        async with answering():
+            return _record(await self.jobs.find_one(query, {**fields, "feedback.key": 1}))
+
+    async def add_feedback(self, job_id: str, entry: Document) -> bool:
+        """Keep a bounce or complaint (``entry``, whose ``key`` names it) on the job's
+        record, the latest :data:`FEEDBACK_LENGTH`; False when it was kept already.
+        ``updated_at`` is left alone: listings by time speak of sending.
+        """
+        query = {"_id": job_id, "feedback.key": {"$ne": entry["key"]}}
+        update = {"$push": {"feedback": {"$each": [entry], "$slice": -FEEDBACK_LENGTH}}}
+        async with answering():
+            result = await self.jobs.update_one(query, update)
+        return result.modified_count == 1
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None."""

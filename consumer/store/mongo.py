@@ -9,6 +9,7 @@ from consumer.clock import utcnow
 from consumer.settings import Settings
 from consumer.store.alerts import AlertStore
 from consumer.store.domains import DomainStore
+from consumer.store.feedback import FeedbackCounts
 from consumer.store.jobs import JobStore
 from consumer.store.outboxes import OutboxStore
 from consumer.store.providers import ProviderStore
@@ -29,6 +30,7 @@ class Mongo:
         self.templates = TemplateStore(database)
         self.suppressions = SuppressionStore(database)
         self.alerts = AlertStore(database)
+        self.feedback = FeedbackCounts(database)
         self.webhooks = WebhookStore(database)
 
     @classmethod
@@ -49,6 +51,7 @@ class Mongo:
         await self.jobs.ensure_indexes()
         await self.outboxes.ensure_indexes()
         await self.suppressions.ensure_indexes()
+        await self.feedback.ensure_indexes()
         if alerts:
             await self.alerts.ensure_indexes()
 
