@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what mailbus's embedded stack and tests need, once: Debian's rabbitmq-server,
 # the producer examples' runtimes, PHPUnit, and a virtualenv (.venv) with mailbus and its dev
-# extras (aiosmtpd, SecantusDB, ...). With "bench": also Postfix's smtp-sink and
+# extras (SecantusDB, hypothesis, ...). With "bench": also Postfix's smtp-sink and
 # smtp-source, the benchmarks' C SMTP server and client (the MTA is left unconfigured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
