@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from aio_pika.abc import AbstractChannel
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
@@ -139,7 +141,7 @@ async def test_events_reach_their_webhooks_signed_retried_and_in_order(
     smtp: CaptureServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = hooked(settings, webhook_allow_private=True)
+    settings = hooked(settings, webhook_allow_private=True, http_port=0)
     names = Names(settings.prefix)
     flaky_secret = watched(new_secret())
     async with receiving() as receiver:
@@ -156,8 +158,8 @@ async def test_events_reach_their_webhooks_signed_retried_and_in_order(
         receiver.answer["/flaky"] = lambda seen: 503 if seen < 2 else 200
         smtp.faults.refuse_rcpt("later@example.org", "451 4.3.0 try later")
         smtp.faults.refuse_rcpt("nobody@example.org", "550 5.1.1 unknown")
-        async with webhook_service(settings):
-            worker = RunningWorker(settings)
+        async with webhook_service(settings) as service:
+            worker = RunningWorker(settings.model_copy(update={"http_port": None}))
             try:
                 await publish_job(channel, job(id="plain"), names=names)
                 await publish_job(channel, job(id="later", to=["later@example.org"]), names=names)
@@ -171,6 +173,8 @@ async def test_events_reach_their_webhooks_signed_retried_and_in_order(
                 await until(everything, 30)
             finally:
                 await worker.shutdown()
+            async with httpx.AsyncClient(timeout=10) as client:
+                scraped = await client.get(f"http://127.0.0.1:{service.http_port}/metrics")
         logged = await cli(settings, capsys, "webhook", "log", "--domain", "example.com")
         listed = await cli(settings, capsys, "webhook", "ls")
 
@@ -202,6 +206,15 @@ async def test_events_reach_their_webhooks_signed_retried_and_in_order(
     assert "whsec_" not in listed
     assert "t0ps3cret" not in listed
     assert "t0ps3cret" not in logged
+    # The service's /metrics counted the same.
+    counted = {
+        (s.name, tuple(s.labels.values())): s.value
+        for family in text_string_to_metric_families(scraped.text)
+        for s in family.samples
+    }
+    assert counted["mailbus_webhook_deliveries_total", ("delivered", "")] == 6
+    assert counted["mailbus_webhook_deliveries_total", ("failed", "")] == 2
+    assert counted["mailbus_webhook_attempt_seconds_count", ()] == 8
 
 
 async def test_a_private_address_is_refused_and_given_up(

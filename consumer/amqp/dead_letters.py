@@ -1,5 +1,5 @@
-"""Reading the dead-letter queue: what each dead letter says, browsing without losing any,
-and the copy a replay publishes.
+"""Reading the dead-letter queues, the jobs' and the webhooks': what each dead letter
+says, browsing without losing any, and the copy a replay publishes.
 
 A queue cannot be read without taking messages, so browsing takes them unacknowledged and
 hands back every one it does not settle (``nack`` with requeue) before it returns.
@@ -28,6 +28,7 @@ from consumer.core.headers import (
     ERROR_HEADER,
     REASON_HEADER,
     SEAL_HEADER,
+    WEBHOOK_HEADER,
 )
 from consumer.core.ratelimit import PERIODS
 from consumer.core.schedule import own_headers
@@ -100,6 +101,43 @@ def read(message: AbstractIncomingMessage) -> DeadLetter:
         dead_at=dead_at,
         attempts=attempts if isinstance(attempts, int) else None,
         smtp_code=code if isinstance(code, int) else None,
+    )
+
+
+@dataclass(frozen=True)
+class WebhookDeadLetter:
+    """A webhook delivery given up on: the endpoint it was for (None: the broker gave up
+    on the event itself, before any endpoint), the event's type, and the dead letter.
+    ``id`` names it for ``mailbus webhook replay``: the ``webhook-id`` its endpoint was
+    sent (``msg_…``), or the event's message id when it names no endpoint.
+    """
+
+    id: str
+    endpoint: str | None
+    event: str | None
+    letter: DeadLetter
+
+
+def is_webhook_letter(message: AbstractIncomingMessage) -> bool:
+    """Whether a dead letter is a webhook delivery (it names an endpoint, or its body is an
+    event), never to be replayed as a job; any other is a job's, never replayed as a
+    webhook delivery.
+    """
+    event = (_body(message) or {}).get("event")
+    return WEBHOOK_HEADER in (message.headers or {}) or isinstance(event, str)
+
+
+def read_webhook(message: AbstractIncomingMessage, webhook_id: str) -> WebhookDeadLetter:
+    """Describe one webhook dead letter (pure); ``webhook_id`` is the id its endpoint was
+    sent, or the event's message id when it names none.
+    """
+    endpoint = _text((message.headers or {}).get(WEBHOOK_HEADER))
+    event = (_body(message) or {}).get("event")
+    return WebhookDeadLetter(
+        id=webhook_id,
+        endpoint=endpoint,
+        event=event if isinstance(event, str) else None,
+        letter=read(message),
     )
 
 

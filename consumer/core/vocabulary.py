@@ -95,3 +95,7 @@ WebhookStatus = Literal["delivered", "failed", "dead", "refused", "gone", "remov
 # retried past MAILBUS_WEBHOOK_MAX_AGE, a URL that can never be delivered to, an endpoint
 # that answered 410 Gone, or a delivery that is no event (or a copy with a broken seal).
 WebhookDeadReason = Literal["expired", "refused", "gone", "invalid"]
+# What a webhook delivery came to, as ``mailbus_webhook_deliveries_total`` counts it: an
+# attempt answered 2xx, an attempt that failed and is tried again, or a delivery given up
+# (its ``WebhookDeadReason`` beside it).
+WebhookOutcome = Literal["delivered", "failed", "given_up"]

@@ -1,8 +1,9 @@
-"""Prometheus metrics of one worker, derived from outcomes as they are settled.
+"""Prometheus metrics of one worker, derived from outcomes as they are settled, and of
+one webhook delivery service.
 
-Each worker has its own registry (several may share a process in tests). Labels are
-bounded: outbox, provider and reason, never a domain or a job id (every server a request
-named is the one outbox ``request:*``).
+Each has its own registry (several may share a process in tests). Labels are bounded:
+outbox, provider, outcome and reason, never a domain, a job id or a webhook (every server
+a request named is the one outbox ``request:*``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from consumer.clock import utcnow
 from consumer.core.headers import DUE_HEADER
 from consumer.core.outcomes import Crashed, Dead, Later, Outcome, Sent, Skip
 from consumer.core.smtp_request import metrics_label
-from consumer.core.vocabulary import FAILED_REASONS, FEEDBACK_TALLIES, FeedbackTally
+from consumer.core.vocabulary import (
+    FAILED_REASONS,
+    FEEDBACK_TALLIES,
+    FeedbackTally,
+    WebhookDeadReason,
+    WebhookOutcome,
+)
 from consumer.store.documents import Document
 from consumer.store.providers import tokens_of
 
@@ -27,6 +34,8 @@ from consumer.store.providers import tokens_of
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 LATENESS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Seconds: one webhook POST, up to MAILBUS_WEBHOOK_TIMEOUT (10 s by default).
+WEBHOOK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _Pools(Collector):
@@ -238,3 +247,30 @@ class Metrics:
                 pass
             case _:
                 assert_never(outcome)
+
+
+class WebhookMetrics:
+    """What ``/metrics`` shows of ``mailbus webhook serve``."""
+
+    def __init__(self, in_flight: Callable[[], int]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.deliveries = Counter(
+            "mailbus_webhook_deliveries",
+            "Webhook deliveries, by outcome: delivered (2xx), failed (tried again), given_up "
+            "(reason: expired, refused, gone, invalid)",
+            ["outcome", "reason"],
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "mailbus_webhook_attempt_seconds",
+            "One webhook POST, connecting to reading the answer",
+            buckets=WEBHOOK_BUCKETS,
+            registry=r,
+        )
+        Gauge(
+            "mailbus_webhook_in_flight", "Events being delivered to their endpoints", registry=r
+        ).set_function(lambda: float(in_flight()))
+
+    def count(self, outcome: WebhookOutcome, reason: WebhookDeadReason | None = None) -> None:
+        """Count one delivery's outcome (``reason``: why one was given up)."""
+        self.deliveries.labels(outcome, reason or "").inc()

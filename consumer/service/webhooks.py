@@ -11,7 +11,9 @@ for that endpoint alone (sealed headers name it, the attempt and when the first 
 an endpoint that fails never makes another see an event twice. Events of one job are
 delivered in the order they came, one at a time; a retry may arrive after later events.
 The event is acknowledged once every attempt it caused is settled: delivered, its retry
-published, or given up in ``<prefix>.webhooks.dead``.
+published, or given up in ``<prefix>.webhooks.dead``. With ``MAILBUS_HTTP_PORT`` set it
+serves ``/metrics``, ``/healthz`` and ``/readyz`` as a worker does
+(:mod:`consumer.service.health`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
 from consumer.amqp import topology
+from consumer.amqp.dead_letters import WebhookDeadLetter, read_webhook, replay_copy
 from consumer.amqp.outgoing import Outgoing, copy_of
 from consumer.clock import utcnow
 from consumer.core.headers import (
@@ -57,6 +60,8 @@ from consumer.errors import ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.mail.fetch import shown_url
 from consumer.mail.webhooks import WebhookPoster
+from consumer.service.health import Readiness, serving
+from consumer.service.metrics import WebhookMetrics
 from consumer.settings import Settings
 from consumer.store.documents import Document
 from consumer.store.mongo import Mongo
@@ -96,6 +101,16 @@ def seal_input(retry: Retry, message_id: str, body: bytes) -> bytes:
     return f"{retry.endpoint}\0{retry.attempt}\0{retry.since_ms}\0{message_id}\0".encode() + body
 
 
+def retry_headers(retry: Retry, message_id: str, body: bytes, vault: Vault) -> dict[str, Any]:
+    """The headers of a retry's copy: the endpoint, the attempt, the first's time, sealed."""
+    return {
+        WEBHOOK_HEADER: retry.endpoint,
+        WEBHOOK_ATTEMPT_HEADER: retry.attempt,
+        WEBHOOK_SINCE_HEADER: retry.since_ms,
+        WEBHOOK_SEAL_HEADER: vault.sign(seal_input(retry, message_id, body)),
+    }
+
+
 def read_retry(
     headers: Mapping[str, Any], message_id: str, body: bytes, vault: Vault
 ) -> Retry | None:
@@ -123,6 +138,46 @@ def read_retry(
     if not vault.verify(seal_input(retry, message_id, body), seal):
         raise InvalidDeliveryError("webhook retry headers without a valid seal")
     return retry
+
+
+def message_id_of(message: AbstractIncomingMessage) -> str:
+    """The id an event goes by: its message id (a worker's events have one), else the
+    SHA-256 of its body. ``webhook-id`` and retry seals are made from it.
+    """
+    return message.message_id or hashlib.sha256(message.body).hexdigest()
+
+
+def given_up(message: AbstractIncomingMessage) -> WebhookDeadLetter:
+    """What a dead letter of ``<prefix>.webhooks.dead`` says, named by the ``webhook-id``
+    its endpoint was sent (or by the event's id when it names no endpoint).
+    """
+    endpoint = (message.headers or {}).get(WEBHOOK_HEADER)
+    event_id = message_id_of(message)
+    named = webhook_id(event_id, endpoint) if isinstance(endpoint, str) else event_id
+    return read_webhook(message, named)
+
+
+def replayed_copy(
+    message: AbstractIncomingMessage, attempts: int, vault: Vault, now_ms: int
+) -> aio_pika.Message:
+    """The copy of a given-up delivery that ``mailbus webhook replay`` puts back on the
+    webhooks queue: without its cause of death; for the endpoint it names, a retry sealed
+    anew, its attempt the one after ``attempts`` and its maximum age counted from
+    ``now_ms``, so that it gets a whole round of attempts again. One that names no
+    endpoint (the broker gave up on the event itself) goes back as the event.
+    """
+    copy = replay_copy(message)
+    headers = {
+        name: value
+        for name, value in (copy.headers or {}).items()
+        if not name.startswith("x-mailbus-webhook")
+    }
+    endpoint = (message.headers or {}).get(WEBHOOK_HEADER)
+    if isinstance(endpoint, str):
+        retry = Retry(endpoint, max(attempts, 1) + 1, now_ms)
+        headers.update(retry_headers(retry, message_id_of(message), message.body, vault))
+    copy.headers = headers
+    return copy
 
 
 def event_of(body: bytes) -> dict[str, Any]:
@@ -166,6 +221,10 @@ class WebhookService:
         self._reading = asyncio.Lock()
         self._read_at: float | None = None
         self._by_domain: dict[str, list[Document]] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._consuming = False
+        self.metrics = WebhookMetrics(lambda: len(self._tasks))
+        self.http_port: int | None = None  # once serving (MAILBUS_HTTP_PORT)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebhookService:
@@ -178,7 +237,31 @@ class WebhookService:
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         """Deliver until ``stop`` is set, then finish the deliveries under way (within
         MAILBUS_DRAIN_TIMEOUT) and close everything; ``started`` is set once consuming.
+        Serve the HTTP endpoints meanwhile when ``MAILBUS_HTTP_PORT`` is set: ready while
+        consuming on a live RabbitMQ connection, with MongoDB answering.
         """
+        port = self.settings.http_port
+        if port is None:
+            await self._run(stop, started)
+            return
+        readiness = Readiness(asyncio.get_running_loop(), self._ready, self.mongo.jobs.ping)
+        with serving(
+            self.settings.http_host,
+            port,
+            self.metrics.registry,
+            readiness,
+            max_connections=self.settings.http_max_connections,
+            read_timeout=self.settings.http_read_timeout,
+        ) as server:
+            self.http_port = server.server_port
+            await self._run(stop, started)
+
+    def _ready(self) -> bool:
+        """Consuming, on a connection that is up (read from the HTTP thread)."""
+        connection = self._connection
+        return self._consuming and connection is not None and connection.connected.is_set()
+
+    async def _run(self, stop: asyncio.Event, started: asyncio.Event | None) -> None:
         url = self.settings.amqp_url.get_secret_value()
         try:
             await self.mongo.webhooks.ensure_indexes()
@@ -188,6 +271,7 @@ class WebhookService:
         except BaseException:
             await self._close()
             raise
+        self._connection = connection
         try:
             channel = await connection.channel(publisher_confirms=True)
             await channel.set_qos(prefetch_count=self.settings.webhook_prefetch)
@@ -202,9 +286,11 @@ class WebhookService:
             log.info(
                 "webhooks.consuming", queue=queue.name, prefetch=self.settings.webhook_prefetch
             )
+            self._consuming = True
             if started is not None:
                 started.set()
             await stop.wait()
+            self._consuming = False
             with contextlib.suppress(*_BROKER_ERRORS):
                 await queue.cancel(tag)
             if self._tasks:
@@ -273,8 +359,7 @@ class WebhookService:
         self, message: AbstractIncomingMessage, event: dict[str, Any] | InvalidDeliveryError
     ) -> None:
         headers = message.headers or {}
-        # Events a worker publishes have a message id; another's is named by its body.
-        message_id = message.message_id or hashlib.sha256(message.body).hexdigest()
+        message_id = message_id_of(message)
         try:
             if isinstance(event, InvalidDeliveryError):
                 raise event
@@ -284,6 +369,7 @@ class WebhookService:
             await self._out().webhook_dead_letter(
                 message, headers, self.names.webhooks_dead, "invalid", str(exc), 0
             )
+            self.metrics.count("given_up", "invalid")
             return
         domain = event.get("domain")
         if not isinstance(domain, str):
@@ -347,7 +433,9 @@ class WebhookService:
             attempt = Attempt(None, f"the endpoint's secret cannot be used: {exc}", refused=True)
         else:
             signed = signed_headers(key, msg_id, int(now.timestamp()), message.body)
+            began = time.monotonic()
             attempt = await self.poster.post(endpoint["url"], message.body, signed)
+            self.metrics.attempt_seconds.observe(time.monotonic() - began)
         age = (to_epoch_ms(utcnow()) - since_ms) / 1000
         step = next_step(
             attempt,
@@ -379,7 +467,9 @@ class WebhookService:
         step: Next,
         attempt: Attempt,
     ) -> None:
-        """Publish what follows an attempt: the retry's sealed copy, or the dead letter."""
+        """Publish what follows an attempt: the retry's sealed copy, or the dead letter;
+        count it.
+        """
         headers = {
             name: value
             for name, value in own_headers(message.headers or {}).items()
@@ -387,16 +477,13 @@ class WebhookService:
         }
         headers[WEBHOOK_HEADER] = retry.endpoint
         if step.retry_in is not None:
-            headers[WEBHOOK_ATTEMPT_HEADER] = retry.attempt
-            headers[WEBHOOK_SINCE_HEADER] = retry.since_ms
-            headers[WEBHOOK_SEAL_HEADER] = self.vault.sign(
-                seal_input(retry, message_id, message.body)
-            )
+            headers.update(retry_headers(retry, message_id, message.body, self.vault))
             await self._out().after(
                 copy_of(message, headers),
                 round(step.retry_in),
                 DESTINATION,
             )
+            self.metrics.count("failed")
             return
         reason = _GIVEN_UP.get(step.status)
         if reason is not None:
@@ -414,6 +501,9 @@ class WebhookService:
                 attempt.error or f"HTTP {attempt.status}",
                 retry.attempt - 1,
             )
+            self.metrics.count("given_up", reason)
+        elif step.status == "delivered":
+            self.metrics.count("delivered")
 
     async def _note(
         self,
