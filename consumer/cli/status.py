@@ -92,7 +92,8 @@ def add_parser(verbs: Subparsers) -> None:
         "status",
         help="queues, delay ladder, today's counts, tokens left and the last errors",
         description="One screen on the running system: depth and consumers of the send, "
-        "control and dead-letter queues (from the RabbitMQ management API when "
+        "control and dead-letter queues, and of the webhooks queues where `mailbus webhook "
+        "serve` declared them (from the RabbitMQ management API when "
         "MAILBUS_MANAGEMENT_URL is set, which also counts unacknowledged messages; else from "
         "passive declares), mails waiting in the delay ladder by level, jobs sent, failed "
         "and dead since midnight UTC per domain, outbox and provider (from the job records), "

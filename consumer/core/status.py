@@ -39,12 +39,19 @@ def start_of_day(now: datetime) -> datetime:
 
 
 def queues_of(names: Names, figures: Figures) -> list[dict[str, Any]]:
-    """The send, control and dead-letter queues, each with its figures (None: missing)."""
+    """The send, control and dead-letter queues, each with its figures (None: missing),
+    then the webhooks queue and its dead letters when they exist (``mailbus webhook
+    serve`` declares them; an install without webhooks has none).
+    """
     rows = []
     queues = (names.send_queue, names.send_now_queue, names.due_queue, names.control_queue)
     for name in (*queues, names.dead):
         found = figures.get(name)
         rows.append({"name": name, **(vars(found) if found else {"missing": True})})
+    for name in (names.webhooks_queue, names.webhooks_dead):
+        found = figures.get(name)
+        if found is not None:
+            rows.append({"name": name, **vars(found)})
     return rows
 
 

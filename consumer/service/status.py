@@ -25,7 +25,8 @@ from consumer.store.providers import tokens_of
 async def gather(settings: Settings, now: datetime) -> dict[str, Any]:
     """Everything ``mailbus status`` shows, read from RabbitMQ and MongoDB."""
     names = Names(settings.prefix)
-    source, figures = await queue_figures(settings, names.queues())
+    webhooks = (names.webhooks_queue, names.webhooks_dead)
+    source, figures = await queue_figures(settings, (*names.queues(), *webhooks))
     since = start_of_day(now)
     async with Mongo.connect(settings) as mongo:
         counts = await mongo.jobs.finished_since(since)
