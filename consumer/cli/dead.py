@@ -11,7 +11,15 @@ from datetime import timedelta
 import aio_pika
 from aio_pika.abc import AbstractChannel
 
-from consumer.amqp.dead_letters import DeadLetter, browse, parse_age, read, replay_copy, shown
+from consumer.amqp.dead_letters import (
+    DeadLetter,
+    browse,
+    is_webhook_letter,
+    parse_age,
+    read,
+    replay_copy,
+    shown,
+)
 from consumer.cli.output import fail, pretty_json, table, terminal_safe
 from consumer.cli.parsing import Subparsers
 from consumer.clock import utcnow
@@ -24,7 +32,8 @@ SCAN = 10_000
 
 
 @asynccontextmanager
-async def _dead_letters(settings: Settings) -> AsyncIterator[tuple[AbstractChannel, Names]]:
+async def dead_letter_channel(settings: Settings) -> AsyncIterator[tuple[AbstractChannel, Names]]:
+    """A confirming channel for reading and replaying dead letters, and the queue names."""
     async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
         yield await connection.channel(publisher_confirms=True), Names(settings.prefix)
 
@@ -35,7 +44,7 @@ def _when(letter: DeadLetter) -> str:
 
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     async with (
-        _dead_letters(settings) as (channel, names),
+        dead_letter_channel(settings) as (channel, names),
         browse(channel, names.dead, SCAN) as held,
     ):
         letters = [read(m) for m in held]
@@ -53,7 +62,7 @@ async def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
     async with (
-        _dead_letters(settings) as (channel, names),
+        dead_letter_channel(settings) as (channel, names),
         browse(channel, names.dead, SCAN) as held,
     ):
         found = next(((m, d) for m in held if (d := read(m)).job_id == args.id), None)
@@ -70,7 +79,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     wanted = set(args.id)
     replayed = 0
     async with (
-        _dead_letters(settings) as (channel, names),
+        dead_letter_channel(settings) as (channel, names),
         Mongo.connect(settings) as mongo,
         browse(channel, names.dead, SCAN) as held,
     ):
@@ -80,6 +89,11 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
             if not (args.all or letter.job_id in wanted or letter.reason == args.reason):
                 continue
             wanted.discard(letter.job_id or "")
+            if is_webhook_letter(message):
+                # Never sent as a job: `mailbus webhook replay` puts these back.
+                shown_id = terminal_safe(str(letter.job_id))
+                print(f"{shown_id}: a webhook delivery, not replayed (left in the queue)")
+                continue
             if letter.job_id is not None:
                 change = await mongo.jobs.reopen(letter.job_id)
                 status = change.before.get("status") if change.before else None
@@ -104,7 +118,7 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
     cutoff = utcnow() - (args.older_than or timedelta(0))
     purged = 0
     async with (
-        _dead_letters(settings) as (channel, names),
+        dead_letter_channel(settings) as (channel, names),
         browse(channel, names.dead, SCAN) as held,
     ):
         for message in held:
