@@ -1,6 +1,6 @@
 """The deployment files parse and say what mailbus needs: the image, the command, the
-probes on the worker's endpoints, setting names that exist, a stop timeout past the drain.
-(No container engine runs here, so they are checked, not run.)
+probes on each process's own endpoints, setting names that exist, a stop timeout past the
+drain. (No container engine runs here, so they are checked, not run.)
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Pat
     assert (served.rest.port, served.daemon.port) == (8000, 3000)
     webhooks = services["webhooks"]
     assert webhooks["profiles"] == ["webhooks"]
+    assert (
+        webhooks["environment"]["MAILBUS_HTTP_PORT"] == worker["environment"]["MAILBUS_HTTP_PORT"]
+    )
+    assert any("/readyz" in part for part in webhooks["healthcheck"]["test"])
     delivering = _parser().parse_args(webhooks["command"])
     assert (delivering.verb, delivering.webhook_verb) == ("webhook", "serve")
     env_file = deploy / "compose" / worker["env_file"].replace("mailbus.env", "mailbus.env.example")
@@ -107,21 +111,28 @@ def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Pat
     assert "classic_config" in cluster["configs"]["cluster"]["content"]
 
 
-def by_kind(deploy: Path) -> dict[str, dict[str, Any]]:
-    found = {}
-    for path in (deploy / "k8s").glob("*.yaml"):
+def by_kind(deploy: Path) -> dict[str, list[dict[str, Any]]]:
+    """The Kubernetes manifests, by kind (a kind may have several: two Deployments)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((deploy / "k8s").glob("*.yaml")):
         for doc in yaml_documents(path):
-            found[doc["kind"]] = doc
+            found.setdefault(doc["kind"], []).append(doc)
     return found
 
 
-def test_kubernetes_manifests(deploy: Path) -> None:
-    manifests = by_kind(deploy)
-    deployment = manifests["Deployment"]
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def check_deployment(deployment: dict[str, Any], secret: dict[str, Any]) -> list[str]:
+    """What every mailbus Deployment must be: the image, probes on its own endpoints, the
+    HTTP port it serves them on, resources, a grace period past the drain, the Secret's
+    keys; returns the command it runs, checked to be one of the installed package.
+    """
     pod = deployment["spec"]["template"]
     [container] = pod["spec"]["containers"]
     assert container["image"].startswith("mailbus")
-    assert container["args"] == ["worker"]
     env = {e["name"]: e for e in container["env"]}
     assert env["MAILBUS_HTTP_PORT"]["value"] == str(container["ports"][0]["containerPort"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -129,23 +140,45 @@ def test_kubernetes_manifests(deploy: Path) -> None:
     assert container["resources"]["requests"]["memory"]
     drain = float(env["MAILBUS_DRAIN_TIMEOUT"]["value"])
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain
-    secret = manifests["Secret"]
     for variable in ("MAILBUS_AMQP_URL", "MAILBUS_MONGO_URL", "MAILBUS_SECRET_KEY"):
         ref = env[variable]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"]
         assert ref["key"] in secret["stringData"]
-    labels = pod["metadata"]["labels"]
-    assert (
-        manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items()
-        <= labels.items()
-    )
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    scaled = manifests["ScaledObject"]
-    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    _parser().parse_args(container["args"])  # exits on a command that does not exist
+    args: list[str] = container["args"]
+    return args
+
+
+def test_kubernetes_manifests(deploy: Path) -> None:
+    manifests = by_kind(deploy)
+    [secret] = manifests["Secret"]
+    deployments = {d["metadata"]["name"]: d for d in manifests["Deployment"]}
+    commands = {name: check_deployment(d, secret) for name, d in deployments.items()}
+    assert commands == {
+        "mailbus-worker": ["worker"],
+        "mailbus-webhooks": ["webhook", "serve"],
+    }
+    # Each Deployment's selector and budget take its own pods, never the other's.
+    chosen = [(name, d["spec"]["selector"]) for name, d in deployments.items()]
+    chosen += [
+        (b["metadata"]["name"], b["spec"]["selector"]) for b in manifests["PodDisruptionBudget"]
+    ]
+    for owner, selector in chosen:
+        taken = [
+            name
+            for name, d in deployments.items()
+            if selector["matchLabels"].items() <= pod_labels(d).items()
+        ]
+        assert taken == [owner], (owner, taken)
+    assert len(manifests["PodDisruptionBudget"]) == len(deployments)
+    [scaled] = manifests["ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "mailbus-worker"
     [trigger] = scaled["spec"]["triggers"]
     assert trigger["type"] == "rabbitmq"
     assert trigger["metadata"]["queueName"] == "mailbus.send"
-    auth = manifests["TriggerAuthentication"]["spec"]["secretTargetRef"][0]
+    [authentication] = manifests["TriggerAuthentication"]
+    auth = authentication["spec"]["secretTargetRef"][0]
     assert auth["key"] in secret["stringData"]
 
 
@@ -164,5 +197,5 @@ def test_systemd_unit_restarts_and_outlasts_the_drain(
     assert service["ExecStart"].split()[0].endswith("/bin/mailbus")
     assert service["Restart"] == "always"
     assert float(service["TimeoutStopSec"]) > Settings(_env_file=None).drain_timeout
-    if unit_file.endswith("@.service"):
-        assert "MAILBUS_HTTP_PORT=%i" in service["Environment"]
+    port = "%i" if unit_file.endswith("@.service") else "9110"
+    assert f"MAILBUS_HTTP_PORT={port}" in service["Environment"]
