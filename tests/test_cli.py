@@ -200,6 +200,8 @@ HELP = [
     ["webhook", "rm"],
     ["webhook", "log"],
     ["webhook", "serve"],
+    ["webhook", "dead"],
+    ["webhook", "replay"],
 ]
 
 

@@ -251,7 +251,8 @@ def add_parser(verbs: Subparsers) -> None:
         "Standard Webhooks specification says (webhook-id, webhook-timestamp, "
         "webhook-signature), by `mailbus webhook serve`. A failed attempt is retried with "
         "backoff for MAILBUS_WEBHOOK_MAX_AGE seconds. Secrets are stored encrypted with "
-        "MAILBUS_SECRET_KEY, which these commands need.",
+        "MAILBUS_SECRET_KEY, which these commands need. Deliveries given up on wait in "
+        "MAILBUS_PREFIX.webhooks.dead: `dead` lists them, `replay` puts them back.",
     )
     actions = webhook.add_subparsers(dest="webhook_verb", required=True, metavar="ACTION")
 
@@ -342,9 +343,11 @@ def add_parser(verbs: Subparsers) -> None:
     replay = actions.add_parser(
         "replay",
         help="put given-up deliveries back for another round of attempts",
-        description="Put given-up deliveries back on MAILBUS_PREFIX.webhooks for their "
-        "webhook alone, at once, with MAILBUS_WEBHOOK_MAX_AGE counted afresh, and take them "
-        "out of the dead-letter queue; `mailbus webhook serve` delivers them. One whose "
+        description="Put given-up deliveries back on MAILBUS_PREFIX.webhooks, each for the "
+        "webhook it was given up for alone (one the broker gave up on before any webhook: "
+        "as the event, for all), at once, with MAILBUS_WEBHOOK_MAX_AGE counted afresh, and "
+        "take them out of the dead-letter queue; `mailbus webhook serve` delivers them, "
+        "with the webhook-id they had. Needs MAILBUS_SECRET_KEY. One whose "
         "webhook was removed or turned off, or that is invalid, is left in the queue (exit "
         "0); a job's dead letter is never replayed here, nor a webhook delivery by "
         "`mailbus dead replay`. Exit 1 when an --id is not found.",
