@@ -232,7 +232,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
                 )
                 await message.ack()
                 replayed += 1
-                print(f"{shown_id}: replayed ({dead.letter.reason})")
+                print(f"{shown_id}: replayed ({terminal_safe(dead.letter.reason)})")
     except NoDeadLettersError as exc:
         return _no_queue("webhook replay", exc)
     for missing in sorted(wanted):

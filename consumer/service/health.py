@@ -1,4 +1,5 @@
-"""The worker's HTTP endpoints: ``/metrics`` (Prometheus), ``/healthz`` and ``/readyz``.
+"""The HTTP endpoints of a worker and of the webhook service: ``/metrics`` (Prometheus),
+``/healthz`` and ``/readyz``.
 
 Served by the standard library's WSGI server on threads of their own, so a scrape never
 waits on the event loop; readiness asks the loop to ping MongoDB, with a short bound. Each
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIEnvironment
 
+from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from consumer.errors import MailbusError
@@ -108,6 +110,13 @@ class _Handler(WSGIRequestHandler):
 def _text(start: StartResponse, status: str, body: str) -> list[bytes]:
     start(status, [("Content-Type", "text/plain; charset=utf-8")])
     return [body.encode()]
+
+
+def consuming_live(consuming: bool, connection: AbstractRobustConnection | None) -> bool:
+    """Consuming, on a RabbitMQ connection that is up: the broker half of readiness (read
+    from the HTTP thread).
+    """
+    return consuming and connection is not None and connection.connected.is_set()
 
 
 def on_loop(

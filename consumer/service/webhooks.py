@@ -60,7 +60,7 @@ from consumer.errors import ConfigurationError, StoreUnavailableError
 from consumer.logging import get_logger
 from consumer.mail.fetch import shown_url
 from consumer.mail.webhooks import WebhookPoster
-from consumer.service.health import Readiness, serving
+from consumer.service.health import Readiness, consuming_live, serving
 from consumer.service.metrics import WebhookMetrics
 from consumer.settings import Settings
 from consumer.store.documents import Document
@@ -258,8 +258,7 @@ class WebhookService:
 
     def _ready(self) -> bool:
         """Consuming, on a connection that is up (read from the HTTP thread)."""
-        connection = self._connection
-        return self._consuming and connection is not None and connection.connected.is_set()
+        return consuming_live(self._consuming, self._connection)
 
     async def _run(self, stop: asyncio.Event, started: asyncio.Event | None) -> None:
         url = self.settings.amqp_url.get_secret_value()

@@ -41,7 +41,7 @@ from consumer.service.authorization import (
     seal,
     without_domain_key,
 )
-from consumer.service.health import Readiness, on_loop, serving
+from consumer.service.health import Readiness, consuming_live, on_loop, serving
 from consumer.service.metrics import Metrics
 from consumer.service.picker import OutboxPicker
 from consumer.service.pipeline import STORE_RETRY, Pipeline
@@ -142,8 +142,7 @@ class Worker:
 
     def _ready(self) -> bool:
         """Consuming, on a connection that is up (read from the HTTP thread)."""
-        connection = self._connection
-        return self._consuming and connection is not None and connection.connected.is_set()
+        return consuming_live(self._consuming, self._connection)
 
     async def _last_day_feedback(self) -> Mapping[FeedbackTally, int]:
         """Bounces and complaints that came back in the last 24 hours."""
