@@ -51,10 +51,14 @@ def deliveries(samples: Samples, outcome: str, reason: str = "") -> float:
 
 
 async def add(
-    settings: Settings, capsys: pytest.CaptureFixture[str], receiver: Receiver, path: str
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    receiver: Receiver,
+    path: str,
+    domain: str = "example.com",
 ) -> str:
-    """Add a webhook for example.com at ``path`` of the receiver; its id."""
-    added = await cli(settings, capsys, "webhook", "add", "example.com", receiver.url(path))
+    """Add a webhook for ``domain`` at ``path`` of the receiver; its id."""
+    added = await cli(settings, capsys, "webhook", "add", domain, receiver.url(path))
     receiver.secrets[path] = watched(added.split("secret (shown once): ")[1].strip())
     return added.split()[1]
 
@@ -72,6 +76,7 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
         ok, down, gone = [
             await add(settings, capsys, receiver, p) for p in ("/ok", "/down", "/gone")
         ]
+        await add(settings, capsys, receiver, "/other", "other.example")
         async with webhook_service(settings) as service:
             assert (await scrape(service.http_port, "/healthz")).status_code == 200
             ready = await scrape(service.http_port, "/readyz")
@@ -104,11 +109,29 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
                 ),
                 routing_key="",
             )
+            # An event the broker gave up on before any endpoint (the service kept crashing).
+            death = {"reason": "delivery_limit", "queue": names.webhooks_queue, "count": 1}
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps({**event, "id": "j-2", "domain": "other.example"}).encode(),
+                    message_id="e-2",
+                    headers={"x-death": [{**death, "time": utcnow().replace(microsecond=0)}]},
+                ),
+                routing_key=names.webhooks_dead,
+            )
             listed = await cli(settings, capsys, "webhook", "dead")
-            replayed = await cli(settings, capsys, "webhook", "replay", "--all")
+            down_id = next(line.split()[0] for line in listed.splitlines() if down in line)
+            replayed = await cli(settings, capsys, "webhook", "replay", "--id", down_id, "e-2")
+            refused = await cli(settings, capsys, "webhook", "replay", "--all")
+            capsys.readouterr()
+            missing = _parser().parse_args(["webhook", "replay", "--id", "msg_nothing"])
+            assert await missing.handler(missing, settings) == 1
+            assert "no given-up delivery 'msg_nothing'" in capsys.readouterr().err
 
             async def redelivered() -> bool:
-                return len(receiver.delivered("/down")) == 1
+                return (
+                    len(receiver.delivered("/down")) == 1 and len(receiver.delivered("/other")) == 1
+                )
 
             await until(redelivered, 20)
             as_jobs = await cli(settings, capsys, "dead", "replay", "--all")
@@ -122,7 +145,7 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
     assert deliveries(counted, "given_up", "invalid") == 1
     assert deliveries(counted, "failed") == 0
     assert counted[("mailbus_webhook_attempt_seconds_count", ())] == 3
-    assert deliveries(after, "delivered") == 2
+    assert deliveries(after, "delivered") == 3
 
     # Status shows the webhooks queues while they exist.
     rows = {q["name"]: q for q in status["queues"]}
@@ -131,7 +154,7 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
 
     # The listing: a row per dead letter (the job's too, to be seen), never a secret.
     lines = listed.splitlines()[1:]
-    assert len(lines) == 4
+    assert len(lines) == 5
     by_webhook = {line.split()[1]: line.split() for line in lines}
     assert by_webhook[down][2:5] == ["mail.sent", "j-1", "expired"]
     assert by_webhook[gone][2:5] == ["mail.sent", "j-1", "gone"]
@@ -139,18 +162,22 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
     assert [line.split()[4] for line in lines if line.split()[1] == "-"] == [
         "invalid",
         "permanent",
+        "delivery_limit",
     ]
-    assert "whsec_" not in listed + replayed + left
-    down_id = by_webhook[down][0]
+    assert "whsec_" not in listed + replayed + refused + left
     assert down_id.startswith("msg_")
 
-    # Only the expired one went back, for its webhook alone, with the webhook-id it had.
+    # The expired one went back for its webhook alone, with the webhook-id it had; the one
+    # the broker gave up on, as the event, to every webhook of its domain that takes it.
     assert f"{down_id}: replayed (expired)" in replayed
-    assert f"webhook {gone} is turned off" in replayed
-    assert "invalid, it would be given up again" in replayed
-    assert "not a webhook delivery" in replayed
-    assert "1 replayed" in replayed
-    assert [r.path for r in receiver.requests].count("/ok") == 1
+    assert "e-2: replayed (delivery_limit)" in replayed
+    assert "2 replayed" in replayed
+    assert f"webhook {gone} is turned off" in refused
+    assert "invalid, it would be given up again" in refused
+    assert "not a webhook delivery" in refused
+    assert "0 replayed" in refused
+    assert [r.event["id"] for r in receiver.delivered("/ok")] == ["j-1"]
+    assert [r.event["id"] for r in receiver.delivered("/other")] == ["j-2"]
     tried = [r for r in receiver.requests if r.path == "/down"]
     assert [r.status for r in tried] == [503, 204]
     assert tried[0].webhook_id == tried[1].webhook_id == down_id
