@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel
 from pydantic import SecretStr
 
 from consumer.amqp import topology
+from consumer.cli.app import _parser
 from consumer.core.names import Names
 from consumer.service.wiring import build_worker
 from consumer.settings import Settings
@@ -167,6 +168,14 @@ async def settled_record(store: JobStore, job_id: str) -> dict[str, Any]:
             if record is not None and record.get("status") != "sending":
                 return record
             await asyncio.sleep(0.05)
+
+
+async def cli(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run ``mailbus ARGV`` in the test's loop; its standard output (exit status 0)."""
+    capsys.readouterr()
+    args = _parser().parse_args(list(argv))
+    assert await args.handler(args, settings) == 0
+    return capsys.readouterr().out
 
 
 class RunningWorker:

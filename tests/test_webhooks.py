@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
-from consumer.cli.app import _parser
 from consumer.core.headers import ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER, WEBHOOK_HEADER
 from consumer.core.names import Names
 from consumer.core.webhooks import (
@@ -37,7 +36,7 @@ from consumer.settings import Settings
 from consumer.vault import new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, take, until
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, cli
 from tests.secret_watch import watched
 from tests.webhook_receiver import receiving, verified, webhook_service
 
@@ -125,14 +124,6 @@ def hooked(settings: Settings, **update: Any) -> Settings:
             **update,
         }
     )
-
-
-async def cli(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """Run ``mailbus ARGV`` in the test's loop; its standard output (exit status 0)."""
-    capsys.readouterr()
-    args = _parser().parse_args(list(argv))
-    assert await args.handler(args, settings) == 0
-    return capsys.readouterr().out
 
 
 async def test_events_reach_their_webhooks_signed_retried_and_in_order(
