@@ -53,6 +53,16 @@ def _https_base(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
+# A bounce domain (MAILBUS_BOUNCE_DOMAIN, or a registered domain's own): a DNS name of two
+# labels or more, lower case; 190 octets leave a return address (64 of them, and the "@")
+# within the 256 of an SMTP path.
+BounceDomain = Annotated[
+    str,
+    Field(max_length=190, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$"),
+    AfterValidator(str.lower),
+]
+
+
 class Settings(BaseSettings):
     """Runtime configuration, read from the environment (prefix ``MAILBUS_``) and ``.env``."""
 
@@ -107,9 +117,9 @@ class Settings(BaseSettings):
     # Bounces and complaints: with a bounce domain, each mail's envelope sender is a return
     # address of its own there (VERP, signed with MAILBUS_SECRET_KEY), and the gateway's
     # --bounces listener (the domain's MX) takes what comes back, up to this size a message.
-    bounce_domain: Annotated[str | None, AfterValidator(_lower)] = Field(
-        None, max_length=190, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$"
-    )
+    # A registered domain with a bounce domain of its own (`mailbus domain bounce-domain`)
+    # sends with return addresses there instead.
+    bounce_domain: BounceDomain | None = None
     bounce_max_message_bytes: int = Field(MiB, ge=4096, le=16 * MiB)
     # The RabbitMQ management HTTP API (``mailbus status``), e.g. http://rabbit:15672/;
     # without credentials of its own it logs in as the AMQP URL's user.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import smtplib
 from collections.abc import Callable
 from typing import Any
@@ -24,28 +25,32 @@ from consumer.clock import utcnow
 from consumer.core.event_contract import EVENTS, MailBounced, MailComplained
 from consumer.core.names import Names
 from consumer.core.outboxes import outbox_from_url
-from consumer.core.outcomes import Sent
+from consumer.core.outcomes import Later, Sent
 from consumer.core.reports import Bounce, Complaint, UnreadableReportError, read_report
-from consumer.core.returns import ReturnPaths, carried_whole, search_key
+from consumer.core.returns import JobRef, ReturnPaths, carried_whole, search_key
 from consumer.core.vocabulary import FeedbackTally
 from consumer.errors import ConfigurationError
 from consumer.service.alerts import digest_job
+from consumer.service.gateway import check_bounces
 from consumer.service.metrics import Metrics
 from consumer.service.picker import Choice
 from consumer.service.status import gather
 from consumer.settings import Settings
+from consumer.store.domains import hash_key
 from consumer.store.jobs import JobStore
+from consumer.store.mongo import Mongo
 from consumer.store.suppressions import SuppressionStore
 from consumer.vault import Vault, new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests import bounce_samples as samples
 from tests.broker import drain_events, encode, job, listen_events, until
-from tests.conftest import RunningWorker, settled_record
-from tests.doubles import PickerDouble, Rig, SenderDouble, offline_settings
+from tests.conftest import RunningWorker, cli, settled_record
+from tests.doubles import AuthorizerDouble, PickerDouble, Rig, SenderDouble, offline_settings
 from tests.secret_watch import watched
 from tests.serving import ANY_PORT, gateways
 
 BOUNCES = "bounces.shop.example"
+OWN = "bounces.brand.example"  # brand.example's own bounce domain
 KEYS = [b"k" * 32]
 RCPT = "gone@receiver.example"
 
@@ -105,11 +110,36 @@ def _other_job(address: str) -> str:
         lambda a: "postmaster@" + BOUNCES,
         lambda a: "bi--@" + BOUNCES,
         lambda a: "x" * 300 + "@" + BOUNCES,
+        lambda a: "bi-aa-\u00e9" + "@" + BOUNCES,
     ],
 )
 def test_forged_and_foreign_return_addresses_are_refused(forge: Callable[[str], str]) -> None:
     paths = ReturnPaths(BOUNCES, KEYS)
     assert paths.read(forge(paths.address("order-1"))) is None
+
+
+def test_an_address_at_a_domains_own_bounce_domain_is_valid_there_alone() -> None:
+    paths = ReturnPaths(BOUNCES, KEYS)
+    own = paths.address("order-1", at="Bounces.Brand.example")
+    local, _, domain = own.partition("@")
+    assert domain == OWN
+    assert paths.read(own.upper()) == paths.read(own) == JobRef(job_id="order-1")
+    default = paths.address("order-1")
+    assert paths.address("order-1", at=BOUNCES) == default
+    # The MAC covers the domain: moved to MAILBUS_BOUNCE_DOMAIN or to another tenant's
+    # bounce domain, an address is a forgery; so is the default one moved to OWN.
+    for moved in (
+        f"{local}@{BOUNCES}",
+        f"{local}@bounces.other.example",
+        default[: -len(BOUNCES)] + OWN,
+    ):
+        assert paths.read(moved) is None
+    # Without MAILBUS_BOUNCE_DOMAIN, only the domains' own bounce domains.
+    alone = ReturnPaths(None, KEYS)
+    assert alone.read(own) == JobRef(job_id="order-1")
+    assert alone.read(default) is None
+    with pytest.raises(ValueError, match="no bounce domain"):
+        alone.address("order-1")
 
 
 def test_a_rotated_key_still_reads_the_addresses_of_mail_sent_before() -> None:
@@ -128,6 +158,14 @@ def test_a_bounce_domain_without_a_secret_key_fails_at_start() -> None:
     assert paths.domain == BOUNCES
     # Its own key: never the one that seals the workers' copies.
     assert paths.keys[0] not in Vault.from_settings(keyed).derived_keys("signing")
+    # Domains' own bounce domains need the key alone, the listener too.
+    unset = offline_settings(secret_key=new_key())
+    only_own = ReturnPaths.configured(unset)
+    assert only_own is not None
+    assert only_own.domain is None
+    assert check_bounces(unset, bounces=ANY_PORT) is not None
+    with pytest.raises(ConfigurationError, match="--bounces needs MAILBUS_SECRET_KEY"):
+        check_bounces(offline_settings(), bounces=ANY_PORT)
 
 
 RAW = b"From: Sender <sender@example.com>\r\nTo: rcpt@example.org\r\nSubject: Raw\r\n\r\nHi\r\n"
@@ -157,6 +195,28 @@ async def test_the_envelope_sender_is_the_return_address_and_the_from_is_untouch
     [handed] = rig.sender.handed
     assert handed.sender == paths.address("order-7")
     assert b"\r\nFrom: Sender <sender@example.com>\r\n" in b"\r\n" + handed.mail.wire
+
+
+async def test_a_domain_with_its_own_bounce_domain_sends_with_its_return_address_there() -> None:
+    own = {"_id": "example.com", "bounce_domain": OWN}
+    rig = Rig(authorizer=AuthorizerDouble(registration=own))
+    # No MAILBUS_BOUNCE_DOMAIN: the domain's own is enough.
+    rig.pipeline.returns = paths = ReturnPaths(None, KEYS)
+    assert isinstance(await rig.process(encode(job(id="order-7")), "order-7"), Sent)
+    open_rig = Rig()
+    open_rig.pipeline.returns = paths
+    assert isinstance(await open_rig.process(encode(job(id="order-8")), "order-8"), Sent)
+    assert [h.sender for h in rig.sender.handed + open_rig.sender.handed] == [
+        paths.address("order-7", OWN),
+        "sender@example.com",  # a domain without: its own sender, as before
+    ]
+    # A worker without MAILBUS_SECRET_KEY cannot sign it: retried, saying why, never sent.
+    unkeyed = Rig(authorizer=AuthorizerDouble(registration=own))
+    outcome = await unkeyed.process(encode(job(id="order-9")), "order-9")
+    assert isinstance(outcome, Later)
+    assert outcome.failure is not None
+    assert "MAILBUS_SECRET_KEY" in outcome.failure.describe()
+    assert unkeyed.sender.handed == []
 
 
 async def test_sandboxed_mail_keeps_the_jobs_own_envelope_sender() -> None:
@@ -382,3 +442,60 @@ async def test_a_bounce_and_a_complaint_come_back_to_the_jobs_that_sent_the_mail
     )
     assert (await settled_record(store, "order-2"))["reason"] == "suppressed"
     assert (await settled_record(store, "other-1"))["status"] == "sent"
+
+
+BRAND_KEY = watched("dk-brand-bounces-5150")
+
+
+async def test_a_domains_own_bounce_domain_takes_its_bounces_and_no_other_domains(
+    settings: Settings,
+    channel: AbstractChannel,
+    store: JobStore,
+    smtp: CaptureServer,
+    worker: RunningWorker,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    async with Mongo.connect(settings) as mongo:
+        assert await mongo.domains.put("brand.example", hash_key(BRAND_KEY), [], replace=False)
+    said = await cli(settings, capsys, "domain", "bounce-domain", "Brand.example", OWN.upper())
+    assert OWN in said
+    assert (
+        json.loads(await cli(settings, capsys, "domain", "show", "brand.example"))["bounce_domain"]
+        == OWN
+    )
+    assert (await cli(settings, capsys, "domain", "ls")).splitlines()[1].split()[-1] == OWN
+
+    sender = {"email": "news@brand.example", "name": "Brand"}
+    brand = job(id="brand-1", domain="brand.example", domain_key=BRAND_KEY, to=[RCPT])
+    await publish_job(channel, brand | {"from": sender}, names=Names(settings.prefix))
+    async with asyncio.timeout(20):
+        [sent] = await smtp.wait_for(1)
+    returned = sent.mail_from
+    assert returned.endswith("@" + OWN)
+    await settled_record(store, "brand-1")
+
+    dsn = samples.postfix_dsn(returned, RCPT)
+    local = returned.partition("@")[0]
+    async with gateways(settings, bounces=ANY_PORT) as ports:
+        port = ports["bounces"]
+        # At MAILBUS_BOUNCE_DOMAIN, or at another tenant's bounce domain: refused at RCPT.
+        for moved in (f"{local}@{BOUNCES}", f"{local}@bounces.other.example"):
+            assert (await asyncio.to_thread(_submit, port, moved, dsn))[0] == 550
+        assert (await asyncio.to_thread(_submit, port, returned, dsn))[0] == 250
+
+    record = await store.get("brand-1")
+    assert record is not None
+    assert [(e["kind"], e["recipient"]) for e in record["feedback"]] == [("hard", RCPT)]
+    async with Mongo.connect(settings) as mongo:
+        held = await mongo.suppressions.find(domain="brand.example")
+    assert [(doc["address"], doc["source"]) for doc in held] == [(RCPT, "bounce")]
+
+    await cli(settings, capsys, "domain", "bounce-domain", "brand.example", "--clear")
+    shown = json.loads(await cli(settings, capsys, "domain", "show", "brand.example"))
+    assert shown["bounce_domain"] is None
+    for wrong in (["brand.example"], ["brand.example", OWN, "--clear"], ["brand.example", "x"]):
+        with pytest.raises(ConfigurationError):
+            await cli(settings, capsys, "domain", "bounce-domain", *wrong)
+    unkeyed = settings.model_copy(update={"secret_key": None, "bounce_domain": None})
+    with pytest.raises(ConfigurationError, match="MAILBUS_SECRET_KEY"):
+        await cli(unkeyed, capsys, "domain", "bounce-domain", "brand.example", OWN)

@@ -25,6 +25,7 @@ replies = ["transient: 550 5.7.1 rate limited"]
 [domains."Example.com"]
 key_env = "TEST_EXAMPLE_KEY"
 allow_users = ["app1"]
+bounce_domain = "Bounces.Example.com"
 
 [outboxes.gmail-1]
 domain = "example.com"
@@ -55,6 +56,7 @@ active = false
         ("[outboxes.o]\ndomain = 'a.example'\nsecurity = 'ssl'", "outboxes.o.security"),
         ("[outboxes.o]\ndomain = 'a.example'\ncharset = 'klingon'", "unknown charset"),
         ("[outboxes", "not valid TOML"),
+        ("[domains.d]\nbounce_domain = 'no-dot'", "domains.d.bounce_domain"),
     ],
 )
 def test_bad_files_are_refused_clearly(text: str, problem: str) -> None:
@@ -102,6 +104,7 @@ async def test_import_then_export_round_trip(
     assert (local["transport"], local["active"]) == ("sendmail", False)
     assert key_matches(key, domain["key_hash"])
     assert domain["allow_users"] == ["app1"]
+    assert domain["bounce_domain"] == "bounces.example.com"
 
     again = await mailbus(keyed, "config", "import", str(source))
     assert again.stdout.strip() == "nothing to change"
@@ -129,6 +132,7 @@ async def test_import_then_export_round_trip(
     assert reread.providers["gmail"].limits == ["500/day", "20/minute"]
     assert reread.providers["gmail"].replies == ["throttle: 4.7"]
     assert reread.domains["example.com"].key_hash == domain["key_hash"]
+    assert reread.domains["example.com"].bounce_domain == "bounces.example.com"
 
     # The exported file applies cleanly without the secrets: stored ones are kept.
     monkeypatch.delenv("TEST_GMAIL_1_PASSWORD")

@@ -251,7 +251,7 @@ async def test_domain_commands(signed: Settings) -> None:
     )
     assert replaced.returncode == 0
     listed = await mailbus(signed, "domain", "ls")
-    assert listed.stdout.splitlines()[1].split() == ["a.example", "-", "b,", "c", "a.example"]
+    assert listed.stdout.splitlines()[1].split() == ["a.example", "-", "b,", "c", "a.example", "-"]
     assert (await mailbus(signed, "domain", "rm", "a.example")).returncode == 0
     gone = await mailbus(signed, "domain", "show", "a.example")
     assert gone.returncode == 1

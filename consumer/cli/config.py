@@ -48,6 +48,11 @@ class Importer:
         for name, domain in config.domains.items():
             if domain.key_env is not None:
                 self._env(domain.key_env, f"domain {name}")
+            if domain.bounce_domain is not None and self.vault is None:
+                raise ConfigurationError(
+                    f"domain {name}: a bounce domain needs MAILBUS_SECRET_KEY, which signs "
+                    "each mail's return address"
+                )
         stored = {doc["_id"]: doc for doc in await self.outboxes.find(encrypted=True)}
         for name, outbox in config.outboxes.items():
             kept = stored.get(name, {}).get("password")
@@ -86,12 +91,16 @@ class Importer:
             users = sorted(set(entry.allow_users))
             same = bool(old) and (old.get("key_hash"), old.get("allow_users")) == (key_hash, users)
             sandbox_changed = bool(old.get("sandbox")) != entry.sandbox
-            if same and not sandbox_changed:
+            bounce_changed = old.get("bounce_domain") != entry.bounce_domain
+            if same and not sandbox_changed and not bounce_changed:
                 continue
             if not same:
                 await self.domains.put(name, key_hash, users, replace=True)
-            if sandbox_changed:  # its own write: a put keeps the domain's sandbox mode
+            # Their own writes: a put keeps the domain's sandbox mode and bounce domain.
+            if sandbox_changed:
                 await self.domains.set_sandbox(name, entry.sandbox)
+            if bounce_changed:
+                await self.domains.set_bounce_domain(name, entry.bounce_domain)
             self._said("domain", name, not old)
         for name in stored.keys() - {n.lower() for n in config.domains} if self.prune else ():
             await self.domains.remove(name)

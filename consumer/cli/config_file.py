@@ -22,6 +22,7 @@ from consumer.core.outboxes import DEFAULT_SENDMAIL, Outbox, Security
 from consumer.core.ratelimit import Limit, parse_limit
 from consumer.core.replies import ReplyRule, parse_rules, rules_of
 from consumer.errors import ConfigurationError
+from consumer.settings import BounceDomain
 from consumer.store.documents import Document
 from consumer.store.providers import limits_of
 
@@ -54,6 +55,7 @@ class DomainEntry(_Entry):
     key_hash: str | None = None
     allow_users: list[str] = []
     sandbox: bool = False
+    bounce_domain: BounceDomain | None = None
 
 
 class OutboxEntry(_Entry):
@@ -155,6 +157,7 @@ def export(providers: list[Document], domains: list[Document], outboxes: list[Do
                     "allow_users": d.get("allow_users", []),
                     # Only when on: files exported before sandbox mode read the same.
                     "sandbox": True if d.get("sandbox") else None,
+                    "bounce_domain": d.get("bounce_domain"),
                 }
             )
             for d in domains

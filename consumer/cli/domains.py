@@ -18,6 +18,7 @@ from consumer.core.api_keys import (
     key_name_problem,
     next_key_name,
 )
+from consumer.core.returns import checked_bounce_domain, own_bounce_domain
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.domains import api_key_names, describe, hash_key
@@ -53,13 +54,14 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
 async def _ls(args: argparse.Namespace, settings: Settings) -> int:
     async with Mongo.connect(settings) as mongo:
         docs = await mongo.domains.find()
-    rows = [("DOMAIN", "KEY", "ALLOWED USERS", "SENDERS")]
+    rows = [("DOMAIN", "KEY", "ALLOWED USERS", "SENDERS", "BOUNCE DOMAIN")]
     rows += [
         (
             str(d["_id"]),
             "set" if d.get("key_hash") else "-",
             ", ".join(d.get("allow_users", [])) or "-",
             ", ".join(d.get("senders") or [str(d["_id"])]),
+            own_bounce_domain(d) or "-",
         )
         for d in docs
     ]
@@ -96,6 +98,30 @@ async def _sandbox(args: argparse.Namespace, settings: Settings) -> int:
         print(f"domain {domain!r} in sandbox mode: its mail is sent to no real recipient")
     else:
         print(f"domain {domain!r} out of sandbox mode: its mail is delivered")
+    return 0
+
+
+async def _bounce_domain(args: argparse.Namespace, settings: Settings) -> int:
+    if (args.bounce_domain is None) != args.clear:
+        raise ConfigurationError("give a BOUNCE_DOMAIN or --clear")
+    bounce = None if args.bounce_domain is None else checked_bounce_domain(args.bounce_domain)
+    if bounce is not None and settings.secret_key is None:
+        raise ConfigurationError(
+            "MAILBUS_SECRET_KEY is needed for a bounce domain: the workers sign each mail's "
+            "return address with it, and the bounce listener checks it (create one with "
+            "`mailbus outbox new-key`)"
+        )
+    async with Mongo.connect(settings) as mongo:
+        found = await mongo.domains.set_bounce_domain(args.domain, bounce)
+    if not found:
+        return fail(
+            "domain bounce-domain", f"{args.domain!r} is not registered (mailbus domain add)"
+        )
+    domain = args.domain.lower()
+    if bounce is None:
+        print(f"domain {domain!r}: its return addresses are at MAILBUS_BOUNCE_DOMAIN's again")
+    else:
+        print(f"domain {domain!r}: its return addresses are at {bounce!r} (publish its MX and SPF)")
     return 0
 
 
@@ -281,5 +307,26 @@ def add_parser(verbs: Subparsers) -> None:
     sandbox.add_argument("domain", help="the registered sending domain")
     sandbox.add_argument("mode", choices=("on", "off"), help="on: sandbox its mail; off: deliver")
     sandbox.set_defaults(handler=_sandbox)
+    bounce = actions.add_parser(
+        "bounce-domain",
+        help="give a registered domain a bounce domain of its own, or --clear it",
+        description="The domain's mail goes with return addresses (MAIL FROM) at its own "
+        "bounce domain instead of MAILBUS_BOUNCE_DOMAIN, which need not be set: a subdomain "
+        "of the domain (bounces.example.com) keeps SPF aligned with its From for DMARC. "
+        "Publish the bounce domain's MX (the host of `mailbus gateway serve --bounces`) and "
+        "SPF first. Each return address is signed for the one domain it is at, so the bounce "
+        "listener takes mail for every domain's bounce domain without a list of them, and "
+        "refuses one domain's address moved to another's. Mail sent before a change keeps "
+        "its addresses, which stay valid. Needs MAILBUS_SECRET_KEY; `add --replace` keeps "
+        "it; workers see a change within 5 seconds.",
+    )
+    bounce.add_argument("domain", help="the registered sending domain")
+    bounce.add_argument(
+        "bounce_domain", nargs="?", metavar="BOUNCE_DOMAIN", help="e.g. bounces.example.com"
+    )
+    bounce.add_argument(
+        "--clear", action="store_true", help="no bounce domain of its own: MAILBUS_BOUNCE_DOMAIN's"
+    )
+    bounce.set_defaults(handler=_bounce_domain)
     _add_api_key_parser(actions)
     add_dkim_parser(actions)

@@ -39,7 +39,7 @@ def _announce(listens: dict[str, Listen | None], ports: dict[str, int], *, tls: 
         "daemon": ("daemon gateway", "tls" if tls else "tcp", ""),
         "smtp": ("SMTP gateway", "smtp", " (STARTTLS)" if tls else ""),
         "smtps": ("SMTP gateway", "smtps", ""),
-        "bounces": ("bounce listener", "smtp", " (MX of the bounce domain)"),
+        "bounces": ("bounce listener", "smtp", " (MX of the bounce domains)"),
     }
     for name, listen in listens.items():
         if listen is not None:
@@ -129,9 +129,10 @@ def add_parser(verbs: Subparsers) -> None:
         "message; X-Mailbus-Send-At, -Delay, -Id, -Tags and -Expires-At header fields steer "
         "the job and are removed; the jobs are sealed with MAILBUS_SECRET_KEY, which the "
         "workers share. "
-        "--bounces is the MX of MAILBUS_BOUNCE_DOMAIN: with that domain set, the workers send "
-        "each mail with a return address of its own there (VERP, signed with "
-        "MAILBUS_SECRET_KEY), and this listener takes delivery status notifications (RFC "
+        "--bounces is the MX of the bounce domains: with MAILBUS_BOUNCE_DOMAIN set, or a "
+        "registered domain's own (mailbus domain bounce-domain), the workers send each mail "
+        "with a return address of its own there (VERP, signed with MAILBUS_SECRET_KEY, "
+        "valid at that one domain), and this listener takes delivery status notifications (RFC "
         "3464), complaints (ARF, RFC 5965) and the common non-standard bounces sent to valid "
         "return addresses only (any other recipient is refused 550), at most "
         "MAILBUS_BOUNCE_MAX_MESSAGE_BYTES a message, no AUTH; a hard bounce or a complaint "
@@ -171,8 +172,8 @@ def add_parser(verbs: Subparsers) -> None:
         "--bounces",
         type=listen_address,
         metavar="[HOST:]PORT",
-        help="take bounces and complaints for MAILBUS_BOUNCE_DOMAIN here, as its MX (port 25 "
-        "is the standard one)",
+        help="take bounces and complaints for the bounce domains here, as their MX (port 25 "
+        "is the standard one; needs MAILBUS_SECRET_KEY)",
     )
     run.set_defaults(handler=_serve)
     hashing = actions.add_parser(

@@ -37,6 +37,9 @@ class Context:
     authorized: bool = False
     # Sandbox mode (the job's flag or its domain's): not delivered, or only to the catch-all.
     sandbox: bool = False
+    # The bounce domain its domain's registration names: its return address is there, not
+    # at MAILBUS_BOUNCE_DOMAIN.
+    bounce_domain: str | None = None
 
 
 @dataclass(frozen=True)

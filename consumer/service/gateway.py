@@ -673,8 +673,9 @@ def check_submission(settings: Settings, *, smtp: Listen | None, smtps: Listen |
 
 
 def check_bounces(settings: Settings, *, bounces: Listen | None) -> ReturnPaths | None:
-    """The return addresses the bounce listener takes mail for; refuses to serve it
-    without MAILBUS_BOUNCE_DOMAIN and MAILBUS_SECRET_KEY.
+    """The return addresses the bounce listener takes mail for (at MAILBUS_BOUNCE_DOMAIN,
+    if set, and at the registered domains' own bounce domains); refuses to serve it
+    without MAILBUS_SECRET_KEY.
     """
     if bounces is None:
         return None
@@ -682,8 +683,8 @@ def check_bounces(settings: Settings, *, bounces: Listen | None) -> ReturnPaths 
     returns = ReturnPaths.configured(settings)
     if returns is None:
         raise ConfigurationError(
-            "--bounces needs MAILBUS_BOUNCE_DOMAIN: the domain whose MX it is, the workers' "
-            "return addresses"
+            "--bounces needs MAILBUS_SECRET_KEY, shared with the workers: it checks the "
+            "signature of each return address"
         )
     return returns
 

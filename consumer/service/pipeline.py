@@ -43,7 +43,7 @@ from consumer.core.retry import (
     split_refusals,
     unknown_recipients,
 )
-from consumer.core.returns import ReturnPaths
+from consumer.core.returns import ReturnPaths, own_bounce_domain
 from consumer.core.sandbox import NOT_DELIVERED, sandboxed
 from consumer.core.schedule import CLAIM_AHEAD, due_time
 from consumer.core.suppression import Scope
@@ -113,7 +113,9 @@ class Pipeline:
         jitter: Callable[[], float] = random.random,
         returns: ReturnPaths | None = None,
     ) -> None:
-        """``returns``: the bounce domain's return addresses (MAILBUS_BOUNCE_DOMAIN), if set."""
+        """``returns``: the return addresses, at MAILBUS_BOUNCE_DOMAIN or at a domain's own
+        bounce domain (None without MAILBUS_SECRET_KEY, which signs them).
+        """
         self.settings = settings
         self.store = store
         self.picker = picker
@@ -165,8 +167,12 @@ class Pipeline:
         try:
             refusal = await self.authorizer.refusal(job, authority)
             # The domain's registration is the one authorization just read (kept a while).
-            sandbox = sandboxed(job, await self.authorizer.domain(job.domain))
-            ctx = dataclasses.replace(ctx, sandbox=sandbox)
+            registration = await self.authorizer.domain(job.domain)
+            ctx = dataclasses.replace(
+                ctx,
+                sandbox=sandboxed(job, registration),
+                bounce_domain=own_bounce_domain(registration),
+            )
             if refusal is not None:  # nothing is recorded for a job nobody may send
                 return Dead(ctx, "unauthorized", refusal)
             ctx = dataclasses.replace(ctx, authorized=True)
@@ -261,6 +267,7 @@ class Pipeline:
         content: Content | None = None  # a raw job's message is its own: none to build
         charset = attempt.job.charset or "utf-8"
         try:
+            sender = self._envelope_sender(attempt)
             if attempt.job.raw_b64 is not None:
                 limit = self.settings.max_message_bytes
                 mail = raw_mail(attempt.job, attempt.job_id, attempt.now, limit=limit)
@@ -276,7 +283,7 @@ class Pipeline:
             return await self._dead(attempt, exc.reason, str(exc))
         except AttachmentUnavailableError as exc:
             return await self._failed(attempt, classify(exc))
-        except ConfigurationError as exc:  # no unsubscribe URL or key yet: retry later
+        except ConfigurationError as exc:  # no unsubscribe URL, or no key yet: retry later
             return await self._failed(attempt, Failure(True, None, str(exc)))
         if attempt.send_at is not None:
             # Claimed ahead, ready to go: the outbox and its token are taken at its time.
@@ -312,7 +319,7 @@ class Pipeline:
             return await self._failed(attempt, Failure(True, None, str(exc)))
         except ValueError as exc:  # a message with nothing to sign for (no From)
             return await self._dead(attempt, "invalid", str(exc))
-        return await self._send(attempt, pool, mail, recipients)
+        return await self._send(attempt, pool, mail, sender, recipients)
 
     async def _recipients(self, attempt: Attempt) -> list[str]:
         """Who gets the mail: those still owed it (after a partial delivery, only they),
@@ -370,11 +377,11 @@ class Pipeline:
         return Later(waiting, due, "waiting" if again else "rate_limited")
 
     async def _send(
-        self, attempt: Attempt, pool: Sender, mail: Mail, recipients: list[str]
+        self, attempt: Attempt, pool: Sender, mail: Mail, sender: str, recipients: list[str]
     ) -> Outcome:
         started = time.perf_counter()
         try:
-            result = await pool.send(mail, self._envelope_sender(attempt), recipients)
+            result = await pool.send(mail, sender, recipients)
         except Exception as exc:  # every send failure is classified by mail.failures
             failure = classify(exc, await self._reply_rules(attempt))
             if attempt.claim.pending is not None and failure.refusals and failure.code:
@@ -388,14 +395,23 @@ class Pipeline:
         return await self._accepted(attempt, result, seconds)
 
     def _envelope_sender(self, attempt: Attempt) -> str:
-        """MAIL FROM: the job's return address at the bounce domain when one is set (the
-        header From is untouched); the job's own sender for sandboxed mail and for a server
-        the job names itself, whose bounces are its owner's to read.
+        """MAIL FROM: the job's return address at its domain's own bounce domain, else at
+        MAILBUS_BOUNCE_DOMAIN when that is set (the header From is untouched); the job's
+        own sender without either, for sandboxed mail and for a server the job names
+        itself, whose bounces are its owner's to read. Raises :class:`ConfigurationError`
+        for a domain's bounce domain without MAILBUS_SECRET_KEY to sign the address.
         """
-        job = attempt.job
-        if self.returns is None or attempt.ctx.sandbox or job.smtp_sealed is not None:
+        job, at = attempt.job, attempt.ctx.bounce_domain
+        if attempt.ctx.sandbox or job.smtp_sealed is not None:
             return job.envelope_sender()
-        return self.returns.address(attempt.job_id)
+        if at is None and (self.returns is None or self.returns.domain is None):
+            return job.envelope_sender()
+        if self.returns is None:
+            raise ConfigurationError(
+                f"domain {job.domain}'s bounce domain {at} needs MAILBUS_SECRET_KEY on the "
+                "workers: it signs each mail's return address"
+            )
+        return self.returns.address(attempt.job_id, at)
 
     async def _dead(self, attempt: Attempt, reason: DeadReason, error: str) -> Outcome:
         """The claimed job can never be sent: record it dead and say why."""

@@ -1,7 +1,8 @@
 """Registered sending domains in MongoDB: a salted hash of the domain key, allowed users,
-the sender domains its mail may use, the salted hashes of its REST API keys, and its DKIM
+the sender domains its mail may use, the salted hashes of its REST API keys, its DKIM
 keys (``dkim_keys``: selector, algorithm, the private key encrypted with
-``MAILBUS_SECRET_KEY``; ``dkim_active``: the selector that signs).
+``MAILBUS_SECRET_KEY``; ``dkim_active``: the selector that signs), its sandbox mode and
+its own bounce domain (``bounce_domain``, where its mail's return addresses are).
 
 A domain that is not registered is open: any job may send for it (unless
 ``MAILBUS_OPEN_DOMAINS`` is off), with a From that is not under a registered domain. A
@@ -185,6 +186,20 @@ class DomainStore:
             )
         return result.matched_count == 1
 
+    async def set_bounce_domain(self, domain: str, bounce_domain: str | None) -> bool:
+        """Give ``domain`` a bounce domain of its own (its mail's return addresses are
+        there), or none (None: MAILBUS_BOUNCE_DOMAIN's again); False when it is not
+        registered. A ``put`` with ``replace`` keeps it: only this changes it.
+        """
+        change: Document = (
+            {"$set": {"bounce_domain": bounce_domain.lower(), "updated_at": utcnow()}}
+            if bounce_domain is not None
+            else {"$unset": {"bounce_domain": ""}, "$set": {"updated_at": utcnow()}}
+        )
+        async with answering():
+            result = await self.domains.update_one({"_id": domain.lower()}, change)
+        return result.matched_count == 1
+
     async def add_dkim_key(
         self, domain: str, entry: Document, *, activate: bool, limit: int
     ) -> Literal["added", "unregistered", "exists", "full"]:
@@ -286,6 +301,7 @@ def describe(doc: Document) -> Document:
     shown = {k: v for k, v in doc.items() if k not in ("key_hash", "api_keys", "dkim_keys")}
     shown["key"] = "set" if doc.get("key_hash") else None
     shown["sandbox"] = bool(doc.get("sandbox"))
+    shown["bounce_domain"] = doc.get("bounce_domain")
     shown["api_keys"] = api_key_names(doc)
     shown["dkim_selectors"] = dkim_selectors(doc)
     return shown
