@@ -1,13 +1,15 @@
-"""The bounce listener: the bounce domain's MX, part of the gateway (``--bounces``).
+"""The bounce listener: the bounce domains' MX, part of the gateway (``--bounces``).
 
-It takes mail only for valid return addresses (:mod:`consumer.core.returns`): any
-other recipient, a forged MAC among them, is refused ``550`` at RCPT, so nothing is read
-for it. A message is bounded (MAILBUS_BOUNCE_MAX_MESSAGE_BYTES, refused ``552`` past it)
-and its MIME parts counted before it is parsed, off the event loop. Then, for the job
-each return address names, each recipient of that job it reports on is recorded on the
-job's record (once: a report sent again is recognised), a hard bounce or a complaint
-suppresses the recipient for the job's domain, and ``mail.bounced`` or
-``mail.complained`` is published.
+It takes mail only for valid return addresses (:mod:`consumer.core.returns`), at
+MAILBUS_BOUNCE_DOMAIN or at a registered domain's own bounce domain: any other recipient,
+a forged MAC or an address moved to another bounce domain among them, is refused ``550``
+at RCPT, so nothing is read for it. No list of the bounce domains is needed: each
+address's MAC covers the domain it is at. A message is bounded
+(MAILBUS_BOUNCE_MAX_MESSAGE_BYTES, refused ``552`` past it) and its MIME parts counted
+before it is parsed, off the event loop. Then, for the job each return address names,
+each recipient of that job it reports on is recorded on the job's record (once: a report
+sent again is recognised), a hard bounce or a complaint suppresses the recipient for the
+job's domain, and ``mail.bounced`` or ``mail.complained`` is published.
 
 A message that is no readable report (an autoresponder's, a malformed one) is answered
 ``250`` and dropped, its reason logged: refused, it would come back as a bounce of the
@@ -83,7 +85,7 @@ class BounceHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        """A valid return address of the bounce domain, or 550."""
+        """A valid return address (at the bounce domain it was made for), or 550."""
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return TOO_MANY_RECIPIENTS
         if self.returns.read(address) is None:
