@@ -6,15 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from consumer.cli.config import Importer
 from consumer.cli.config_file import load, password_variable
 from consumer.errors import ConfigurationError
 from consumer.settings import Settings
 from consumer.store.domains import key_matches
 from consumer.store.jobs import JobStore
+from consumer.store.mongo import Mongo
 from consumer.store.outboxes import outbox_from_document
 from consumer.store.providers import ProviderStore
 from consumer.vault import Vault
 from deploy.devstack.processes import mailbus
+from tests.doubles import offline_settings
 
 CONFIG = """
 [providers.gmail]
@@ -62,6 +65,13 @@ active = false
 def test_bad_files_are_refused_clearly(text: str, problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem):
         load(text)
+
+
+async def test_a_bounce_domain_is_refused_before_anything_is_written_without_a_secret_key() -> None:
+    config = load('[domains."a.example"]\nbounce_domain = "bounces.a.example"')
+    async with Mongo.connect(offline_settings()) as mongo:  # never reached: refused first
+        with pytest.raises(ConfigurationError, match="needs MAILBUS_SECRET_KEY"):
+            await Importer(mongo, None, {}, prune=False).apply(config)
 
 
 def test_password_variables_are_shell_names() -> None:
