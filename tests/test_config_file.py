@@ -28,6 +28,7 @@ replies = ["transient: 550 5.7.1 rate limited"]
 [domains."Example.com"]
 key_env = "TEST_EXAMPLE_KEY"
 allow_users = ["app1"]
+senders = ["Shop.example", "example.com"]
 bounce_domain = "Bounces.Example.com"
 
 [outboxes.gmail-1]
@@ -114,6 +115,7 @@ async def test_import_then_export_round_trip(
     assert (local["transport"], local["active"]) == ("sendmail", False)
     assert key_matches(key, domain["key_hash"])
     assert domain["allow_users"] == ["app1"]
+    assert domain["senders"] == ["example.com", "shop.example"]
     assert domain["bounce_domain"] == "bounces.example.com"
 
     again = await mailbus(keyed, "config", "import", str(source))
@@ -143,6 +145,8 @@ async def test_import_then_export_round_trip(
     assert reread.providers["gmail"].replies == ["throttle: 4.7"]
     assert reread.domains["example.com"].key_hash == domain["key_hash"]
     assert reread.domains["example.com"].bounce_domain == "bounces.example.com"
+    # Re-applying the exported file keeps the domain's senders (it once cleared them).
+    assert reread.domains["example.com"].senders == ["example.com", "shop.example"]
 
     # The exported file applies cleanly without the secrets: stored ones are kept.
     monkeypatch.delenv("TEST_GMAIL_1_PASSWORD")

@@ -89,13 +89,18 @@ class Importer:
                 kept = old.get("key_hash")
                 key_hash = kept if kept and key_matches(key, kept) else hash_key(key)
             users = sorted(set(entry.allow_users))
-            same = bool(old) and (old.get("key_hash"), old.get("allow_users")) == (key_hash, users)
+            senders = sorted({s.lower() for s in entry.senders})
+            same = bool(old) and (
+                old.get("key_hash"),
+                old.get("allow_users"),
+                old.get("senders") or [],
+            ) == (key_hash, users, senders)
             sandbox_changed = bool(old.get("sandbox")) != entry.sandbox
             bounce_changed = old.get("bounce_domain") != entry.bounce_domain
             if same and not sandbox_changed and not bounce_changed:
                 continue
             if not same:
-                await self.domains.put(name, key_hash, users, replace=True)
+                await self.domains.put(name, key_hash, users, replace=True, senders=senders)
             # Their own writes: a put keeps the domain's sandbox mode and bounce domain.
             if sandbox_changed:
                 await self.domains.set_sandbox(name, entry.sandbox)

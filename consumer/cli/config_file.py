@@ -54,6 +54,8 @@ class DomainEntry(_Entry):
     key_env: str | None = None
     key_hash: str | None = None
     allow_users: list[str] = []
+    # The domains its From may be under (`mailbus domain add --sender`); empty: its own.
+    senders: list[str] = []
     sandbox: bool = False
     bounce_domain: BounceDomain | None = None
 
@@ -155,6 +157,8 @@ def export(providers: list[Document], domains: list[Document], outboxes: list[Do
                 {
                     "key_hash": d.get("key_hash"),
                     "allow_users": d.get("allow_users", []),
+                    # Only when some: files exported before senders read the same.
+                    "senders": d.get("senders") or None,
                     # Only when on: files exported before sandbox mode read the same.
                     "sandbox": True if d.get("sandbox") else None,
                     "bounce_domain": d.get("bounce_domain"),
