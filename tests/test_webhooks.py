@@ -17,11 +17,18 @@ from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
 from consumer.cli.app import _parser
-from consumer.core.headers import ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER, WEBHOOK_HEADER
+from consumer.core.headers import (
+    ATTEMPTS_HEADER,
+    ERROR_HEADER,
+    EVENT_SEAL_HEADER,
+    REASON_HEADER,
+    WEBHOOK_HEADER,
+)
 from consumer.core.names import Names
 from consumer.core.webhooks import (
     Attempt,
     check_events,
+    event_seal_input,
     known_events,
     new_secret,
     next_step,
@@ -32,12 +39,12 @@ from consumer.core.webhooks import (
 )
 from consumer.mail.webhooks import WebhookPoster
 from consumer.settings import Settings
-from consumer.vault import new_key
+from consumer.vault import Vault, new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, take, until
 from tests.conftest import RunningWorker
 from tests.secret_watch import watched
-from tests.webhook_receiver import receiving, verified, webhook_service
+from tests.webhook_receiver import publish_event, receiving, verified, webhook_service
 
 # The specification's published test vector.
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -215,11 +222,7 @@ async def test_a_private_address_is_refused_and_given_up(
         endpoint = added.split()[1]
         async with webhook_service(settings):
             event = {"event": "mail.sent", "id": "p-1", "domain": "example.com", "attempts": 1}
-            events = await channel.get_exchange(names.events, ensure=False)
-            await events.publish(
-                aio_pika.Message(json.dumps(event).encode(), message_id="e-1"),
-                routing_key="mail.sent",
-            )
+            await publish_event(channel, settings, event)
             [letter] = await take(channel, names.webhooks_dead, 1)
         logged = await cli(settings, capsys, "webhook", "log")
         assert (await cli(settings, capsys, "webhook", "rm", endpoint)).startswith("webhook wh_")
@@ -244,11 +247,7 @@ async def test_an_endpoint_failing_past_the_maximum_age_is_given_up(
         receiver.secrets["/down"] = watched(added.split("secret (shown once): ")[1].strip())
         async with webhook_service(settings):
             event = {"event": "mail.dead", "id": "d-1", "domain": "example.com", "attempts": 0}
-            events = await channel.get_exchange(names.events, ensure=False)
-            await events.publish(
-                aio_pika.Message(json.dumps(event).encode(), message_id="e-2"),
-                routing_key="mail.dead",
-            )
+            await publish_event(channel, settings, event)
             [letter] = await take(channel, names.webhooks_dead, 1)
         logged = await cli(settings, capsys, "webhook", "log", "--limit", "10")
     headers = letter.headers or {}
@@ -260,3 +259,29 @@ async def test_an_endpoint_failing_past_the_maximum_age_is_given_up(
     assert all(r.verified for r in receiver.requests)
     assert logged.count(" failed ") == tried - 1
     assert logged.count(" dead ") == 1
+
+
+async def test_an_event_mailbus_did_not_seal_is_never_posted(
+    settings: Settings, channel: AbstractChannel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Whoever may publish to the events exchange (a producer's broker user, say) must not
+    # have an event POSTed to a domain's webhooks, signed with that domain's secret.
+    settings = hooked(settings, webhook_allow_private=True)
+    names = Names(settings.prefix)
+    async with receiving() as receiver:
+        added = await cli(settings, capsys, "webhook", "add", "example.com", receiver.url("/v"))
+        watched(added.split("secret (shown once): ")[1].strip())
+        async with webhook_service(settings):
+            events = await channel.get_exchange(names.events, ensure=False)
+            forged = {"event": "mail.sent", "id": "f-1", "domain": "example.com", "attempts": 1}
+            body = json.dumps(forged).encode()
+            other_key = Vault([new_key()]).sign(event_seal_input("e-f", body))
+            for headers in ({}, {EVENT_SEAL_HEADER: other_key}):
+                await events.publish(
+                    aio_pika.Message(body, message_id="e-f", headers=headers),
+                    routing_key="mail.sent",
+                )
+            letters = await take(channel, names.webhooks_dead, 2)
+    assert receiver.requests == []
+    assert [(m.headers or {})[REASON_HEADER] for m in letters] == ["invalid", "invalid"]
+    assert "seal" in str((letters[0].headers or {})[ERROR_HEADER])

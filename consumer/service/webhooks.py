@@ -35,6 +35,7 @@ from consumer.amqp import topology
 from consumer.amqp.outgoing import Outgoing, copy_of
 from consumer.clock import utcnow
 from consumer.core.headers import (
+    EVENT_SEAL_HEADER,
     WEBHOOK_ATTEMPT_HEADER,
     WEBHOOK_HEADER,
     WEBHOOK_SEAL_HEADER,
@@ -47,6 +48,7 @@ from consumer.core.webhooks import (
     DESTINATION,
     Attempt,
     Next,
+    event_seal_input,
     next_step,
     secret_bytes,
     signed_headers,
@@ -123,6 +125,26 @@ def read_retry(
     if not vault.verify(seal_input(retry, message_id, body), seal):
         raise InvalidDeliveryError("webhook retry headers without a valid seal")
     return retry
+
+
+def check_sealed(
+    headers: Mapping[str, Any], message_id: str | None, body: bytes, vault: Vault
+) -> None:
+    """Raise :class:`InvalidDeliveryError` unless an event as published carries the seal
+    mailbus puts on its own (:meth:`consumer.amqp.outgoing.Outgoing.event`): whoever may
+    publish to the events exchange must not have an event POSTed in a domain's name.
+    """
+    seal = headers.get(EVENT_SEAL_HEADER)
+    if not (
+        message_id
+        and isinstance(seal, str)
+        and len(seal) <= 128
+        and vault.verify(event_seal_input(message_id, body), seal)
+    ):
+        raise InvalidDeliveryError(
+            "an event without a valid seal: not published by mailbus (or by a worker "
+            "without MAILBUS_SECRET_KEY)"
+        )
 
 
 def event_of(body: bytes) -> dict[str, Any]:
@@ -273,12 +295,15 @@ class WebhookService:
         self, message: AbstractIncomingMessage, event: dict[str, Any] | InvalidDeliveryError
     ) -> None:
         headers = message.headers or {}
-        # Events a worker publishes have a message id; another's is named by its body.
+        # Events mailbus publishes have a message id (an event without one is refused
+        # below, unsealed); a copy without one is named by its body.
         message_id = message.message_id or hashlib.sha256(message.body).hexdigest()
         try:
             if isinstance(event, InvalidDeliveryError):
                 raise event
             retry = read_retry(headers, message_id, message.body, self.vault)
+            if retry is None:
+                check_sealed(headers, message.message_id, message.body, self.vault)
         except InvalidDeliveryError as exc:
             log.warning("webhooks.invalid", error=str(exc))
             await self._out().webhook_dead_letter(
