@@ -25,6 +25,7 @@ from consumer.core.headers import (
     WEBHOOK_HEADER,
 )
 from consumer.core.names import Names
+from consumer.core.refusals import AttachmentError
 from consumer.core.webhooks import (
     Attempt,
     check_events,
@@ -37,6 +38,7 @@ from consumer.core.webhooks import (
     signed_headers,
     webhook_id,
 )
+from consumer.mail.fetch import IPAddress
 from consumer.mail.webhooks import WebhookPoster
 from consumer.settings import Settings
 from consumer.vault import Vault, new_key
@@ -118,6 +120,22 @@ async def test_private_addresses_are_refused_before_connecting(url: str) -> None
     assert attempt.refused
     assert not attempt.delivered
     assert "MAILBUS_WEBHOOK_ALLOW_PRIVATE" in (attempt.error or "")
+
+
+async def test_a_host_that_does_not_resolve_is_retried_not_given_up() -> None:
+    # A receiver's DNS failing for a while must not lose its events.
+    async def nxdomain(host: str, port: int) -> list[IPAddress]:
+        raise AttachmentError(f"{host}: no such host (Name or service not known)")
+
+    poster = WebhookPoster(5.0, resolver=nxdomain)
+    try:
+        attempt = await poster.post("https://hooks.example.com/mail", b"{}", {})
+    finally:
+        await poster.close()
+    assert not attempt.refused
+    assert "no such host" in (attempt.error or "")
+    limits: dict[str, Any] = {"base": 5.0, "maximum": 60.0, "max_age": 100.0, "jitter": 0.0}
+    assert next_step(attempt, 1, 0, **limits).status == "failed"
 
 
 def hooked(settings: Settings, **update: Any) -> Settings:
