@@ -5,6 +5,7 @@ job, logged; an endpoint at a private address is refused and given up.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ from consumer.core.webhooks import (
 )
 from consumer.mail.fetch import IPAddress
 from consumer.mail.webhooks import WebhookPoster
+from consumer.service.webhooks import WebhookService
 from consumer.settings import Settings
+from consumer.store.mongo import Mongo
 from consumer.vault import Vault, new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, take, until
@@ -303,3 +306,37 @@ async def test_an_event_mailbus_did_not_seal_is_never_posted(
     assert receiver.requests == []
     assert [(m.headers or {})[REASON_HEADER] for m in letters] == ["invalid", "invalid"]
     assert "seal" in str((letters[0].headers or {})[ERROR_HEADER])
+
+
+async def test_a_delivery_cancelled_while_it_waits_its_turn_leaves_the_one_before_whole(
+    settings: Settings,
+) -> None:
+    # On shutdown, deliveries still waiting behind another of their job are cancelled:
+    # the one they wait for must still finish cleanly.
+    settings = hooked(settings)
+    service = WebhookService(
+        settings, Mongo.connect(settings), Vault.from_settings(settings), WebhookPoster(1.0)
+    )
+    gate, ran = asyncio.Event(), []
+
+    async def first() -> None:
+        await gate.wait()
+        ran.append("first")
+
+    async def second() -> None:
+        ran.append("second")
+
+    try:
+        before = asyncio.create_task(service._in_order("job-1", first()))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(service._in_order("job-1", second()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        gate.set()
+        await before
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        await service._close()
+    assert ran == ["first"]
+    assert service._tails == {}

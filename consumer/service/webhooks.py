@@ -268,7 +268,9 @@ class WebhookService:
         self._tails[key] = done
         try:
             if before is not None:
-                await before
+                # Shielded: this one cancelled while it waits must not cancel the future
+                # of the one before, which then could not say it has finished.
+                await asyncio.shield(before)
             await work
         finally:
             work.close()  # a no-op once it ran; one cancelled while waiting never starts
