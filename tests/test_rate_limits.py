@@ -105,6 +105,25 @@ async def test_the_server_computes_what_the_pure_arithmetic_does(store: JobStore
     assert await providers.take("undefined", "try") is None
 
 
+async def test_the_server_slows_a_bucket_as_the_pure_arithmetic_does(store: JobStore) -> None:
+    """A slowdown that starts just after a burst lets nothing more through at once."""
+    providers = ProviderStore(store.database)
+    limits = [Limit(2, 1)]  # a token every 500 ms: the takes below fall well within one
+    await providers.put("b", limits, 5)
+    burst = await providers.take("b", "try", 5)
+    assert burst is not None
+    assert all(g.granted for g in burst)
+    doc = await providers.get("b")
+    assert doc is not None
+    buckets = [Bucket(x["tat"], x["queue"]) for x in doc["limits"]]
+    assert await providers.slow("b", 60) is not None
+    slowed = await providers.take("b", "try", 2)
+    assert slowed is not None
+    assert not any(g.granted for g in slowed)
+    expected, _ = take(limits, 5, buckets, slowed[0].now_us, "try", 2, slowdown=2)
+    assert slowed == expected
+
+
 async def test_a_throttled_job_waits_without_using_an_attempt(
     settings: Settings, channel: AbstractChannel, smtp: CaptureServer, worker: RunningWorker
 ) -> None:

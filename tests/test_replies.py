@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import aiosmtplib
 import pytest
 
-from consumer.core.ratelimit import MICROS, Bucket, Limit, take
+from consumer.core.ratelimit import MICROS, Bucket, Limit, take, tokens_left
 from consumer.core.replies import MAX_RULES, ReplyRule, parse_rule, parse_rules
 from consumer.core.retry import reply_verdict, split_refusals, unknown_recipients
 from consumer.core.vocabulary import ReplyVerdict
@@ -142,6 +142,23 @@ def test_a_slowed_bucket_hands_out_tokens_half_as_often() -> None:
     slowed, _ = take(limits, 1, [Bucket()], now, "enqueue", count=3, slowdown=2)
     assert [g.slot_us - now for g in normal] == [0, 100_000, 200_000]
     assert [g.slot_us - now for g in slowed] == [0, 200_000, 400_000]
+
+
+def test_a_slowdown_just_after_a_burst_lets_nothing_more_through() -> None:
+    # The provider says "too fast" as a burst empties its bucket: slowing it must not
+    # widen the burst's slack into more sends at once.
+    limits, now = [Limit(10, 1)], 1_000 * MICROS
+    burst, buckets = take(limits, 5, [Bucket()], now, "try", count=5)
+    assert all(g.granted for g in burst)
+    slowed, _ = take(limits, 5, buckets, now, "try", count=3, slowdown=2)
+    assert not any(g.granted for g in slowed)
+    assert tokens_left(limits[0], 5, buckets[0], now, slowdown=2) == 0
+    # After a quiet spell the slowed bucket lets through what fits in the burst's time.
+    quiet = now + 10 * MICROS
+    later, _ = take(limits, 5, buckets, quiet, "try", count=5, slowdown=2)
+    assert [g.granted for g in later] == [True] * 3 + [False] * 2
+    assert tokens_left(limits[0], 5, buckets[0], quiet, slowdown=2) == 3
+    assert tokens_left(limits[0], 5, buckets[0], quiet) == 5
 
 
 def test_a_provider_is_slowed_until_its_stored_time() -> None:

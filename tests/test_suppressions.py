@@ -71,6 +71,17 @@ async def test_automatic_entries_never_replace_an_operators_and_entries_from_bef
     ]
 
 
+async def test_a_bounce_never_shortens_a_complaint_kept_for_good(store: JobStore) -> None:
+    suppressions = SuppressionStore(store.database)
+    domain = Scope("example.com")
+    for source, days in (("bounce", 30.0), ("complaint", None), ("bounce", 30.0)):
+        await suppressions.add_automatic(
+            {"c@example.org": source}, scope=domain, source=source, days=days
+        )
+    [entry] = await suppressions.find(address="c@example.org")
+    assert (entry["source"], entry["expire_at"]) == ("complaint", None)
+
+
 async def test_one_domains_suppression_never_blocks_another_domains_mail(
     settings: Settings,
     channel: AbstractChannel,

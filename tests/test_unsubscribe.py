@@ -90,6 +90,10 @@ def test_the_headers_are_a_one_click_link_and_a_mailto() -> None:
     mailto = unsubscribing(unsubscribe={"list": "news", "mailto": "unsub@example.com"})
     both = link_headers(mailto, "j1", base_url=BASE, vault=VAULT, expires=LATER)
     assert both["List-Unsubscribe"] == f"{link}, <mailto:unsub@example.com>"
+    # An address's '?', '=', '%' or '#' is not the URI's: no header fields, no escapes.
+    odd = unsubscribing(unsubscribe={"list": "news", "mailto": "u?bcc=v%41#w@example.com"})
+    encoded = link_headers(odd, "j1", base_url=BASE, vault=VAULT, expires=LATER)
+    assert encoded["List-Unsubscribe"] == f"{link}, <mailto:u%3Fbcc%3Dv%2541%23w@example.com>"
 
 
 def test_the_built_mail_carries_the_headers_unbroken() -> None:

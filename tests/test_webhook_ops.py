@@ -17,13 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer.cli.app import _parser
 from consumer.cli.webhooks import _age
 from consumer.clock import utcnow
-from consumer.core.headers import REASON_HEADER, WEBHOOK_HEADER
+from consumer.core.headers import EVENT_SEAL_HEADER, REASON_HEADER, WEBHOOK_HEADER
 from consumer.core.names import Names
+from consumer.core.webhooks import event_seal_input
 from consumer.service.status import gather
 from consumer.settings import Settings
+from consumer.vault import Vault
 from tests.broker import depth, encode, job, until
+from tests.conftest import cli
 from tests.secret_watch import watched
-from tests.test_webhooks import cli, hooked
+from tests.test_webhooks import hooked
 from tests.webhook_receiver import Receiver, receiving, webhook_service
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -63,6 +66,12 @@ async def add(
     return added.split()[1]
 
 
+def sealed(settings: Settings, message_id: str, body: bytes) -> dict[str, str]:
+    """The seal a worker puts on the event it publishes."""
+    seal = Vault.from_settings(settings).sign(event_seal_input(message_id, body))
+    return {EVENT_SEAL_HEADER: seal}
+
+
 async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_webhook_alone(
     settings: Settings, channel: AbstractChannel, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,8 +91,9 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
             ready = await scrape(service.http_port, "/readyz")
             assert (ready.status_code, ready.text) == (200, "ready\n")
             events = await channel.get_exchange(names.events, ensure=False)
+            body = json.dumps(event).encode()
             await events.publish(
-                aio_pika.Message(json.dumps(event).encode(), message_id="e-1"),
+                aio_pika.Message(body, message_id="e-1", headers=sealed(settings, "e-1", body)),
                 routing_key="mail.sent",
             )
             await events.publish(aio_pika.Message(b"not json"), routing_key="mail.sent")
@@ -111,11 +121,15 @@ async def test_given_up_deliveries_are_counted_listed_and_replayed_for_their_web
             )
             # An event the broker gave up on before any endpoint (the service kept crashing).
             death = {"reason": "delivery_limit", "queue": names.webhooks_queue, "count": 1}
+            other = json.dumps({**event, "id": "j-2", "domain": "other.example"}).encode()
             await channel.default_exchange.publish(
                 aio_pika.Message(
-                    json.dumps({**event, "id": "j-2", "domain": "other.example"}).encode(),
+                    other,
                     message_id="e-2",
-                    headers={"x-death": [{**death, "time": utcnow().replace(microsecond=0)}]},
+                    headers={
+                        "x-death": [{**death, "time": utcnow().replace(microsecond=0)}],
+                        **sealed(settings, "e-2", other),
+                    },
                 ),
                 routing_key=names.webhooks_dead,
             )

@@ -5,6 +5,7 @@ job, logged; an endpoint at a private address is refused and given up.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -18,11 +19,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from consumer.amqp.publish import publish_job
-from consumer.core.headers import ATTEMPTS_HEADER, ERROR_HEADER, REASON_HEADER, WEBHOOK_HEADER
+from consumer.core.headers import (
+    ATTEMPTS_HEADER,
+    ERROR_HEADER,
+    EVENT_SEAL_HEADER,
+    REASON_HEADER,
+    WEBHOOK_HEADER,
+)
 from consumer.core.names import Names
+from consumer.core.refusals import AttachmentError
 from consumer.core.webhooks import (
     Attempt,
     check_events,
+    event_seal_input,
     known_events,
     new_secret,
     next_step,
@@ -31,14 +40,17 @@ from consumer.core.webhooks import (
     signed_headers,
     webhook_id,
 )
+from consumer.mail.fetch import IPAddress
 from consumer.mail.webhooks import WebhookPoster
+from consumer.service.webhooks import WebhookService
 from consumer.settings import Settings
-from consumer.vault import new_key
+from consumer.store.mongo import Mongo
+from consumer.vault import Vault, new_key
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import job, take, until
 from tests.conftest import RunningWorker, cli
 from tests.secret_watch import watched
-from tests.webhook_receiver import receiving, verified, webhook_service
+from tests.webhook_receiver import publish_event, receiving, verified, webhook_service
 
 # The specification's published test vector.
 VECTOR_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -112,6 +124,22 @@ async def test_private_addresses_are_refused_before_connecting(url: str) -> None
     assert attempt.refused
     assert not attempt.delivered
     assert "MAILBUS_WEBHOOK_ALLOW_PRIVATE" in (attempt.error or "")
+
+
+async def test_a_host_that_does_not_resolve_is_retried_not_given_up() -> None:
+    # A receiver's DNS failing for a while must not lose its events.
+    async def nxdomain(host: str, port: int) -> list[IPAddress]:
+        raise AttachmentError(f"{host}: no such host (Name or service not known)")
+
+    poster = WebhookPoster(5.0, resolver=nxdomain)
+    try:
+        attempt = await poster.post("https://hooks.example.com/mail", b"{}", {})
+    finally:
+        await poster.close()
+    assert not attempt.refused
+    assert "no such host" in (attempt.error or "")
+    limits: dict[str, Any] = {"base": 5.0, "maximum": 60.0, "max_age": 100.0, "jitter": 0.0}
+    assert next_step(attempt, 1, 0, **limits).status == "failed"
 
 
 def hooked(settings: Settings, **update: Any) -> Settings:
@@ -219,11 +247,7 @@ async def test_a_private_address_is_refused_and_given_up(
         endpoint = added.split()[1]
         async with webhook_service(settings):
             event = {"event": "mail.sent", "id": "p-1", "domain": "example.com", "attempts": 1}
-            events = await channel.get_exchange(names.events, ensure=False)
-            await events.publish(
-                aio_pika.Message(json.dumps(event).encode(), message_id="e-1"),
-                routing_key="mail.sent",
-            )
+            await publish_event(channel, settings, event)
             [letter] = await take(channel, names.webhooks_dead, 1)
         logged = await cli(settings, capsys, "webhook", "log")
         assert (await cli(settings, capsys, "webhook", "rm", endpoint)).startswith("webhook wh_")
@@ -248,11 +272,7 @@ async def test_an_endpoint_failing_past_the_maximum_age_is_given_up(
         receiver.secrets["/down"] = watched(added.split("secret (shown once): ")[1].strip())
         async with webhook_service(settings):
             event = {"event": "mail.dead", "id": "d-1", "domain": "example.com", "attempts": 0}
-            events = await channel.get_exchange(names.events, ensure=False)
-            await events.publish(
-                aio_pika.Message(json.dumps(event).encode(), message_id="e-2"),
-                routing_key="mail.dead",
-            )
+            await publish_event(channel, settings, event)
             [letter] = await take(channel, names.webhooks_dead, 1)
         logged = await cli(settings, capsys, "webhook", "log", "--limit", "10")
     headers = letter.headers or {}
@@ -264,3 +284,63 @@ async def test_an_endpoint_failing_past_the_maximum_age_is_given_up(
     assert all(r.verified for r in receiver.requests)
     assert logged.count(" failed ") == tried - 1
     assert logged.count(" dead ") == 1
+
+
+async def test_an_event_mailbus_did_not_seal_is_never_posted(
+    settings: Settings, channel: AbstractChannel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Whoever may publish to the events exchange (a producer's broker user, say) must not
+    # have an event POSTed to a domain's webhooks, signed with that domain's secret.
+    settings = hooked(settings, webhook_allow_private=True)
+    names = Names(settings.prefix)
+    async with receiving() as receiver:
+        added = await cli(settings, capsys, "webhook", "add", "example.com", receiver.url("/v"))
+        watched(added.split("secret (shown once): ")[1].strip())
+        async with webhook_service(settings):
+            events = await channel.get_exchange(names.events, ensure=False)
+            forged = {"event": "mail.sent", "id": "f-1", "domain": "example.com", "attempts": 1}
+            body = json.dumps(forged).encode()
+            other_key = Vault([new_key()]).sign(event_seal_input("e-f", body))
+            for headers in ({}, {EVENT_SEAL_HEADER: other_key}):
+                await events.publish(
+                    aio_pika.Message(body, message_id="e-f", headers=headers),
+                    routing_key="mail.sent",
+                )
+            letters = await take(channel, names.webhooks_dead, 2)
+    assert receiver.requests == []
+    assert [(m.headers or {})[REASON_HEADER] for m in letters] == ["invalid", "invalid"]
+    assert "seal" in str((letters[0].headers or {})[ERROR_HEADER])
+
+
+async def test_a_delivery_cancelled_while_it_waits_its_turn_leaves_the_one_before_whole(
+    settings: Settings,
+) -> None:
+    # On shutdown, deliveries still waiting behind another of their job are cancelled:
+    # the one they wait for must still finish cleanly.
+    settings = hooked(settings)
+    service = WebhookService(
+        settings, Mongo.connect(settings), Vault.from_settings(settings), WebhookPoster(1.0)
+    )
+    gate, ran = asyncio.Event(), []
+
+    async def first() -> None:
+        await gate.wait()
+        ran.append("first")
+
+    async def second() -> None:
+        ran.append("second")
+
+    try:
+        before = asyncio.create_task(service._in_order("job-1", first()))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(service._in_order("job-1", second()))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        gate.set()
+        await before
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    finally:
+        await service._close()
+    assert ran == ["first"]
+    assert service._tails == {}

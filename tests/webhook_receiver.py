@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractChannel
 from aiohttp import web
 
+from consumer.amqp.outgoing import Outgoing
 from consumer.core.names import Names
 from consumer.service.webhooks import WebhookService
 from consumer.settings import Settings
+from consumer.vault import Vault
 
 # How far a request's timestamp may be from the receiver's clock (the specification's
 # libraries allow five minutes).
@@ -106,6 +109,17 @@ async def receiving() -> AsyncIterator[Receiver]:
         yield receiver
     finally:
         await runner.cleanup()
+
+
+async def publish_event(
+    channel: AbstractChannel, settings: Settings, event: dict[str, Any]
+) -> None:
+    """Publish ``event`` on the events exchange as a worker does (sealed with the
+    settings' MAILBUS_SECRET_KEY).
+    """
+    names = Names(settings.prefix)
+    outgoing = await Outgoing.open(channel, names, vault=Vault.from_settings(settings))
+    await outgoing.event(event["event"], event)
 
 
 @contextlib.asynccontextmanager

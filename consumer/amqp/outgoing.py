@@ -19,12 +19,15 @@ from consumer.core.headers import (
     CODE_HEADER,
     DEAD_AT_HEADER,
     ERROR_HEADER,
+    EVENT_SEAL_HEADER,
     REASON_HEADER,
 )
 from consumer.core.message import json_body
 from consumer.core.names import SEND_KEY, Names, is_reply_queue
 from consumer.core.schedule import own_headers, to_epoch_ms
+from consumer.core.webhooks import event_seal_input
 from consumer.logging import get_logger
+from consumer.vault import Vault
 
 log = get_logger(__name__)
 
@@ -67,6 +70,7 @@ class Outgoing:
         *,
         dead_letter_days: float = 0,
         reply_prefix: str | None = None,
+        vault: Vault | None = None,
     ) -> None:
         self.channel = channel
         self.jobs = jobs
@@ -75,6 +79,7 @@ class Outgoing:
         self.events = events
         self.dead_letter_days = dead_letter_days
         self.reply_prefix = reply_prefix
+        self.vault = vault  # seals events (MAILBUS_SECRET_KEY's), when there is one
 
     @classmethod
     async def open(
@@ -84,10 +89,12 @@ class Outgoing:
         *,
         dead_letter_days: float = 0,
         reply_prefix: str | None = None,
+        vault: Vault | None = None,
     ) -> Outgoing:
         """Bind to the exchanges of ``names`` on ``channel`` (declared elsewhere); dead
         letters published expire after ``dead_letter_days`` (0: never); replies go to
-        RabbitMQ's direct reply-to or to queues named with ``reply_prefix``.
+        RabbitMQ's direct reply-to or to queues named with ``reply_prefix``; events are
+        sealed with ``vault`` (the webhook service delivers no others).
         """
         return cls(
             channel,
@@ -97,6 +104,7 @@ class Outgoing:
             await channel.get_exchange(names.events, ensure=False),
             dead_letter_days=dead_letter_days,
             reply_prefix=reply_prefix,
+            vault=vault,
         )
 
     async def delay(
@@ -162,14 +170,20 @@ class Outgoing:
         await self.jobs.publish(message, routing_key=SEND_KEY, mandatory=True)
 
     async def event(self, key: str, body: Mapping[str, Any]) -> None:
-        """Publish one ``mail.*`` event; one that no queue is bound for is dropped by the
-        broker, not returned: events go to whoever subscribes, and nobody may.
+        """Publish one ``mail.*`` event, sealed when there is a vault; one that no queue is
+        bound for is dropped by the broker, not returned: events go to whoever subscribes,
+        and nobody may.
         """
+        data, message_id = json_body(body), str(uuid.uuid4())
+        headers: dict[str, Any] = {}
+        if self.vault is not None:
+            headers[EVENT_SEAL_HEADER] = self.vault.sign(event_seal_input(message_id, data))
         event = aio_pika.Message(
-            json_body(body),
+            data,
+            headers=headers,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(uuid.uuid4()),
+            message_id=message_id,
             type=key,
         )
         await self.events.publish(event, routing_key=key, mandatory=False)

@@ -115,7 +115,8 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
         await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection,
     ):
         channel = await connection.channel(publisher_confirms=True)
-        outgoing = await Outgoing.open(channel, Names(settings.prefix))
+        vault = Vault.optional(settings)
+        outgoing = await Outgoing.open(channel, Names(settings.prefix), vault=vault)
         if due is None:
             result = await control.cancel(mongo.jobs, outgoing, args.id)
         else:
@@ -125,7 +126,7 @@ async def _change(args: argparse.Namespace, settings: Settings) -> int:
                 args.id,
                 due,
                 utcnow(),
-                vault=Vault.optional(settings),
+                vault=vault,
                 seal_days=settings.seal_days,
             )
     print(pretty_json(result.as_dict()))

@@ -54,3 +54,9 @@ WEBHOOK_HEADER = "x-mailbus-webhook"
 WEBHOOK_ATTEMPT_HEADER = "x-mailbus-webhook-attempt"
 WEBHOOK_SINCE_HEADER = "x-mailbus-webhook-since"
 WEBHOOK_SEAL_HEADER = "x-mailbus-webhook-seal"
+
+# On every event a worker, gateway or command publishes while MAILBUS_SECRET_KEY is set: a
+# seal over its message id and body. Anyone allowed to publish to the events exchange could
+# write an event; the webhook service POSTs, signed with a domain's secret, only those
+# whose seal holds.
+EVENT_SEAL_HEADER = "x-mailbus-event-seal"

@@ -24,7 +24,9 @@ arithmetic is exact; intervals are rounded up, never allowing more than the limi
 
 A provider answering that it is throttling (see :func:`consumer.core.retry.reply_verdict`)
 is *slowed* for a while: every interval is :data:`SLOWDOWN` times as long, so its limits
-allow half the rate, until the slowdown ends by itself.
+allow half the rate, until the slowdown ends by itself. The burst's slack,
+``(B - 1) * interval``, keeps its length in time: a slowdown that starts just after a
+burst never lets more through at once than the bucket allowed before it.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def take(
     nothing changes for them and the slot says when the next token comes.
     """
     intervals = [lim.interval_us * slowdown for lim in limits]
-    spares = [(burst - 1) * interval for interval in intervals]
+    spares = [(burst - 1) * lim.interval_us for lim in limits]
     tats = [b.tat for b in buckets]
     queues = [b.queue for b in buckets]
 
@@ -178,5 +180,6 @@ class Reservation:
 
 def tokens_left(limit: Limit, burst: int, bucket: Bucket, now_us: int, slowdown: int = 1) -> int:
     """Sends ``limit`` would allow back to back at ``now_us``: from 0 to ``burst``."""
-    spare = (now_us - bucket.tat) // (limit.interval_us * slowdown) + burst
+    slack = now_us - max(bucket.tat, now_us) + (burst - 1) * limit.interval_us
+    spare = slack // (limit.interval_us * slowdown) + 1
     return max(0, min(burst, spare))

@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from consumer.core.message import MAX_HEADER_WORD, Job
 from consumer.core.refusals import InvalidJobError
@@ -32,6 +33,10 @@ LINK_PATH = "/unsubscribe/"
 MAX_TOKEN = MAX_HEADER_WORD
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")
 ONE_CLICK = "List-Unsubscribe=One-Click"
+# What a mailto: URI's address may hold as it is (RFC 6068 qchar, less ','): an address's
+# '?', '#', '%', '&', '=' or '/' is percent-encoded, never read as the URI's own syntax
+# ('?bcc=...' would add a recipient to every unsubscribe request).
+_MAILTO_SAFE = "!$'()*+;:@"
 
 
 class TokenRefused(ValueError):
@@ -115,7 +120,10 @@ def link_headers(
             f"unsubscribe: the link would be {len(link)} characters, more than a header "
             "can carry (domain, address and job id too long together)"
         )
-    value = link if asked.mailto is None else f"{link}, <mailto:{asked.mailto}>"
+    if asked.mailto is None:
+        value = link
+    else:
+        value = f"{link}, <mailto:{quote(asked.mailto, safe=_MAILTO_SAFE)}>"
     return {"List-Unsubscribe": value, "List-Unsubscribe-Post": ONE_CLICK}
 
 

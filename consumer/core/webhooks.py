@@ -32,6 +32,8 @@ ANY_EVENT: Final = "*"
 MAX_URL_LENGTH: Final = 2048
 # The ladder's destination word for webhook retries (``consumer.core.ladder``).
 DESTINATION: Final = "webhook"
+# What an event's seal covers first: no other value mailbus signs passes for one.
+_EVENT_SEAL_PURPOSE: Final = b"mailbus event v1\0"
 
 
 def contract_events() -> frozenset[str]:
@@ -96,6 +98,11 @@ def secret_bytes(secret: str) -> bytes:
             f"a webhook secret holds {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} bytes, not {len(key)}"
         )
     return key
+
+
+def event_seal_input(message_id: str, body: bytes) -> bytes:
+    """What the seal of an event mailbus published covers: its message id and its body."""
+    return _EVENT_SEAL_PURPOSE + message_id.encode() + b"\0" + body
 
 
 def webhook_id(event_id: str, endpoint_id: str) -> str:

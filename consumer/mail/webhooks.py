@@ -77,7 +77,7 @@ class WebhookPoster:
                     answer = await _start_of(response)
                 finally:
                     await response.aclose()
-        except AttachmentError as exc:  # an address refused, or no such host
+        except AttachmentError as exc:  # an address refused: it will be again
             return Attempt(None, str(exc), refused=True)
         except TimeoutError:
             return Attempt(None, f"{shown}: no answer within {self._timeout:g} s")
@@ -94,10 +94,19 @@ class WebhookPoster:
         return await checked_address(
             host,
             port,
-            resolver=self._resolver,
+            resolver=self._resolve,
             allow_private=self._allow_private,
             setting="MAILBUS_WEBHOOK_ALLOW_PRIVATE",
         )
+
+    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        """The host's addresses; a name that does not resolve is a failed attempt, retried
+        like a refused connection: a receiver's DNS may be back before the event expires.
+        """
+        try:
+            return await self._resolver(host, port)
+        except AttachmentError as exc:  # no such host, now
+            raise AttachmentUnavailableError(str(exc)) from None
 
 
 async def _start_of(response: httpx.Response) -> str:

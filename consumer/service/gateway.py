@@ -293,7 +293,7 @@ class Gateway:
             replies = Replies(channel)
             await replies.start()
             exchange = await jobs_exchange(channel, names)
-            outgoing = await Outgoing.open(channel, names)
+            outgoing = await Outgoing.open(channel, names, vault=Vault.optional(settings))
             yield cls(
                 settings=settings,
                 exchange=exchange,

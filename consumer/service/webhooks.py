@@ -38,6 +38,7 @@ from consumer.amqp.dead_letters import WebhookDeadLetter, read_webhook, replay_c
 from consumer.amqp.outgoing import Outgoing, copy_of
 from consumer.clock import utcnow
 from consumer.core.headers import (
+    EVENT_SEAL_HEADER,
     WEBHOOK_ATTEMPT_HEADER,
     WEBHOOK_HEADER,
     WEBHOOK_SEAL_HEADER,
@@ -50,6 +51,7 @@ from consumer.core.webhooks import (
     DESTINATION,
     Attempt,
     Next,
+    event_seal_input,
     next_step,
     secret_bytes,
     signed_headers,
@@ -178,6 +180,26 @@ def replayed_copy(
         headers.update(retry_headers(retry, message_id_of(message), message.body, vault))
     copy.headers = headers
     return copy
+
+
+def check_sealed(
+    headers: Mapping[str, Any], message_id: str | None, body: bytes, vault: Vault
+) -> None:
+    """Raise :class:`InvalidDeliveryError` unless an event as published carries the seal
+    mailbus puts on its own (:meth:`consumer.amqp.outgoing.Outgoing.event`): whoever may
+    publish to the events exchange must not have an event POSTed in a domain's name.
+    """
+    seal = headers.get(EVENT_SEAL_HEADER)
+    if not (
+        message_id
+        and isinstance(seal, str)
+        and len(seal) <= 128
+        and vault.verify(event_seal_input(message_id, body), seal)
+    ):
+        raise InvalidDeliveryError(
+            "an event without a valid seal: not published by mailbus (or by a worker "
+            "without MAILBUS_SECRET_KEY)"
+        )
 
 
 def event_of(body: bytes) -> dict[str, Any]:
@@ -331,7 +353,9 @@ class WebhookService:
         self._tails[key] = done
         try:
             if before is not None:
-                await before
+                # Shielded: this one cancelled while it waits must not cancel the future
+                # of the one before, which then could not say it has finished.
+                await asyncio.shield(before)
             await work
         finally:
             work.close()  # a no-op once it ran; one cancelled while waiting never starts
@@ -363,6 +387,8 @@ class WebhookService:
             if isinstance(event, InvalidDeliveryError):
                 raise event
             retry = read_retry(headers, message_id, message.body, self.vault)
+            if retry is None:
+                check_sealed(headers, message.message_id, message.body, self.vault)
         except InvalidDeliveryError as exc:
             log.warning("webhooks.invalid", error=str(exc))
             await self._out().webhook_dead_letter(

@@ -163,6 +163,7 @@ class Worker:
                 self.names,
                 dead_letter_days=self.settings.dead_letter_days,
                 reply_prefix=self.settings.reply_queue_prefix,
+                vault=self.vault,
             )
             if not await self._wait_for_store(stop):
                 return

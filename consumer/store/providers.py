@@ -48,7 +48,8 @@ def _earliest(limits: object, field: str) -> Document:
             "in": {
                 "$subtract": [
                     f"$$limit.{field}",
-                    {"$multiply": [{"$subtract": ["$burst", 1]}, _INTERVAL]},
+                    # The burst's slack in time, slowed or not (ratelimit.take).
+                    {"$multiply": [{"$subtract": ["$burst", 1]}, "$$limit.interval"]},
                 ]
             },
         }

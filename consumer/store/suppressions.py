@@ -96,16 +96,21 @@ class SuppressionStore:
         """Suppress each address of ``reasons`` (address to why) in ``scope``, for ``days``
         or for good: what bounces, complaints and unsubscribes add.
 
-        An operator's entry in the same scope is left as it is; an automatic one is renewed.
+        An operator's entry in the same scope is left as it is, and so is an automatic one
+        kept for good (a complaint's) when this one would expire (a bounce's); an automatic
+        one is otherwise renewed.
         """
         now = utcnow()
         expire_at = now + timedelta(days=days) if days is not None else None
+        replaceable: Document = {"source": {"$ne": "manual"}}
+        if expire_at is not None:
+            replaceable["expire_at"] = {"$ne": None}
         async with answering():
             for address, reason in reasons.items():
                 doc = _entry(address, scope, source, reason, now, expire_at)
-                with contextlib.suppress(DuplicateKeyError):  # a manual entry: it stands
+                with contextlib.suppress(DuplicateKeyError):  # an entry that stands
                     await self.entries.replace_one(
-                        {"_id": scope.key(address), "source": {"$ne": "manual"}}, doc, upsert=True
+                        {"_id": scope.key(address), **replaceable}, doc, upsert=True
                     )
 
     async def remove(self, address: str, *, scope: Scope = GLOBAL) -> bool:
