@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from tests.secret_watch import pytest_runtest_logreport as pytest_runtest_logrep
 from tests.secret_watch import pytest_sessionfinish as pytest_sessionfinish
 from tests.secret_watch import pytest_terminal_summary as pytest_terminal_summary
 from tests.secret_watch import watched
+from tests.topologies import Topologies, new_prefix
 
 # The fixtures that start a server; a test that uses none of them, and starts none of its
 # own (marker ``stack``), is in the fast tier. The reliability scenarios never are.
@@ -53,10 +55,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.fast)
 
 
+# Free space /dev/shm must have to hold the test brokers' data (a container's is often
+# 64 MiB): below it, they write to the disk.
+MEMORY_DIR_MIN_FREE = 4 * 1024**3
+
+
 @pytest.fixture(scope="session")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
+def memory_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory in memory (tmpfs) for the test brokers' data, when the machine has room.
+
+    Quorum queues sync each write to disk, which made declaring and publishing the suite's
+    slowest steps; a broker killed and restarted finds its files in memory all the same.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shutil.disk_usage(shm).free < MEMORY_DIR_MIN_FREE:
+        yield tmp_path_factory.mktemp("brokers")
+        return
+    with tempfile.TemporaryDirectory(prefix="mailbus-tests-", dir=shm) as directory:
+        yield Path(directory)
+
+
+@pytest.fixture
+def memory_path(memory_dir: Path) -> Path:
+    """A directory of the test's own in :func:`memory_dir`."""
+    return Path(tempfile.mkdtemp(dir=memory_dir))
+
+
+@pytest.fixture(scope="session")
+def rabbit(memory_dir: Path) -> Iterator[PrivateRabbit]:
     """The session's RabbitMQ node (management plugin on)."""
-    node = PrivateRabbit(tmp_path_factory.mktemp("rabbitmq"))
+    node = PrivateRabbit(memory_dir / "rabbitmq")
+    node.start()
+    yield node
+    node.close()
+
+
+@pytest.fixture
+def own_rabbit(memory_path: Path) -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of the test's own, for a test that kills or restarts it."""
+    node = PrivateRabbit(memory_path / "rabbitmq")
     node.start()
     yield node
     node.close()
@@ -101,10 +138,27 @@ def smtp(smtp_server: CaptureServer) -> CaptureServer:
     return smtp_server
 
 
+@pytest.fixture(scope="session")
+def topologies(rabbit: PrivateRabbit) -> Iterator[Topologies]:
+    """The tests' topologies, declared ahead and deleted behind them."""
+    pool = Topologies(rabbit.amqp_url, Settings.model_fields["delivery_limit"].default)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
 @pytest.fixture
-def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) -> Settings:
-    """Settings for one test: its own prefix and database, short retry delays."""
-    tag = "t" + uuid.uuid4().hex[:10]
+def settings(
+    request: pytest.FixtureRequest,
+    topologies: Topologies,
+    mongo: PrivateMongo,
+    smtp: CaptureServer,
+    rabbit: PrivateRabbit,
+) -> Settings:
+    """Settings for one test: its own prefix and database, short retry delays. A test
+    that uses ``channel`` gets a prefix whose topology is already declared.
+    """
+    tag = topologies.take() if "channel" in request.fixturenames else new_prefix()
     return Settings(
         amqp_url=rabbit.amqp_url,
         mongo_url=mongo.url,
@@ -130,7 +184,7 @@ def keyed(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
+async def channel(settings: Settings, topologies: Topologies) -> AsyncIterator[AbstractChannel]:
     """A confirming channel on which the test's topology is declared."""
     names = Names(settings.prefix)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
@@ -139,13 +193,7 @@ async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
     yield chan
     await connection.close()
     # Quorum queues are costly to keep: the session's broker would carry every test's ladder.
-    # A new connection, as the test may have restarted the broker.
-    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as cleanup:
-        cleanup_channel = await cleanup.channel()
-        for queue in names.queues():
-            await cleanup_channel.queue_delete(queue)
-        for exchange in names.exchanges():
-            await cleanup_channel.exchange_delete(exchange)
+    topologies.discard(settings.prefix)
 
 
 @pytest.fixture

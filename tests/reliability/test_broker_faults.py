@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
@@ -46,14 +45,6 @@ async def publish(
 async def sent_at_least(smtp: CaptureServer, count: int) -> None:
     while len(smtp.received()) < count:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def own_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
-    node = PrivateRabbit(tmp_path / "rabbitmq")
-    node.start()
-    yield node
-    node.close()
 
 
 @pytest.mark.timeout(300)

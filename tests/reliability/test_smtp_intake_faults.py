@@ -15,7 +15,6 @@ import smtplib
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
@@ -41,14 +40,6 @@ DOMAIN, KEY = "intake.example", "dk-intake-faults-0042"
 # gives up: longer than the broker's restart.
 GIVE_UP_SECONDS = 90.0
 PACE = 0.1  # seconds between two messages: the submissions last about 10 s
-
-
-@pytest.fixture
-def own_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
-    node = PrivateRabbit(tmp_path / "rabbitmq")
-    node.start()
-    yield node
-    node.close()
 
 
 def message(job_id: str) -> bytes:

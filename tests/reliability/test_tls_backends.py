@@ -40,13 +40,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> ServerCertificate:
 
 
 @pytest.fixture(scope="module")
-def tls_rabbit(
-    tmp_path_factory: pytest.TempPathFactory, certificate: ServerCertificate
-) -> Iterator[PrivateRabbit]:
+def tls_rabbit(memory_dir: Path, certificate: ServerCertificate) -> Iterator[PrivateRabbit]:
     """A RabbitMQ node with an AMQPS listener."""
-    node = PrivateRabbit(
-        tmp_path_factory.mktemp("rabbitmq-tls"), password=BROKER_PASSWORD, tls=certificate
-    )
+    node = PrivateRabbit(memory_dir / "rabbitmq-tls", password=BROKER_PASSWORD, tls=certificate)
     node.start()
     yield node
     node.close()
