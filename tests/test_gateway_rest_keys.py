@@ -21,6 +21,7 @@ from consumer.store.domains import DomainStore, hash_key, key_matches
 from consumer.store.jobs import JobStore
 from deploy.devstack.processes import mailbus
 from deploy.devstack.smtp_capture import CaptureServer
+from tests.conftest import settled_record
 from tests.secret_watch import watched
 from tests.test_gateways import (
     DOMAIN_KEY,
@@ -76,8 +77,7 @@ async def test_an_api_key_stands_in_for_the_domain_key(
     answer = json.loads(sent.text)
     assert (answer["status"], answer["message"]) == ("success", "Message saved")
     await rest_mail_arrived(smtp)
-    record = await store.get(answer["id"])
-    assert record is not None
+    record = await settled_record(store, answer["id"])
     assert record["status"] == "sent"
     assert record["tags"] == [legacy.REST_TAG]
 

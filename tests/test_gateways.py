@@ -27,7 +27,7 @@ from consumer.store.jobs import JobStore
 from consumer.vault import new_key
 from deploy.devstack.processes import mailbus, run_with
 from deploy.devstack.smtp_capture import Captured, CaptureServer
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, settled_record
 from tests.secret_watch import watched
 from tests.serving import ANY_PORT, announced_port, gateway_command, gateways
 
@@ -168,8 +168,7 @@ async def test_rest_put_saves_the_mail_and_it_goes_out(
     [attached] = list(message.iter_attachments())
     assert attached.get_filename() == "report.txt"
     assert attached.get_content() == "quarterly figures\n"
-    record = await store.get(answer["id"])
-    assert record is not None
+    record = await settled_record(store, answer["id"])
     assert record["status"] == "sent"
 
 
