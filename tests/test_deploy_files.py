@@ -103,6 +103,11 @@ def test_compose_runs_three_workers_with_broker_database_and_catcher(deploy: Pat
     assert any("/readyz" in part for part in webhooks["healthcheck"]["test"])
     delivering = _parser().parse_args(webhooks["command"])
     assert (delivering.verb, delivering.webhook_verb) == ("webhook", "serve")
+    bounces = services["bounces"]
+    listening = _parser().parse_args(bounces["command"]).bounces.port
+    # The image's user is unprivileged, and cannot listen below 1024: port 25 is mapped.
+    assert listening >= 1024
+    assert bounces["ports"] == [f"25:{listening}"]
     env_file = deploy / "compose" / worker["env_file"].replace("mailbus.env", "mailbus.env.example")
     assert "MAILBUS_AMQP_URL" in env_file.read_text()
     [cluster] = yaml_documents(deploy / "compose" / "docker-compose.cluster.yml")
