@@ -34,7 +34,12 @@ from consumer.core.returns import JobRef, ReturnPaths
 from consumer.core.suppression import Scope
 from consumer.core.vocabulary import FeedbackKind, SuppressionSource, tally_of
 from consumer.logging import get_logger
-from consumer.service.smtp_intake import UNAVAILABLE, SubmissionServer
+from consumer.service.smtp_intake import (
+    TOO_MANY_RECIPIENTS,
+    UNAVAILABLE,
+    SubmissionServer,
+    take_sender,
+)
 from consumer.store.documents import Document
 from consumer.store.jobs import JobRecord
 
@@ -49,7 +54,6 @@ MAX_RECIPIENTS = 10
 MAX_REFUSED = 20
 NO_SUCH_ADDRESS = "550 5.1.1 No such return address"
 TOO_MANY_REFUSED = "421 4.7.0 Too many unknown recipients, closing"
-TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 ACCEPTED = "250 2.0.0 OK"
 DROPPED = "250 2.0.0 Accepted and dropped: not a report mailbus reads"
 
@@ -71,11 +75,7 @@ class BounceHandler:
         mail_options: list[str],
     ) -> str:
         """Any sender, the null one (``<>``, every bounce's) first."""
-        if len(address) > 320:
-            return "553 5.1.7 Sender address too long"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+        return take_sender(envelope, address, mail_options)
 
     async def handle_RCPT(
         self,

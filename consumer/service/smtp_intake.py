@@ -76,6 +76,17 @@ def _login(login: bytes) -> tuple[str | None, str] | None:
     return (name or None), domain
 
 
+def take_sender(envelope: Envelope, address: str, mail_options: list[str]) -> str:
+    """Keep ``MAIL FROM``'s address (``<>`` included) and options on ``envelope``: the
+    answer to it, ``553`` past the longest address there is.
+    """
+    if len(address) > 320:
+        return "553 5.1.7 Sender address too long"
+    envelope.mail_from = address
+    envelope.mail_options.extend(mail_options)
+    return "250 2.1.0 OK"
+
+
 class SubmissionHandler:
     """The aiosmtpd handler: authentication, envelope checks and the job of each message."""
 
@@ -181,11 +192,7 @@ class SubmissionHandler:
         mail_options: list[str],
     ) -> str:
         """Take the envelope sender (checked with the message, once it has come)."""
-        if len(address) > 320:
-            return "553 5.1.7 Sender address too long"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+        return take_sender(envelope, address, mail_options)
 
     async def handle_RCPT(
         self,
