@@ -160,10 +160,24 @@ def test_kubernetes_manifests(deploy: Path) -> None:
     [secret] = manifests["Secret"]
     deployments = {d["metadata"]["name"]: d for d in manifests["Deployment"]}
     commands = {name: check_deployment(d, secret) for name, d in deployments.items()}
+    gateway = commands.pop("mailbus-gateway")
     assert commands == {
         "mailbus-worker": ["worker"],
         "mailbus-webhooks": ["webhook", "serve"],
     }
+    served = _parser().parse_args(gateway)
+    assert (served.verb, served.gateway_verb) == ("gateway", "serve")
+    listens = {name: getattr(served, name) for name in ("rest", "smtp", "bounces")}
+    [container] = deployments["mailbus-gateway"]["spec"]["template"]["spec"]["containers"]
+    exposed = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {exposed["rest"], exposed["submission"], exposed["mx"]} == {
+        listen.port for listen in listens.values()
+    }
+    # The image's user is unprivileged: it listens above 1024; the MX Service maps 25 and 587.
+    assert min(listen.port for listen in listens.values()) > 1024
+    services = {s["metadata"]["name"]: s for s in manifests["Service"]}
+    published = {p["port"]: p["targetPort"] for p in services["mailbus-mx"]["spec"]["ports"]}
+    assert published == {587: "submission", 25: "mx"}
     # Each Deployment's selector and budget take its own pods, never the other's.
     chosen = [(name, d["spec"]["selector"]) for name, d in deployments.items()]
     chosen += [

@@ -505,3 +505,39 @@ async def test_the_readme_one_liners_get_the_answers_it_shows(
     async with asyncio.timeout(30):
         mails = await smtp.wait_for(2)
     assert sorted(m.message()["Subject"] for m in mails) == ["Mail service test", "Test Email"]
+
+
+async def test_the_gateways_serve_probes_and_metrics(settings: Settings) -> None:
+    """With MAILBUS_HTTP_PORT, ``gateway serve`` answers /healthz, /readyz (listening, on
+    a live RabbitMQ connection, with MongoDB answering) and /metrics (the connections its
+    gateways hold); without MongoDB it is alive but not ready.
+    """
+    probed = settings.model_copy(update={"http_port": 0})
+    async with gateways(probed, rest=ANY_PORT) as bound, httpx.AsyncClient(timeout=10) as http:
+        base = f"http://127.0.0.1:{bound['http']}"
+        assert (await http.get(f"{base}/healthz")).status_code == 200
+        ready = await http.get(f"{base}/readyz")
+        assert (ready.status_code, ready.text) == (200, "ready\n")
+        # An idle REST client holds one of the gateways' connections.
+        _, idle = await asyncio.open_connection("127.0.0.1", bound["rest"])
+        try:
+            await asyncio.sleep(0.2)
+            metrics = (await http.get(f"{base}/metrics")).text
+        finally:
+            idle.close()
+        assert "mailbus_gateway_connections 1.0" in metrics
+        assert "mailbus_gateway_max_connections 8.0" in metrics
+
+    # Nothing listens at this address: the port of a server stopped at once.
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    away = probed.model_copy(
+        update={"mongo_url": SecretStr(f"mongodb://127.0.0.1:{port}/?serverSelectionTimeoutMS=500")}
+    )
+    async with gateways(away, rest=ANY_PORT) as bound, httpx.AsyncClient(timeout=10) as http:
+        base = f"http://127.0.0.1:{bound['http']}"
+        assert (await http.get(f"{base}/healthz")).status_code == 200
+        down = await http.get(f"{base}/readyz")
+        assert (down.status_code, down.text) == (503, "MongoDB does not answer\n")

@@ -138,9 +138,10 @@ def add_parser(verbs: Subparsers) -> None:
         "MAILBUS_BOUNCE_MAX_MESSAGE_BYTES a message, no AUTH; a hard bounce or a complaint "
         "suppresses its recipient for the job's domain, every one is kept on the job's record "
         "and published as mail.bounced or mail.complained; mail that is no readable report "
-        "is answered 250 and dropped. SIGTERM lets requests in progress finish (SMTP "
-        "sessions are then "
-        "told 421).",
+        "is answered 250 and dropped. With MAILBUS_HTTP_PORT set, /healthz, /readyz (every "
+        "listener listening, RabbitMQ connected, MongoDB answering) and /metrics (the "
+        "connections held) are served there. SIGTERM lets requests in progress finish (SMTP "
+        "sessions are then told 421).",
     )
     run.add_argument(
         "--rest",

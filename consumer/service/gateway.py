@@ -52,6 +52,8 @@ from consumer.service.authorization import (
 )
 from consumer.service.bounces import bounce_factory
 from consumer.service.daemon_api import DaemonApi
+from consumer.service.health import Readiness, consuming_live, serving
+from consumer.service.metrics import GatewayMetrics
 from consumer.service.smtp_intake import SubmissionServer, session_factory
 from consumer.service.tls import daemon_context
 from consumer.settings import Settings
@@ -228,8 +230,10 @@ class Gateway:
         replies: Replies,
         mongo: Mongo,
         outgoing: Outgoing,
+        connection: AbstractRobustConnection,
     ) -> None:
         self.settings = settings
+        self.connection = connection
         self.exchange = exchange
         self.replies = replies
         # The bounce listener's job records and counts (it shares the suppressions and
@@ -300,6 +304,7 @@ class Gateway:
                 replies=replies,
                 mongo=mongo,
                 outgoing=outgoing,
+                connection=connection,
             )
 
     async def publish(
@@ -689,6 +694,45 @@ def check_bounces(settings: Settings, *, bounces: Listen | None) -> ReturnPaths 
     return returns
 
 
+@dataclass
+class _Endpoints:
+    """The gateway's HTTP endpoints: the port they are served on (``ports["http"]``, with
+    the gateways' ports added), and whether every gateway is listening.
+    """
+
+    ports: dict[str, int]
+    listening: bool = False
+
+
+@contextlib.asynccontextmanager
+async def _endpoints(gateway: Gateway) -> AsyncIterator[_Endpoints]:
+    """Serve /metrics, /healthz and /readyz while the block runs, if MAILBUS_HTTP_PORT is
+    set: ready once listening, on a RabbitMQ connection that is up, with MongoDB answering.
+    """
+    endpoints = _Endpoints({})
+    settings = gateway.settings
+    if settings.http_port is None:
+        yield endpoints
+        return
+    metrics = GatewayMetrics(lambda: len(gateway.slots), gateway.slots.limit)
+    readiness = Readiness(
+        asyncio.get_running_loop(),
+        lambda: consuming_live(endpoints.listening, gateway.connection),
+        gateway.jobs.ping,
+        not_ready="not listening, or not connected to RabbitMQ",
+    )
+    with serving(
+        settings.http_host,
+        settings.http_port,
+        metrics.registry,
+        readiness,
+        max_connections=settings.http_max_connections,
+        read_timeout=settings.http_read_timeout,
+    ) as server:
+        endpoints.ports["http"] = server.server_port
+        yield endpoints
+
+
 async def serve(
     settings: Settings,
     stop: asyncio.Event,
@@ -710,8 +754,8 @@ async def serve(
     returns = check_bounces(settings, bounces=bounces)
     listening_tls = (daemon or smtp or smtps or bounces) is not None
     tls = daemon_context(settings) if listening_tls else None
-    async with Gateway.connected(settings) as gateway:
-        ports: dict[str, int] = {}
+    async with Gateway.connected(settings) as gateway, _endpoints(gateway) as endpoints:
+        ports = endpoints.ports
         runner: web.AppRunner | None = None
         rest_server: asyncio.Server | None = None
         server: asyncio.Server | None = None
@@ -761,6 +805,7 @@ async def serve(
                 )
                 submission.append(listening)
                 ports["bounces"] = listening.sockets[0].getsockname()[1]
+            endpoints.listening = True
             log.info("gateway.listening", **ports)
             if started is not None:
                 started.set_result(ports)

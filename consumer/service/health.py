@@ -134,7 +134,8 @@ def on_loop(
 
 
 class Readiness:
-    """What ``/readyz`` checks: consuming from RabbitMQ, and MongoDB answering.
+    """What ``/readyz`` checks: consuming from RabbitMQ (for a gateway: listening, its
+    RabbitMQ connection up; ``not_ready`` says which), and MongoDB answering.
 
     One check runs at a time and its answer serves every probe for
     :data:`READINESS_SECONDS`: probes arriving together (or a client sending them over
@@ -146,10 +147,13 @@ class Readiness:
         loop: asyncio.AbstractEventLoop,
         consuming: Callable[[], bool],
         ping: Callable[[], Coroutine[Any, Any, None]],
+        *,
+        not_ready: str = "not consuming from RabbitMQ",
     ) -> None:
         self.loop = loop
         self.consuming = consuming
         self.ping = ping
+        self.not_ready = not_ready
         self._lock = threading.Lock()
         self._checking = False
         self._last: list[str] = [NOT_CHECKED]
@@ -174,7 +178,7 @@ class Readiness:
     def _check(self) -> list[str]:
         found = []
         if not self.consuming():
-            found.append("not consuming from RabbitMQ")
+            found.append(self.not_ready)
         if on_loop(self.loop, self._answered) is None:
             found.append("MongoDB does not answer")
         return found

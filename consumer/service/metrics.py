@@ -274,3 +274,20 @@ class WebhookMetrics:
     def count(self, outcome: WebhookOutcome, reason: WebhookDeadReason | None = None) -> None:
         """Count one delivery's outcome (``reason``: why one was given up)."""
         self.deliveries.labels(outcome, reason or "").inc()
+
+
+class GatewayMetrics:
+    """What ``/metrics`` shows of ``mailbus gateway serve``."""
+
+    def __init__(self, connections: Callable[[], int], limit: int) -> None:
+        self.registry = r = CollectorRegistry()
+        Gauge(
+            "mailbus_gateway_connections",
+            "Client connections the gateways hold, REST, daemon and SMTP together",
+            registry=r,
+        ).set_function(lambda: float(connections()))
+        Gauge(
+            "mailbus_gateway_max_connections",
+            "The connections they may hold at once (MAILBUS_GATEWAY_MAX_CONNECTIONS)",
+            registry=r,
+        ).set(limit)
