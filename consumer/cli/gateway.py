@@ -139,8 +139,9 @@ def add_parser(verbs: Subparsers) -> None:
         "suppresses its recipient for the job's domain, every one is kept on the job's record "
         "and published as mail.bounced or mail.complained; mail that is no readable report "
         "is answered 250 and dropped. With MAILBUS_HTTP_PORT set, /healthz, /readyz (every "
-        "listener listening, RabbitMQ connected, MongoDB answering) and /metrics (the "
-        "connections held) are served there. SIGTERM lets requests in progress finish (SMTP "
+        "listener listening, RabbitMQ connected, MongoDB answering; 503 from SIGTERM on) and "
+        "/metrics (the connections held) are served on that port of MAILBUS_HTTP_HOST "
+        "(loopback by default). SIGTERM lets requests in progress finish (SMTP "
         "sessions are then told 421).",
     )
     run.add_argument(

@@ -811,6 +811,7 @@ async def serve(
                 started.set_result(ports)
             await stop.wait()
         finally:
+            endpoints.listening = False  # draining: not ready for new clients
             for open_server in (server, rest_server, *submission):
                 if open_server is not None:
                     open_server.close()

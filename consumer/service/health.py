@@ -1,4 +1,5 @@
-"""The HTTP endpoints of a worker and of the webhook service: ``/metrics`` (Prometheus),
+"""The HTTP endpoints of a worker, the webhook service and the gateways: ``/metrics``
+(Prometheus),
 ``/healthz`` and ``/readyz``.
 
 Served by the standard library's WSGI server on threads of their own, so a scrape never

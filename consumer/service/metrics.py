@@ -1,5 +1,5 @@
-"""Prometheus metrics of one worker, derived from outcomes as they are settled, and of
-one webhook delivery service.
+"""Prometheus metrics of one worker, derived from outcomes as they are settled, of one
+webhook delivery service, and of the gateways of one ``gateway serve``.
 
 Each has its own registry (several may share a process in tests). Labels are bounded:
 outbox, provider, outcome and reason, never a domain, a job id or a webhook (every server
