@@ -204,6 +204,28 @@ def test_bcc_fields_are_left_out_and_lf_line_ends_sent_as_crlf() -> None:
     assert mail.wire == DATED + b"From: a@example.com\r\nSubject: s\r\n\r\nl1\r\nl2\r\n"
 
 
+def test_a_raw_job_may_ask_for_an_unsubscribe_link_for_one_recipient() -> None:
+    message = DATED + HEAD + b"\r\n" + BODY
+    asked = {"list": "news", "mailto": "unsub@example.com"}
+    assert parsed(message, unsubscribe=asked).unsubscribe is not None
+    with pytest.raises(InvalidJobError, match="exactly one recipient in rcpt_to"):
+        parsed(message, rcpt_to=["ann@example.org", "bob@example.org"], unsubscribe=asked)
+    own = b"List-Unsubscribe: <https://own.example/u>\r\n" + message
+    with pytest.raises(InvalidJobError, match="writes these headers itself: list-unsubscribe"):
+        parsed(own, unsubscribe=asked)
+    # The link and the mailto go on lines of their own, at the top; the rest as given.
+    added = {"List-Unsubscribe": "<https://u.example/t>, <mailto:u@example.com>", "X-B": "c"}
+    mail = raw_mail(
+        parsed(message, unsubscribe=asked),
+        "raw-1",
+        datetime.now(UTC),
+        limit=10_000,
+        added_headers=added,
+    )
+    top = b"List-Unsubscribe: <https://u.example/t>,\r\n <mailto:u@example.com>\r\nX-B: c\r\n"
+    assert mail.wire == top + message
+
+
 def test_utf8_headers_need_smtputf8() -> None:
     message = "From: Zoë <zoë@example.com>\r\nSubject: ¡hola!\r\n\r\nb\r\n".encode()
     parsed_job = parsed(message)

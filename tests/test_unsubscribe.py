@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from typing import Any
@@ -138,19 +137,6 @@ def test_the_field_is_refused_where_a_link_would_be_wrong(fields: dict[str, Any]
     body.update(fields)
     with pytest.raises(InvalidJobError, match=why):
         parse_job(encode(body), "j")
-
-
-def test_a_raw_job_cannot_ask_for_a_link() -> None:
-    raw = base64.b64encode(b"From: a@example.com\r\nSubject: x\r\n\r\nhi\r\n").decode()
-    body = {
-        "domain": "example.com",
-        "raw_b64": raw,
-        "mail_from": "a@example.com",
-        "rcpt_to": ["r@example.org"],
-        "unsubscribe": {"list": "news"},
-    }
-    with pytest.raises(InvalidJobError, match="unsubscribe cannot be set"):
-        parse_job(json.dumps(body).encode(), "j")
 
 
 def test_without_the_field_a_job_may_set_its_own_list_unsubscribe() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import smtplib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ from consumer.core.names import Names
 from consumer.core.unsubscribe import Unsubscribe, make_token
 from consumer.service.webhooks import check_sealed
 from consumer.settings import Settings
+from consumer.store.domains import DomainStore, hash_key
 from consumer.store.jobs import JobStore
 from consumer.store.suppressions import SuppressionStore
 from consumer.vault import Vault, new_key
@@ -149,3 +151,61 @@ async def test_forged_altered_and_expired_links_are_refused(settings: Settings, 
             assert large.status == 413
         async with http.post(f"/unsubscribe/{token}", data=ONE_CLICK) as done:
             assert done.status == 200
+
+
+async def test_mail_submitted_over_smtp_asks_for_its_link_by_steering_fields(
+    settings: Settings,
+    channel: AbstractChannel,
+    smtp: CaptureServer,
+    store: JobStore,
+    worker: RunningWorker,
+) -> None:
+    """``X-Mailbus-Unsubscribe`` (and ``-Mailto``) on a submitted message: the raw mail
+    arrives with the link added at the top and its own bytes as they were; the link
+    unsubscribes the recipient from that list, and the next submission for it is held.
+    """
+    key = watched("dk-unsub-smtp-0042")
+    await DomainStore(store.database).put("example.com", hash_key(key), [], True)
+    body = b"From: <sender@example.com>\r\nTo: <reader@example.org>\r\nSubject: Hi\r\n\r\nHello\r\n"
+    steering = b"X-Mailbus-Unsubscribe: news\r\nX-Mailbus-Unsubscribe-Mailto: unsub@example.com\r\n"
+    plain = settings.model_copy(update={"gateway_smtp_loopback_plain_auth": True})
+
+    def submit(port: int, job_id: str, fields: bytes) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=20) as session:
+            session.login("example.com", key)
+            session.mail("sender@example.com")
+            session.rcpt(RECIPIENT)
+            return session.data(f"X-Mailbus-Id: {job_id}\r\n".encode() + fields + body)
+
+    async with gateways(plain, rest=ANY_PORT, smtp=ANY_PORT) as bound:
+        accepted = await asyncio.to_thread(submit, bound["smtp"], "smtp-news-1", steering)
+        assert accepted == (250, b"2.0.0 Queued as smtp-news-1")
+        async with asyncio.timeout(20):
+            [mail] = await smtp.wait_for(1)
+        head, _, rest = mail.data.partition(b"\r\n <mailto:unsub@example.com>\r\n")
+        assert head.startswith(f"List-Unsubscribe: <{BASE}/unsubscribe/".encode())
+        assert rest.startswith(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
+        assert rest.endswith(body)
+        assert b"X-Mailbus-" not in mail.data
+        path = head.decode().split("<", 1)[1].rstrip(">,")[len(BASE) :]
+        gateway = f"http://127.0.0.1:{bound['rest']}"
+        async with (
+            aiohttp.ClientSession(gateway) as http,
+            http.post(path, data=ONE_CLICK) as done,
+        ):
+            assert done.status == 200
+        [entry] = await SuppressionStore(store.database).find(address=RECIPIENT)
+        assert (entry["domain"], entry["list"]) == ("example.com", "news")
+
+        again = await asyncio.to_thread(submit, bound["smtp"], "smtp-news-2", steering)
+        other = steering.replace(b": news", b": offers")
+        offers = await asyncio.to_thread(submit, bound["smtp"], "smtp-offers-1", other)
+        alone = await asyncio.to_thread(
+            submit, bound["smtp"], "smtp-mailto", b"X-Mailbus-Unsubscribe-Mailto: u@example.com\r\n"
+        )
+    assert (again[0], offers[0], alone[0]) == (250, 250, 554)
+    held = await settled_record(store, "smtp-news-2")
+    assert (held["status"], held["suppressed"]) == ("dead", [RECIPIENT])
+    sent = await settled_record(store, "smtp-offers-1")
+    assert sent["status"] == "sent"
+    assert len(smtp.received()) == 2

@@ -65,7 +65,6 @@ BUILT_FIELDS = (
     "attachments",
     "headers",
     "charset",
-    "unsubscribe",
 )
 RAW_FIELDS = ("raw_b64", "mail_from", "rcpt_to")
 # Header names the service writes itself; a job may not set them through ``headers``.
@@ -415,8 +414,8 @@ class Job(BaseModel):
         description=(
             "Add List-Unsubscribe (a signed one-click link to the gateway, "
             "MAILBUS_UNSUBSCRIBE_URL) and List-Unsubscribe-Post. The link names one "
-            "recipient: the job must have exactly one in to, cc and bcc together. Built "
-            "jobs only."
+            "recipient: the job must have exactly one in to, cc and bcc together (a raw "
+            "job: in rcpt_to, its message carrying neither header itself)."
         ),
     )
     sandbox: bool = Field(
@@ -448,6 +447,8 @@ class Job(BaseModel):
                 "cannot be set"
             )
         self._raw = read_raw(raw)
+        if self.unsubscribe is not None:
+            self._check_unsubscribe()
         return self
 
     def _check_built(self) -> Job:
@@ -484,13 +485,19 @@ class Job(BaseModel):
         # The link unsubscribes one recipient: sent to several, any of them could use it
         # to unsubscribe the one it names.
         if len(self.recipients()) != 1:
+            where = "rcpt_to" if self._raw is not None else "to, cc and bcc together"
             raise ValueError(
-                "a job with an unsubscribe link has exactly one recipient in to, cc and bcc "
-                "together: the link names who it unsubscribes"
+                f"a job with an unsubscribe link has exactly one recipient in {where}: the "
+                "link names who it unsubscribes"
             )
-        own = sorted(h for h in self.headers if h.lower() in UNSUBSCRIBE_HEADERS)
+        if self._raw is not None:
+            own = [h for h in self._raw.field_names if h in UNSUBSCRIBE_HEADERS]
+        else:
+            own = [h for h in self.headers if h.lower() in UNSUBSCRIBE_HEADERS]
         if own:
-            raise ValueError(f"unsubscribe writes these headers itself: {', '.join(own)}")
+            raise ValueError(
+                f"unsubscribe writes these headers itself: {', '.join(sorted(set(own)))}"
+            )
 
     def raw_message(self) -> RawMessage | None:
         """A raw job's message, read and checked; None for a built job."""

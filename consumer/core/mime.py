@@ -298,16 +298,29 @@ def build_mail(
         raise InvalidJobError(f"the message cannot be built: {type(exc).__name__}: {exc}") from None
 
 
-def raw_mail(job: Job, job_id: str, now: datetime, *, limit: int) -> Mail:
-    """The mail of a raw job: its message's bytes as given, with a ``Message-ID`` (derived
-    from the job id, as for built mail) and a ``Date`` (``now``) added at the top where it
-    has none, and its Bcc fields left out. Raises :class:`MessageTooLargeError` when the
-    bytes are more than ``limit``.
+def raw_mail(
+    job: Job,
+    job_id: str,
+    now: datetime,
+    *,
+    limit: int,
+    added_headers: Mapping[str, str] | None = None,
+) -> Mail:
+    """The mail of a raw job: its message's bytes as given, with ``added_headers`` (the
+    unsubscribe link's, ASCII), a ``Message-ID`` (derived from the job id, as for built
+    mail) and a ``Date`` (``now``) added at the top, the last two where it has none, and
+    its Bcc fields left out. Raises :class:`MessageTooLargeError` when the bytes are more
+    than ``limit``.
     """
     raw = job.raw_message()
     if raw is None:
         raise InvalidJobError("a built job has no raw message")
-    added = []
+    # Each URI of List-Unsubscribe's list on a line of its own: a link and a mailto
+    # together may be longer than a line can be (998 octets).
+    added = [
+        f"{name}: " + value.replace(", <", ",\r\n <")
+        for name, value in (added_headers or {}).items()
+    ]
     if not raw.has_message_id:
         added.append(f"Message-ID: {message_id_for(job_id, job.domain)}")
     if not raw.has_date:

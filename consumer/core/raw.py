@@ -46,6 +46,13 @@ class RawMessage:
     has_date: bool
 
     @property
+    def field_names(self) -> frozenset[str]:
+        """The names of the message's header fields, lower case."""
+        return frozenset(
+            f.partition(b":")[0].strip().decode("utf-8", "replace").lower() for f in self.fields
+        )
+
+    @property
     def utf8(self) -> bool:
         """True when a header holds raw UTF-8 (RFC 6532): the server must take SMTPUTF8."""
         return not all(f.isascii() for f in self.fields)

@@ -24,14 +24,16 @@ from consumer.errors import GatewayRequestError
 SMTP_TAG = "gateway:smtp"
 STEERING_PREFIX = b"x-mailbus-"
 # The steering fields, by their lower-case names.
-SEND_AT, DELAY, JOB_ID, TAGS, EXPIRES_AT = (
+SEND_AT, DELAY, JOB_ID, TAGS, EXPIRES_AT, UNSUBSCRIBE, UNSUBSCRIBE_MAILTO = (
     "x-mailbus-send-at",
     "x-mailbus-delay",
     "x-mailbus-id",
     "x-mailbus-tags",
     "x-mailbus-expires-at",
+    "x-mailbus-unsubscribe",
+    "x-mailbus-unsubscribe-mailto",
 )
-STEERING = frozenset({SEND_AT, DELAY, JOB_ID, TAGS, EXPIRES_AT})
+STEERING = frozenset({SEND_AT, DELAY, JOB_ID, TAGS, EXPIRES_AT, UNSUBSCRIBE, UNSUBSCRIBE_MAILTO})
 # The longest delay a job may ask for: the delay ladder's (2^28 - 1 seconds).
 MAX_DELAY_SECONDS = 2**28 - 1
 # The end of the header section: the last field's line end, then the empty line.
@@ -49,6 +51,8 @@ class Steering:
     send_at: datetime | None = None
     expires_at: datetime | None = None
     tags: tuple[str, ...] = ()
+    # The job's ``unsubscribe`` field (``list``, ``mailto``): checked with the job.
+    unsubscribe: dict[str, str] | None = None
 
 
 def split_steering(message: bytes) -> tuple[bytes, dict[str, str]]:
@@ -118,7 +122,16 @@ def read_steering(fields: Mapping[str, str], now: datetime) -> Steering:
             f"X-Mailbus-Tags: fewer than {MAX_TAGS} tags of at most 100 characters"
         )
     expires_at = _time(fields[EXPIRES_AT], "X-Mailbus-Expires-At") if EXPIRES_AT in fields else None
-    return Steering(job_id, send_at, expires_at, tags)
+    unsubscribe = None
+    if UNSUBSCRIBE in fields:
+        unsubscribe = {"list": fields[UNSUBSCRIBE]}
+        if UNSUBSCRIBE_MAILTO in fields:
+            unsubscribe["mailto"] = fields[UNSUBSCRIBE_MAILTO]
+    elif UNSUBSCRIBE_MAILTO in fields:
+        raise GatewayRequestError(
+            "X-Mailbus-Unsubscribe-Mailto goes with X-Mailbus-Unsubscribe (the list)"
+        )
+    return Steering(job_id, send_at, expires_at, tags, unsubscribe)
 
 
 def submission_id(domain: str, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> str:
@@ -154,4 +167,6 @@ def raw_job(
         job["send_at"] = steering.send_at.isoformat()
     if steering.expires_at is not None:
         job["expires_at"] = steering.expires_at.isoformat()
+    if steering.unsubscribe is not None:
+        job["unsubscribe"] = steering.unsubscribe
     return job

@@ -268,11 +268,16 @@ class Pipeline:
         charset = attempt.job.charset or "utf-8"
         try:
             sender = self._envelope_sender(attempt)
+            attempt.added = self._unsubscribe_headers(attempt)
             if attempt.job.raw_b64 is not None:
-                limit = self.settings.max_message_bytes
-                mail = raw_mail(attempt.job, attempt.job_id, attempt.now, limit=limit)
+                mail = raw_mail(
+                    attempt.job,
+                    attempt.job_id,
+                    attempt.now,
+                    limit=self.settings.max_message_bytes,
+                    added_headers=attempt.added,
+                )
             else:
-                attempt.added = self._unsubscribe_headers(attempt)
                 content = await self.composer.compose(attempt.job)
                 if content.template is not None:
                     name, version = content.template
