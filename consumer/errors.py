@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -15,6 +16,17 @@ class AttachmentUnavailableError(MailbusError, ConnectionError):
 
 class ConfigurationError(MailbusError, ValueError):
     """A setting or outbox definition is unusable."""
+
+
+class ListenError(ConfigurationError):
+    """An address a listener was given cannot be listened on: taken by another process,
+    a port below 1024 for an unprivileged user, or no such interface.
+    """
+
+    def __init__(self, what: str, host: str, port: int, cause: OSError) -> None:
+        # asyncio's own message repeats the address: the errno's says what went wrong.
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        super().__init__(f"{what}: cannot listen on {host}:{port}: {reason}")
 
 
 class StoreUnavailableError(MailbusError, ConnectionError):

@@ -541,3 +541,22 @@ async def test_the_gateways_serve_probes_and_metrics(settings: Settings) -> None
         assert (await http.get(f"{base}/healthz")).status_code == 200
         down = await http.get(f"{base}/readyz")
         assert (down.status_code, down.text) == (503, "MongoDB does not answer\n")
+
+
+async def test_an_address_taken_is_said_in_one_line(settings: Settings) -> None:
+    """A listener's port that another process holds stops ``gateway serve`` with one line
+    naming the option and the address, exit status 2, for a gateway and for the probes.
+    """
+    holder = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = holder.sockets[0].getsockname()[1]
+    try:
+        taken = await mailbus(settings, "gateway", "serve", "--rest", f"127.0.0.1:{port}")
+        probes = settings.model_copy(update={"http_port": port})
+        probes_taken = await mailbus(probes, "gateway", "serve", "--rest", "127.0.0.1:0")
+    finally:
+        holder.close()
+    for done, what in ((taken, "--rest"), (probes_taken, "MAILBUS_HTTP_PORT")):
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (
+            f"mailbus: {what}: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+        )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -39,7 +39,12 @@ from consumer.core.unsubscribe import (
     token_digest,
 )
 from consumer.core.vocabulary import RestFormat
-from consumer.errors import ConfigurationError, GatewayRequestError, MailbusError
+from consumer.errors import (
+    ConfigurationError,
+    GatewayRequestError,
+    ListenError,
+    MailbusError,
+)
 from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots, FailedLogins, TrustedAddresses
 from consumer.service.authorization import (
@@ -694,6 +699,15 @@ def check_bounces(settings: Settings, *, bounces: Listen | None) -> ReturnPaths 
     return returns
 
 
+@contextlib.contextmanager
+def _listening(option: str, listen: Listen) -> Iterator[None]:
+    """A listener's address that cannot be listened on is said in one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise ListenError(option, listen.host, listen.port, exc) from None
+
+
 @dataclass
 class _Endpoints:
     """The gateway's HTTP endpoints: the port they are served on (``ports["http"]``, with
@@ -768,20 +782,22 @@ async def serve(
                 await runner.setup()
                 aiohttp_server = runner.server
                 assert aiohttp_server is not None  # set up
-                rest_server = await asyncio.get_running_loop().create_server(
-                    lambda: _GuardedConnection(aiohttp_server(), gateway), rest.host, rest.port
-                )
+                with _listening("--rest", rest):
+                    rest_server = await asyncio.get_running_loop().create_server(
+                        lambda: _GuardedConnection(aiohttp_server(), gateway), rest.host, rest.port
+                    )
                 ports["rest"] = rest_server.sockets[0].getsockname()[1]
             if daemon is not None:
                 # A TLS client that has not finished its handshake within the header
                 # timeout (a plain-text one never does) is let go; it holds no slot.
-                server = await asyncio.start_server(
-                    gateway.serve_daemon_client,
-                    daemon.host,
-                    daemon.port,
-                    ssl=tls,
-                    ssl_handshake_timeout=gateway.header_timeout if tls is not None else None,
-                )
+                with _listening("--daemon", daemon):
+                    server = await asyncio.start_server(
+                        gateway.serve_daemon_client,
+                        daemon.host,
+                        daemon.port,
+                        ssl=tls,
+                        ssl_handshake_timeout=gateway.header_timeout if tls is not None else None,
+                    )
                 ports["daemon"] = server.sockets[0].getsockname()[1]
             loop = asyncio.get_running_loop()
             for name, listen, implicit in (("smtp", smtp, False), ("smtps", smtps, True)):
@@ -790,19 +806,21 @@ async def serve(
                 factory = session_factory(
                     gateway, tls=tls, implicit=implicit, loopback=listen.host in _LOOPBACK
                 )
-                listening = await loop.create_server(
-                    factory,
-                    listen.host,
-                    listen.port,
-                    ssl=tls if implicit else None,
-                    ssl_handshake_timeout=gateway.header_timeout if implicit else None,
-                )
+                with _listening(f"--{name}", listen):
+                    listening = await loop.create_server(
+                        factory,
+                        listen.host,
+                        listen.port,
+                        ssl=tls if implicit else None,
+                        ssl_handshake_timeout=gateway.header_timeout if implicit else None,
+                    )
                 submission.append(listening)
                 ports[name] = listening.sockets[0].getsockname()[1]
             if bounces is not None and returns is not None:
-                listening = await loop.create_server(
-                    bounce_factory(gateway, returns, tls), bounces.host, bounces.port
-                )
+                with _listening("--bounces", bounces):
+                    listening = await loop.create_server(
+                        bounce_factory(gateway, returns, tls), bounces.host, bounces.port
+                    )
                 submission.append(listening)
                 ports["bounces"] = listening.sockets[0].getsockname()[1]
             endpoints.listening = True

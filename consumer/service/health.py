@@ -28,7 +28,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
-from consumer.errors import MailbusError
+from consumer.errors import ListenError, MailbusError
 from consumer.logging import get_logger
 from consumer.service.admission import ConnectionSlots
 
@@ -226,7 +226,10 @@ def serving(
     holding at most ``max_connections`` connections, each given ``read_timeout`` seconds
     to send its request.
     """
-    server = _Server((host, port), _Handler)
+    try:
+        server = _Server((host, port), _Handler)
+    except OSError as exc:
+        raise ListenError("MAILBUS_HTTP_PORT", host, port, exc) from None
     server.slots = ConnectionSlots(max_connections)
     server.read_timeout = read_timeout
     server.set_app(application(registry, readiness))
