@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from typing import Any
 
 import aio_pika
 import httpx
 import pytest
+import structlog
 from aio_pika.abc import AbstractChannel
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from consumer.cli.app import _parser
 from consumer.cli.webhooks import _age
@@ -22,9 +25,11 @@ from consumer.core.names import Names
 from consumer.core.webhooks import event_seal_input
 from consumer.service.status import gather
 from consumer.settings import Settings
-from consumer.vault import Vault
+from consumer.store.jobs import JobStore
+from consumer.store.webhooks import WebhookStore
+from consumer.vault import Vault, new_key
 from tests.broker import depth, encode, job, until
-from tests.conftest import cli
+from tests.conftest import RunningWorker, cli
 from tests.secret_watch import watched
 from tests.test_webhooks import hooked
 from tests.webhook_receiver import Receiver, receiving, webhook_service
@@ -233,3 +238,33 @@ def test_ages() -> None:
     assert _age(now - timedelta(minutes=5, seconds=20), now) == "5m20s"
     assert _age(now - timedelta(hours=4, minutes=10), now) == "4h10m"
     assert _age(now - timedelta(days=2, hours=3), now) == "2d3h"
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+async def test_a_worker_without_the_key_says_webhooks_get_none_of_its_events(
+    settings: Settings, channel: AbstractChannel, store: JobStore, with_key: bool
+) -> None:
+    """Its events go unsealed, and webhooks deliver none: a worker says so at start when
+    endpoints are registered; one with the key says nothing of it.
+    """
+    await WebhookStore(store.database).add(
+        "example.com", "https://hooks.example/in", ["mail.sent"], "sealed-secret"
+    )
+    if with_key:
+        settings = settings.model_copy(update={"secret_key": SecretStr(watched(new_key()))})
+    with structlog.testing.capture_logs() as logs:
+        running = RunningWorker(settings)
+        try:
+            await until(lambda: _said(logs, "worker.consuming"), 20)
+        finally:
+            await running.shutdown()
+    warned = [entry for entry in logs if entry["event"] == "worker.events_unsealed"]
+    if with_key:
+        assert warned == []
+    else:
+        [warning] = warned
+        assert (warning["log_level"], warning["endpoints"]) == ("warning", 1)
+
+
+async def _said(logs: list[dict[str, Any]], event: str) -> bool:
+    return any(entry["event"] == event for entry in logs)

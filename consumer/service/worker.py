@@ -235,8 +235,27 @@ class Worker:
                 log.warning("worker.store_unreachable", error=str(exc))
                 await _wait(stop, RECONNECT_INTERVAL)
             else:
+                await self._warn_if_unsealed()
                 return True
         return False
+
+    async def _warn_if_unsealed(self) -> None:
+        """Without MAILBUS_SECRET_KEY this worker's events go unsealed, and webhooks
+        deliver none of them (they would sign whatever a publisher wrote): said at start,
+        when any endpoint is registered, so that nobody waits for deliveries in vain.
+        """
+        if self.vault is not None:
+            return
+        try:
+            endpoints = await self.mongo.webhooks.active()
+        except StoreUnavailableError:
+            return
+        if endpoints:
+            log.warning(
+                "worker.events_unsealed",
+                endpoints=len(endpoints),
+                note="no MAILBUS_SECRET_KEY: webhooks deliver none of this worker's events",
+            )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(work)
