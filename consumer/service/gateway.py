@@ -486,11 +486,17 @@ class Gateway:
         if request.method != hdrs.METH_POST:
             page = confirmation_page(asked)
             return web.Response(text=page, content_type="text/html", headers=_UNSUBSCRIBE_HEADERS)
+        suppressions, scope = self.suppressions, asked.scope
         try:
-            await self.suppressions.add_automatic(
-                {asked.recipient: "one-click unsubscribe"}, scope=asked.scope, source="unsubscribe"
-            )
-            await self.outgoing.event(*unsubscribed_event(asked, utcnow()))
+            # A link used again says "unsubscribed" again, and announces nothing more: a
+            # link holder cannot flood the domain's webhooks. The event is owed until it
+            # has been published, so a publish that failed is made by the next request.
+            if not await suppressions.announced(asked.recipient, scope=scope):
+                await suppressions.add_automatic(
+                    {asked.recipient: "one-click unsubscribe"}, scope=scope, source="unsubscribe"
+                )
+                await self.outgoing.event(*unsubscribed_event(asked, utcnow()))
+                await suppressions.mark_announced(asked.recipient, scope=scope)
         except (MailbusError, aio_pika.exceptions.AMQPException) as exc:
             log.warning("gateway.unavailable", gateway="unsubscribe", error=str(exc))
             return _plain("mail service unavailable, try again later", 503)

@@ -113,6 +113,21 @@ class SuppressionStore:
                         {"_id": scope.key(address), **replaceable}, doc, upsert=True
                     )
 
+    async def announced(self, address: str, *, scope: Scope) -> bool:
+        """Whether ``address`` is suppressed in ``scope`` now and its unsubscribe was
+        announced (:meth:`mark_announced`): asked again, there is nothing more to say.
+        """
+        query = {"_id": scope.key(address), "announced": True, **_live(utcnow())}
+        async with answering():
+            return await self.entries.find_one(query, {"_id": 1}) is not None
+
+    async def mark_announced(self, address: str, *, scope: Scope) -> None:
+        """Note that ``address``'s entry in ``scope`` has had its event published."""
+        async with answering():
+            await self.entries.update_one(
+                {"_id": scope.key(address)}, {"$set": {"announced": True}}
+            )
+
     async def remove(self, address: str, *, scope: Scope = GLOBAL) -> bool:
         """Lift the suppression of ``address`` in ``scope``; False if it had none there."""
         async with answering():
