@@ -202,11 +202,28 @@ def test_kubernetes_manifests(deploy: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("unit_file", "command"),
-    [("mailbus-worker@.service", ["worker"]), ("mailbus-webhooks.service", ["webhook", "serve"])],
+    ("unit_file", "command", "port"),
+    [
+        ("mailbus-worker@.service", ["worker"], "%i"),
+        ("mailbus-webhooks.service", ["webhook", "serve"], "9110"),
+        (
+            "mailbus-gateway.service",
+            [
+                "gateway",
+                "serve",
+                "--rest",
+                "127.0.0.1:8000",
+                "--smtp",
+                "0.0.0.0:587",
+                "--bounces",
+                "0.0.0.0:25",
+            ],
+            "9111",
+        ),
+    ],
 )
 def test_systemd_unit_restarts_and_outlasts_the_drain(
-    deploy: Path, unit_file: str, command: list[str]
+    deploy: Path, unit_file: str, command: list[str], port: str
 ) -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -216,5 +233,5 @@ def test_systemd_unit_restarts_and_outlasts_the_drain(
     assert service["ExecStart"].split()[0].endswith("/bin/mailbus")
     assert service["Restart"] == "always"
     assert float(service["TimeoutStopSec"]) > Settings(_env_file=None).drain_timeout
-    port = "%i" if unit_file.endswith("@.service") else "9110"
     assert f"MAILBUS_HTTP_PORT={port}" in service["Environment"]
+    _parser().parse_args(command)  # exits on a command that does not exist
