@@ -48,6 +48,8 @@ def _https_base(value: str | None) -> str | None:
     parts = urlsplit(value)
     if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
         raise ValueError("an https URL (https://host[:port][/path]) with no query or fragment")
+    if "@" in parts.netloc:  # every mail's link would carry it to its recipient
+        raise ValueError("a URL without a user name or password: every recipient sees it")
     if not value.isascii() or any(c.isspace() or c in "<>," for c in value):
         raise ValueError("an ASCII URL without white space, '<', '>' or ','")
     return value.rstrip("/")

@@ -158,6 +158,9 @@ def test_the_base_url_is_https() -> None:
     for bad in ("http://mail.example.com", "https://mail.example.com/?a=b", "https://x y"):
         with pytest.raises(ValidationError):
             Settings(unsubscribe_url=bad, _env_file=None)
+    for credentials in ("https://proxy:pw@mail.example.com", "https://user@mail.example.com"):
+        with pytest.raises(ValidationError, match="without a user name or password"):
+            Settings(unsubscribe_url=credentials, _env_file=None)
 
 
 async def test_without_the_url_a_job_asking_for_a_link_waits_and_says_why() -> None:
