@@ -16,7 +16,7 @@ from consumer.settings import Settings
 from consumer.store.jobs import JobStore
 from deploy.devstack.smtp_capture import CaptureServer
 from tests.broker import depth, encode, job, publish_raw, take
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, settled_record
 from tests.secret_watch import watched
 
 LEAKED_KEY = watched("dk-s3cret-0042")
@@ -109,9 +109,8 @@ async def test_451_is_retried_then_delivered(
         [mail] = await smtp.wait_for(1)
     assert mail.message()["Subject"] == "third time lucky"
     store = JobStore.connect(settings)
-    record = await store.get(job_id)
+    record = await settled_record(store, job_id)
     await store.close()
-    assert record is not None
     assert (record["status"], record["attempts"]) == ("sent", 3)
     deferrals = [h for h in record["history"] if h["event"] == "deferred"]
     assert [d["error"] for d in deferrals] == ["451 4.3.0 try again later", "451 4.3.0 still busy"]

@@ -29,7 +29,7 @@ from tests.broker import (
     take,
     until,
 )
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, settled_record
 from tests.secret_watch import watched
 
 # Never early, and late by less than one ladder second: a wrong hop or a missed hold would
@@ -103,8 +103,7 @@ async def test_x_delay_and_send_at_are_delivered_on_time_not_before(
     assert 0 <= arrived["x-delay"] - (published + 3) < LATE_BOUND
     assert 0 <= arrived["send_at"] - send_at.timestamp() < LATE_BOUND
 
-    record = await store.get(delayed)
-    assert record is not None
+    record = await settled_record(store, delayed)
     assert [h["event"] for h in record["history"]] == ["scheduled", "claimed", "sent"]
     assert "body" not in record  # the stored body goes once the mail is out
     async with asyncio.timeout(10):
