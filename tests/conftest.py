@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ from tests.secret_watch import pytest_runtest_logreport as pytest_runtest_logrep
 from tests.secret_watch import pytest_sessionfinish as pytest_sessionfinish
 from tests.secret_watch import pytest_terminal_summary as pytest_terminal_summary
 from tests.secret_watch import watched
-from tests.topologies import Topologies, new_prefix
 
 # The fixtures that start a server; a test that uses none of them, and starts none of its
 # own (marker ``stack``), is in the fast tier. The reliability scenarios never are.
@@ -138,27 +138,10 @@ def smtp(smtp_server: CaptureServer) -> CaptureServer:
     return smtp_server
 
 
-@pytest.fixture(scope="session")
-def topologies(rabbit: PrivateRabbit) -> Iterator[Topologies]:
-    """The tests' topologies, declared ahead and deleted behind them."""
-    pool = Topologies(rabbit.amqp_url, Settings.model_fields["delivery_limit"].default)
-    pool.start()
-    yield pool
-    pool.stop()
-
-
 @pytest.fixture
-def settings(
-    request: pytest.FixtureRequest,
-    topologies: Topologies,
-    mongo: PrivateMongo,
-    smtp: CaptureServer,
-    rabbit: PrivateRabbit,
-) -> Settings:
-    """Settings for one test: its own prefix and database, short retry delays. A test
-    that uses ``channel`` gets a prefix whose topology is already declared.
-    """
-    tag = topologies.take() if "channel" in request.fixturenames else new_prefix()
+def settings(rabbit: PrivateRabbit, mongo: PrivateMongo, smtp: CaptureServer) -> Settings:
+    """Settings for one test: its own prefix and database, short retry delays."""
+    tag = "t" + uuid.uuid4().hex[:10]
     return Settings(
         amqp_url=rabbit.amqp_url,
         mongo_url=mongo.url,
@@ -184,7 +167,7 @@ def keyed(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-async def channel(settings: Settings, topologies: Topologies) -> AsyncIterator[AbstractChannel]:
+async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
     """A confirming channel on which the test's topology is declared."""
     names = Names(settings.prefix)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
@@ -193,7 +176,13 @@ async def channel(settings: Settings, topologies: Topologies) -> AsyncIterator[A
     yield chan
     await connection.close()
     # Quorum queues are costly to keep: the session's broker would carry every test's ladder.
-    topologies.discard(settings.prefix)
+    # A new connection, as the test may have restarted the broker.
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as cleanup:
+        cleanup_channel = await cleanup.channel()
+        for queue in names.queues():
+            await cleanup_channel.queue_delete(queue)
+        for exchange in names.exchanges():
+            await cleanup_channel.exchange_delete(exchange)
 
 
 @pytest.fixture
