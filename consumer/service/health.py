@@ -1,6 +1,5 @@
 """The HTTP endpoints of a worker, the webhook service and the gateways: ``/metrics``
-(Prometheus),
-``/healthz`` and ``/readyz``.
+(Prometheus), ``/healthz`` and ``/readyz``.
 
 Served by the standard library's WSGI server on threads of their own, so a scrape never
 waits on the event loop; readiness asks the loop to ping MongoDB, with a short bound. Each
