@@ -67,6 +67,20 @@ async def wait_in_ladder(channel: AbstractChannel, names: Names, count: int) -> 
     await until(counted, 20)
 
 
+async def where_jobs_wait(settings: Settings, names: Names, received: int) -> str:
+    """How many mails arrived, what waits in the ladder, and what waits in each consumed
+    queue with its consumers, read on a connection of its own.
+    """
+    async with await aio_pika.connect(settings.amqp_url.get_secret_value()) as connection:
+        channel = await connection.channel()
+        found = [f"received {received}", f"in the ladder {await in_ladder(channel, names)}"]
+        for name in (names.due_queue, names.send_queue):
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            found.append(f"{name}: {result.message_count} ready, {result.consumer_count} consumers")
+    return "; ".join(found)
+
+
 async def schedule_then_move(
     channel: AbstractChannel, store: JobStore, names: Names, delay_ms: int, to_seconds: float
 ) -> datetime:
@@ -308,8 +322,13 @@ async def test_broker_restart_while_100_jobs_wait_in_the_ladder(
 
     await asyncio.to_thread(rabbit.stop)
     await asyncio.to_thread(rabbit.start)
-    async with asyncio.timeout(60):
-        await smtp.wait_for(100)
+    try:
+        async with asyncio.timeout(60):
+            await smtp.wait_for(100)
+    except TimeoutError:
+        # Where the jobs stopped says which part did not come back: the ladder's expiry,
+        # or the worker's consumers.
+        raise AssertionError(await where_jobs_wait(settings, names, len(smtp.received()))) from None
     await asyncio.sleep(1)
     received = smtp.received()
     assert len(received) == 100
